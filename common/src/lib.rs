@@ -1,0 +1,22 @@
+//! rollback-common: the wire protocol, identities and TLS, label selectors and small shared
+//! helpers used by the coordinator, the agent and the console.
+
+pub mod identity;
+pub mod pki;
+pub mod proto;
+pub mod selector;
+pub mod tls;
+
+/// Milliseconds since the Unix epoch, as carried on the wire. 0 if the clock is before 1970.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The version every binary reports (agent in Hello, coordinator in Ack).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest gRPC message either side accepts or sends (output travels in small chunks).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -1,0 +1,48 @@
+//! Generated gRPC code for `fleet.rollback.v1` and the descriptor set it was generated from.
+
+#![allow(clippy::all, missing_docs, clippy::unwrap_used)]
+
+tonic::include_proto!("fleet.rollback.v1");
+
+/// The encoded `FileDescriptorSet` of `proto/rollback.proto`.
+pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rollback_descriptor.bin"));
+
+/// Protobuf package of every service.
+pub const PACKAGE: &str = "fleet.rollback.v1";
+
+/// One rpc of a service, as the descriptor declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodInfo {
+    pub service: String,
+    pub name: String,
+    pub client_streaming: bool,
+    pub server_streaming: bool,
+}
+
+impl MethodInfo {
+    /// The HTTP/2 path gRPC uses for this method, e.g. `/fleet.rollback.v1.Console/ListAgents`.
+    pub fn path(&self) -> String {
+        format!("/{PACKAGE}.{}/{}", self.service, self.name)
+    }
+}
+
+/// Every method of `service` (e.g. "Console") as declared in the proto file.
+pub fn service_methods(service: &str) -> Vec<MethodInfo> {
+    use prost::Message;
+    let Ok(fds) = prost_types::FileDescriptorSet::decode(DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    fds.file
+        .iter()
+        .filter(|f| f.package() == PACKAGE)
+        .flat_map(|f| f.service.iter())
+        .filter(|s| s.name() == service)
+        .flat_map(|s| s.method.iter())
+        .map(|m| MethodInfo {
+            service: service.to_string(),
+            name: m.name().to_string(),
+            client_streaming: m.client_streaming(),
+            server_streaming: m.server_streaming(),
+        })
+        .collect()
+}

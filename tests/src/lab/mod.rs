@@ -1,0 +1,1 @@
+//! The fleet lab: real hosts (network namespaces + systemd) on one machine (issue #3).

@@ -1,0 +1,6 @@
+//! rollback-tests: support code shared by the integration suites and by `xtask`: locating the
+//! built binaries, a throwaway PKI, running the coordinator, agents and `rollbackctl` as real
+//! processes, and the fleet lab of real hosts (network namespaces + systemd).
+
+pub mod lab;
+pub mod support;

@@ -1,0 +1,1 @@
+//! Test support: binaries, PKI, coordinator, agents and rollbackctl as real processes.

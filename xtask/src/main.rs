@@ -1,0 +1,43 @@
+//! `cargo xtask`: the developer entry points — `test` (install what the suites need, run them
+//! all), `demo` (a real fleet rollback on a local lab), `lab up|status|down|exec`.
+
+mod demo;
+mod lab;
+mod test_cmd;
+mod venv;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "fleet-rollback developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the tests need (alembic venv under target/), build, run the whole suite.
+    Test(test_cmd::TestArgs),
+    /// Boot a local fleet lab, break a deployment, roll it back live, tear down.
+    Demo,
+    /// Boot, inspect, use and tear down a fleet lab by hand.
+    Lab(lab::LabArgs),
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Test(args) => test_cmd::run(args),
+        Cmd::Demo => demo::run(),
+        Cmd::Lab(args) => lab::run(args),
+    }
+}

@@ -1,0 +1,40 @@
+//! The Python venv under `target/` holding alembic and psycopg2 for the fleet lab. Nothing is
+//! installed system-wide; a finished install is marked so later runs skip it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Packages the lab's sample application and its migrations need.
+const PACKAGES: &[&str] = &["alembic>=1.13,<2", "psycopg2-binary>=2.9,<3", "SQLAlchemy>=2,<3"];
+
+/// Path of the venv; `rollback_tests::lab` finds it at the same place.
+pub fn venv_dir() -> PathBuf {
+    crate::workspace_root().join("target").join("lab-venv")
+}
+
+/// Creates the venv and installs the packages unless a previous run finished doing so.
+pub fn ensure() -> Result<PathBuf> {
+    let dir = venv_dir();
+    let marker = dir.join(".installed");
+    let wanted = PACKAGES.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
+        return Ok(dir);
+    }
+    eprintln!("xtask: creating python venv with alembic at {}", dir.display());
+    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&dir))?;
+    run(Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PACKAGES))?;
+    std::fs::write(&marker, wanted).with_context(|| format!("writing {}", marker.display()))?;
+    Ok(dir)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
