@@ -59,17 +59,30 @@ pub enum IdentityError {
     #[error("identity `{uri}` is not spiffe://TRUST-DOMAIN/(agent|operator|coordinator)/NAME")]
     Malformed { uri: String },
     #[error("invalid {what} `{value}`: {reason}")]
-    InvalidName { what: &'static str, value: String, reason: &'static str },
+    InvalidName {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
 }
 
 /// Checks a host id, operator or coordinator name: 1–63 characters of `[A-Za-z0-9._-]`,
 /// starting with a letter or digit.
 pub fn validate_name(what: &'static str, value: &str) -> Result<(), IdentityError> {
-    let bad = |reason| Err(IdentityError::InvalidName { what, value: value.to_string(), reason });
+    let bad = |reason| {
+        Err(IdentityError::InvalidName {
+            what,
+            value: value.to_string(),
+            reason,
+        })
+    };
     if value.is_empty() || value.len() > 63 {
         return bad("must be 1 to 63 characters");
     }
-    if !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
         return bad("may only hold letters, digits, `.`, `_` and `-`");
     }
     if !value.starts_with(|c: char| c.is_ascii_alphanumeric()) {
@@ -81,12 +94,19 @@ pub fn validate_name(what: &'static str, value: &str) -> Result<(), IdentityErro
 /// Checks a trust domain: a lowercase DNS-like name such as `fleet.example`.
 pub fn validate_trust_domain(value: &str) -> Result<(), IdentityError> {
     let bad = |reason| {
-        Err(IdentityError::InvalidName { what: "trust domain", value: value.to_string(), reason })
+        Err(IdentityError::InvalidName {
+            what: "trust domain",
+            value: value.to_string(),
+            reason,
+        })
     };
     if value.is_empty() || value.len() > 253 {
         return bad("must be 1 to 253 characters");
     }
-    if !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-')) {
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+    {
         return bad("may only hold lowercase letters, digits, `.` and `-`");
     }
     if value.starts_with(['.', '-']) || value.ends_with(['.', '-']) {
@@ -99,7 +119,11 @@ impl Identity {
     pub fn new(trust_domain: &str, role: Role, name: &str) -> Result<Self, IdentityError> {
         validate_trust_domain(trust_domain)?;
         validate_name(name_kind(role), name)?;
-        Ok(Self { trust_domain: trust_domain.to_string(), role, name: name.to_string() })
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            role,
+            name: name.to_string(),
+        })
     }
 
     pub fn uri(&self) -> String {
@@ -107,7 +131,9 @@ impl Identity {
     }
 
     pub fn parse_uri(uri: &str) -> Result<Self, IdentityError> {
-        let malformed = || IdentityError::Malformed { uri: uri.to_string() };
+        let malformed = || IdentityError::Malformed {
+            uri: uri.to_string(),
+        };
         let rest = uri.strip_prefix("spiffe://").ok_or_else(malformed)?;
         let mut parts = rest.split('/');
         let (Some(td), Some(role), Some(name), None) =
@@ -121,11 +147,15 @@ impl Identity {
 
     /// Reads the identity from a DER certificate (the peer's leaf, already verified by TLS).
     pub fn from_cert_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| IdentityError::BadCertificate { reason: e.to_string() })?;
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate {
+                reason: e.to_string(),
+            })?;
         let san = cert
             .subject_alternative_name()
-            .map_err(|e| IdentityError::BadCertificate { reason: e.to_string() })?;
+            .map_err(|e| IdentityError::BadCertificate {
+                reason: e.to_string(),
+            })?;
         let uris: Vec<&str> = san
             .iter()
             .flat_map(|ext| ext.value.general_names.iter())
@@ -179,7 +209,10 @@ mod tests {
             "spiffe://fleet.test/agent/a b",
             "spiffe://fleet.test/agent/",
         ] {
-            assert!(Identity::parse_uri(uri).is_err(), "{uri} should be rejected");
+            assert!(
+                Identity::parse_uri(uri).is_err(),
+                "{uri} should be rejected"
+            );
         }
         assert!(validate_name("host id", &"a".repeat(64)).is_err());
         assert!(validate_name("host id", "web_1.prod-a").is_ok());

@@ -28,7 +28,9 @@ pub enum PkiError {
     },
     #[error("{path} already exists; refusing to overwrite it (pass --force to replace it)")]
     Exists { path: PathBuf },
-    #[error("{dir} holds no CA: run `rollbackctl pki init --dir {dir} --trust-domain DOMAIN` first")]
+    #[error(
+        "{dir} holds no CA: run `rollbackctl pki init --dir {dir} --trust-domain DOMAIN` first"
+    )]
     NoCa { dir: PathBuf },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -49,7 +51,10 @@ pub struct IssuedFiles {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), PkiError> {
@@ -57,7 +62,9 @@ fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), Pki
         fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
     if !force && path.exists() {
-        return Err(PkiError::Exists { path: path.to_path_buf() });
+        return Err(PkiError::Exists {
+            path: path.to_path_buf(),
+        });
     }
     let mut opts = fs::OpenOptions::new();
     opts.write(true).mode(mode);
@@ -75,7 +82,10 @@ fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), Pki
 fn validity(days: u32) -> (OffsetDateTime, OffsetDateTime) {
     let now = OffsetDateTime::now_utc();
     // Back-date a little so hosts with slightly slow clocks accept fresh certificates.
-    (now - Duration::hours(1), now + Duration::days(i64::from(days)))
+    (
+        now - Duration::hours(1),
+        now + Duration::days(i64::from(days)),
+    )
 }
 
 /// Paths of a PKI directory.
@@ -114,9 +124,10 @@ impl PkiDir {
         }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("fleet-rollback CA ({trust_domain})"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("fleet-rollback CA ({trust_domain})"),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -127,14 +138,21 @@ impl PkiDir {
         let cert = params.self_signed(&key)?;
         write_file(&self.ca_key(), &key.serialize_pem(), 0o600, false)?;
         write_file(&self.ca_cert(), &cert.pem(), 0o644, false)?;
-        write_file(&self.trust_domain_file(), &format!("{trust_domain}\n"), 0o644, true)?;
+        write_file(
+            &self.trust_domain_file(),
+            &format!("{trust_domain}\n"),
+            0o644,
+            true,
+        )?;
         Ok(())
     }
 
     pub fn trust_domain(&self) -> Result<String, PkiError> {
         let path = self.trust_domain_file();
         if !path.exists() {
-            return Err(PkiError::NoCa { dir: self.dir.clone() });
+            return Err(PkiError::NoCa {
+                dir: self.dir.clone(),
+            });
         }
         let td = fs::read_to_string(&path).map_err(io_err(&path))?;
         let td = td.trim().to_string();
@@ -156,14 +174,18 @@ impl PkiDir {
         let identity = Identity::new(&trust_domain, role, name)?;
         let (ca_cert_path, ca_key_path) = (self.ca_cert(), self.ca_key());
         if !ca_cert_path.exists() || !ca_key_path.exists() {
-            return Err(PkiError::NoCa { dir: self.dir.clone() });
+            return Err(PkiError::NoCa {
+                dir: self.dir.clone(),
+            });
         }
         let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
         let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key_pem)?)?;
 
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, format!("{role} {name}"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{role} {name}"));
         let mut alt_names = vec![SanType::URI(identity.uri().try_into()?)];
         for san in sans {
             alt_names.push(match san.parse::<IpAddr>() {
@@ -179,7 +201,10 @@ impl PkiDir {
                 if sans.is_empty() {
                     return Err(PkiError::NoSan);
                 }
-                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ]
             }
             Role::Agent | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
@@ -229,9 +254,18 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let pki = PkiDir::new(&dir);
         pki.init("fleet.test", 30).expect("init");
-        assert!(matches!(pki.init("fleet.test", 30), Err(PkiError::Exists { .. })));
-        let files = pki.issue(Role::Agent, "web-1", &[], 30, false).expect("issue");
-        let mode = fs::metadata(&files.key).expect("key exists").permissions().mode() & 0o777;
+        assert!(matches!(
+            pki.init("fleet.test", 30),
+            Err(PkiError::Exists { .. })
+        ));
+        let files = pki
+            .issue(Role::Agent, "web-1", &[], 30, false)
+            .expect("issue");
+        let mode = fs::metadata(&files.key)
+            .expect("key exists")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let pem = fs::read_to_string(&files.cert).expect("cert readable");
         let der = pem_to_der(&pem);

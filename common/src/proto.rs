@@ -5,7 +5,8 @@
 tonic::include_proto!("fleet.rollback.v1");
 
 /// The encoded `FileDescriptorSet` of `proto/rollback.proto`.
-pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rollback_descriptor.bin"));
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rollback_descriptor.bin"));
 
 /// Protobuf package of every service.
 pub const PACKAGE: &str = "fleet.rollback.v1";

@@ -14,7 +14,9 @@ pub struct Selector {
 pub enum SelectorError {
     #[error("selector term `{term}` is not KEY=VALUE (example: role=web,env=prod)")]
     NotKeyValue { term: String },
-    #[error("selector term `{term}`: key and value may only hold letters, digits, `.`, `_`, `-` and `/`")]
+    #[error(
+        "selector term `{term}`: key and value may only hold letters, digits, `.`, `_`, `-` and `/`"
+    )]
     BadCharacter { term: String },
     #[error("selector names key `{key}` twice")]
     DuplicateKey { key: String },
@@ -23,7 +25,8 @@ pub enum SelectorError {
 fn valid_part(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
 }
 
 impl Selector {
@@ -31,14 +34,20 @@ impl Selector {
         let mut terms = BTreeMap::new();
         for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let Some((key, value)) = term.split_once('=') else {
-                return Err(SelectorError::NotKeyValue { term: term.to_string() });
+                return Err(SelectorError::NotKeyValue {
+                    term: term.to_string(),
+                });
             };
             let (key, value) = (key.trim(), value.trim());
             if !valid_part(key) || !valid_part(value) {
-                return Err(SelectorError::BadCharacter { term: term.to_string() });
+                return Err(SelectorError::BadCharacter {
+                    term: term.to_string(),
+                });
             }
             if terms.insert(key.to_string(), value.to_string()).is_some() {
-                return Err(SelectorError::DuplicateKey { key: key.to_string() });
+                return Err(SelectorError::DuplicateKey {
+                    key: key.to_string(),
+                });
             }
         }
         Ok(Self { terms })
@@ -72,13 +81,19 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn matches_all_terms() {
         let sel = Selector::parse("role=web, env=prod").expect("valid selector");
-        assert!(sel.matches("h1", &labels(&[("role", "web"), ("env", "prod"), ("x", "y")])));
+        assert!(sel.matches(
+            "h1",
+            &labels(&[("role", "web"), ("env", "prod"), ("x", "y")])
+        ));
         assert!(!sel.matches("h1", &labels(&[("role", "web")])));
         assert!(!sel.matches("h1", &labels(&[("role", "db"), ("env", "prod")])));
     }
@@ -88,15 +103,34 @@ mod tests {
         let sel = Selector::parse("host=web-1").expect("valid selector");
         assert!(sel.matches("web-1", &labels(&[])));
         assert!(!sel.matches("web-2", &labels(&[])));
-        assert!(Selector::parse("").expect("empty ok").matches("any", &labels(&[])));
+        assert!(
+            Selector::parse("")
+                .expect("empty ok")
+                .matches("any", &labels(&[]))
+        );
     }
 
     #[test]
     fn rejects_malformed() {
         for (text, want) in [
-            ("role", SelectorError::NotKeyValue { term: "role".into() }),
-            ("role=", SelectorError::BadCharacter { term: "role=".into() }),
-            ("role=w eb", SelectorError::BadCharacter { term: "role=w eb".into() }),
+            (
+                "role",
+                SelectorError::NotKeyValue {
+                    term: "role".into(),
+                },
+            ),
+            (
+                "role=",
+                SelectorError::BadCharacter {
+                    term: "role=".into(),
+                },
+            ),
+            (
+                "role=w eb",
+                SelectorError::BadCharacter {
+                    term: "role=w eb".into(),
+                },
+            ),
             ("a=1,a=2", SelectorError::DuplicateKey { key: "a".into() }),
         ] {
             assert_eq!(Selector::parse(text), Err(want), "input {text:?}");

@@ -36,7 +36,11 @@ pub enum TlsError {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl TlsFiles {
@@ -62,12 +66,16 @@ impl TlsFiles {
 
     /// Server side: present our certificate, require a client certificate from the fleet CA.
     pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new().identity(self.identity()?).client_ca_root(self.ca()?))
+        Ok(ServerTlsConfig::new()
+            .identity(self.identity()?)
+            .client_ca_root(self.ca()?))
     }
 
     /// Client side: trust only the fleet CA and present our certificate.
     pub fn client_config(&self, server_name: Option<&str>) -> Result<ClientTlsConfig, TlsError> {
-        let mut cfg = ClientTlsConfig::new().ca_certificate(self.ca()?).identity(self.identity()?);
+        let mut cfg = ClientTlsConfig::new()
+            .ca_certificate(self.ca()?)
+            .identity(self.identity()?);
         if let Some(name) = server_name {
             cfg = cfg.domain_name(name);
         }
@@ -77,8 +85,13 @@ impl TlsFiles {
     /// The identity in our own certificate, so a daemon can check its config against it.
     pub fn own_identity(&self) -> Result<Identity, TlsError> {
         let pem = read("certificate", &self.cert)?;
-        let der = first_pem_cert(&pem).ok_or_else(|| TlsError::NoCertificate { path: self.cert.clone() })?;
-        Identity::from_cert_der(&der).map_err(|source| TlsError::Identity { path: self.cert.clone(), source })
+        let der = first_pem_cert(&pem).ok_or_else(|| TlsError::NoCertificate {
+            path: self.cert.clone(),
+        })?;
+        Identity::from_cert_der(&der).map_err(|source| TlsError::Identity {
+            path: self.cert.clone(),
+            source,
+        })
     }
 }
 

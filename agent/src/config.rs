@@ -1,0 +1,137 @@
+//! `agent.toml`: who this host is, where the coordinator is, TLS files and the state dir.
+//! Validated at start with errors that name the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rollback_common::identity::validate_name;
+use rollback_common::tls::TlsFiles;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's id; must equal the name in the agent certificate.
+    pub host_id: String,
+    /// Coordinator URL, e.g. `https://10.0.0.1:7443`.
+    pub coordinator: String,
+    /// TLS server name to verify the coordinator certificate against, when the URL's host is
+    /// not one of the certificate's SANs.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Labels operators select hosts by, e.g. `role = "web"`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Directory for the agent's journal and snapshots; created 0700 if missing.
+    pub state_dir: PathBuf,
+    pub tls: TlsFiles,
+    /// First reconnect delay in milliseconds (doubles per failure, with jitter).
+    #[serde(default = "default_backoff_initial_ms")]
+    pub reconnect_initial_ms: u64,
+    /// Longest reconnect delay in milliseconds.
+    #[serde(default = "default_backoff_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading agent config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("agent config {path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+fn valid_label_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.tls.resolve_relative_to(base);
+        if config.state_dir.is_relative() {
+            config.state_dir = base.join(&config.state_dir);
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        validate_name("host id", &self.host_id).map_err(|e| invalid("host_id", e.to_string()))?;
+        if !self.coordinator.starts_with("https://") {
+            return Err(invalid(
+                "coordinator",
+                format!(
+                    "`{}` must be an https:// URL (there is no plaintext mode)",
+                    self.coordinator
+                ),
+            ));
+        }
+        if self.coordinator.parse::<tonic::transport::Uri>().is_err() {
+            return Err(invalid(
+                "coordinator",
+                format!("`{}` is not a valid URL", self.coordinator),
+            ));
+        }
+        for (k, v) in &self.labels {
+            if !valid_label_part(k) || !valid_label_part(v) || k == "host" {
+                return Err(invalid(
+                    &format!("labels.{k}"),
+                    "label keys and values are 1-128 of [A-Za-z0-9._/-]; `host` is reserved".into(),
+                ));
+            }
+        }
+        if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
+            return Err(invalid(
+                "reconnect_max_ms",
+                "need 0 < reconnect_initial_ms <= reconnect_max_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn backoff(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.reconnect_initial_ms),
+            Duration::from_millis(self.reconnect_max_ms),
+        )
+    }
+}

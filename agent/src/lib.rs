@@ -1,0 +1,112 @@
+//! rollback-agent: the only component that touches a host. It dials out to the coordinator,
+//! holds one session, heartbeats, and reconnects with exponential backoff and jitter whenever
+//! the coordinator goes away.
+
+mod backoff;
+pub mod config;
+mod session;
+
+use std::future::Future;
+
+use rollback_common::identity::Role;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use config::Config;
+
+use crate::backoff::Backoff;
+use crate::session::{SessionEnd, SessionError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] rollback_common::tls::TlsError),
+    #[error(
+        "{path}: certificate is for {found}, but host_id is `{host_id}`; issue one with `rollbackctl pki issue agent {host_id}`"
+    )]
+    CertificateMismatch {
+        path: String,
+        found: String,
+        host_id: String,
+    },
+    #[error("creating state dir {path}: {source}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let own = config.tls.own_identity()?;
+    if own.role != Role::Agent || own.name != config.host_id {
+        return Err(AgentError::CertificateMismatch {
+            path: config.tls.cert.display().to_string(),
+            found: own.to_string(),
+            host_id: config.host_id.clone(),
+        });
+    }
+    create_state_dir(&config)?;
+    let tls = config.tls.client_config(config.server_name.as_deref())?;
+
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        on_signal.cancel();
+    });
+
+    let (initial, max) = config.backoff();
+    let mut backoff = Backoff::new(initial, max);
+    info!(host = %config.host_id, coordinator = %config.coordinator, "agent starting");
+    loop {
+        let result = session::run_session(&config, &tls, &cancel, || backoff.reset()).await;
+        match result {
+            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::ClosedByCoordinator) => {
+                info!("coordinator closed the session; reconnecting")
+            }
+            Err(
+                e @ SessionError::Refused {
+                    code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
+                    ..
+                },
+            ) => {
+                error!(error = %e, "coordinator refused this agent; check its certificate and host_id")
+            }
+            Err(e) => warn!(error = %e, "session failed"),
+        }
+        let delay = backoff.next_delay();
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after backoff"
+        );
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+fn create_state_dir(config: &Config) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = &config.state_dir;
+    let err = |source| AgentError::StateDir {
+        path: path.display().to_string(),
+        source,
+    };
+    if !path.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(err)?;
+    }
+    Ok(())
+}

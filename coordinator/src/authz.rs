@@ -1,0 +1,225 @@
+//! Authorization, in one place and default deny. A tower layer in front of every gRPC service
+//! reads the peer's certificate (already verified by mTLS against the fleet CA), derives the
+//! principal, and checks the method's rule. Handlers find the `Principal` in request extensions.
+//!
+//! Invariant: a gRPC path without a rule in `rule_for` is denied for everyone.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rollback_common::identity::{Identity, Role};
+use rollback_common::proto::PACKAGE;
+use serde::Deserialize;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tracing::warn;
+
+/// Operator roles, each including the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorRole {
+    Viewer,
+    Operator,
+    Approver,
+    Admin,
+}
+
+/// Who is calling, as proven by the certificate.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub identity: Identity,
+    /// Set for operators: their role from the coordinator config.
+    pub operator_role: Option<OperatorRole>,
+}
+
+/// What a method requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Only agents; the session itself checks the host id in Hello against the certificate.
+    AgentSession,
+    /// Only operators holding at least this role.
+    Console(OperatorRole),
+}
+
+/// The method table. A method not named here has no rule and is denied.
+pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
+    match (service, method) {
+        ("AgentGateway", "Session") => Some(Rule::AgentSession),
+        ("Console", "ListAgents") => Some(Rule::Console(OperatorRole::Viewer)),
+        _ => None,
+    }
+}
+
+/// The decision for one call.
+#[derive(Debug)]
+pub struct Policy {
+    trust_domain: String,
+    operators: BTreeMap<String, OperatorRole>,
+}
+
+impl Policy {
+    pub fn new(trust_domain: String, operators: BTreeMap<String, OperatorRole>) -> Self {
+        Self {
+            trust_domain,
+            operators,
+        }
+    }
+
+    /// Decides a call to `path` from a peer that presented `peer_cert_der`.
+    pub fn authorize(
+        &self,
+        path: &str,
+        peer_cert_der: Option<&[u8]>,
+    ) -> Result<Principal, tonic::Status> {
+        let Some(der) = peer_cert_der else {
+            warn!(method = path, "denied: no client certificate");
+            return Err(tonic::Status::unauthenticated(
+                "a client certificate from the fleet CA is required",
+            ));
+        };
+        let identity = Identity::from_cert_der(der).map_err(|e| {
+            warn!(method = path, error = %e, "denied: unusable client certificate");
+            tonic::Status::unauthenticated(format!("client certificate: {e}"))
+        })?;
+        let deny = |reason: String| {
+            warn!(peer = %identity, method = path, reason = %reason, "denied");
+            Err(tonic::Status::permission_denied(format!(
+                "{identity} may not call {path}: {reason}"
+            )))
+        };
+        if identity.trust_domain != self.trust_domain {
+            return deny(format!("trust domain is not `{}`", self.trust_domain));
+        }
+        let Some((service, method)) = split_path(path) else {
+            return deny("unknown method".into());
+        };
+        let Some(rule) = rule_for(service, method) else {
+            return deny("no authorization rule for this method".into());
+        };
+        match (rule, identity.role) {
+            (Rule::AgentSession, Role::Agent) => Ok(Principal {
+                identity,
+                operator_role: None,
+            }),
+            (Rule::AgentSession, _) => deny("only agent certificates may open a session".into()),
+            (Rule::Console(needed), Role::Operator) => {
+                match self.operators.get(&identity.name).copied() {
+                    Some(role) if role >= needed => Ok(Principal {
+                        identity,
+                        operator_role: Some(role),
+                    }),
+                    Some(role) => deny(
+                        format!("role {role:?} is below the required {needed:?}").to_lowercase(),
+                    ),
+                    None => deny(format!(
+                        "operator `{}` has no role in the coordinator config ([operators] table)",
+                        identity.name
+                    )),
+                }
+            }
+            (Rule::Console(_), _) => deny("only operator certificates may use the console".into()),
+        }
+    }
+}
+
+/// `/fleet.rollback.v1.Console/ListAgents` → ("Console", "ListAgents").
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (qualified, method) = rest.split_once('/')?;
+    let service = qualified.strip_prefix(PACKAGE)?.strip_prefix('.')?;
+    Some((service, method))
+}
+
+/// Tower layer applying the policy to every request.
+#[derive(Debug, Clone)]
+pub struct AuthzLayer {
+    policy: Arc<Policy>,
+}
+
+impl AuthzLayer {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authz {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Authz<S> {
+    inner: S,
+    policy: Arc<Policy>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Authz<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let peer_certs = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs());
+        let leaf = peer_certs
+            .as_ref()
+            .and_then(|certs| certs.first())
+            .map(|c| c.as_ref());
+        match self.policy.authorize(req.uri().path(), leaf) {
+            Ok(principal) => {
+                req.extensions_mut().insert(principal);
+                Box::pin(self.inner.call(req))
+            }
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_method_has_a_rule() {
+        for service in ["AgentGateway", "Console"] {
+            let methods = rollback_common::proto::service_methods(service);
+            assert!(!methods.is_empty(), "{service} has methods");
+            for m in methods {
+                assert!(
+                    rule_for(service, &m.name).is_some(),
+                    "{} has no authorization rule",
+                    m.path()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn splits_paths() {
+        assert_eq!(
+            split_path("/fleet.rollback.v1.Console/ListAgents"),
+            Some(("Console", "ListAgents"))
+        );
+        assert_eq!(split_path("/other.v1.Console/ListAgents"), None);
+        assert_eq!(split_path("/fleet.rollback.v1Console/ListAgents"), None);
+    }
+}

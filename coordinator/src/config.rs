@@ -1,0 +1,91 @@
+//! `coordinator.toml`: listen address, TLS files, the SQLite store and operator roles.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rollback_common::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::authz::OperatorRole;
+
+/// The coordinator's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on for agents and operators (one port, told apart by certificate).
+    pub listen: SocketAddr,
+    /// SQLite database file; created with its schema on first start.
+    pub database: PathBuf,
+    pub tls: TlsFiles,
+    /// Operator name (from the certificate) → role: viewer, operator, approver or admin.
+    #[serde(default)]
+    pub operators: BTreeMap<String, OperatorRole>,
+    /// Seconds between agent heartbeats (told to agents in Ack).
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_interval_secs: u32,
+    /// A disconnected agent is reported `lost` after this many seconds.
+    #[serde(default = "default_lost_after_secs")]
+    pub lost_after_secs: u64,
+    /// Longest wait for in-flight work when shutting down.
+    #[serde(default = "default_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_heartbeat_secs() -> u32 {
+    10
+}
+fn default_lost_after_secs() -> u64 {
+    300
+}
+fn default_grace_secs() -> u64 {
+    10
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading coordinator config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("coordinator config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("coordinator config {path}: `heartbeat_interval_secs` must be between 1 and 300")]
+    Heartbeat { path: PathBuf },
+}
+
+impl Config {
+    /// Reads and validates the file; relative paths are taken relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !(1..=300).contains(&config.heartbeat_interval_secs) {
+            return Err(ConfigError::Heartbeat {
+                path: path.to_path_buf(),
+            });
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.tls.resolve_relative_to(base);
+        if config.database.is_relative() {
+            config.database = base.join(&config.database);
+        }
+        Ok(config)
+    }
+
+    pub fn lost_after(&self) -> Duration {
+        Duration::from_secs(self.lost_after_secs)
+    }
+}

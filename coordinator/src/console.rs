@@ -1,0 +1,75 @@
+//! The `Console` service operators call through `rollbackctl`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use rollback_common::now_unix_ms;
+use rollback_common::proto::console_server::Console;
+use rollback_common::proto::{
+    AgentInfo, AgentStatus, HostState, ListAgentsRequest, ListAgentsResponse,
+};
+use rollback_common::selector::Selector;
+use tonic::{Request, Response, Status};
+
+use crate::registry::Registry;
+use crate::store::{AgentRecord, Store, StoreError};
+
+pub struct ConsoleService {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub lost_after: Duration,
+}
+
+/// The one mapping from store errors to gRPC statuses.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        Status::unavailable(format!("coordinator store: {e}"))
+    }
+}
+
+#[tonic::async_trait]
+impl Console for ConsoleService {
+    async fn list_agents(
+        &self,
+        request: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let selector = Selector::parse(&request.get_ref().selector)
+            .map_err(|e| Status::invalid_argument(format!("--select: {e}")))?;
+        let now = now_unix_ms();
+        let agents = self
+            .store
+            .list_agents()
+            .await?
+            .into_iter()
+            .filter(|a| selector.matches(&a.host_id, &a.labels))
+            .map(|a| self.agent_info(a, now))
+            .collect();
+        Ok(Response::new(ListAgentsResponse { agents }))
+    }
+}
+
+impl ConsoleService {
+    fn agent_info(&self, a: AgentRecord, now: i64) -> AgentInfo {
+        let live = self.registry.get(&a.host_id);
+        let last_seen = live
+            .as_ref()
+            .map_or(a.last_seen_ms, |l| l.last_seen_ms.max(a.last_seen_ms));
+        let lost_after_ms = i64::try_from(self.lost_after.as_millis()).unwrap_or(i64::MAX);
+        let status = match (&live, a.online) {
+            (Some(_), _) => AgentStatus::Online,
+            (None, _) if now.saturating_sub(last_seen) > lost_after_ms => AgentStatus::Lost,
+            (None, _) => AgentStatus::Disconnected,
+        };
+        AgentInfo {
+            host_id: a.host_id,
+            labels: a.labels.into_iter().collect(),
+            agent_version: a.agent_version,
+            address: a.address,
+            status: status as i32,
+            last_seen_unix_ms: last_seen,
+            connected_at_unix_ms: a.connected_at_ms,
+            state: HostState::decode(a.state.as_slice()).ok(),
+        }
+    }
+}

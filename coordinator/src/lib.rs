@@ -1,0 +1,139 @@
+//! rollback-coordinator: agents dial in over mTLS and hold a session; operators use the
+//! Console service on the same port. `run` serves until `shutdown` resolves, then drains
+//! sessions within the configured grace period.
+
+pub mod authz;
+pub mod config;
+mod console;
+mod gateway;
+pub mod registry;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollback_common::MAX_MESSAGE_BYTES;
+use rollback_common::identity::Role;
+use rollback_common::proto::agent_gateway_server::AgentGatewayServer;
+use rollback_common::proto::console_server::ConsoleServer;
+use rollback_common::tls::TlsError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+use crate::authz::{AuthzLayer, Policy};
+use crate::registry::Registry;
+use crate::store::{SqliteStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{path}: the coordinator needs a coordinator certificate, this one is for {found}")]
+    WrongCertificateRole { path: String, found: String },
+    #[error("configuring TLS: {0}")]
+    TlsConfig(#[source] tonic::transport::Error),
+    #[error("serving gRPC: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Serves agents and operators on `listener` until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let own = config.tls.own_identity()?;
+    if own.role != Role::Coordinator {
+        return Err(CoordinatorError::WrongCertificateRole {
+            path: config.tls.cert.display().to_string(),
+            found: own.to_string(),
+        });
+    }
+    let tls = config.tls.server_config()?;
+    let sqlite = SqliteStore::open(&config.database).await?;
+    let reset = sqlite.mark_all_disconnected().await?;
+    if reset > 0 {
+        info!(
+            agents = reset,
+            "marked agents from the previous run disconnected until they reconnect"
+        );
+    }
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let registry = Arc::new(Registry::default());
+    let policy = Arc::new(Policy::new(
+        own.trust_domain.clone(),
+        config.operators.clone(),
+    ));
+
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let gateway = gateway::Gateway {
+        store: store.clone(),
+        registry: registry.clone(),
+        heartbeat_interval_secs: config.heartbeat_interval_secs,
+        shutdown: cancel.clone(),
+        tasks: tasks.clone(),
+    };
+    let console = console::ConsoleService {
+        store: store.clone(),
+        registry: registry.clone(),
+        lost_after: config.lost_after(),
+    };
+
+    let addr = listener.local_addr().ok();
+    info!(addr = ?addr, identity = %own, "coordinator listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let cancel_on_signal = cancel.clone();
+    let signal = async move {
+        shutdown.await;
+        info!("shutting down: closing agent sessions");
+        cancel_on_signal.cancel();
+    };
+
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(CoordinatorError::TlsConfig)?
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true)
+        .layer(AuthzLayer::new(policy))
+        .add_service(
+            AgentGatewayServer::new(gateway)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ConsoleServer::new(console)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, signal);
+
+    let serve_cancel = cancel.clone();
+    let served = tokio::select! {
+        r = server => r.map_err(CoordinatorError::Serve),
+        // The server's graceful shutdown waits for every connection; bound it.
+        () = async { serve_cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+            warn!(grace = ?grace, "grace period over; closing remaining connections");
+            Ok(())
+        }
+    };
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        warn!(
+            remaining = tasks.len(),
+            "grace period over before every session was recorded closed"
+        );
+    }
+    sqlite.close().await;
+    info!("coordinator stopped");
+    served
+}
