@@ -1,1 +1,381 @@
-//! Test support: binaries, PKI, coordinator, agents and rollbackctl as real processes.
+//! Test support: the built binaries, a throwaway PKI made with the real `rollbackctl pki`,
+//! and the coordinator, agents and `rollbackctl` run as real processes on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of a workspace binary in the same target dir as the running test.
+/// `cargo xtask test` builds them all first (`cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .map(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent().map(Path::to_path_buf).unwrap_or(deps)
+            } else {
+                deps
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` until it returns Ok or `timeout` passes; panics with the last error.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> T {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if start.elapsed() >= timeout => {
+                panic!("{what}: not true after {timeout:?}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn run_checked(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// A certificate and key on disk.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A fleet CA in a temporary directory, driven through the real `rollbackctl pki`.
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+    pub trust_domain: String,
+}
+
+impl Pki {
+    pub fn init(dir: &Path, trust_domain: &str) -> Result<Self> {
+        run_checked(
+            Command::new(bin("rollbackctl"))
+                .arg("pki")
+                .arg("--dir")
+                .arg(dir)
+                .args(["init", "--trust-domain", trust_domain]),
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn issue(&self, role: &str, name: &str, extra: &[&str]) -> Result<CertFiles> {
+        run_checked(
+            Command::new(bin("rollbackctl"))
+                .arg("pki")
+                .arg("--dir")
+                .arg(&self.dir)
+                .args(["issue", role, name])
+                .args(extra),
+        )?;
+        Ok(CertFiles {
+            cert: self.dir.join(role).join(format!("{name}.pem")),
+            key: self.dir.join(role).join(format!("{name}.key")),
+        })
+    }
+
+    pub fn agent(&self, host_id: &str) -> Result<CertFiles> {
+        self.issue("agent", host_id, &[])
+    }
+    pub fn operator(&self, name: &str) -> Result<CertFiles> {
+        self.issue("operator", name, &[])
+    }
+    pub fn coordinator(&self, name: &str, sans: &[&str]) -> Result<CertFiles> {
+        let mut extra = Vec::new();
+        for s in sans {
+            extra.extend(["--san", s]);
+        }
+        self.issue("coordinator", name, &extra)
+    }
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits up to `grace` for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self, grace: Duration) -> Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        let pid = child.id();
+        run_checked(Command::new("kill").args(["-TERM", &pid.to_string()]))?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if start.elapsed() > grace {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("pid {pid} did not exit within {grace:?} of SIGTERM; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A coordinator process on loopback with its config, store and log in `dir`.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub addr: std::net::SocketAddr,
+    pub proc: Proc,
+    starts: u32,
+}
+
+impl Coordinator {
+    /// Starts on an ephemeral port; `operators` are `name = role` pairs for its config.
+    pub fn start(dir: &Path, pki: &Pki, operators: &[(&str, &str)]) -> Result<Self> {
+        let certs = pki.coordinator("coordinator", &["127.0.0.1", "localhost"])?;
+        let mut ops = String::new();
+        for (name, role) in operators {
+            ops.push_str(&format!("{name} = \"{role}\"\n"));
+        }
+        let config = dir.join("coordinator.toml");
+        let write = |listen: &str| {
+            std::fs::write(
+                &config,
+                format!(
+                    "listen = \"{listen}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 1\nshutdown_grace_secs = 5\n\
+                     [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{ops}",
+                    pki.ca().display(),
+                    certs.cert.display(),
+                    certs.key.display()
+                ),
+            )
+        };
+        write("127.0.0.1:0").context("writing coordinator config")?;
+        let (proc, addr) = Self::spawn(dir, &config, 1)?;
+        // Pin the port so a restart comes back where agents expect it.
+        write(&addr.to_string()).context("writing coordinator config")?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            addr,
+            proc,
+            starts: 1,
+        })
+    }
+
+    fn spawn(dir: &Path, config: &Path, n: u32) -> Result<(Proc, std::net::SocketAddr)> {
+        let mut cmd = Command::new(bin("rollback-coordinator"));
+        cmd.arg("--config").arg(config).env("ROLLBACK_LOG", "info");
+        let mut proc = Proc::spawn(cmd, dir.join(format!("coordinator-{n}.log")))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let log = proc.log_text();
+            let addr = log
+                .lines()
+                .find(|l| l.contains("coordinator listening"))
+                .and_then(|l| l.split("addr=Some(").nth(1))
+                .and_then(|s| s.split(')').next())
+                .and_then(|a| a.parse().ok());
+            if let Some(addr) = addr {
+                break addr;
+            }
+            if let Some(status) = proc.exited()? {
+                bail!("coordinator exited ({status}) before listening:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("coordinator not listening after 20s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        Ok((proc, addr))
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// SIGTERM and wait; returns whether it exited cleanly (status 0).
+    pub fn stop(&mut self) -> Result<bool> {
+        self.proc.terminate(Duration::from_secs(15))
+    }
+
+    /// Starts again on the same port, config and store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.starts += 1;
+        let (proc, addr) = Self::spawn(&self.dir, &self.config, self.starts)?;
+        if addr != self.addr {
+            bail!("coordinator came back on {addr}, expected {}", self.addr);
+        }
+        self.proc = proc;
+        Ok(())
+    }
+
+    /// All logs of every start of this coordinator.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                std::fs::read_to_string(self.dir.join(format!("coordinator-{n}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// An agent process with its config and state dir in `dir`.
+#[derive(Debug)]
+pub struct Agent {
+    pub host_id: String,
+    pub proc: Proc,
+}
+
+impl Agent {
+    /// Starts an agent for `host_id` with `labels`, using `certs` (normally issued for it).
+    pub fn start(
+        dir: &Path,
+        host_id: &str,
+        labels: &[(&str, &str)],
+        coordinator_url: &str,
+        ca: &Path,
+        certs: &CertFiles,
+    ) -> Result<Self> {
+        let dir = dir.join(format!("agent-{host_id}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut label_lines = String::new();
+        for (k, v) in labels {
+            label_lines.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "host_id = \"{host_id}\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"state\"\n\
+                 reconnect_initial_ms = 100\nreconnect_max_ms = 500\n[labels]\n{label_lines}\
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                ca.display(),
+                certs.cert.display(),
+                certs.key.display()
+            ),
+        )
+        .context("writing agent config")?;
+        let mut cmd = Command::new(bin("rollback-agent"));
+        cmd.arg("--config").arg(&config).env("ROLLBACK_LOG", "info");
+        let proc = Proc::spawn(cmd, dir.join("agent.log"))?;
+        Ok(Self {
+            host_id: host_id.to_string(),
+            proc,
+        })
+    }
+}
+
+/// Runs `rollbackctl` with an operator's certificate against `coordinator_url`.
+pub fn rollbackctl(
+    coordinator_url: &str,
+    ca: &Path,
+    op: &CertFiles,
+    args: &[&str],
+) -> Result<Output> {
+    Command::new(bin("rollbackctl"))
+        .arg("--coordinator")
+        .arg(coordinator_url)
+        .arg("--ca")
+        .arg(ca)
+        .arg("--cert")
+        .arg(&op.cert)
+        .arg("--key")
+        .arg(&op.key)
+        .args(args)
+        .env_remove("ROLLBACK_CONFIG")
+        .env("HOME", "/nonexistent")
+        .output()
+        .context("running rollbackctl")
+}
+
+/// `rollbackctl agents --output json [--select SEL]`, parsed; fails unless it exits 0.
+pub fn agents_json(
+    coordinator_url: &str,
+    ca: &Path,
+    op: &CertFiles,
+    select: Option<&str>,
+) -> Result<Vec<serde_json::Value>> {
+    let mut args = vec!["agents", "--output", "json"];
+    if let Some(sel) = select {
+        args.extend(["--select", sel]);
+    }
+    let out = rollbackctl(coordinator_url, ca, op, &args)?;
+    if !out.status.success() {
+        bail!(
+            "rollbackctl agents failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing rollbackctl agents --output json")
+}
