@@ -1,12 +1,190 @@
-//! `cargo xtask lab`: boot, inspect and tear down a fleet lab by hand (filled in by the
-//! fleet-lab work).
+//! `cargo xtask lab up|status|down|exec|bench`: boot a fleet lab and leave it running, look at
+//! it, run commands inside its hosts, tear it down, or time its boot.
 
-use anyhow::Result;
-use clap::Args;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use rollback_tests::lab::{self, Lab, LabSpec};
 
 #[derive(Args)]
-pub struct LabArgs {}
+pub struct LabArgs {
+    #[command(subcommand)]
+    cmd: LabCmd,
+    /// Lab instance name (several labs can run side by side).
+    #[arg(long, global = true, default_value = "dev", env = "ROLLBACK_LAB_NAME")]
+    name: String,
+}
 
-pub fn run(_args: LabArgs) -> Result<()> {
-    anyhow::bail!("the lab arrives with the fleet-lab issue (#3)")
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Boot a lab (db host + app hosts + the sample app) and leave it running.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        app_hosts: usize,
+        /// Hosts only: no database, no app.
+        #[arg(long)]
+        bare: bool,
+    },
+    /// Show the lab's hosts, their systemd and app state.
+    Status,
+    /// Tear the lab down (also removes a stale one).
+    Down,
+    /// Run a command inside a host (`coordinator` runs it in the coordinator's namespace).
+    Exec {
+        host: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Time boots of a lab (wall clock from nothing to every app /readyz = 200), tearing
+    /// each down; prints every run and the median.
+    Bench {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        app_hosts: usize,
+    },
+}
+
+pub fn run(args: LabArgs) -> Result<()> {
+    match args.cmd {
+        LabCmd::Up { app_hosts, bare } => up(&args.name, app_hosts, bare),
+        LabCmd::Status => status(&args.name),
+        LabCmd::Down => down(&args.name),
+        LabCmd::Exec { host, command } => {
+            let code = exec(&args.name, &host, &command)?;
+            if code != ExitCode::SUCCESS {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        LabCmd::Bench { runs, app_hosts } => bench(runs, app_hosts),
+    }
+}
+
+/// The lab spec, after making sure the machine can boot it and the venv is installed.
+fn spec(name: &str, app_hosts: usize, bare: bool) -> Result<LabSpec> {
+    lab::check_prerequisites().map_err(anyhow::Error::msg)?;
+    if !bare {
+        crate::venv::ensure()?;
+    }
+    let spec = LabSpec::new(name).app_hosts(app_hosts);
+    Ok(if bare { spec.bare() } else { spec })
+}
+
+fn up(name: &str, app_hosts: usize, bare: bool) -> Result<()> {
+    let spec = spec(name, app_hosts, bare)?;
+    let started = Instant::now();
+    let lab = Lab::boot(spec)?;
+    eprintln!(
+        "lab {name} is up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    print_status(&lab)?;
+    eprintln!("poke at it: cargo xtask lab exec HOST -- CMD...   tear down: cargo xtask lab down");
+    lab.keep_running();
+    Ok(())
+}
+
+fn status(name: &str) -> Result<()> {
+    let lab = Lab::attach(name)?;
+    print_status(&lab)?;
+    lab.keep_running();
+    Ok(())
+}
+
+fn print_status(lab: &Lab) -> Result<()> {
+    println!(
+        "lab {}  subnet {}  state {}",
+        lab.name(),
+        lab.subnet(),
+        lab::STATE_ROOT
+    );
+    println!(
+        "  {:<12} {:<15} netns {}",
+        lab::COORDINATOR,
+        lab.coordinator_addr(),
+        lab.coordinator_netns()
+    );
+    for host in lab.hosts() {
+        let systemd = match host.systemd_pid() {
+            Some(pid) => lab
+                .systemctl(host.id(), &["is-system-running"])
+                .map(|o| {
+                    format!(
+                        "systemd pid {pid} {}",
+                        String::from_utf8_lossy(&o.stdout).trim()
+                    )
+                })
+                .unwrap_or_else(|e| format!("systemd pid {pid}: {e:#}")),
+            None => "systemd not started".to_string(),
+        };
+        let app = if lab.app_deployed() && host.role() == lab::Role::App {
+            match lab.readyz(host.id()) {
+                Ok(r) => format!("  /readyz {} {}", r.status, r.body.trim()),
+                Err(e) => format!("  /readyz: {e:#}"),
+            }
+        } else {
+            String::new()
+        };
+        println!("  {:<12} {:<15} {systemd}{app}", host.id(), host.addr());
+    }
+    Ok(())
+}
+
+fn down(name: &str) -> Result<()> {
+    if Lab::remove(name)? {
+        eprintln!("lab {name} is down");
+    } else {
+        eprintln!("lab {name} was not up");
+    }
+    Ok(())
+}
+
+fn exec(name: &str, host: &str, command: &[String]) -> Result<ExitCode> {
+    let lab = Lab::attach(name)?;
+    let Some((program, args)) = command.split_first() else {
+        bail!("no command given")
+    };
+    let mut cmd = if host == lab::COORDINATOR {
+        lab.coordinator_command(program)
+    } else {
+        lab.command(host, program)?.args(args.iter()).into_command()
+    };
+    if host == lab::COORDINATOR {
+        cmd.args(args);
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("host {host}: running {}", command.join(" ")))?;
+    lab.keep_running();
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn bench(runs: usize, app_hosts: usize) -> Result<()> {
+    let mut times = Vec::new();
+    for run in 1..=runs {
+        let spec = spec("bench", app_hosts, false)?;
+        let started = Instant::now();
+        let mut lab = Lab::boot(spec)?;
+        let took = started.elapsed();
+        lab.teardown()?;
+        eprintln!("run {run}: boot {:.2} s", took.as_secs_f64());
+        times.push(took);
+    }
+    times.sort();
+    let median = times
+        .get(times.len() / 2)
+        .copied()
+        .unwrap_or(Duration::ZERO);
+    println!(
+        "fleet lab boot ({app_hosts} app hosts + db): median {:.2} s of {runs} runs",
+        median.as_secs_f64()
+    );
+    Ok(())
 }
