@@ -75,11 +75,21 @@ pub fn boot_or_skip(spec: LabSpec) -> Result<Option<Lab>> {
                 spec.name
             );
         }
-        eprintln!(
-            "SKIPPED lab {}: {reason} (set {REQUIRED_ENV}=1 to make this a failure)",
-            spec.name
-        );
+        report_skip(&spec.name, &reason);
         return Ok(None);
     }
     Lab::boot(spec).map(Some)
+}
+
+/// One line per process (libtest runs every test of a suite in one process; nextest one per
+/// test), written to stderr directly so the test harness's output capture does not hide it.
+fn report_skip(lab: &str, reason: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let line = format!(
+            "SKIPPED fleet lab suites (first: lab {lab}): {reason}; set {REQUIRED_ENV}=1 to make this a failure\n"
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    });
 }

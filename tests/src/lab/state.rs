@@ -59,6 +59,12 @@ impl Host {
     pub fn systemd_pid(&self) -> Option<i32> {
         self.systemd.map(|p| p.pid)
     }
+
+    /// The host's systemd as a process record (pid + start time), to check later that this
+    /// very process is gone.
+    pub fn systemd_process(&self) -> Option<ProcRecord> {
+        self.systemd
+    }
 }
 
 /// Everything recorded about one lab instance.

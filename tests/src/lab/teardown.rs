@@ -28,6 +28,18 @@ pub fn remove(name: &str, state: Option<&LabState>, launchers: &mut Vec<Child>) 
                 .with_context(|| format!("lab {name}: killing host {}", host.id()))?;
         }
     }
+    let recorded: Vec<_> = state
+        .map(|s| s.hosts.iter().filter_map(|h| h.launcher).collect())
+        .unwrap_or_default();
+    // A launcher that does not exit in time is killed below.
+    let _ = poll::until("host launchers to exit", LAUNCHER_GRACE, || {
+        let running = recorded.iter().filter(|p| p.is_running()).count();
+        Ok(if running == 0 {
+            Check::Done(())
+        } else {
+            Check::Pending(format!("{running} running"))
+        })
+    });
     for mut child in launchers.drain(..) {
         let exited = poll::until("a host launcher to exit", LAUNCHER_GRACE, || {
             Ok(match child.try_wait()? {
