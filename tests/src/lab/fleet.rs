@@ -40,7 +40,11 @@ impl Lab {
     pub fn boot(spec: LabSpec) -> Result<Lab> {
         spec.validate()?;
         prerequisites::check().map_err(|reason| anyhow!("lab {}: {reason}", spec.name))?;
-        let venv = venv::locate()?;
+        let venv = if spec.database || spec.deploy_app {
+            venv::locate()?
+        } else {
+            venv::default_dir()
+        };
         let names = Names::new(&spec.name);
         if Lab::remove(&spec.name)? {
             eprintln!(

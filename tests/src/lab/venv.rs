@@ -14,12 +14,17 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
-/// `$ROLLBACK_LAB_VENV`, else `<workspace>/target/lab-venv`; an error saying how to install
+/// `$ROLLBACK_LAB_VENV`, else `<workspace>/target/lab-venv`, unchecked.
+pub fn default_dir() -> PathBuf {
+    std::env::var_os(VENV_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target").join("lab-venv"))
+}
+
+/// [`default_dir`]: `<workspace>/target/lab-venv`; an error saying how to install
 /// it when it lacks python or alembic.
 pub fn locate() -> Result<PathBuf> {
-    let dir = std::env::var_os(VENV_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target").join("lab-venv"));
+    let dir = default_dir();
     for tool in ["bin/python", "bin/alembic"] {
         if !dir.join(tool).exists() {
             bail!(
