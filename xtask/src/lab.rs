@@ -1,7 +1,6 @@
 //! `cargo xtask lab up|status|down|exec|bench`: boot a fleet lab and leave it running, look at
 //! it, run commands inside its hosts, tear it down, or time its boot.
 
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -52,13 +51,10 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCmd::Up { app_hosts, bare } => up(&args.name, app_hosts, bare),
         LabCmd::Status => status(&args.name),
         LabCmd::Down => down(&args.name),
-        LabCmd::Exec { host, command } => {
-            let code = exec(&args.name, &host, &command)?;
-            if code != ExitCode::SUCCESS {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+        LabCmd::Exec { host, command } => match exec(&args.name, &host, &command)? {
+            0 => Ok(()),
+            code => std::process::exit(code),
+        },
         LabCmd::Bench { runs, app_hosts } => bench(runs, app_hosts),
     }
 }
@@ -74,6 +70,11 @@ fn spec(name: &str, app_hosts: usize, bare: bool) -> Result<LabSpec> {
 }
 
 fn up(name: &str, app_hosts: usize, bare: bool) -> Result<()> {
+    if lab::known_labs().iter().any(|l| l == name) {
+        bail!(
+            "lab {name} is already up (or left by a killed run): `cargo xtask lab down --name {name}` first, or pick another --name"
+        );
+    }
     let spec = spec(name, app_hosts, bare)?;
     let started = Instant::now();
     let lab = Lab::boot(spec)?;
@@ -89,9 +90,7 @@ fn up(name: &str, app_hosts: usize, bare: bool) -> Result<()> {
 
 fn status(name: &str) -> Result<()> {
     let lab = Lab::attach(name)?;
-    print_status(&lab)?;
-    lab.keep_running();
-    Ok(())
+    print_status(&lab)
 }
 
 fn print_status(lab: &Lab) -> Result<()> {
@@ -142,7 +141,8 @@ fn down(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn exec(name: &str, host: &str, command: &[String]) -> Result<ExitCode> {
+/// Runs the command with this terminal's stdio; returns its exit code.
+fn exec(name: &str, host: &str, command: &[String]) -> Result<i32> {
     let lab = Lab::attach(name)?;
     let Some((program, args)) = command.split_first() else {
         bail!("no command given")
@@ -150,20 +150,13 @@ fn exec(name: &str, host: &str, command: &[String]) -> Result<ExitCode> {
     let mut cmd = if host == lab::COORDINATOR {
         lab.coordinator_command(program)
     } else {
-        lab.command(host, program)?.args(args.iter()).into_command()
+        lab.command(host, program)?.into_command()
     };
-    if host == lab::COORDINATOR {
-        cmd.args(args);
-    }
+    cmd.args(args);
     let status = cmd
         .status()
         .with_context(|| format!("host {host}: running {}", command.join(" ")))?;
-    lab.keep_running();
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(status.code().unwrap_or(1))
 }
 
 fn bench(runs: usize, app_hosts: usize) -> Result<()> {

@@ -23,7 +23,11 @@ pub struct Lab {
     pub(crate) names: Names,
     pub(crate) timeout: Duration,
     launchers: Mutex<Vec<Child>>,
+    /// Torn down already (or left running on purpose).
     done: bool,
+    /// Booted by this value: tear down on drop. An attached lab is only torn down by an
+    /// explicit [`Lab::teardown`].
+    owned: bool,
 }
 
 impl std::fmt::Debug for Lab {
@@ -80,6 +84,7 @@ impl Lab {
             timeout: spec.step_timeout,
             launchers: Mutex::new(Vec::new()),
             done: false,
+            owned: true,
         };
         // On error `lab` drops here and tears down what was built.
         lab.bring_up(&spec)
@@ -88,6 +93,7 @@ impl Lab {
     }
 
     /// Attaches to a lab that is up (booted by `cargo xtask lab up` or another process).
+    /// Dropping an attached lab leaves it running; [`Lab::teardown`] removes it.
     pub fn attach(name: &str) -> Result<Lab> {
         spec::validate_name(name)?;
         let state = LabState::load(name)?;
@@ -97,6 +103,7 @@ impl Lab {
             timeout: Duration::from_secs(60),
             launchers: Mutex::new(Vec::new()),
             done: false,
+            owned: false,
         })
     }
 
@@ -337,6 +344,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(e) = self.teardown() {
             eprintln!("lab {}: teardown failed: {e:#}", self.state.name);
         }
