@@ -196,3 +196,21 @@ fn unescape_mountinfo(field: &str) -> String {
     out.push_str(rest);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/run/a\040b"), "/run/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/odd\x"), r"/odd\x");
+    }
+
+    #[test]
+    fn a_lab_that_never_ran_leaves_nothing() {
+        let fp = Footprint::collect("never-booted-lab", None);
+        assert_eq!(fp.leftovers(), Vec::<String>::new());
+    }
+}

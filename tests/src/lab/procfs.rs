@@ -108,3 +108,24 @@ pub fn cgroup_lines(pid: i32) -> Vec<String> {
         .map(|t| t.lines().map(str::to_string).collect())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_recorded_and_running() {
+        let me = std::process::id() as i32;
+        let rec = ProcRecord::of(me).expect("own stat");
+        assert!(rec.is_running());
+        let reused = ProcRecord {
+            start_time: rec.start_time + 1,
+            ..rec
+        };
+        assert!(
+            !reused.is_running(),
+            "a different start time is another process"
+        );
+        assert!(ns_inode(me, "net").is_some());
+    }
+}

@@ -153,3 +153,51 @@ pub fn node_addr(subnet: u8, id: &str) -> Ipv4Addr {
 pub fn app_host_id(n: usize) -> String {
     format!("app{n}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_names_are_checked() {
+        for good in ["dev", "t-fleet", "a1", "abcdefghij0123456789"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1lab",
+            "Dev",
+            "a.b",
+            "a/b",
+            "abcdefghij0123456789x",
+            "-x",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_of_one_lab_share_a_prefix_no_other_lab_has() {
+        let a = Names::new("a");
+        let a_app1 = Names::new("a-app1");
+        assert_eq!(a.node("app1"), "rbl-a.app1");
+        assert!(!a_app1.node("fabric").starts_with(&a.prefix()));
+        assert_eq!(a.state_dir(), PathBuf::from("/run/rollback-lab/a"));
+    }
+
+    #[test]
+    fn addresses_follow_the_plan() {
+        assert_eq!(node_addr(7, COORDINATOR), Ipv4Addr::new(10, 77, 7, 1));
+        assert_eq!(node_addr(7, DB_HOST), Ipv4Addr::new(10, 77, 7, 2));
+        assert_eq!(node_addr(7, &app_host_id(3)), Ipv4Addr::new(10, 77, 7, 13));
+    }
+
+    #[test]
+    fn spec_rejects_an_app_without_database() {
+        let mut spec = LabSpec::new("x");
+        spec.database = false;
+        assert!(spec.validate().is_err());
+        assert!(LabSpec::new("x").bare().validate().is_ok());
+        assert!(LabSpec::new("x").app_hosts(0).validate().is_err());
+    }
+}
