@@ -54,7 +54,15 @@ pub struct Launched {
 
 /// Prepares the host's root and starts its systemd; returns once systemd's process exists
 /// (see [`wait_running`]).
-pub fn launch(names: &Names, id: &str, netns: &str, timeout: Duration) -> Result<Launched> {
+/// `same_path_binds` are directories made visible inside the host at the same path when the
+/// overlay's lower layer (the root filesystem) would not show them (see [`needs_bind`]).
+pub fn launch(
+    names: &Names,
+    id: &str,
+    netns: &str,
+    same_path_binds: &[PathBuf],
+    timeout: Duration,
+) -> Result<Launched> {
     let host_dir = names.host_dir(id);
     let seed = host_dir.join("seed");
     write_seed(&seed, id).with_context(|| format!("host {id}: writing {}", seed.display()))?;
@@ -64,7 +72,13 @@ pub fn launch(names: &Names, id: &str, netns: &str, timeout: Duration) -> Result
         ns_file: ns_file.clone(),
     };
     prep.create_namespace()?;
-    prep.build_root(&host_dir, &seed, &names.shared_dir(), netns)?;
+    prep.build_root(
+        &host_dir,
+        &seed,
+        &names.shared_dir(),
+        netns,
+        same_path_binds,
+    )?;
 
     let cgroups = cgroup::create(&names.node(id)).with_context(|| format!("host {id}: cgroups"))?;
     let log_path = host_dir.join("boot.log");
@@ -236,7 +250,14 @@ impl Prep<'_> {
         Ok(())
     }
 
-    fn build_root(&self, host_dir: &Path, seed: &Path, shared: &Path, netns: &str) -> Result<()> {
+    fn build_root(
+        &self,
+        host_dir: &Path,
+        seed: &Path,
+        shared: &Path,
+        netns: &str,
+        same_path_binds: &[PathBuf],
+    ) -> Result<()> {
         let ovl = host_dir.join("ovl");
         fs::create_dir_all(&ovl).with_context(|| format!("creating {}", ovl.display()))?;
         let (upper, work, root) = (ovl.join("upper"), ovl.join("work"), ovl.join("root"));
@@ -352,6 +373,11 @@ impl Prep<'_> {
                 &r(SHARED_MOUNT.trim_start_matches('/')),
             ],
         )?;
+        for dir in same_path_binds {
+            let target = root.join(dir.strip_prefix("/").unwrap_or(dir));
+            self.run(None, &[&"mkdir", &"-p", &target])?;
+            self.run(None, &[&"mount", &"--rbind", dir, &target])?;
+        }
         // umount(8) needs /proc: mount one for the switch, then drop it (systemd's own pid
         // namespace gets a fresh /proc from `unshare --mount-proc`).
         self.run(None, &[&"mount", &"-t", &"proc", &"proc", &r("proc")])?;
@@ -388,5 +414,22 @@ impl AsRefOs for PathBuf {
 impl AsRefOs for &Path {
     fn os(&self) -> &std::ffi::OsStr {
         self.as_os_str()
+    }
+}
+
+/// Whether `dir` must be bind-mounted into hosts to be seen there: it is on another
+/// filesystem than `/` (the overlay's lower layer shows the root filesystem only), or under a
+/// directory each host gets fresh (/tmp, /run, /dev).
+pub fn needs_bind(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if ["/tmp", "/run", "/dev"]
+        .iter()
+        .any(|fresh| dir.starts_with(fresh))
+    {
+        return true;
+    }
+    match (fs::metadata(dir), fs::metadata("/")) {
+        (Ok(d), Ok(root)) => d.dev() != root.dev(),
+        _ => false,
     }
 }

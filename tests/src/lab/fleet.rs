@@ -22,6 +22,7 @@ pub struct Lab {
     pub(crate) state: LabState,
     pub(crate) names: Names,
     pub(crate) timeout: Duration,
+    extra_paths: Vec<PathBuf>,
     launchers: Mutex<Vec<Child>>,
     /// Torn down already (or left running on purpose).
     done: bool,
@@ -82,6 +83,7 @@ impl Lab {
             state,
             names,
             timeout: spec.step_timeout,
+            extra_paths: spec.shared_paths.clone(),
             launchers: Mutex::new(Vec::new()),
             done: false,
             owned: true,
@@ -101,6 +103,7 @@ impl Lab {
             names: Names::new(name),
             state,
             timeout: Duration::from_secs(60),
+            extra_paths: Vec::new(),
             launchers: Mutex::new(Vec::new()),
             done: false,
             owned: false,
@@ -282,6 +285,13 @@ impl Lab {
     fn boot_hosts(&mut self) -> Result<()> {
         let timeout = self.timeout;
         let names = &self.names;
+        // The checkout (assets, built binaries) and the venv must be visible inside hosts.
+        let mut binds: Vec<PathBuf> = vec![venv::workspace_root(), self.state.venv.clone()];
+        binds.extend(self.extra_paths.iter().cloned());
+        binds.retain(|d| d.is_absolute() && d.is_dir() && boot::needs_bind(d));
+        binds.sort();
+        binds.dedup();
+        let binds = &binds;
         let jobs: Vec<(String, String)> = self
             .state
             .hosts
@@ -294,13 +304,15 @@ impl Lab {
             let handles: Vec<_> = jobs
                 .iter()
                 .map(|(id, netns)| {
-                    s.spawn(move || match boot::launch(names, id, netns, timeout) {
-                        Err(e) => (id.clone(), None, Some(e)),
-                        Ok(l) => {
-                            let waited = boot::wait_running(id, l.systemd.pid, timeout).err();
-                            (id.clone(), Some(l), waited)
-                        }
-                    })
+                    s.spawn(
+                        move || match boot::launch(names, id, netns, binds, timeout) {
+                            Err(e) => (id.clone(), None, Some(e)),
+                            Ok(l) => {
+                                let waited = boot::wait_running(id, l.systemd.pid, timeout).err();
+                                (id.clone(), Some(l), waited)
+                            }
+                        },
+                    )
                 })
                 .collect();
             handles

@@ -32,6 +32,10 @@ pub struct LabSpec {
     pub deploy_app: bool,
     /// Deadline for each waiting step of the boot.
     pub step_timeout: Duration,
+    /// Directories to show inside every host at the same path. The checkout and the venv
+    /// always are; everything on the root filesystem (outside /tmp, /run, /dev) is anyway.
+    /// Add e.g. a `CARGO_TARGET_DIR` on another filesystem.
+    pub shared_paths: Vec<PathBuf>,
 }
 
 impl LabSpec {
@@ -43,11 +47,18 @@ impl LabSpec {
             database: true,
             deploy_app: true,
             step_timeout: Duration::from_secs(60),
+            shared_paths: Vec::new(),
         }
     }
 
     pub fn app_hosts(mut self, n: usize) -> LabSpec {
         self.app_hosts = n;
+        self
+    }
+
+    /// Shows `dir` inside every host at the same path (see [`LabSpec::shared_paths`]).
+    pub fn share_path(mut self, dir: impl Into<PathBuf>) -> LabSpec {
+        self.shared_paths.push(dir.into());
         self
     }
 
