@@ -9,6 +9,8 @@ use rollback_common::identity::validate_name;
 use rollback_common::tls::TlsFiles;
 use serde::Deserialize;
 
+use crate::profile::{AlembicProfile, AppProfile, PostgresProfile, ServiceProfile, Timeouts};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -32,6 +34,12 @@ pub struct Config {
     /// Longest reconnect delay in milliseconds.
     #[serde(default = "default_backoff_max_ms")]
     pub reconnect_max_ms: u64,
+    pub service: Option<ServiceProfile>,
+    pub app: Option<AppProfile>,
+    pub alembic: Option<AlembicProfile>,
+    pub postgres: Option<PostgresProfile>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
 }
 
 fn default_backoff_initial_ms() -> u64 {

@@ -2,11 +2,19 @@
 //! holds one session, heartbeats, and reconnects with exponential backoff and jitter whenever
 //! the coordinator goes away.
 
+pub mod actions;
 mod backoff;
 pub mod config;
+pub mod exec;
+pub mod journal;
+pub mod profile;
+mod runner;
 mod session;
+mod state;
+mod uplink;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use rollback_common::identity::Role;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +37,8 @@ pub enum AgentError {
         found: String,
         host_id: String,
     },
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("creating state dir {path}: {source}")]
     StateDir {
         path: String,
@@ -52,6 +62,11 @@ pub async fn run(
     }
     create_state_dir(&config)?;
     let tls = config.tls.client_config(config.server_name.as_deref())?;
+    let config = Arc::new(config);
+    let uplink = Arc::new(uplink::Uplink::default());
+    let journal = journal::Journal::open(&config.state_dir)?;
+    let runner = Arc::new(runner::Runner::new(config.clone(), journal, uplink.clone()));
+    runner.recover();
 
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
@@ -64,7 +79,9 @@ pub async fn run(
     let mut backoff = Backoff::new(initial, max);
     info!(host = %config.host_id, coordinator = %config.coordinator, "agent starting");
     loop {
-        let result = session::run_session(&config, &tls, &cancel, || backoff.reset()).await;
+        let result =
+            session::run_session(&config, &tls, &cancel, &runner, &uplink, || backoff.reset())
+                .await;
         match result {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::ClosedByCoordinator) => {

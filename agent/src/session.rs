@@ -1,6 +1,7 @@
 //! One session with the coordinator: dial out over mTLS, send Hello, heartbeat, and read what
 //! the coordinator sends until the stream ends or the agent shuts down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rollback_common::proto::agent_gateway_client::AgentGatewayClient;
@@ -10,9 +11,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{ClientTlsConfig, Endpoint};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Config;
+use crate::runner::Runner;
+use crate::uplink::Uplink;
 
 /// Why a session ended without an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +51,8 @@ pub async fn run_session(
     config: &Config,
     tls: &ClientTlsConfig,
     shutdown: &CancellationToken,
+    runner: &Arc<Runner>,
+    uplink: &Uplink,
     on_established: impl FnOnce(),
 ) -> Result<SessionEnd, SessionError> {
     let url = config.coordinator.clone();
@@ -75,9 +80,16 @@ pub async fn run_session(
         host_id: config.host_id.clone(),
         labels: config.labels.clone().into_iter().collect(),
         agent_version: rollback_common::VERSION.to_string(),
-        supported_actions: Vec::new(),
-        state: None,
-        journaled_runs: Vec::new(),
+        supported_actions: crate::actions::ACTIONS
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        state: Some(crate::state::gather(config).await),
+        journaled_runs: runner
+            .unacked_runs()
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect(),
     };
     // Queued before the call so it is the first message on the stream; the channel is fresh.
     let _ = tx.try_send(AgentMessage {
@@ -95,6 +107,29 @@ pub async fn run_session(
         })?
         .into_inner();
 
+    let result = serve(
+        config,
+        shutdown,
+        runner,
+        uplink,
+        &tx,
+        &mut inbound,
+        on_established,
+    )
+    .await;
+    uplink.detach();
+    result
+}
+
+async fn serve(
+    config: &Config,
+    shutdown: &CancellationToken,
+    runner: &Arc<Runner>,
+    uplink: &Uplink,
+    tx: &mpsc::Sender<AgentMessage>,
+    inbound: &mut tonic::Streaming<rollback_common::proto::CoordinatorMessage>,
+    on_established: impl FnOnce(),
+) -> Result<SessionEnd, SessionError> {
     let mut heartbeat_every = Duration::from_secs(10);
     let mut established = Some(on_established);
     let mut ticker = tokio::time::interval(heartbeat_every);
@@ -111,11 +146,20 @@ pub async fn run_session(
                     return Ok(SessionEnd::ClosedByCoordinator);
                 }
             }
+            () = runner.finished.notified() => {
+                // A run changed the host: report its state now rather than at the next Hello.
+                let hb = Heartbeat { sent_at_unix_ms: now_unix_ms(), state: Some(crate::state::gather(config).await) };
+                if tx.send(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) }).await.is_err() {
+                    return Ok(SessionEnd::ClosedByCoordinator);
+                }
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.kind {
                     Some(coordinator_message::Kind::Ack(ack)) => {
                         if let Some(f) = established.take() {
                             f();
+                            uplink.attach(tx.clone());
+                            runner.resend_unacked().await;
                         }
                         info!(coordinator_version = %ack.coordinator_version, "session established");
                         if ack.heartbeat_interval_secs > 0 {
@@ -125,11 +169,12 @@ pub async fn run_session(
                         }
                     }
                     Some(coordinator_message::Kind::RunProcedure(run)) => {
-                        warn!(run = %run.run_id, job = %run.job_id, "this agent cannot run procedures yet; ignoring");
+                        info!(run = %run.run_id, job = %run.job_id, steps = run.steps.len(), "run received");
+                        let runner = runner.clone();
+                        tokio::spawn(async move { runner.submit(run).await });
                     }
-                    Some(coordinator_message::Kind::Cancel(c)) => {
-                        debug!(run = %c.run_id, "cancel for a run this agent does not hold");
-                    }
+                    Some(coordinator_message::Kind::Cancel(c)) => runner.cancel(&c.run_id),
+                    Some(coordinator_message::Kind::RunResultAck(a)) => runner.ack(&a.run_id),
                     None => debug!("empty message from coordinator"),
                 },
                 Ok(None) => return Ok(SessionEnd::ClosedByCoordinator),

@@ -47,3 +47,17 @@ pub fn service_methods(service: &str) -> Vec<MethodInfo> {
         })
         .collect()
 }
+
+/// Lowercase name of a `StepStatus` for people and JSON: `succeeded`, `timed_out`, ...
+pub fn step_status_name(status: i32) -> &'static str {
+    match StepStatus::try_from(status) {
+        Ok(StepStatus::Succeeded) => "succeeded",
+        Ok(StepStatus::Failed) => "failed",
+        Ok(StepStatus::TimedOut) => "timed_out",
+        Ok(StepStatus::Cancelled) => "cancelled",
+        Ok(StepStatus::Interrupted) => "interrupted",
+        Ok(StepStatus::Refused) => "refused",
+        Ok(StepStatus::Skipped) => "skipped",
+        Ok(StepStatus::Unspecified) | Err(_) => "unknown",
+    }
+}

@@ -3,6 +3,7 @@
 pub mod agents_cmd;
 pub mod connect;
 pub mod error;
+pub mod exec_cmd;
 pub mod output;
 pub mod pki_cmd;
 
@@ -48,6 +49,8 @@ pub struct Cli {
 pub enum Command {
     /// List agents: host, online/disconnected/lost, last seen, version, labels.
     Agents(agents_cmd::AgentsArgs),
+    /// Run one typed action on one host, for diagnosis, streaming its output.
+    Exec(exec_cmd::ExecArgs),
     /// Create the fleet CA and issue certificates (no coordinator needed).
     Pki(pki_cmd::PkiArgs),
 }
@@ -55,6 +58,7 @@ pub enum Command {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Agents(args) => agents_cmd::run(args, &cli.connect, cli.output).await,
+        Command::Exec(args) => exec_cmd::run(args, &cli.connect, cli.output).await,
         Command::Pki(args) => pki_cmd::run(args),
     }
 }

@@ -48,6 +48,7 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
     match (service, method) {
         ("AgentGateway", "Session") => Some(Rule::AgentSession),
         ("Console", "ListAgents") => Some(Rule::Console(OperatorRole::Viewer)),
+        ("Console", "Exec") => Some(Rule::Console(OperatorRole::Operator)),
         _ => None,
     }
 }

@@ -7,17 +7,21 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::console_server::Console;
 use rollback_common::proto::{
-    AgentInfo, AgentStatus, HostState, ListAgentsRequest, ListAgentsResponse,
+    AgentInfo, AgentStatus, ExecEvent, ExecRequest, HostState, ListAgentsRequest,
+    ListAgentsResponse,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
 
+use crate::authz::Principal;
 use crate::registry::Registry;
+use crate::runs::RunHub;
 use crate::store::{AgentRecord, Store, StoreError};
 
 pub struct ConsoleService {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
+    pub hub: Arc<RunHub>,
     pub lost_after: Duration,
 }
 
@@ -28,8 +32,36 @@ impl From<StoreError> for Status {
     }
 }
 
+fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no principal"))
+}
+
 #[tonic::async_trait]
 impl Console for ConsoleService {
+    type ExecStream = tokio_stream::wrappers::ReceiverStream<Result<ExecEvent, Status>>;
+
+    async fn exec(
+        &self,
+        request: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let principal = principal(&request)?;
+        let rx = crate::exec::start(
+            &self.store,
+            &self.registry,
+            &self.hub,
+            &principal,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn list_agents(
         &self,
         request: Request<ListAgentsRequest>,

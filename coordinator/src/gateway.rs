@@ -9,7 +9,8 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::agent_gateway_server::AgentGateway;
 use rollback_common::proto::{
-    Ack, AgentMessage, CoordinatorMessage, Hello, agent_message, coordinator_message,
+    Ack, AgentMessage, CoordinatorMessage, ExecEvent, Hello, RunFinished, RunResultAck,
+    agent_message, coordinator_message, exec_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,8 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::authz::Principal;
-use crate::registry::Registry;
-use crate::store::{AgentRecord, Store};
+use crate::registry::{AgentSender, Registry};
+use crate::runs::RunHub;
+use crate::store::{AgentRecord, AuditEvent, Store};
 
 /// How long an agent has to send Hello after opening its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +34,7 @@ const SEEN_WRITE_INTERVAL_MS: i64 = 30_000;
 pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
+    pub hub: Arc<RunHub>,
     pub heartbeat_interval_secs: u32,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -104,6 +107,7 @@ impl AgentGateway for Gateway {
         };
         // The channel is fresh, so this cannot be full.
         let _ = tx.try_send(Ok(ack));
+        let session_tx = tx.clone();
         let (session_id, replaced) = self.registry.insert(&cert_host, tx, now);
         if replaced.is_some() {
             info!(host = %cert_host, "agent reconnected; replacing its previous session");
@@ -112,6 +116,7 @@ impl AgentGateway for Gateway {
 
         let store = self.store.clone();
         let registry = self.registry.clone();
+        let hub = self.hub.clone();
         let shutdown = self.shutdown.clone();
         let span = info_span!("agent_session", host = %cert_host, session = session_id);
         self.tasks.spawn(
@@ -135,10 +140,21 @@ impl AgentGateway for Gateway {
                                 last_written = last_seen;
                             }
                         }
+                        Ok(Some(AgentMessage { kind: Some(agent_message::Kind::StepEvent(event)) })) => {
+                            last_seen = now_unix_ms();
+                            registry.touch(&cert_host, session_id, last_seen);
+                            let run_id = event.run_id.clone();
+                            hub.publish(&cert_host, &run_id, &ExecEvent { kind: Some(exec_event::Kind::StepEvent(event)) });
+                        }
+                        Ok(Some(AgentMessage { kind: Some(agent_message::Kind::RunFinished(finished)) })) => {
+                            last_seen = now_unix_ms();
+                            registry.touch(&cert_host, session_id, last_seen);
+                            record_run_result(&*store, &hub, &session_tx, &cert_host, finished).await;
+                        }
                         Ok(Some(other)) => {
                             last_seen = now_unix_ms();
                             registry.touch(&cert_host, session_id, last_seen);
-                            warn!(message = ?other.kind.map(|k| kind_name(&k)), "ignoring message this coordinator does not handle yet");
+                            warn!(message = ?other.kind.map(|k| kind_name(&k)), "ignoring unexpected message");
                         }
                         Ok(None) => {
                             info!("agent closed its session");
@@ -150,7 +166,9 @@ impl AgentGateway for Gateway {
                         }
                     }
                 }
+                drop(session_tx);
                 if registry.remove_if_current(&cert_host, session_id) {
+                    hub.host_gone(&cert_host);
                     if let Err(e) = store.agent_disconnected(&cert_host, last_seen).await {
                         warn!(error = %e, "store failed recording disconnect");
                     }
@@ -161,6 +179,62 @@ impl AgentGateway for Gateway {
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Persists a run's result, then acknowledges it to the agent (which stops re-sending it),
+/// then tells watchers. Without a durable write there is no ack: the agent re-sends later.
+async fn record_run_result(
+    store: &dyn Store,
+    hub: &RunHub,
+    session: &AgentSender,
+    host: &str,
+    finished: RunFinished,
+) {
+    let run_id = finished.run_id.clone();
+    let now = now_unix_ms();
+    match store
+        .finish_run(&run_id, finished.status, now, &finished.encode_to_vec())
+        .await
+    {
+        Ok(known) => {
+            if !known {
+                warn!(run = %run_id, "result for a run this coordinator has no record of; acknowledging so the agent stops re-sending");
+            }
+            let audit = AuditEvent {
+                at_ms: now,
+                actor: format!("agent/{host}"),
+                action: "run.finished".into(),
+                target: format!("run/{run_id}"),
+                detail: format!(
+                    "status={} from_journal={}",
+                    finished.status, finished.from_journal
+                ),
+            };
+            if let Err(e) = store.append_audit(&audit).await {
+                warn!(run = %run_id, error = %e, "audit write failed");
+            }
+            let ack = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::RunResultAck(RunResultAck {
+                    run_id: run_id.clone(),
+                })),
+            };
+            if session.send(Ok(ack)).await.is_err() {
+                warn!(run = %run_id, "could not acknowledge the result; the agent will re-send it");
+            }
+            info!(run = %run_id, status = finished.status, from_journal = finished.from_journal, "run result recorded");
+        }
+        Err(e) => {
+            warn!(run = %run_id, error = %e, "store failed recording run result; not acknowledging")
+        }
+    }
+    hub.publish(
+        host,
+        &run_id,
+        &ExecEvent {
+            kind: Some(exec_event::Kind::Finished(finished)),
+        },
+    );
+    hub.close(&run_id);
 }
 
 fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {

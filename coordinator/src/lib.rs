@@ -5,8 +5,10 @@
 pub mod authz;
 pub mod config;
 mod console;
+mod exec;
 mod gateway;
 pub mod registry;
+mod runs;
 pub mod store;
 
 use std::future::Future;
@@ -67,6 +69,7 @@ pub async fn run(
     }
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let registry = Arc::new(Registry::default());
+    let hub = Arc::new(runs::RunHub::default());
     let policy = Arc::new(Policy::new(
         own.trust_domain.clone(),
         config.operators.clone(),
@@ -77,6 +80,7 @@ pub async fn run(
     let gateway = gateway::Gateway {
         store: store.clone(),
         registry: registry.clone(),
+        hub: hub.clone(),
         heartbeat_interval_secs: config.heartbeat_interval_secs,
         shutdown: cancel.clone(),
         tasks: tasks.clone(),
@@ -84,6 +88,7 @@ pub async fn run(
     let console = console::ConsoleService {
         store: store.clone(),
         registry: registry.clone(),
+        hub,
         lost_after: config.lost_after(),
     };
 

@@ -16,7 +16,11 @@ pub struct TestArgs {
 pub fn run(args: TestArgs) -> Result<()> {
     let root = crate::workspace_root();
     let venv = crate::venv::ensure()?;
-    cargo(Command::new("cargo").current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    cargo(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--workspace", "--bins"]),
+    )?;
 
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])

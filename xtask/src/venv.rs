@@ -7,7 +7,11 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Packages the lab's sample application and its migrations need.
-const PACKAGES: &[&str] = &["alembic>=1.13,<2", "psycopg2-binary>=2.9,<3", "SQLAlchemy>=2,<3"];
+const PACKAGES: &[&str] = &[
+    "alembic>=1.13,<2",
+    "psycopg2-binary>=2.9,<3",
+    "SQLAlchemy>=2,<3",
+];
 
 /// Path of the venv; `rollback_tests::lab` finds it at the same place.
 pub fn venv_dir() -> PathBuf {
@@ -22,8 +26,13 @@ pub fn ensure() -> Result<PathBuf> {
     if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
         return Ok(dir);
     }
-    eprintln!("xtask: creating python venv with alembic at {}", dir.display());
-    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&dir))?;
+    eprintln!(
+        "xtask: creating python venv with alembic at {}",
+        dir.display()
+    );
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&dir))?;
     run(Command::new(dir.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PACKAGES))?;

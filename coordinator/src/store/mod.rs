@@ -45,6 +45,33 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
+/// A run as the coordinator dispatched it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRow {
+    pub run_id: String,
+    pub job_id: String,
+    pub host_id: String,
+    pub requested_by: String,
+    pub reason: String,
+    /// Encoded `RunProcedure`.
+    pub procedure: Vec<u8>,
+    pub status: i32,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    /// Encoded `RunFinished`, once reported.
+    pub result: Option<Vec<u8>>,
+}
+
+/// One audit trail entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
 /// Everything the coordinator persists. Each call is durable when it returns.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -62,4 +89,17 @@ pub trait Store: Send + Sync + 'static {
     /// Marks every agent disconnected (at start-up: no session survives a restart).
     async fn mark_all_disconnected(&self) -> Result<u64, StoreError>;
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Records a run before it is dispatched.
+    async fn create_run(&self, run: &RunRow) -> Result<(), StoreError>;
+    /// Records a run's result; returns false if the run is unknown.
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        status: i32,
+        finished_at_ms: i64,
+        result: &[u8],
+    ) -> Result<bool, StoreError>;
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError>;
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 }

@@ -8,7 +8,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{AgentRecord, Store, StoreError};
+use super::{AgentRecord, AuditEvent, RunRow, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -149,5 +149,98 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn create_run(&self, r: &RunRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(&r.run_id)
+        .bind(&r.job_id)
+        .bind(&r.host_id)
+        .bind(&r.requested_by)
+        .bind(&r.reason)
+        .bind(&r.procedure)
+        .bind(r.status)
+        .bind(r.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("create_run"))?;
+        Ok(())
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        status: i32,
+        finished_at_ms: i64,
+        result: &[u8],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE runs SET status = ?2, finished_at_ms = ?3, result = ?4 WHERE run_id = ?1",
+        )
+        .bind(run_id)
+        .bind(status)
+        .bind(finished_at_ms)
+        .bind(result)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("finish_run"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result
+             FROM runs WHERE run_id = ?1",
+        )
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("get_run"))?;
+        Ok(row.map(|row| RunRow {
+            run_id: row.get("run_id"),
+            job_id: row.get("job_id"),
+            host_id: row.get("host_id"),
+            requested_by: row.get("requested_by"),
+            reason: row.get("reason"),
+            procedure: row.get("procedure"),
+            status: row.get("status"),
+            created_at_ms: row.get("created_at_ms"),
+            finished_at_ms: row.get("finished_at_ms"),
+            result: row.get("result"),
+        }))
+    }
+
+    async fn append_audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .bind(e.at_ms)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(&e.detail)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("append_audit"))?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query("SELECT at_ms, actor, action, target, detail FROM audit_events ORDER BY id DESC LIMIT ?1")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list_audit"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| AuditEvent {
+                at_ms: row.get("at_ms"),
+                actor: row.get("actor"),
+                action: row.get("action"),
+                target: row.get("target"),
+                detail: row.get("detail"),
+            })
+            .collect())
     }
 }

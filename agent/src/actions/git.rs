@@ -1,0 +1,168 @@
+//! `git.checkout {revision}` and `git.log` in the app's git working tree. A revision is
+//! resolved with `git rev-parse --verify --end-of-options REV^{commit}` and checked out by
+//! its full sha.
+
+use super::{Failure, StepCtx};
+use crate::exec::ProcessSpec;
+
+fn explain(stderr: &str, dir: &str) -> Option<String> {
+    if stderr.contains("dubious ownership") {
+        return Some(format!(
+            "git refuses {dir}: \"dubious ownership\" — the repository belongs to another user; fix its owner or add it to safe.directory for the agent's user"
+        ));
+    }
+    if stderr.contains("would be overwritten by checkout")
+        || stderr.contains("Please commit your changes or stash them")
+    {
+        let files: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with('\t'))
+            .map(str::trim)
+            .collect();
+        return Some(format!(
+            "uncommitted changes in {dir} block the checkout ({}); commit, stash or discard them first",
+            if files.is_empty() {
+                "see output".to_string()
+            } else {
+                files.join(", ")
+            }
+        ));
+    }
+    if stderr.contains("not a git repository") {
+        return Some(format!(
+            "{dir} is not a git repository (check app.dir in agent.toml)"
+        ));
+    }
+    None
+}
+
+fn git(ctx: &StepCtx<'_>) -> Result<(ProcessSpec, String), Failure> {
+    let app = ctx
+        .config
+        .app
+        .as_ref()
+        .ok_or_else(|| Failure::new(-1, "no [app] in agent.toml"))?;
+    let mut spec = ctx
+        .spec(&app.git, &app.dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_OPTIONAL_LOCKS", "0");
+    if let Some(home) = &ctx.home {
+        spec = spec.env("HOME", home.clone());
+    }
+    Ok((spec, app.dir.display().to_string()))
+}
+
+/// Resolves `revision` to a full commit sha.
+async fn resolve(revision: &str, ctx: &mut StepCtx<'_>) -> Result<String, Failure> {
+    let (spec, dir) = git(ctx)?;
+    let spec = spec
+        .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
+        .arg(format!("{revision}^{{commit}}"));
+    let outcome = ctx.run(&spec).await?;
+    if !outcome.success() {
+        let explained = explain(&outcome.stderr_text(), &dir)
+            .unwrap_or_else(|| format!("revision `{revision}` is not a commit in {dir}"));
+        return Err(Failure::new(
+            outcome.exit_code(),
+            format!("git rev-parse (exit {}): {explained}", outcome.exit_code()),
+        ));
+    }
+    let sha = outcome
+        .output_text()
+        .lines()
+        .rev()
+        .find(|l| !l.starts_with("$ "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if sha.len() < 40 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Failure::new(
+            -1,
+            format!("git rev-parse printed `{sha}`, not a commit sha"),
+        ));
+    }
+    Ok(sha)
+}
+
+/// HEAD's sha and subject.
+async fn head(ctx: &mut StepCtx<'_>) -> Result<(String, String), Failure> {
+    let (spec, dir) = git(ctx)?;
+    let outcome = ctx
+        .run(&spec.args(["log", "-1", "--no-color", "--format=%H %s"]))
+        .await?;
+    if !outcome.success() {
+        let explained = explain(&outcome.stderr_text(), &dir);
+        return Err(Failure::exited(&outcome, "git log -1", explained));
+    }
+    let text = outcome.output_text();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.starts_with("$ ") && !l.trim().is_empty())
+        .unwrap_or_default();
+    let (sha, subject) = line.split_once(' ').unwrap_or((line, ""));
+    Ok((sha.trim().to_string(), subject.trim().to_string()))
+}
+
+pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let sha = resolve(revision, ctx).await?;
+    ctx.say(&format!("{revision} is commit {sha}"));
+    let (spec, dir) = git(ctx)?;
+    let outcome = ctx
+        .run(&spec.args(["checkout", "--quiet", "--detach", &sha, "--"]))
+        .await?;
+    if !outcome.success() {
+        let explained = explain(&outcome.stderr_text(), &dir);
+        return Err(Failure::exited(
+            &outcome,
+            &format!("git checkout {sha}"),
+            explained,
+        ));
+    }
+    let (now, subject) = head(ctx).await?;
+    if now != sha {
+        return Err(Failure::new(
+            -1,
+            format!("after checkout HEAD is {now}, expected {sha}"),
+        ));
+    }
+    ctx.say(&format!("HEAD is now {sha} {subject}"));
+    ctx.fact("sha", sha);
+    ctx.fact("subject", subject);
+    Ok(())
+}
+
+pub(super) async fn log(count: u32, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let (spec, dir) = git(ctx)?;
+    let outcome = ctx
+        .run(
+            &spec
+                .args(["log", "--oneline", "--no-color", "--decorate=short"])
+                .arg(format!("-{count}")),
+        )
+        .await?;
+    if !outcome.success() {
+        let explained = explain(&outcome.stderr_text(), &dir);
+        return Err(Failure::exited(&outcome, "git log", explained));
+    }
+    let (sha, subject) = head(ctx).await?;
+    ctx.fact("sha", sha);
+    ctx.fact("subject", subject);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain;
+
+    #[test]
+    fn explains_common_git_failures() {
+        let dubious = "fatal: detected dubious ownership in repository at '/srv/app'";
+        assert!(explain(dubious, "/srv/app").is_some_and(|m| m.contains("dubious ownership")));
+        let dirty = "error: Your local changes to the following files would be overwritten by checkout:\n\tapp.py\nPlease commit your changes or stash them before you switch branches.";
+        assert!(
+            explain(dirty, "/srv/app")
+                .is_some_and(|m| m.contains("uncommitted changes") && m.contains("app.py"))
+        );
+    }
+}

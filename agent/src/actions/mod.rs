@@ -1,0 +1,475 @@
+//! The runbook's typed actions: an allowlist compiled into the agent. `validate` turns a step
+//! from the coordinator into an `Action` (or refuses it) before anything is spawned;
+//! `execute` runs it against this host's profile.
+
+mod alembic;
+mod file;
+mod git;
+mod http;
+mod logscan;
+mod postgres;
+mod service;
+pub mod validate;
+
+pub use file::sha256_hex;
+pub use logscan::log_size;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rollback_common::output_cap::OutputCap;
+use rollback_common::proto::{Step, StepStatus};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::exec::{self, Ending, OutputSink, ProcessOutcome, ProcessSpec};
+
+/// Every action this agent can run, as sent in Hello.
+pub const ACTIONS: &[&str] = &[
+    "service.stop",
+    "service.start",
+    "service.restart",
+    "service.status",
+    "alembic.downgrade",
+    "alembic.current",
+    "postgres.restore",
+    "postgres.backup",
+    "git.checkout",
+    "git.log",
+    "file.restore",
+    "http.check",
+    "log.scan",
+];
+
+/// A validated action with typed parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Service(service::Verb),
+    AlembicDowngrade(alembic::Target),
+    AlembicCurrent,
+    PostgresRestore { backup: PathBuf },
+    PostgresBackup,
+    GitCheckout { revision: String },
+    GitLog { count: u32 },
+    FileRestore,
+    HttpCheck(http::Check),
+    LogScan { patterns: Vec<String> },
+}
+
+/// Why a step was refused before anything ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub action: String,
+    pub param: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.param {
+            Some(p) => write!(f, "{}: parameter `{p}`: {}", self.action, self.reason),
+            None => write!(f, "{}: {}", self.action, self.reason),
+        }
+    }
+}
+
+struct Params<'a> {
+    action: &'a str,
+    map: &'a HashMap<String, String>,
+    used: Vec<&'static str>,
+}
+
+impl<'a> Params<'a> {
+    fn refuse(&self, param: Option<&str>, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            action: self.action.to_string(),
+            param: param.map(String::from),
+            reason: reason.into(),
+        }
+    }
+
+    fn get(&mut self, name: &'static str) -> Option<&'a str> {
+        self.used.push(name);
+        self.map.get(name).map(String::as_str)
+    }
+
+    fn check<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, Refusal> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => f(v).map(Some).map_err(|reason| {
+                let shown: String = v.chars().take(80).collect();
+                self.refuse(
+                    Some(name),
+                    format!(
+                        "`{}`{} {reason}",
+                        shown.escape_default(),
+                        if v.len() > 80 { "…" } else { "" }
+                    ),
+                )
+            }),
+        }
+    }
+
+    fn finish(self) -> Result<(), Refusal> {
+        let mut unknown: Vec<&String> = self
+            .map
+            .keys()
+            .filter(|k| !self.used.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        match unknown.first() {
+            Some(k) => Err(self.refuse(Some(k), format!("is not a parameter of {}", self.action))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn missing_section(action: &str, section: &str) -> Refusal {
+    Refusal {
+        action: action.to_string(),
+        param: None,
+        reason: format!("this host's agent.toml has no {section}, so the action cannot run here"),
+    }
+}
+
+/// Checks a step against the allowlist and this host's profile. Spawns nothing, except that
+/// `git.checkout` resolves its (already grammar-checked) revision with `git rev-parse`.
+pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
+    let name = step.action.as_str();
+    let mut p = Params {
+        action: name,
+        map: &step.params,
+        used: Vec::new(),
+    };
+    let action = match name {
+        "service.stop" | "service.start" | "service.restart" | "service.status" => {
+            config
+                .service
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[service]"))?;
+            Action::Service(service::Verb::from_action(name))
+        }
+        "alembic.downgrade" => {
+            config
+                .alembic
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[alembic]"))?;
+            let steps = p.check("steps", |v| validate::count(v, 20))?;
+            let to = p.check("to_revision", |v| {
+                validate::alembic_revision(v).map(|()| v.to_string())
+            })?;
+            match (steps, to) {
+                (Some(_), Some(_)) => {
+                    return Err(p.refuse(None, "give `steps` or `to_revision`, not both"));
+                }
+                (Some(n), None) => Action::AlembicDowngrade(alembic::Target::Steps(n)),
+                (None, Some(rev)) => Action::AlembicDowngrade(alembic::Target::Revision(rev)),
+                (None, None) => Action::AlembicDowngrade(alembic::Target::Steps(1)),
+            }
+        }
+        "alembic.current" => {
+            config
+                .alembic
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[alembic]"))?;
+            Action::AlembicCurrent
+        }
+        "postgres.restore" => {
+            let pg = config
+                .postgres
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[postgres]"))?;
+            let backup = p
+                .check("backup", |v| validate::backup_file(v, &pg.backup_dir))?
+                .ok_or_else(|| {
+                    p.refuse(
+                        Some("backup"),
+                        "is required: the file name of a backup in the backup dir",
+                    )
+                })?;
+            Action::PostgresRestore { backup }
+        }
+        "postgres.backup" => {
+            config
+                .postgres
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[postgres]"))?;
+            Action::PostgresBackup
+        }
+        "git.checkout" => {
+            config
+                .app
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[app]"))?;
+            let revision = p
+                .check("revision", |v| {
+                    validate::revision(v).map(|()| v.to_string())
+                })?
+                .ok_or_else(|| {
+                    p.refuse(Some("revision"), "is required: the commit to check out")
+                })?;
+            Action::GitCheckout { revision }
+        }
+        "git.log" => {
+            config
+                .app
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[app]"))?;
+            let count = p.check("count", |v| validate::count(v, 100))?.unwrap_or(10);
+            Action::GitLog { count }
+        }
+        "file.restore" => {
+            let app = config
+                .app
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[app]"))?;
+            if app.env_file.is_none() {
+                return Err(missing_section(name, "app.env_file and app.env_backup"));
+            }
+            p.check("file", |v| {
+                if v == "env" {
+                    Ok(())
+                } else {
+                    Err("only `env` (app.env_backup → app.env_file) can be restored".into())
+                }
+            })?;
+            Action::FileRestore
+        }
+        "http.check" => {
+            let app = config
+                .app
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[app]"))?;
+            if app.health_base_url.is_none() {
+                return Err(missing_section(name, "app.health_base_url"));
+            }
+            let endpoint = p
+                .check("endpoint", |v| {
+                    validate::endpoint(v).map(|()| v.to_string())
+                })?
+                .unwrap_or_else(|| "/healthz".into());
+            let expect = p.check("expect", |v| match v.parse::<u16>() {
+                Ok(code) if (100..=599).contains(&code) => Ok(code),
+                _ => Err("must be an HTTP status code (100-599)".into()),
+            })?;
+            let retries = p.check("retries", |v| {
+                if v == "0" {
+                    Ok(0)
+                } else {
+                    validate::count(v, 600)
+                }
+            })?;
+            let interval = p.check("interval_ms", |v| match v.parse::<u64>() {
+                Ok(ms) if (50..=60_000).contains(&ms) => Ok(ms),
+                _ => Err("must be between 50 and 60000 milliseconds".into()),
+            })?;
+            Action::HttpCheck(http::Check {
+                endpoint,
+                expect: expect.unwrap_or(200),
+                retries: retries.unwrap_or(30),
+                interval: Duration::from_millis(interval.unwrap_or(500)),
+            })
+        }
+        "log.scan" => {
+            let app = config
+                .app
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[app]"))?;
+            if app.log_file.is_none() {
+                return Err(missing_section(name, "app.log_file"));
+            }
+            let patterns = p
+                .check("patterns", validate::patterns)?
+                .unwrap_or_else(logscan::default_patterns);
+            Action::LogScan { patterns }
+        }
+        other => {
+            return Err(Refusal {
+                action: other.to_string(),
+                param: None,
+                reason: format!(
+                    "is not an action this agent knows; known actions: {}",
+                    ACTIONS.join(", ")
+                ),
+            });
+        }
+    };
+    p.finish()?;
+    Ok(action)
+}
+
+/// What a step produced.
+#[derive(Debug)]
+pub struct StepResult {
+    pub status: StepStatus,
+    pub exit_code: i32,
+    pub error: String,
+    pub output: OutputCap,
+    pub facts: BTreeMap<String, String>,
+}
+
+/// What an action needs while it runs.
+pub struct StepCtx<'a> {
+    pub config: &'a Config,
+    pub sink: &'a mut dyn OutputSink,
+    pub cancel: &'a CancellationToken,
+    pub timeout: Duration,
+    /// Size of the app log when the run began (for `log.scan`).
+    pub log_offset: Option<u64>,
+    /// The agent's own HOME, passed to git so admins' safe.directory settings apply.
+    pub home: Option<String>,
+    output: OutputCap,
+    facts: BTreeMap<String, String>,
+}
+
+impl<'a> StepCtx<'a> {
+    pub fn new(
+        config: &'a Config,
+        sink: &'a mut dyn OutputSink,
+        cancel: &'a CancellationToken,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            config,
+            sink,
+            cancel,
+            timeout,
+            log_offset: None,
+            home: std::env::var("HOME").ok(),
+            output: OutputCap::new(exec::KEPT_OUTPUT_BYTES),
+            facts: BTreeMap::new(),
+        }
+    }
+
+    fn kill_grace(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.timeouts.kill_grace_secs))
+    }
+
+    /// A process spec with this step's timeout.
+    fn spec(&self, program: &std::path::Path, cwd: &std::path::Path) -> ProcessSpec {
+        ProcessSpec::new(program, cwd, self.timeout, self.kill_grace())
+    }
+
+    /// Writes a line of the agent's own narration to the step's output.
+    fn say(&mut self, line: &str) {
+        let text = format!("{line}\n");
+        self.sink.chunk(false, text.as_bytes());
+        self.output.push(text.as_bytes());
+    }
+
+    fn fact(&mut self, k: &str, v: impl Into<String>) {
+        self.facts.insert(k.to_string(), v.into());
+    }
+
+    /// Runs a process, its output flowing into this step's output.
+    async fn run(&mut self, spec: &ProcessSpec) -> Result<ProcessOutcome, Failure> {
+        self.say(&format!("$ {}", spec.display()));
+        let outcome = exec::run(spec, self.sink, self.cancel)
+            .await
+            .map_err(|e| Failure::new(-1, e.to_string()))?;
+        self.output.push(&outcome.output.render());
+        match outcome.ending {
+            Ending::TimedOut => Err(Failure {
+                status: StepStatus::TimedOut,
+                exit_code: -1,
+                error: format!(
+                    "`{}` did not finish within {:?}; its process group was stopped",
+                    spec.display(),
+                    spec.timeout
+                ),
+            }),
+            Ending::Cancelled => Err(Failure {
+                status: StepStatus::Cancelled,
+                exit_code: -1,
+                error: "cancelled; the step's process group was stopped".into(),
+            }),
+            _ => Ok(outcome),
+        }
+    }
+}
+
+/// A failed step: status, exit code and an explanation for the operator.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: StepStatus,
+    pub exit_code: i32,
+    pub error: String,
+}
+
+impl Failure {
+    fn new(exit_code: i32, error: impl Into<String>) -> Self {
+        Self {
+            status: StepStatus::Failed,
+            exit_code,
+            error: error.into(),
+        }
+    }
+
+    /// A process that exited non-zero, explained by `explain` (or its last stderr line).
+    fn exited(outcome: &ProcessOutcome, what: &str, explain: Option<String>) -> Self {
+        let detail = explain.unwrap_or_else(|| {
+            last_line(&outcome.stderr_text()).unwrap_or_else(|| "no error output".into())
+        });
+        Self::new(
+            outcome.exit_code(),
+            format!("{what} failed (exit {}): {detail}", outcome.exit_code()),
+        )
+    }
+}
+
+fn last_line(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| !l.is_empty())
+        .map(String::from)
+}
+
+/// Runs a validated action.
+pub async fn execute(action: &Action, mut ctx: StepCtx<'_>) -> StepResult {
+    let result = match action {
+        Action::Service(verb) => service::run(*verb, &mut ctx).await,
+        Action::AlembicDowngrade(target) => alembic::downgrade(target, &mut ctx).await,
+        Action::AlembicCurrent => alembic::current(&mut ctx).await.map(|_| ()),
+        Action::PostgresRestore { backup } => postgres::restore(backup, &mut ctx).await,
+        Action::PostgresBackup => postgres::backup(&mut ctx).await,
+        Action::GitCheckout { revision } => git::checkout(revision, &mut ctx).await,
+        Action::GitLog { count } => git::log(*count, &mut ctx).await,
+        Action::FileRestore => file::restore_env(&mut ctx).await,
+        Action::HttpCheck(check) => http::run(check, &mut ctx).await,
+        Action::LogScan { patterns } => logscan::run(patterns, &mut ctx).await,
+    };
+    let (status, exit_code, error) = match result {
+        Ok(()) => (StepStatus::Succeeded, 0, String::new()),
+        Err(f) => {
+            ctx.say(&format!("error: {}", f.error));
+            (f.status, f.exit_code, f.error)
+        }
+    };
+    StepResult {
+        status,
+        exit_code,
+        error,
+        output: ctx.output,
+        facts: ctx.facts,
+    }
+}
+
+/// The timeout for a step: what the step asks (capped), else the host's per-action default.
+pub fn timeout_for(step: &Step, config: &Config) -> Duration {
+    let t = &config.timeouts;
+    let secs = if step.timeout_secs > 0 {
+        step.timeout_secs.min(t.max_secs)
+    } else {
+        t.actions
+            .get(&step.action)
+            .copied()
+            .unwrap_or(t.default_secs)
+    };
+    Duration::from_secs(u64::from(secs))
+}

@@ -1,0 +1,165 @@
+//! `postgres.restore {backup}` (`pg_restore -c --if-exists`, after `pg_restore --list` proves
+//! the archive readable) and `postgres.backup` (`pg_dump -Fc` into the backup dir, verified).
+
+use std::path::Path;
+
+use super::{Failure, StepCtx};
+use crate::exec::ProcessSpec;
+use crate::profile::PostgresProfile;
+
+fn explain(output: &str) -> Option<String> {
+    let lower = output.to_lowercase();
+    if lower.contains("could not connect")
+        || lower.contains("connection refused")
+        || lower.contains("could not translate host name")
+    {
+        let detail = output
+            .lines()
+            .find(|l| l.to_lowercase().contains("connect"))
+            .unwrap_or_default()
+            .trim();
+        return Some(format!("the database is unreachable: {detail}"));
+    }
+    if lower.contains("does not appear to be a valid archive")
+        || lower.contains("could not read input file")
+        || lower.contains("unexpected end of file")
+    {
+        return Some("the backup file is not a readable pg_dump custom-format archive".into());
+    }
+    None
+}
+
+fn pg(ctx: &StepCtx<'_>, program: &Path) -> Result<(ProcessSpec, PostgresProfile), Failure> {
+    let p = ctx
+        .config
+        .postgres
+        .clone()
+        .ok_or_else(|| Failure::new(-1, "no [postgres] in agent.toml"))?;
+    let mut spec = ctx
+        .spec(program, &p.backup_dir)
+        .env("PGCONNECT_TIMEOUT", "10");
+    if let Some(pass) = &p.password_file {
+        spec = spec.env("PGPASSFILE", pass.display().to_string());
+    }
+    Ok((spec, p))
+}
+
+/// `pg_restore --list FILE`: proves the archive is readable without touching the database.
+async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let restore_bin = ctx
+        .config
+        .postgres
+        .as_ref()
+        .map(|p| p.pg_restore.clone())
+        .unwrap_or_default();
+    let (spec, _) = pg(ctx, &restore_bin)?;
+    let outcome = ctx.run(&spec.arg("--list").arg(backup)).await?;
+    if !outcome.success() {
+        let explained = explain(&outcome.stderr_text());
+        return Err(Failure::exited(
+            &outcome,
+            &format!("pg_restore --list {}", backup.display()),
+            explained,
+        ));
+    }
+    ctx.say(&format!("{} is a readable archive", backup.display()));
+    Ok(())
+}
+
+pub(super) async fn restore(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    verify(backup, ctx).await?;
+    let restore_bin = ctx
+        .config
+        .postgres
+        .as_ref()
+        .map(|p| p.pg_restore.clone())
+        .unwrap_or_default();
+    let (spec, p) = pg(ctx, &restore_bin)?;
+    let spec = spec
+        .args(["--clean", "--if-exists", "--no-owner", "--exit-on-error"])
+        .args([
+            "--host",
+            &p.host,
+            "--port",
+            &p.port.to_string(),
+            "--username",
+            &p.user,
+            "--dbname",
+            &p.database,
+        ])
+        .arg(backup);
+    let outcome = ctx.run(&spec).await?;
+    if !outcome.success() {
+        let explained = explain(&outcome.stderr_text());
+        return Err(Failure::exited(
+            &outcome,
+            &format!("pg_restore of {}", backup.display()),
+            explained,
+        ));
+    }
+    ctx.fact(
+        "backup",
+        backup
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    ctx.say(&format!(
+        "restored {} into database {} on {}:{}",
+        backup.display(),
+        p.database,
+        p.host,
+        p.port
+    ));
+    Ok(())
+}
+
+pub(super) async fn backup(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let dump_bin = ctx
+        .config
+        .postgres
+        .as_ref()
+        .map(|p| p.pg_dump.clone())
+        .unwrap_or_default();
+    let (spec, p) = pg(ctx, &dump_bin)?;
+    let now = time::OffsetDateTime::now_utc();
+    let name = format!(
+        "backup_{:04}{:02}{:02}_{:02}{:02}{:02}.dump",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let path = p.backup_dir.join(&name);
+    let partial = p.backup_dir.join(format!(".{name}.partial"));
+    let spec = spec
+        .args(["--format=custom", "--file"])
+        .arg(&partial)
+        .args([
+            "--host",
+            &p.host,
+            "--port",
+            &p.port.to_string(),
+            "--username",
+            &p.user,
+            "--dbname",
+            &p.database,
+        ]);
+    let outcome = ctx.run(&spec).await?;
+    if !outcome.success() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Failure::exited(
+            &outcome,
+            "pg_dump",
+            explain(&outcome.stderr_text()),
+        ));
+    }
+    std::fs::rename(&partial, &path)
+        .map_err(|e| Failure::new(-1, format!("moving {} into place: {e}", partial.display())))?;
+    verify(&path, ctx).await?;
+    ctx.fact("backup", name.clone());
+    ctx.say(&format!("backup written: {}", path.display()));
+    Ok(())
+}

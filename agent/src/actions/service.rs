@@ -1,0 +1,87 @@
+//! `service.stop|start|restart|status`: `systemctl <verb> <unit>` for the unit in `[service]`.
+
+use super::{Failure, StepCtx};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Stop,
+    Start,
+    Restart,
+    Status,
+}
+
+impl Verb {
+    pub fn from_action(action: &str) -> Self {
+        match action {
+            "service.stop" => Verb::Stop,
+            "service.start" => Verb::Start,
+            "service.restart" => Verb::Restart,
+            _ => Verb::Status,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Stop => "stop",
+            Verb::Start => "start",
+            Verb::Restart => "restart",
+            Verb::Status => "status",
+        }
+    }
+}
+
+/// Explains systemctl failures an operator can act on.
+fn explain(stderr: &str, unit: &str) -> Option<String> {
+    let lower = stderr.to_lowercase();
+    if lower.contains("not found")
+        || lower.contains("could not be found")
+        || lower.contains("not loaded")
+    {
+        return Some(format!(
+            "unit {unit} does not exist on this host (check [service] unit in agent.toml)"
+        ));
+    }
+    if lower.contains("failed to connect to bus")
+        || lower.contains("system has not been booted with systemd")
+    {
+        return Some("systemd is not reachable on this host (no system bus)".into());
+    }
+    None
+}
+
+pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let Some(svc) = ctx.config.service.clone() else {
+        return Err(Failure::new(-1, "no [service] in agent.toml"));
+    };
+    let mut spec = ctx
+        .spec(&svc.systemctl, std::path::Path::new("/"))
+        .arg(verb.as_str());
+    if verb == Verb::Status {
+        spec = spec.args(["--no-pager", "--lines=20"]);
+    }
+    let outcome = ctx.run(&spec.arg("--").arg(&svc.unit)).await?;
+    // `systemctl status` exits 3 for an inactive unit: that is an answer, not a failure.
+    let answered = outcome.success() || (verb == Verb::Status && outcome.exit_code() == 3);
+    if !answered {
+        let explained = explain(&outcome.output_text(), &svc.unit);
+        return Err(Failure::exited(
+            &outcome,
+            &format!("systemctl {} {}", verb.as_str(), svc.unit),
+            explained,
+        ));
+    }
+    let probe =
+        ctx.spec(&svc.systemctl, std::path::Path::new("/"))
+            .args(["is-active", "--", &svc.unit]);
+    let state = ctx.run(&probe).await?;
+    let active = state
+        .output_text()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    ctx.say(&format!("{} is {active}", svc.unit));
+    ctx.fact("active_state", active);
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! The agent's run journal: one JSON file per run in `<state_dir>/runs`, rewritten atomically
+//! and fsynced at every step boundary. A run id seen before returns its journaled result and
+//! runs nothing again; a step cut off by a crash becomes `interrupted` at the next start.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rollback_common::proto::{RunFinished, StepFinished, StepStatus};
+use serde::{Deserialize, Serialize};
+
+/// Runs kept in the journal; older finished and acknowledged runs are pruned.
+const KEPT_RUNS: usize = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Pending,
+    Running,
+    Done,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub action: String,
+    pub params: BTreeMap<String, String>,
+    pub phase: Phase,
+    /// `StepStatus` as its protobuf number (meaningful when `phase` is Done).
+    pub status: i32,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub error: String,
+    pub output_tail: String,
+    pub truncated: bool,
+    pub facts: BTreeMap<String, String>,
+}
+
+impl StepRecord {
+    pub fn pending(action: &str, params: BTreeMap<String, String>) -> Self {
+        Self {
+            action: action.to_string(),
+            params,
+            phase: Phase::Pending,
+            status: StepStatus::Unspecified as i32,
+            exit_code: -1,
+            duration_ms: 0,
+            error: String::new(),
+            output_tail: String::new(),
+            truncated: false,
+            facts: BTreeMap::new(),
+        }
+    }
+
+    pub fn finish(&mut self, status: StepStatus, error: impl Into<String>) {
+        self.phase = Phase::Done;
+        self.status = status as i32;
+        self.error = error.into();
+    }
+
+    pub fn to_proto(&self) -> StepFinished {
+        StepFinished {
+            status: self.status,
+            exit_code: self.exit_code,
+            duration_ms: self.duration_ms,
+            error: self.error.clone(),
+            output_truncated: self.truncated,
+            action: self.action.clone(),
+            output_tail: self.output_tail.clone().into_bytes(),
+            facts: self.facts.clone().into_iter().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub job_id: String,
+    pub received_at_ms: i64,
+    pub steps: Vec<StepRecord>,
+    pub finished: bool,
+    pub status: i32,
+    /// The coordinator confirmed it stored the result.
+    pub acked: bool,
+}
+
+impl RunRecord {
+    pub fn to_proto(&self, from_journal: bool) -> RunFinished {
+        RunFinished {
+            run_id: self.run_id.clone(),
+            status: self.status,
+            steps: self.steps.iter().map(StepRecord::to_proto).collect(),
+            from_journal,
+            job_id: self.job_id.clone(),
+        }
+    }
+
+    /// The run's status: the first step that did not succeed decides it.
+    pub fn overall_status(&self) -> StepStatus {
+        self.steps
+            .iter()
+            .map(|s| StepStatus::try_from(s.status).unwrap_or(StepStatus::Unspecified))
+            .find(|s| *s != StepStatus::Succeeded)
+            .unwrap_or(StepStatus::Succeeded)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Run ids become file names: letters, digits, `-` and `_`, 1–64 characters.
+pub fn valid_run_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
+        let dir = state_dir.join("runs");
+        std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self, run_id: &str) -> PathBuf {
+        self.dir.join(format!("{run_id}.json"))
+    }
+
+    pub fn load(&self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+        let path = self.path(run_id);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| JournalError::Corrupt {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JournalError::Io { path, source }),
+        }
+    }
+
+    /// Writes the record durably: temp file, fsync, rename, fsync the directory.
+    pub fn save(&self, record: &RunRecord) -> Result<(), JournalError> {
+        let path = self.path(&record.run_id);
+        let tmp = self.dir.join(format!(".{}.tmp", record.run_id));
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| JournalError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Every run in the journal, oldest first.
+    pub fn all(&self) -> Result<Vec<RunRecord>, JournalError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| JournalError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut runs = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json").filter(|id| valid_run_id(id))
+                && let Some(r) = self.load(id)?
+            {
+                runs.push(r);
+            }
+        }
+        runs.sort_by_key(|r| r.received_at_ms);
+        Ok(runs)
+    }
+
+    /// At start-up: a run that was in progress when the agent died is finished as
+    /// `interrupted` — its running step interrupted, later steps skipped. Nothing is re-run.
+    pub fn recover(&self) -> Result<Vec<RunRecord>, JournalError> {
+        let mut recovered = Vec::new();
+        for mut run in self.all()?.into_iter().filter(|r| !r.finished) {
+            for step in &mut run.steps {
+                match step.phase {
+                    Phase::Running => step.finish(
+                        StepStatus::Interrupted,
+                        "the agent stopped while this step ran; it was not run again — check the host before retrying",
+                    ),
+                    Phase::Pending => step.finish(StepStatus::Skipped, "not started: the agent stopped during an earlier step"),
+                    Phase::Done => {}
+                }
+            }
+            run.finished = true;
+            run.status = StepStatus::Interrupted as i32;
+            run.acked = false;
+            self.save(&run)?;
+            recovered.push(run);
+        }
+        self.prune()?;
+        Ok(recovered)
+    }
+
+    pub fn ack(&self, run_id: &str) -> Result<(), JournalError> {
+        if let Some(mut run) = self.load(run_id)?
+            && !run.acked
+        {
+            run.acked = true;
+            self.save(&run)?;
+        }
+        Ok(())
+    }
+
+    fn prune(&self) -> Result<(), JournalError> {
+        let runs = self.all()?;
+        let excess = runs.len().saturating_sub(KEPT_RUNS);
+        for run in runs.iter().filter(|r| r.finished && r.acked).take(excess) {
+            let _ = std::fs::remove_file(self.path(&run.run_id));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recover_marks_running_interrupted_and_pending_skipped() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        let mut run = RunRecord {
+            run_id: "r1".into(),
+            job_id: "j1".into(),
+            received_at_ms: 1,
+            steps: vec![
+                StepRecord::pending("git.log", BTreeMap::new()),
+                StepRecord::pending("service.restart", BTreeMap::new()),
+                StepRecord::pending("http.check", BTreeMap::new()),
+            ],
+            finished: false,
+            status: 0,
+            acked: false,
+        };
+        run.steps[0].finish(StepStatus::Succeeded, "");
+        run.steps[1].phase = Phase::Running;
+        j.save(&run).expect("save");
+        let recovered = j.recover().expect("recover");
+        assert_eq!(recovered.len(), 1);
+        let r = j.load("r1").expect("load").expect("present");
+        assert!(r.finished);
+        let statuses: Vec<i32> = r.steps.iter().map(|s| s.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                StepStatus::Succeeded as i32,
+                StepStatus::Interrupted as i32,
+                StepStatus::Skipped as i32
+            ]
+        );
+        assert_eq!(r.overall_status(), StepStatus::Interrupted);
+        assert!(
+            j.recover().expect("again").is_empty(),
+            "recovery happens once"
+        );
+    }
+
+    #[test]
+    fn run_ids_are_file_safe() {
+        assert!(valid_run_id("0c6f-41_a"));
+        assert!(
+            !valid_run_id("../x")
+                && !valid_run_id("")
+                && !valid_run_id("a/b")
+                && !valid_run_id(&"a".repeat(65))
+        );
+    }
+}

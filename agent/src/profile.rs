@@ -1,0 +1,326 @@
+//! The host profile in `agent.toml`: everything an action needs that the coordinator must
+//! never choose — unit name, paths, binaries, database connection. Validated at start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `[service]`: the unit the runbook stops, starts and restarts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceProfile {
+    pub unit: String,
+    #[serde(default = "default_systemctl")]
+    pub systemctl: PathBuf,
+}
+
+/// `[app]`: the application's git checkout, env file, log and health endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppProfile {
+    /// The git working tree the app runs from.
+    pub dir: PathBuf,
+    #[serde(default = "default_git")]
+    pub git: PathBuf,
+    pub env_file: Option<PathBuf>,
+    /// The last known good copy `file.restore` puts back (e.g. `.env.backup`).
+    pub env_backup: Option<PathBuf>,
+    pub log_file: Option<PathBuf>,
+    /// Base URL of the health endpoints, e.g. `http://127.0.0.1:8000` (no path).
+    pub health_base_url: Option<String>,
+}
+
+/// `[alembic]`: how to run migrations for this app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlembicProfile {
+    pub binary: PathBuf,
+    pub workdir: PathBuf,
+    #[serde(default = "default_alembic_config")]
+    pub config: PathBuf,
+    /// Extra environment alembic needs, e.g. DATABASE_URL. Nothing else is inherited.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// `[postgres]`: the database `postgres.backup` and `postgres.restore` work on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresProfile {
+    #[serde(default = "default_pg_dump")]
+    pub pg_dump: PathBuf,
+    #[serde(default = "default_pg_restore")]
+    pub pg_restore: PathBuf,
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub user: String,
+    pub database: String,
+    /// Directory holding backups; `postgres.restore {backup}` names a plain file in it.
+    pub backup_dir: PathBuf,
+    /// A libpq password file (PGPASSFILE), if the server needs a password.
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[timeouts]`: seconds a step may run before its process group is stopped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default = "default_step_secs")]
+    pub default_secs: u32,
+    /// Upper bound for a timeout the coordinator asks for.
+    #[serde(default = "default_max_secs")]
+    pub max_secs: u32,
+    /// Between SIGTERM and SIGKILL to a timed-out or cancelled step's process group.
+    #[serde(default = "default_kill_grace_secs")]
+    pub kill_grace_secs: u32,
+    /// Per-action defaults, e.g. `"postgres.restore" = 1800`.
+    #[serde(default)]
+    pub actions: BTreeMap<String, u32>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            default_secs: default_step_secs(),
+            max_secs: default_max_secs(),
+            kill_grace_secs: default_kill_grace_secs(),
+            actions: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_systemctl() -> PathBuf {
+    "/usr/bin/systemctl".into()
+}
+fn default_git() -> PathBuf {
+    "/usr/bin/git".into()
+}
+fn default_alembic_config() -> PathBuf {
+    "alembic.ini".into()
+}
+fn default_pg_dump() -> PathBuf {
+    "/usr/lib/postgresql/15/bin/pg_dump".into()
+}
+fn default_pg_restore() -> PathBuf {
+    "/usr/lib/postgresql/15/bin/pg_restore".into()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_step_secs() -> u32 {
+    300
+}
+fn default_max_secs() -> u32 {
+    3600
+}
+fn default_kill_grace_secs() -> u32 {
+    5
+}
+
+/// A problem in the profile: which key, and why.
+#[derive(Debug)]
+pub struct ProfileProblem {
+    pub key: String,
+    pub reason: String,
+}
+
+fn problem(key: &str, reason: impl Into<String>) -> ProfileProblem {
+    ProfileProblem {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn absolute(key: &str, path: &Path) -> Result<(), ProfileProblem> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(problem(
+            key,
+            format!("`{}` must be an absolute path", path.display()),
+        ))
+    }
+}
+
+fn executable(key: &str, path: &Path) -> Result<(), ProfileProblem> {
+    use std::os::unix::fs::PermissionsExt;
+    absolute(key, path)?;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(problem(
+            key,
+            format!("`{}` is not an executable file", path.display()),
+        )),
+        Err(e) => Err(problem(key, format!("`{}`: {e}", path.display()))),
+    }
+}
+
+/// systemd unit names: `name.service` with letters, digits and `@._:-`.
+pub fn valid_unit_name(unit: &str) -> bool {
+    unit.len() <= 255
+        && !unit.starts_with(['-', '.'])
+        && unit.ends_with(".service")
+        && unit
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | ':' | '-'))
+}
+
+/// Checks an `http://host:port` base URL with no path, query or credentials.
+pub fn valid_health_base(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("must start with http://")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) || rest.is_empty() {
+        return Err("must be http://HOST:PORT with no path, query or credentials".into());
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("port `{p}` is not a number"))?,
+        ),
+        None => (rest, 80),
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+    {
+        return Err(format!("host `{host}` is not a hostname or IP"));
+    }
+    Ok((host.to_string(), port))
+}
+
+impl ServiceProfile {
+    pub fn validate(&self) -> Result<(), ProfileProblem> {
+        if !valid_unit_name(&self.unit) {
+            return Err(problem(
+                "service.unit",
+                format!("`{}` is not a unit name like app.service", self.unit),
+            ));
+        }
+        executable("service.systemctl", &self.systemctl)
+    }
+}
+
+impl AppProfile {
+    pub fn validate(&self) -> Result<(), ProfileProblem> {
+        absolute("app.dir", &self.dir)?;
+        executable("app.git", &self.git)?;
+        for (key, p) in [
+            ("app.env_file", &self.env_file),
+            ("app.env_backup", &self.env_backup),
+            ("app.log_file", &self.log_file),
+        ] {
+            if let Some(p) = p {
+                absolute(key, p)?;
+            }
+        }
+        if self.env_file.is_some() != self.env_backup.is_some() {
+            return Err(problem(
+                "app.env_backup",
+                "set both env_file and env_backup, or neither",
+            ));
+        }
+        if let Some(url) = &self.health_base_url {
+            valid_health_base(url)
+                .map_err(|r| problem("app.health_base_url", format!("`{url}` {r}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl AlembicProfile {
+    pub fn validate(&self) -> Result<(), ProfileProblem> {
+        executable("alembic.binary", &self.binary)?;
+        absolute("alembic.workdir", &self.workdir)?;
+        for k in self.env.keys() {
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(problem(
+                    &format!("alembic.env.{k}"),
+                    "environment names are [A-Za-z0-9_]",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PostgresProfile {
+    pub fn validate(&self) -> Result<(), ProfileProblem> {
+        executable("postgres.pg_dump", &self.pg_dump)?;
+        executable("postgres.pg_restore", &self.pg_restore)?;
+        absolute("postgres.backup_dir", &self.backup_dir)?;
+        for (key, v) in [
+            ("postgres.host", &self.host),
+            ("postgres.user", &self.user),
+            ("postgres.database", &self.database),
+        ] {
+            if v.is_empty() || v.starts_with('-') || v.contains(['\0', '\n', '=', ' ']) {
+                return Err(problem(
+                    key,
+                    format!("`{v}` is empty or holds a character libpq would misread"),
+                ));
+            }
+        }
+        if let Some(p) = &self.password_file {
+            absolute("postgres.password_file", p)?;
+        }
+        Ok(())
+    }
+}
+
+impl Timeouts {
+    pub fn validate(&self) -> Result<(), ProfileProblem> {
+        if self.default_secs == 0 || self.default_secs > self.max_secs {
+            return Err(problem(
+                "timeouts.default_secs",
+                "must be between 1 and timeouts.max_secs",
+            ));
+        }
+        if self.kill_grace_secs == 0 || self.kill_grace_secs > 300 {
+            return Err(problem(
+                "timeouts.kill_grace_secs",
+                "must be between 1 and 300",
+            ));
+        }
+        for (action, secs) in &self.actions {
+            if *secs == 0 || *secs > self.max_secs {
+                return Err(problem(
+                    &format!("timeouts.actions.{action}"),
+                    "must be between 1 and timeouts.max_secs",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_names() {
+        assert!(valid_unit_name("app.service"));
+        assert!(valid_unit_name("app@blue.service"));
+        assert!(!valid_unit_name("-app.service"));
+        assert!(!valid_unit_name("app.socket"));
+        assert!(!valid_unit_name("app;reboot.service"));
+    }
+
+    #[test]
+    fn health_base_urls() {
+        assert_eq!(
+            valid_health_base("http://127.0.0.1:8000"),
+            Ok(("127.0.0.1".into(), 8000))
+        );
+        assert_eq!(valid_health_base("http://web-1/"), Ok(("web-1".into(), 80)));
+        assert!(valid_health_base("https://x:1").is_err());
+        assert!(valid_health_base("http://x:1/healthz").is_err());
+        assert!(valid_health_base("http://user@x:1").is_err());
+    }
+}

@@ -1,0 +1,49 @@
+//! The uplink carries run events to whichever session is current. Runs outlive sessions: when
+//! no session is up, events are dropped here, and the final result is re-sent from the journal
+//! once a session is back (until the coordinator acknowledges it).
+
+use std::sync::Mutex;
+
+use rollback_common::proto::AgentMessage;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Default)]
+pub struct Uplink {
+    current: Mutex<Option<mpsc::Sender<AgentMessage>>>,
+}
+
+impl Uplink {
+    fn sender(&self) -> Option<mpsc::Sender<AgentMessage>> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn attach(&self, tx: mpsc::Sender<AgentMessage>) {
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+    }
+
+    pub fn detach(&self) {
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// For events that matter (step started/finished, run finished): waits for room.
+    pub async fn send(&self, msg: AgentMessage) -> bool {
+        match self.sender() {
+            Some(tx) => tx.send(msg).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// For output chunks: never waits, so a slow coordinator never slows a step.
+    pub fn try_send(&self, msg: AgentMessage) -> bool {
+        self.sender().is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+}

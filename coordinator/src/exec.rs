@@ -1,0 +1,115 @@
+//! `Console.Exec`: one typed action on one host, for diagnosis. The run is recorded and
+//! audited before it is dispatched; its events stream back to the caller as the agent reports
+//! them. The agent validates the step; the coordinator only checks it names a host and action.
+
+use std::sync::Arc;
+
+use prost::Message;
+use rand::Rng;
+use rollback_common::identity::validate_name;
+use rollback_common::now_unix_ms;
+use rollback_common::proto::{
+    CoordinatorMessage, ExecEvent, ExecRequest, RunProcedure, coordinator_message, exec_event,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::info;
+
+use crate::authz::Principal;
+use crate::registry::Registry;
+use crate::runs::RunHub;
+use crate::store::{AuditEvent, RunRow, Store};
+
+/// A new random run id (128 bits, hex).
+pub fn new_id() -> String {
+    let mut rng = rand::rng();
+    format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>())
+}
+
+pub async fn start(
+    store: &Arc<dyn Store>,
+    registry: &Registry,
+    hub: &RunHub,
+    principal: &Principal,
+    req: ExecRequest,
+) -> Result<mpsc::Receiver<Result<ExecEvent, Status>>, Status> {
+    validate_name("host id", &req.host_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let step = req.step.ok_or_else(|| {
+        Status::invalid_argument("exec needs a step (an action and its parameters)")
+    })?;
+    if step.action.is_empty() {
+        return Err(Status::invalid_argument(
+            "exec needs an action, e.g. git.log",
+        ));
+    }
+    let host = req.host_id;
+    let live = registry.get(&host).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "agent {host} is not connected; `rollbackctl agents` shows when it was last seen"
+        ))
+    })?;
+    let run_id = new_id();
+    let procedure = RunProcedure {
+        run_id: run_id.clone(),
+        job_id: String::new(),
+        steps: vec![step.clone()],
+        deadline_unix_ms: 0,
+    };
+    let now = now_unix_ms();
+    let actor = principal.identity.to_string();
+    let reason = if req.reason.trim().is_empty() {
+        "diagnosis (rollbackctl exec)".to_string()
+    } else {
+        req.reason
+    };
+    store
+        .create_run(&RunRow {
+            run_id: run_id.clone(),
+            job_id: String::new(),
+            host_id: host.clone(),
+            requested_by: actor.clone(),
+            reason: reason.clone(),
+            procedure: procedure.encode_to_vec(),
+            status: 0,
+            created_at_ms: now,
+            finished_at_ms: None,
+            result: None,
+        })
+        .await?;
+    let mut params: Vec<String> = step
+        .params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    params.sort();
+    store
+        .append_audit(&AuditEvent {
+            at_ms: now,
+            actor: actor.clone(),
+            action: "exec".into(),
+            target: format!("host/{host}"),
+            detail: format!(
+                "run={run_id} action={} params=[{}] reason={reason}",
+                step.action,
+                params.join(" ")
+            ),
+        })
+        .await?;
+
+    let (tx, rx) = mpsc::channel(1024);
+    let _ = tx.try_send(Ok(ExecEvent {
+        kind: Some(exec_event::Kind::RunId(run_id.clone())),
+    }));
+    hub.watch(&run_id, &host, tx);
+    let msg = CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
+    };
+    if live.sender.send(Ok(msg)).await.is_err() {
+        hub.close(&run_id);
+        return Err(Status::unavailable(format!(
+            "agent {host} disconnected before the step could be sent"
+        )));
+    }
+    info!(host = %host, run = %run_id, action = %step.action, actor = %actor, "exec dispatched");
+    Ok(rx)
+}

@@ -1,0 +1,70 @@
+//! Routes what agents report about runs (step events, results) to whoever is watching them,
+//! without ever letting a slow watcher slow an agent: delivery is `try_send`, and a watcher
+//! that falls behind loses output chunks, never the agent's session.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rollback_common::proto::ExecEvent;
+use tokio::sync::mpsc;
+
+pub type WatchSender = mpsc::Sender<Result<ExecEvent, tonic::Status>>;
+
+#[derive(Debug)]
+struct Watch {
+    host_id: String,
+    tx: WatchSender,
+}
+
+#[derive(Debug, Default)]
+pub struct RunHub {
+    watches: Mutex<HashMap<String, Vec<Watch>>>,
+}
+
+impl RunHub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Watch>>> {
+        self.watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn watch(&self, run_id: &str, host_id: &str, tx: WatchSender) {
+        self.lock()
+            .entry(run_id.to_string())
+            .or_default()
+            .push(Watch {
+                host_id: host_id.to_string(),
+                tx,
+            });
+    }
+
+    /// Delivers an event for `run_id` reported by `host_id` (events from another host are ignored).
+    pub fn publish(&self, host_id: &str, run_id: &str, event: &ExecEvent) {
+        let mut watches = self.lock();
+        if let Some(list) = watches.get_mut(run_id) {
+            list.retain(|w| w.host_id != host_id || !w.tx.is_closed());
+            for w in list.iter().filter(|w| w.host_id == host_id) {
+                let _ = w.tx.try_send(Ok(event.clone()));
+            }
+        }
+    }
+
+    /// The run is over: drop its watchers (their streams end).
+    pub fn close(&self, run_id: &str) {
+        self.lock().remove(run_id);
+    }
+
+    /// The host's session ended: tell watchers of its runs and drop them.
+    pub fn host_gone(&self, host_id: &str) {
+        let mut watches = self.lock();
+        for list in watches.values_mut() {
+            for w in list.iter().filter(|w| w.host_id == host_id) {
+                let _ = w.tx.try_send(Err(tonic::Status::unavailable(format!(
+                    "agent {host_id} disconnected during the run; its result is recorded when it reconnects"
+                ))));
+            }
+            list.retain(|w| w.host_id != host_id);
+        }
+        watches.retain(|_, list| !list.is_empty());
+    }
+}
