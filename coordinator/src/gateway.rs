@@ -9,8 +9,8 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::agent_gateway_server::AgentGateway;
 use rollback_common::proto::{
-    Ack, AgentMessage, CoordinatorMessage, ExecEvent, Hello, RunFinished, RunResultAck,
-    agent_message, coordinator_message, exec_event,
+    Ack, AgentMessage, CoordinatorMessage, ExecEvent, Hello, RunFinished, RunProcedure,
+    RunResultAck, agent_message, coordinator_message, exec_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -121,6 +121,8 @@ impl AgentGateway for Gateway {
         let span = info_span!("agent_session", host = %cert_host, session = session_id);
         self.tasks.spawn(
             async move {
+                // In the task, not the handler: the stream is only drained once the handler returns.
+                redeliver_unfinished_runs(&*store, &session_tx, &cert_host).await;
                 let mut last_written = now;
                 let mut last_seen = now;
                 loop {
@@ -178,6 +180,32 @@ impl AgentGateway for Gateway {
             .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Dispatch is at-least-once: every run of this host without a recorded result is sent again.
+/// The agent's journal makes execution exactly-once (a finished run returns its journaled
+/// result; a run it never received runs now).
+async fn redeliver_unfinished_runs(store: &dyn Store, session: &AgentSender, host: &str) {
+    let runs = match store.unfinished_runs(host).await {
+        Ok(runs) => runs,
+        Err(e) => return warn!(host = %host, error = %e, "store failed listing unfinished runs"),
+    };
+    for run in runs {
+        match RunProcedure::decode(run.procedure.as_slice()) {
+            Ok(procedure) => {
+                info!(host = %host, run = %run.run_id, "re-sending run without a recorded result");
+                let msg = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
+                };
+                if session.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!(host = %host, run = %run.run_id, error = %e, "stored run is unreadable; not re-sent")
+            }
+        }
     }
 }
 

@@ -306,6 +306,20 @@ impl Agent {
         ca: &Path,
         certs: &CertFiles,
     ) -> Result<Self> {
+        Self::start_with_profile(dir, host_id, labels, coordinator_url, ca, certs, "")
+    }
+
+    /// Like `start`, with host-profile sections (`[app]`, `[service]`, ...) appended to its
+    /// agent.toml. The agent's files live in `DIR/agent-HOST` (state in `state/`).
+    pub fn start_with_profile(
+        dir: &Path,
+        host_id: &str,
+        labels: &[(&str, &str)],
+        coordinator_url: &str,
+        ca: &Path,
+        certs: &CertFiles,
+        profile: &str,
+    ) -> Result<Self> {
         let dir = dir.join(format!("agent-{host_id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut label_lines = String::new();
@@ -318,7 +332,7 @@ impl Agent {
             format!(
                 "host_id = \"{host_id}\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"state\"\n\
                  reconnect_initial_ms = 100\nreconnect_max_ms = 500\n[labels]\n{label_lines}\
-                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{profile}",
                 ca.display(),
                 certs.cert.display(),
                 certs.key.display()
@@ -378,4 +392,70 @@ pub fn agents_json(
         );
     }
     serde_json::from_slice(&out.stdout).context("parsing rollbackctl agents --output json")
+}
+
+/// `rollbackctl --output json exec HOST ACTION PARAMS...` (plus `extra` flags), parsed. The
+/// JSON document is printed for succeeded and failed steps alike; the exit status is returned.
+pub fn exec_json(
+    coordinator_url: &str,
+    ca: &Path,
+    op: &CertFiles,
+    host: &str,
+    action: &str,
+    params: &[&str],
+    extra: &[&str],
+) -> Result<(bool, serde_json::Value, String)> {
+    let mut args = vec!["--output", "json", "exec", host, action];
+    args.extend(params);
+    args.extend(extra);
+    let out = rollbackctl(coordinator_url, ca, op, &args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let doc = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("rollbackctl exec printed no JSON; stderr: {stderr}"))?;
+    Ok((out.status.success(), doc, stderr))
+}
+
+/// Peak resident memory (VmHWM) of a process in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))
+}
+
+/// Pids of every process whose process group is `pgid`.
+pub fn pids_in_group(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .is_some_and(|stat| {
+                    // Fields after the command name (which may hold spaces) start after the last ')'.
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(String::from))
+                        .and_then(|g| g.parse::<i32>().ok())
+                        == Some(pgid)
+                })
+        })
+        .collect()
+}
+
+/// Whether the current process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
 }

@@ -362,8 +362,15 @@ impl<'a> StepCtx<'a> {
         self.output.push(text.as_bytes());
     }
 
+    /// Records a fact the step established; values are capped at 200 characters.
     fn fact(&mut self, k: &str, v: impl Into<String>) {
-        self.facts.insert(k.to_string(), v.into());
+        let v: String = v.into();
+        let v = if v.chars().count() > 200 {
+            format!("{}…", v.chars().take(200).collect::<String>())
+        } else {
+            v
+        };
+        self.facts.insert(k.to_string(), v);
     }
 
     /// Runs a process, its output flowing into this step's output.

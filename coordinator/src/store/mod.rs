@@ -100,6 +100,8 @@ pub trait Store: Send + Sync + 'static {
         result: &[u8],
     ) -> Result<bool, StoreError>;
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError>;
+    /// Runs dispatched to `host_id` whose result has not been recorded, oldest first.
+    async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError>;
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 }

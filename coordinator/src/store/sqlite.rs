@@ -10,6 +10,23 @@ use sqlx::sqlite::{
 
 use super::{AgentRecord, AuditEvent, RunRow, Store, StoreError};
 
+const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result";
+
+fn run_row(row: &sqlx::sqlite::SqliteRow) -> RunRow {
+    RunRow {
+        run_id: row.get("run_id"),
+        job_id: row.get("job_id"),
+        host_id: row.get("host_id"),
+        requested_by: row.get("requested_by"),
+        reason: row.get("reason"),
+        procedure: row.get("procedure"),
+        status: row.get("status"),
+        created_at_ms: row.get("created_at_ms"),
+        finished_at_ms: row.get("finished_at_ms"),
+        result: row.get("result"),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -191,26 +208,23 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result
-             FROM runs WHERE run_id = ?1",
-        )
-        .bind(run_id)
-        .fetch_optional(&self.pool)
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("get_run"))?;
+        Ok(row.as_ref().map(run_row))
+    }
+
+    async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE host_id = ?1 AND result IS NULL ORDER BY created_at_ms"
+        ))
+        .bind(host_id)
+        .fetch_all(&self.pool)
         .await
-        .map_err(query_err("get_run"))?;
-        Ok(row.map(|row| RunRow {
-            run_id: row.get("run_id"),
-            job_id: row.get("job_id"),
-            host_id: row.get("host_id"),
-            requested_by: row.get("requested_by"),
-            reason: row.get("reason"),
-            procedure: row.get("procedure"),
-            status: row.get("status"),
-            created_at_ms: row.get("created_at_ms"),
-            finished_at_ms: row.get("finished_at_ms"),
-            result: row.get("result"),
-        }))
+        .map_err(query_err("unfinished_runs"))?;
+        Ok(rows.iter().map(run_row).collect())
     }
 
     async fn append_audit(&self, e: &AuditEvent) -> Result<(), StoreError> {

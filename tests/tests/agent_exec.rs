@@ -1,0 +1,454 @@
+//! Acceptance for the agent's typed actions on loopback, with real git repositories, the real
+//! agent, coordinator and `rollbackctl exec`: refusal of hostile parameters before anything
+//! runs, timeouts that kill a whole process group, crash recovery through the journal,
+//! bounded memory under huge output, and failures explained in operator terms.
+//! (Actions that need systemd, PostgreSQL and alembic are covered in the fleet lab suite.)
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rollback_tests::support::{
+    Agent, CertFiles, Coordinator, Pki, agents_json, eventually, exec_json, is_root, peak_rss_kib,
+    pids_in_group,
+};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Host {
+    tmp: tempfile::TempDir,
+    pki: Pki,
+    coordinator: Coordinator,
+    op: CertFiles,
+    agent: Option<Agent>,
+    repo: PathBuf,
+    backups: PathBuf,
+}
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args([
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@rollback.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A repository with three releases, an env file and its backup, and a backup dir.
+fn host() -> Host {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let repo = dir.join("app");
+    std::fs::create_dir(&repo).expect("mkdir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    for v in 1..=3 {
+        std::fs::write(repo.join("VERSION"), format!("v{v}\n")).expect("write");
+        git(&repo, &["add", "VERSION"]);
+        git(&repo, &["commit", "-q", "-m", &format!("release v{v}")]);
+    }
+    std::fs::write(repo.join(".env.backup"), "GOOD=1\n").expect("write");
+    std::fs::write(repo.join(".env"), "GOOD=0\n").expect("write");
+    let backups = dir.join("backups");
+    std::fs::create_dir(&backups).expect("mkdir");
+    std::fs::write(
+        backups.join("backup_20260101_000000.dump"),
+        b"not really a dump",
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("/etc/passwd", backups.join("escape.dump")).expect("symlink");
+
+    let pki = Pki::init(&dir.join("pki"), "fleet.test").expect("pki");
+    let op = pki.operator("olga").expect("operator");
+    let coordinator = Coordinator::start(dir, &pki, &[("olga", "operator")]).expect("coordinator");
+    let mut h = Host {
+        tmp,
+        pki,
+        coordinator,
+        op,
+        agent: None,
+        repo,
+        backups,
+    };
+    h.start_agent();
+    h
+}
+
+impl Host {
+    fn start_agent(&mut self) {
+        let certs = self.pki.agent("web-1").unwrap_or_else(|_| CertFiles {
+            cert: self.pki.dir.join("agent/web-1.pem"),
+            key: self.pki.dir.join("agent/web-1.key"),
+        });
+        let profile = format!(
+            "[app]\ndir = \"{repo}\"\nenv_file = \"{repo}/.env\"\nenv_backup = \"{repo}/.env.backup\"\n\
+             [postgres]\nhost = \"127.0.0.1\"\nuser = \"postgres\"\ndatabase = \"app\"\nbackup_dir = \"{backups}\"\n\
+             [timeouts]\nkill_grace_secs = 1\n",
+            repo = self.repo.display(),
+            backups = self.backups.display()
+        );
+        let agent = Agent::start_with_profile(
+            self.tmp.path(),
+            "web-1",
+            &[("role", "web")],
+            &self.coordinator.url(),
+            &self.pki.ca(),
+            &certs,
+            &profile,
+        )
+        .expect("agent starts");
+        self.agent = Some(agent);
+        eventually("web-1 online", DEADLINE, || {
+            let agents = agents_json(&self.coordinator.url(), &self.pki.ca(), &self.op, None)?;
+            agents
+                .iter()
+                .any(|a| a["host_id"] == "web-1" && a["status"] == "online")
+                .then_some(())
+                .ok_or_else(|| anyhow::anyhow!("not online"))
+        });
+    }
+
+    fn exec(&self, action: &str, params: &[&str], extra: &[&str]) -> (bool, Value, String) {
+        exec_json(
+            &self.coordinator.url(),
+            &self.pki.ca(),
+            &self.op,
+            "web-1",
+            action,
+            params,
+            extra,
+        )
+        .expect("rollbackctl exec")
+    }
+
+    fn head(&self) -> String {
+        git(&self.repo, &["rev-parse", "HEAD"])
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|a| a.proc.log_text())
+            .unwrap_or_default()
+    }
+
+    fn journal(&self, run_id: &str) -> Value {
+        let path = self
+            .tmp
+            .path()
+            .join("agent-web-1/state/runs")
+            .join(format!("{run_id}.json"));
+        serde_json::from_slice(&std::fs::read(&path).expect("journal file")).expect("journal json")
+    }
+}
+
+fn install_hook(repo: &Path, body: &str) {
+    let hook = repo.join(".git/hooks/post-checkout");
+    std::fs::write(&hook, format!("#!/bin/bash\n{body}\n")).expect("write hook");
+    let mut perm = std::fs::metadata(&hook).expect("hook").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&hook, perm).expect("chmod");
+}
+
+#[test]
+fn git_checkout_moves_head_and_file_restore_is_byte_identical() {
+    let h = host();
+    let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
+    let (ok, doc, stderr) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(ok, "{doc} {stderr}");
+    assert_eq!(h.head(), previous, "HEAD moved to the previous commit");
+    assert_eq!(doc["facts"]["sha"], previous);
+    assert_eq!(doc["status"], "succeeded");
+
+    let (ok, doc, _) = h.exec("file.restore", &["file=env"], &[]);
+    assert!(ok, "{doc}");
+    assert_eq!(
+        std::fs::read(h.repo.join(".env")).expect("env"),
+        std::fs::read(h.repo.join(".env.backup")).expect("backup")
+    );
+}
+
+#[test]
+fn hostile_parameters_are_refused_before_anything_runs() {
+    let h = host();
+    let canary = h.tmp.path().join("pwned");
+    let head = h.head();
+    let upload_pack = format!("revision=--upload-pack=touch {}", canary.display());
+    let hex300 = format!("revision={}", "a".repeat(300));
+    for param in [
+        upload_pack.as_str(),
+        "revision=-h",
+        "revision=HEAD;id",
+        "revision=$(id)",
+        hex300.as_str(),
+    ] {
+        let (ok, doc, _) = h.exec("git.checkout", &[param], &[]);
+        assert!(!ok, "{param} must fail");
+        assert_eq!(doc["status"], "refused", "{param}: {doc}");
+        let error = doc["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("web-1") && error.contains("git.checkout") && error.contains("revision"),
+            "{param}: {error}"
+        );
+        assert!(
+            doc["output"].as_str().unwrap_or_default().is_empty(),
+            "nothing ran for {param}: {doc}"
+        );
+    }
+    for backup in [
+        "backup=../../etc/passwd",
+        "backup=/etc/passwd",
+        "backup=escape.dump",
+    ] {
+        let (ok, doc, _) = h.exec("postgres.restore", &[backup], &[]);
+        assert!(!ok);
+        assert_eq!(doc["status"], "refused", "{backup}: {doc}");
+        let error = doc["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("postgres.restore") && error.contains("backup"),
+            "{backup}: {error}"
+        );
+    }
+    // Unknown actions and parameters are refused too.
+    let (_, doc, _) = h.exec("shell.run", &["cmd=id"], &[]);
+    assert_eq!(doc["status"], "refused");
+    let (_, doc, _) = h.exec("git.log", &["count=5", "format=%H"], &[]);
+    assert_eq!(doc["status"], "refused");
+    assert!(
+        doc["error"].as_str().unwrap_or_default().contains("format"),
+        "{doc}"
+    );
+
+    assert!(!canary.exists(), "the canary file must never be created");
+    assert_eq!(h.head(), head, "HEAD never moved");
+    // Every refusal is in the agent log, and none of them spawned git.
+    assert!(
+        !h.agent_log().contains("upload-pack=touch"),
+        "the hostile value never reached a command line"
+    );
+}
+
+#[test]
+fn timed_out_step_has_its_whole_process_group_killed() {
+    let h = host();
+    let pgid_file = h.tmp.path().join("hook.pgid");
+    // A hook that ignores SIGTERM and leaves a grandchild that ignores it too.
+    install_hook(
+        &h.repo,
+        &format!(
+            "trap '' TERM\nps -o pgid= -p $$ | tr -d ' ' > {pgid}\n( trap '' TERM; sleep 300 ) &\nsleep 300",
+            pgid = pgid_file.display()
+        ),
+    );
+    let started = Instant::now();
+    let (ok, doc, _) = h.exec("git.checkout", &["revision=HEAD~1"], &["--timeout", "2"]);
+    assert!(!ok);
+    assert_eq!(doc["status"], "timed_out", "{doc}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "stopped at its timeout, not after the hook's 300 s"
+    );
+    let pgid: i32 = std::fs::read_to_string(&pgid_file)
+        .expect("hook ran")
+        .trim()
+        .parse()
+        .expect("pgid");
+    eventually(
+        "no process of the step's group remains",
+        Duration::from_secs(5),
+        || {
+            let left = pids_in_group(pgid);
+            left.is_empty()
+                .then_some(())
+                .ok_or_else(|| anyhow::anyhow!("still alive: {left:?}"))
+        },
+    );
+}
+
+#[test]
+fn agent_killed_mid_step_reports_interrupted_and_never_runs_it_again() {
+    let mut h = host();
+    let counter = h.tmp.path().join("hook.count");
+    install_hook(
+        &h.repo,
+        &format!("echo run >> {}\nsleep 20", counter.display()),
+    );
+
+    let mut exec = Command::new(rollback_tests::support::bin("rollbackctl"));
+    exec.args(["--coordinator", &h.coordinator.url()])
+        .arg("--ca")
+        .arg(h.pki.ca())
+        .arg("--cert")
+        .arg(&h.op.cert)
+        .arg("--key")
+        .arg(&h.op.key)
+        .args(["exec", "web-1", "git.checkout", "revision=HEAD~1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let exec = exec.spawn().expect("rollbackctl exec starts");
+    eventually("the step is running", DEADLINE, || {
+        std::fs::read_to_string(&counter)
+            .ok()
+            .filter(|c| c.lines().count() == 1)
+            .ok_or_else(|| anyhow::anyhow!("hook not started"))
+    });
+    // SIGKILL the agent mid-step (dropping the process handle kills it).
+    drop(h.agent.take());
+    let out = exec.wait_with_output().expect("rollbackctl ends");
+    assert!(
+        !out.status.success(),
+        "the watcher learns the agent went away"
+    );
+
+    let runs_dir = h.tmp.path().join("agent-web-1/state/runs");
+    let run_id = std::fs::read_dir(&runs_dir)
+        .expect("journal dir")
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(String::from)
+        })
+        .next()
+        .expect("the run is in the journal");
+
+    h.start_agent();
+    let record = eventually(
+        "the coordinator acknowledged the interrupted result",
+        DEADLINE,
+        || {
+            let j = h.journal(&run_id);
+            (j["acked"] == true)
+                .then_some(j)
+                .ok_or_else(|| anyhow::anyhow!("not acked yet"))
+        },
+    );
+    assert_eq!(
+        record["steps"][0]["status"], 5,
+        "step status is interrupted: {record}"
+    );
+    assert!(
+        record["steps"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not run again"),
+        "{record}"
+    );
+    // The coordinator re-sent the run on reconnect (at-least-once); the journal answered it.
+    eventually(
+        "redelivered run answered from the journal",
+        DEADLINE,
+        || {
+            h.agent_log()
+                .contains("returning its journaled result")
+                .then_some(())
+                .ok_or_else(|| anyhow::anyhow!("no redelivery yet"))
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let runs = std::fs::read_to_string(&counter).expect("counter");
+    assert_eq!(runs.lines().count(), 1, "the step ran exactly once");
+}
+
+#[test]
+fn fifty_megabytes_of_output_stay_bounded() {
+    let h = host();
+    // A commit whose subject line is 50 MB: `git log --oneline` prints all of it.
+    let message = h.tmp.path().join("huge-message");
+    std::fs::write(&message, "x".repeat(50 * 1024 * 1024)).expect("write");
+    git(
+        &h.repo,
+        &[
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-F",
+            &message.display().to_string(),
+        ],
+    );
+    std::fs::remove_file(&message).expect("rm");
+
+    let (ok, doc, stderr) = h.exec("git.log", &["count=1"], &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(doc["status"], "succeeded");
+    assert_eq!(doc["output_truncated"], true);
+    let output = doc["output"].as_str().unwrap_or_default();
+    assert!(
+        output.contains(rollback_common::output_cap::TRUNCATION_MARKER),
+        "the stored output carries the marker"
+    );
+    assert!(
+        output.len() < 256 * 1024,
+        "stored output is capped ({} bytes)",
+        output.len()
+    );
+    let pid = h
+        .agent
+        .as_ref()
+        .and_then(|a| a.proc.pid())
+        .expect("agent pid");
+    let peak = peak_rss_kib(pid).expect("rss");
+    assert!(
+        peak < 64 * 1024,
+        "agent peak RSS {peak} KiB stays under 64 MiB"
+    );
+}
+
+#[test]
+fn git_failures_are_explained() {
+    let h = host();
+    std::fs::write(h.repo.join("VERSION"), "hotfix made by hand\n").expect("write");
+    let (ok, doc, _) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(!ok);
+    let error = doc["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("uncommitted changes") && error.contains("VERSION"),
+        "{error}"
+    );
+    git(&h.repo, &["checkout", "--", "VERSION"]);
+
+    let (ok, doc, _) = h.exec("git.checkout", &["revision=no-such-branch"], &[]);
+    assert!(!ok);
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is not a commit"),
+        "{doc}"
+    );
+
+    if !is_root() {
+        eprintln!("skipping the dubious-ownership case: it needs root to chown the repository");
+        return;
+    }
+    let status = Command::new("chown")
+        .args(["-R", "nobody"])
+        .arg(&h.repo)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    let (ok, doc, _) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(!ok);
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dubious ownership"),
+        "{doc}"
+    );
+}
