@@ -15,7 +15,7 @@ use super::boot::{self, Launched};
 use super::footprint::Footprint;
 use super::spec::{self, COORDINATOR, DB_HOST, LabSpec, Names};
 use super::state::{AllocationLock, Host, LabState, Role};
-use super::{app, cmd, net, postgres, prerequisites, teardown, venv};
+use super::{app, cmd, net, postgres, prerequisites, rootfs, teardown, venv};
 
 /// A running fleet lab. Dropping it tears it down unless [`Lab::keep_running`] was called.
 pub struct Lab {
@@ -288,7 +288,7 @@ impl Lab {
         // The checkout (assets, built binaries) and the venv must be visible inside hosts.
         let mut binds: Vec<PathBuf> = vec![venv::workspace_root(), self.state.venv.clone()];
         binds.extend(self.extra_paths.iter().cloned());
-        binds.retain(|d| d.is_absolute() && d.is_dir() && boot::needs_bind(d));
+        binds.retain(|d| d.is_absolute() && d.is_dir() && rootfs::needs_bind(d));
         binds.sort();
         binds.dedup();
         let binds = &binds;

@@ -28,6 +28,7 @@ mod postgres;
 mod prerequisites;
 mod probe;
 mod procfs;
+mod rootfs;
 mod scenarios;
 mod spec;
 mod state;
