@@ -3,4 +3,5 @@
 //! processes, and the fleet lab of real hosts (network namespaces + systemd).
 
 pub mod lab;
+pub mod lab_fleet;
 pub mod support;

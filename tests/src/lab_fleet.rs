@@ -1,0 +1,323 @@
+//! The product on the fleet lab: a PKI in the lab's shared directory, the coordinator in the
+//! lab's coordinator namespace, an agent as `rollback-agent.service` in every host with a host
+//! profile for the sample app, and `rollbackctl` run from the coordinator namespace (lab
+//! traffic never leaves the lab's namespaces).
+
+use std::path::PathBuf;
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::lab::{
+    APP_DB, APP_DIR, APP_LOG, APP_PORT, APP_UNIT, BACKUP_DIR, Lab, PG_BIN, PG_PORT, PG_UNIT,
+    SHARED_MOUNT,
+};
+use crate::support::{CertFiles, Pki, bin, eventually};
+
+/// Port the coordinator listens on inside the lab.
+pub const COORDINATOR_PORT: u16 = 7443;
+/// The agents' unit in each host.
+pub const AGENT_UNIT: &str = "rollback-agent.service";
+/// Where each app host keeps a checkout of the newest release for running migrations (it has
+/// every migration script, as a deploy tooling checkout would).
+pub const MIGRATIONS_DIR: &str = "/srv/app-migrations";
+/// Agent config path inside hosts.
+pub const AGENT_CONFIG: &str = "/etc/rollback/agent.toml";
+/// Agent log inside hosts.
+pub const AGENT_LOG: &str = "/var/log/rollback-agent.log";
+/// The operator the fleet's `rollbackctl` acts as (role admin).
+pub const OPERATOR: &str = "oncall";
+
+/// A running fleet-rollback installation on a lab.
+pub struct LabFleet<'a> {
+    pub lab: &'a Lab,
+    /// Host path of the fleet's files (PKI, coordinator config, store, logs).
+    pub dir: PathBuf,
+    pub pki: Pki,
+    pub operator: CertFiles,
+    coordinator: Option<Child>,
+    pub url: String,
+}
+
+impl std::fmt::Debug for LabFleet<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabFleet")
+            .field("dir", &self.dir)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// Path of `p` (under the lab's shared dir) as hosts see it.
+fn in_hosts(lab: &Lab, p: &std::path::Path) -> Result<String> {
+    let rel = p
+        .strip_prefix(lab.shared_dir())
+        .with_context(|| format!("{} is not in the lab's shared dir", p.display()))?;
+    Ok(format!("{SHARED_MOUNT}/{}", rel.display()))
+}
+
+impl<'a> LabFleet<'a> {
+    /// Issues certificates, starts the coordinator and an agent on every host, and waits until
+    /// every agent is online.
+    pub fn start(lab: &'a Lab) -> Result<Self> {
+        let dir = lab.shared_dir().join("fleet");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let pki = Pki::init(&dir.join("pki"), "lab.fleet")?;
+        let addr = lab.coordinator_addr().to_string();
+        let coord = pki.coordinator("coordinator", &[&addr])?;
+        let operator = pki.operator(OPERATOR)?;
+        let url = format!("https://{addr}:{COORDINATOR_PORT}");
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{addr}:{COORDINATOR_PORT}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 2\n\
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n",
+                pki.ca().display(),
+                coord.cert.display(),
+                coord.key.display()
+            ),
+        )
+        .context("writing coordinator config")?;
+        let mut fleet = LabFleet {
+            lab,
+            dir,
+            pki,
+            operator,
+            coordinator: None,
+            url,
+        };
+        fleet.start_coordinator()?;
+        let hosts: Vec<String> = lab.hosts().iter().map(|h| h.id().to_string()).collect();
+        for host in &hosts {
+            fleet.install_agent(host)?;
+        }
+        fleet.wait_online(&hosts)?;
+        Ok(fleet)
+    }
+
+    /// Starts (or restarts) the coordinator process in the coordinator namespace.
+    pub fn start_coordinator(&mut self) -> Result<()> {
+        self.stop_coordinator()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("coordinator.log"))
+            .context("opening coordinator log")?;
+        let mut cmd = self.lab.coordinator_command(bin("rollback-coordinator"));
+        cmd.arg("--config")
+            .arg(self.dir.join("coordinator.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.coordinator = Some(cmd.spawn().context("starting the coordinator in the lab")?);
+        Ok(())
+    }
+
+    /// SIGTERM to the coordinator; waits for it to exit.
+    pub fn stop_coordinator(&mut self) -> Result<()> {
+        if let Some(mut child) = self.coordinator.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while child.try_wait()?.is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// The host profile each host's agent gets.
+    fn agent_toml(&self, host: &str, certs: &CertFiles) -> Result<String> {
+        let lab = self.lab;
+        let db = lab
+            .db_host()
+            .map(|h| h.id().to_string())
+            .unwrap_or_default();
+        let first_app = lab.app_host_ids().into_iter().next().unwrap_or_default();
+        let mut toml = format!(
+            "host_id = \"{host}\"\ncoordinator = \"{}\"\nstate_dir = \"/var/lib/rollback-agent\"\n\
+             reconnect_initial_ms = 100\nreconnect_max_ms = 1000\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[timeouts]\nkill_grace_secs = 2\n",
+            self.url,
+            in_hosts(lab, &self.pki.ca())?,
+            in_hosts(lab, &certs.cert)?,
+            in_hosts(lab, &certs.key)?,
+        );
+        if host == db {
+            toml += &format!(
+                "[labels]\nrole = \"db\"\n[service]\nunit = \"{PG_UNIT}\"\n\
+                 [postgres]\npg_dump = \"{PG_BIN}/pg_dump\"\npg_restore = \"{PG_BIN}/pg_restore\"\nhost = \"127.0.0.1\"\n\
+                 port = {PG_PORT}\nuser = \"postgres\"\ndatabase = \"{APP_DB}\"\nbackup_dir = \"{BACKUP_DIR}\"\n"
+            );
+        } else {
+            let migrator = if host == first_app {
+                "migrator = \"true\"\n"
+            } else {
+                ""
+            };
+            toml += &format!(
+                "[labels]\nrole = \"web\"\n{migrator}[service]\nunit = \"{APP_UNIT}\"\n\
+                 [app]\ndir = \"{APP_DIR}\"\nenv_file = \"{APP_DIR}/.env\"\nenv_backup = \"{APP_DIR}/.env.backup\"\n\
+                 log_file = \"{APP_LOG}\"\nhealth_base_url = \"http://127.0.0.1:{APP_PORT}\"\n\
+                 [alembic]\nbinary = \"{}\"\nworkdir = \"{MIGRATIONS_DIR}\"\n[alembic.env]\nDATABASE_URL = \"{}\"\n",
+                lab.venv().join("bin/alembic").display(),
+                lab.database_url()?
+            );
+        }
+        Ok(toml)
+    }
+
+    /// Writes the host's agent.toml and unit, prepares the migrations checkout on app hosts,
+    /// and starts the agent.
+    pub fn install_agent(&self, host: &str) -> Result<()> {
+        let certs = self.pki.agent(host)?;
+        let lab = self.lab;
+        if lab.db_host().map(|h| h.id() != host).unwrap_or(true) && lab.app_deployed() {
+            lab.run(host, &["rm", "-rf", MIGRATIONS_DIR])?;
+            lab.run(
+                host,
+                &[
+                    "git",
+                    "clone",
+                    "-q",
+                    &format!("{SHARED_MOUNT}/origin"),
+                    MIGRATIONS_DIR,
+                ],
+            )?;
+        }
+        lab.write_file(
+            host,
+            AGENT_CONFIG,
+            self.agent_toml(host, &certs)?.as_bytes(),
+            0o600,
+        )?;
+        let unit = format!(
+            "[Unit]\nDescription=fleet-rollback agent\nAfter=network.target\n\n[Service]\n\
+             ExecStart={} --config {AGENT_CONFIG}\nEnvironment=ROLLBACK_LOG=info\nEnvironment=HOME=/root\n\
+             Restart=on-failure\nRestartSec=1\nStandardError=append:{AGENT_LOG}\n\n[Install]\nWantedBy=multi-user.target\n",
+            bin("rollback-agent").display()
+        );
+        lab.install_unit(host, AGENT_UNIT, &unit)?;
+        lab.start_unit(host, AGENT_UNIT)
+    }
+
+    /// Waits until every host in `hosts` is listed online.
+    pub fn wait_online(&self, hosts: &[String]) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let agents = self.agents()?;
+            let missing: Vec<&String> = hosts
+                .iter()
+                .filter(|h| {
+                    !agents
+                        .iter()
+                        .any(|a| a["host_id"] == h.as_str() && a["status"] == "online")
+                })
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "agents not online after 60s: {missing:?}\ncoordinator log:\n{}",
+                    self.coordinator_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `rollbackctl ARGS` as the operator, from the coordinator namespace.
+    pub fn rollbackctl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
+        cmd.arg("--coordinator")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(self.pki.ca())
+            .arg("--cert")
+            .arg(&self.operator.cert)
+            .arg("--key")
+            .arg(&self.operator.key)
+            .args(args)
+            .env("HOME", "/nonexistent")
+            .env_remove("ROLLBACK_CONFIG")
+            .stdin(Stdio::null());
+        cmd.output()
+            .with_context(|| format!("running rollbackctl {}", args.join(" ")))
+    }
+
+    /// `rollbackctl agents --output json`.
+    pub fn agents(&self) -> Result<Vec<serde_json::Value>> {
+        let out = self.rollbackctl(&["agents", "--output", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "rollbackctl agents failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing rollbackctl agents output")
+    }
+
+    /// `rollbackctl --output json exec HOST ACTION PARAMS...`: (succeeded, document).
+    pub fn exec(
+        &self,
+        host: &str,
+        action: &str,
+        params: &[&str],
+    ) -> Result<(bool, serde_json::Value)> {
+        let mut args = vec!["--output", "json", "exec", host, action];
+        args.extend(params);
+        let out = self.rollbackctl(&args)?;
+        let doc = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "exec {host} {action}: no JSON; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.success(), doc))
+    }
+
+    /// Like `exec`, failing unless the step succeeded.
+    pub fn exec_ok(&self, host: &str, action: &str, params: &[&str]) -> Result<serde_json::Value> {
+        let (ok, doc) = self.exec(host, action, params)?;
+        if !ok {
+            bail!(
+                "exec {host} {action} {params:?} failed: {}\n{}",
+                doc["error"],
+                doc["output"]
+            );
+        }
+        Ok(doc)
+    }
+
+    /// The agent's log on `host`.
+    pub fn agent_log(&self, host: &str) -> String {
+        self.lab
+            .read_file(host, AGENT_LOG)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Polls `f` with the fleet's standard deadline.
+    pub fn eventually<T>(&self, what: &str, f: impl FnMut() -> Result<T>) -> T {
+        eventually(what, Duration::from_secs(60), f)
+    }
+}
+
+impl Drop for LabFleet<'_> {
+    fn drop(&mut self) {
+        let _ = self.stop_coordinator();
+    }
+}
