@@ -6,6 +6,7 @@ pub mod identity;
 pub mod output_cap;
 pub mod pki;
 pub mod proto;
+pub mod runbook;
 pub mod selector;
 pub mod tls;
 

@@ -4,6 +4,7 @@ pub mod agents_cmd;
 pub mod connect;
 pub mod error;
 pub mod exec_cmd;
+pub mod jobs_cmd;
 pub mod output;
 pub mod pki_cmd;
 
@@ -32,7 +33,7 @@ First steps:
     rollbackctl pki issue --dir pki operator alice
     rollbackctl agents --select role=web";
 
-/// rollbackctl — drive fleet-rollback: see the fleet, and (soon) roll it back safely.
+/// rollbackctl — drive fleet-rollback: see the fleet, plan and run rollbacks, read reports.
 #[derive(Debug, Parser)]
 #[command(name = "rollbackctl", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -51,6 +52,34 @@ pub enum Command {
     Agents(agents_cmd::AgentsArgs),
     /// Run one typed action on one host, for diagnosis, streaming its output.
     Exec(exec_cmd::ExecArgs),
+    /// Roll hosts back with a runbook procedure: canary first, in batches, halting at the
+    /// failure threshold, followed live. Exit code 0 only when every targeted host succeeded.
+    Rollback(jobs_cmd::RollbackArgs),
+    /// Dry run: show the exact per-host steps and batches a rollback would run.
+    Plan(jobs_cmd::RollbackArgs),
+    /// The runbook the coordinator has loaded.
+    #[command(subcommand)]
+    Runbook(jobs_cmd::RunbookCmd),
+    /// Recent rollback jobs.
+    Jobs {
+        /// How many (newest first).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One job's record.
+    #[command(subcommand)]
+    Job(jobs_cmd::JobCmd),
+    /// Follow a job live (replays what already happened first).
+    Watch { job: String },
+    /// Stop a job: nothing further is dispatched, running steps are cancelled.
+    Cancel {
+        job: String,
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "cancelled by operator")]
+        reason: String,
+    },
+    /// The job's incident report (Markdown), with the post-rollback checklist.
+    Report { job: String },
     /// Create the fleet CA and issue certificates (no coordinator needed).
     Pki(pki_cmd::PkiArgs),
 }
@@ -59,6 +88,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Agents(args) => agents_cmd::run(args, &cli.connect, cli.output).await,
         Command::Exec(args) => exec_cmd::run(args, &cli.connect, cli.output).await,
+        Command::Rollback(args) => jobs_cmd::rollback(args, &cli.connect, cli.output).await,
+        Command::Plan(args) => jobs_cmd::plan(args, &cli.connect, cli.output).await,
+        Command::Runbook(cmd) => jobs_cmd::runbook(cmd, &cli.connect, cli.output).await,
+        Command::Jobs { limit } => jobs_cmd::jobs(&cli.connect, cli.output, limit).await,
+        Command::Job(cmd) => jobs_cmd::job(cmd, &cli.connect, cli.output).await,
+        Command::Watch { job } => jobs_cmd::watch(job, &cli.connect, cli.output).await,
+        Command::Cancel { job, reason } => {
+            jobs_cmd::cancel(job, reason, &cli.connect, cli.output).await
+        }
+        Command::Report { job } => jobs_cmd::report(job, &cli.connect, cli.output).await,
         Command::Pki(args) => pki_cmd::run(args),
     }
 }

@@ -28,6 +28,12 @@ pub struct Config {
     /// A disconnected agent is reported `lost` after this many seconds.
     #[serde(default = "default_lost_after_secs")]
     pub lost_after_secs: u64,
+    /// A custom runbook (TOML) instead of the built-in seed runbook.
+    #[serde(default)]
+    pub runbook: Option<PathBuf>,
+    /// A host that drops during a run and has not reported its result by then is `unreachable`.
+    #[serde(default = "default_unreachable_secs")]
+    pub unreachable_after_secs: u64,
     /// Longest wait for in-flight work when shutting down.
     #[serde(default = "default_grace_secs")]
     pub shutdown_grace_secs: u64,
@@ -38,6 +44,9 @@ fn default_heartbeat_secs() -> u32 {
 }
 fn default_lost_after_secs() -> u64 {
     300
+}
+fn default_unreachable_secs() -> u64 {
+    60
 }
 fn default_grace_secs() -> u64 {
     10
@@ -81,6 +90,9 @@ impl Config {
         config.tls.resolve_relative_to(base);
         if config.database.is_relative() {
             config.database = base.join(&config.database);
+        }
+        if let Some(rb) = config.runbook.as_mut().filter(|p| p.is_relative()) {
+            *rb = base.join(&*rb);
         }
         Ok(config)
     }

@@ -7,8 +7,10 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::console_server::Console;
 use rollback_common::proto::{
-    AgentInfo, AgentStatus, ExecEvent, ExecRequest, HostState, ListAgentsRequest,
-    ListAgentsResponse,
+    AgentInfo, AgentStatus, CancelJobRequest, CancelJobResponse, ExecEvent, ExecRequest,
+    GetJobRequest, GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse,
+    HostState, Job, JobEvent, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
+    ListJobsResponse, PlanResponse, RollbackRequest, StartRollbackResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
@@ -22,6 +24,7 @@ pub struct ConsoleService {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub hub: Arc<RunHub>,
+    pub jobs: Arc<crate::jobs::Jobs>,
     pub lost_after: Duration,
 }
 
@@ -43,6 +46,90 @@ fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
 #[tonic::async_trait]
 impl Console for ConsoleService {
     type ExecStream = tokio_stream::wrappers::ReceiverStream<Result<ExecEvent, Status>>;
+    type WatchJobStream = tokio_stream::wrappers::ReceiverStream<Result<JobEvent, Status>>;
+
+    async fn get_runbook(
+        &self,
+        _request: Request<GetRunbookRequest>,
+    ) -> Result<Response<GetRunbookResponse>, Status> {
+        let (runbook, source) = self.jobs.runbook();
+        Ok(Response::new(GetRunbookResponse {
+            toml: runbook.to_toml(),
+            source: source.to_string(),
+        }))
+    }
+
+    async fn plan(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<PlanResponse>, Status> {
+        let (_, plan) = self.jobs.plan(request.get_ref()).await?;
+        Ok(Response::new(plan))
+    }
+
+    async fn start_rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<StartRollbackResponse>, Status> {
+        let principal = principal(&request)?;
+        Ok(Response::new(
+            self.jobs.start(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let req = request.into_inner();
+        let rx = self.jobs.watch(&req.job_id, req.after_seq).await?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(
+            self.jobs.get(&request.get_ref().job_id).await?,
+        ))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let limit = if request.get_ref().limit == 0 {
+            20
+        } else {
+            request.get_ref().limit
+        };
+        Ok(Response::new(ListJobsResponse {
+            jobs: self.jobs.list(limit).await?,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<CancelJobResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.into_inner();
+        let state = self
+            .jobs
+            .cancel(&principal, &req.job_id, &req.reason)
+            .await?;
+        Ok(Response::new(CancelJobResponse { state }))
+    }
+
+    async fn get_report(
+        &self,
+        request: Request<GetReportRequest>,
+    ) -> Result<Response<GetReportResponse>, Status> {
+        let job = self.jobs.get(&request.get_ref().job_id).await?;
+        Ok(Response::new(GetReportResponse {
+            markdown: crate::jobs::report::render(&job),
+        }))
+    }
 
     async fn exec(
         &self,

@@ -74,6 +74,7 @@ pub async fn start(
             created_at_ms: now,
             finished_at_ms: None,
             result: None,
+            phase: String::new(),
         })
         .await?;
     let mut params: Vec<String> = step

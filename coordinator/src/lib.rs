@@ -7,6 +7,7 @@ pub mod config;
 mod console;
 mod exec;
 mod gateway;
+pub mod jobs;
 pub mod registry;
 mod runs;
 pub mod store;
@@ -41,6 +42,10 @@ pub enum CoordinatorError {
     WrongCertificateRole { path: String, found: String },
     #[error("configuring TLS: {0}")]
     TlsConfig(#[source] tonic::transport::Error),
+    #[error("runbook {path}: {reason}")]
+    Runbook { path: String, reason: String },
+    #[error("recovering jobs: {0}")]
+    Recover(String),
     #[error("serving gRPC: {0}")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -75,8 +80,21 @@ pub async fn run(
         config.operators.clone(),
     ));
 
+    let (runbook, runbook_source) = load_runbook(&config)?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let jobs = Arc::new(jobs::Jobs::new(
+        store.clone(),
+        registry.clone(),
+        hub.clone(),
+        runbook,
+        runbook_source,
+        Duration::from_secs(config.unreachable_after_secs),
+        tasks.clone(),
+    ));
+    jobs.recover()
+        .await
+        .map_err(|s| CoordinatorError::Recover(s.message().to_string()))?;
     let gateway = gateway::Gateway {
         store: store.clone(),
         registry: registry.clone(),
@@ -89,6 +107,7 @@ pub async fn run(
         store: store.clone(),
         registry: registry.clone(),
         hub,
+        jobs,
         lost_after: config.lost_after(),
     };
 
@@ -141,4 +160,25 @@ pub async fn run(
     sqlite.close().await;
     info!("coordinator stopped");
     served
+}
+
+/// The runbook from `runbook = "..."` in the config, or the built-in seed runbook.
+fn load_runbook(
+    config: &Config,
+) -> Result<(rollback_common::runbook::Runbook, String), CoordinatorError> {
+    use rollback_common::runbook::Runbook;
+    let Some(path) = &config.runbook else {
+        return Ok((Runbook::seed(), "built-in".into()));
+    };
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| CoordinatorError::Runbook {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let runbook = Runbook::parse(&text).map_err(|e| CoordinatorError::Runbook {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    info!(runbook = %shown, procedures = runbook.procedures.len(), "loaded custom runbook");
+    Ok((runbook, shown))
 }

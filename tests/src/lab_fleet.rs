@@ -217,7 +217,8 @@ impl<'a> LabFleet<'a> {
     pub fn wait_online(&self, hosts: &[String]) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let agents = self.agents()?;
+            // The coordinator may still be starting: keep polling until the deadline.
+            let agents = self.agents().unwrap_or_default();
             let missing: Vec<&String> = hosts
                 .iter()
                 .filter(|h| {
@@ -256,6 +257,90 @@ impl<'a> LabFleet<'a> {
             .stdin(Stdio::null());
         cmd.output()
             .with_context(|| format!("running rollbackctl {}", args.join(" ")))
+    }
+
+    /// Runs `rollbackctl ARGS` like [`LabFleet::rollbackctl`], but passes its stdout and stderr
+    /// on to `out` line by line as they come (as a terminal would show them) instead of
+    /// capturing them; kills it after `timeout`. Returns its exit status.
+    pub fn rollbackctl_streamed(
+        &self,
+        args: &[&str],
+        out: &mut dyn std::io::Write,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        use std::io::BufRead;
+        let what = format!("rollbackctl {}", args.join(" "));
+        let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
+        cmd.arg("--coordinator")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(self.pki.ca())
+            .arg("--cert")
+            .arg(&self.operator.cert)
+            .arg("--key")
+            .arg(&self.operator.key)
+            .args(args)
+            .env("HOME", "/nonexistent")
+            .env_remove("ROLLBACK_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let pipes: Vec<Box<dyn std::io::Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for pipe in pipes {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(pipe);
+                loop {
+                    let mut line = Vec::new();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            if tx.send(line).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut written = Ok(());
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if written.is_ok() {
+                        written = out.write_all(&line).and_then(|()| out.flush());
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("{what}: no result after {timeout:?}; killed it");
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for {what}"))?;
+        written.with_context(|| format!("passing on the output of {what}"))?;
+        Ok(status)
     }
 
     /// `rollbackctl agents --output json`.

@@ -26,21 +26,7 @@ use crate::config::Config;
 use crate::exec::{self, Ending, OutputSink, ProcessOutcome, ProcessSpec};
 
 /// Every action this agent can run, as sent in Hello.
-pub const ACTIONS: &[&str] = &[
-    "service.stop",
-    "service.start",
-    "service.restart",
-    "service.status",
-    "alembic.downgrade",
-    "alembic.current",
-    "postgres.restore",
-    "postgres.backup",
-    "git.checkout",
-    "git.log",
-    "file.restore",
-    "http.check",
-    "log.scan",
-];
+pub use rollback_common::runbook::ACTIONS;
 
 /// A validated action with typed parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]

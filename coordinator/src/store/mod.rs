@@ -60,6 +60,40 @@ pub struct RunRow {
     pub finished_at_ms: Option<i64>,
     /// Encoded `RunFinished`, once reported.
     pub result: Option<Vec<u8>>,
+    /// The job phase this run belongs to ("" for exec).
+    pub phase: String,
+}
+
+/// A rollback job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub job_id: String,
+    pub procedure: String,
+    /// Encoded `RollbackRequest`.
+    pub request: Vec<u8>,
+    /// Encoded `PlanResponse`.
+    pub plan: Vec<u8>,
+    pub state: String,
+    pub reason: String,
+    pub requested_by: String,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub halt_reason: String,
+}
+
+/// One host's outcome in a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobHostRow {
+    pub job_id: String,
+    pub host_id: String,
+    pub ord: i64,
+    pub outcome: String,
+    pub phase: String,
+    pub failed_step: String,
+    pub exit_code: i32,
+    pub detail: String,
+    pub duration_ms: i64,
+    pub once_only: bool,
 }
 
 /// One audit trail entry.
@@ -103,5 +137,34 @@ pub trait Store: Send + Sync + 'static {
     /// Runs dispatched to `host_id` whose result has not been recorded, oldest first.
     async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError>;
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    /// Records a new job with its hosts, atomically.
+    async fn create_job(&self, job: &JobRow, hosts: &[JobHostRow]) -> Result<(), StoreError>;
+    async fn update_job_state(
+        &self,
+        job_id: &str,
+        state: &str,
+        finished_at_ms: Option<i64>,
+        halt_reason: &str,
+    ) -> Result<(), StoreError>;
+    async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError>;
+    async fn append_job_event(
+        &self,
+        job_id: &str,
+        seq: u64,
+        at_ms: i64,
+        event: &[u8],
+    ) -> Result<(), StoreError>;
+    /// Encoded events of a job with seq > `after_seq`, in order.
+    async fn job_events(
+        &self,
+        job_id: &str,
+        after_seq: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError>;
+    /// Newest first.
+    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError>;
+    async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError>;
+    /// At start-up: jobs left running by a previous coordinator process become `interrupted`.
+    async fn interrupt_running_jobs(&self, now_ms: i64) -> Result<Vec<String>, StoreError>;
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 }

@@ -8,9 +8,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{AgentRecord, AuditEvent, RunRow, Store, StoreError};
+use super::{AgentRecord, AuditEvent, JobHostRow, JobRow, RunRow, Store, StoreError};
 
-const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result";
+const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
+const JOB_COLUMNS: &str = "job_id, procedure, request, plan, state, reason, requested_by, created_at_ms, finished_at_ms, halt_reason";
 
 fn run_row(row: &sqlx::sqlite::SqliteRow) -> RunRow {
     RunRow {
@@ -24,8 +25,43 @@ fn run_row(row: &sqlx::sqlite::SqliteRow) -> RunRow {
         created_at_ms: row.get("created_at_ms"),
         finished_at_ms: row.get("finished_at_ms"),
         result: row.get("result"),
+        phase: row.get("phase"),
     }
 }
+
+fn job_row(row: &sqlx::sqlite::SqliteRow) -> JobRow {
+    JobRow {
+        job_id: row.get("job_id"),
+        procedure: row.get("procedure"),
+        request: row.get("request"),
+        plan: row.get("plan"),
+        state: row.get("state"),
+        reason: row.get("reason"),
+        requested_by: row.get("requested_by"),
+        created_at_ms: row.get("created_at_ms"),
+        finished_at_ms: row.get("finished_at_ms"),
+        halt_reason: row.get("halt_reason"),
+    }
+}
+
+fn job_host_row(row: &sqlx::sqlite::SqliteRow) -> JobHostRow {
+    JobHostRow {
+        job_id: row.get("job_id"),
+        host_id: row.get("host_id"),
+        ord: row.get("ord"),
+        outcome: row.get("outcome"),
+        phase: row.get("phase"),
+        failed_step: row.get("failed_step"),
+        exit_code: row.get("exit_code"),
+        detail: row.get("detail"),
+        duration_ms: row.get("duration_ms"),
+        once_only: row.get::<i64, _>("once_only") != 0,
+    }
+}
+
+const UPSERT_JOB_HOST: &str = "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+     ON CONFLICT(job_id, host_id) DO UPDATE SET outcome = ?4, phase = ?5, failed_step = ?6, exit_code = ?7, detail = ?8, duration_ms = ?9";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -170,8 +206,8 @@ impl Store for SqliteStore {
 
     async fn create_run(&self, r: &RunRow) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .bind(&r.run_id)
         .bind(&r.job_id)
@@ -181,6 +217,7 @@ impl Store for SqliteStore {
         .bind(&r.procedure)
         .bind(r.status)
         .bind(r.created_at_ms)
+        .bind(&r.phase)
         .execute(&self.pool)
         .await
         .map_err(query_err("create_run"))?;
@@ -257,4 +294,185 @@ impl Store for SqliteStore {
             })
             .collect())
     }
+
+    async fn create_job(&self, job: &JobRow, hosts: &[JobHostRow]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(query_err("create_job"))?;
+        sqlx::query(&format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ))
+        .bind(&job.job_id)
+        .bind(&job.procedure)
+        .bind(&job.request)
+        .bind(&job.plan)
+        .bind(&job.state)
+        .bind(&job.reason)
+        .bind(&job.requested_by)
+        .bind(job.created_at_ms)
+        .bind(job.finished_at_ms)
+        .bind(&job.halt_reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("create_job"))?;
+        for h in hosts {
+            bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("create_job hosts"))?;
+        }
+        tx.commit().await.map_err(query_err("create_job commit"))?;
+        Ok(())
+    }
+
+    async fn update_job_state(
+        &self,
+        job_id: &str,
+        state: &str,
+        finished_at_ms: Option<i64>,
+        halt_reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = ?2, finished_at_ms = ?3, halt_reason = ?4 WHERE job_id = ?1",
+        )
+        .bind(job_id)
+        .bind(state)
+        .bind(finished_at_ms)
+        .bind(halt_reason)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("update_job_state"))?;
+        Ok(())
+    }
+
+    async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError> {
+        bind_job_host(sqlx::query(UPSERT_JOB_HOST), host)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("update_job_host"))?;
+        Ok(())
+    }
+
+    async fn append_job_event(
+        &self,
+        job_id: &str,
+        seq: u64,
+        at_ms: i64,
+        event: &[u8],
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO job_events (job_id, seq, at_ms, event) VALUES (?1, ?2, ?3, ?4)")
+            .bind(job_id)
+            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+            .bind(at_ms)
+            .bind(event)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("append_job_event"))?;
+        Ok(())
+    }
+
+    async fn job_events(
+        &self,
+        job_id: &str,
+        after_seq: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, event FROM job_events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
+        )
+        .bind(job_id)
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("job_events"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    u64::try_from(r.get::<i64, _>("seq")).unwrap_or(0),
+                    r.get("event"),
+                )
+            })
+            .collect())
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError> {
+        let Some(row) = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1"))
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("get_job"))?
+        else {
+            return Ok(None);
+        };
+        let hosts = sqlx::query("SELECT * FROM job_hosts WHERE job_id = ?1 ORDER BY ord")
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("get_job hosts"))?;
+        Ok(Some((
+            job_row(&row),
+            hosts.iter().map(job_host_row).collect(),
+        )))
+    }
+
+    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at_ms DESC LIMIT ?1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("list_jobs"))?;
+        Ok(rows.iter().map(job_row).collect())
+    }
+
+    async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE job_id = ?1 ORDER BY created_at_ms"
+        ))
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("job_runs"))?;
+        Ok(rows.iter().map(run_row).collect())
+    }
+
+    async fn interrupt_running_jobs(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT job_id FROM jobs WHERE state = 'running'")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("interrupt_running_jobs"))?;
+        let ids: Vec<String> = rows.iter().map(|r| r.get("job_id")).collect();
+        for id in &ids {
+            sqlx::query(
+                "UPDATE jobs SET state = 'interrupted', finished_at_ms = ?2,
+                 halt_reason = 'the coordinator stopped while this job ran; hosts not yet reached were not dispatched' WHERE job_id = ?1",
+            )
+            .bind(id)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("interrupt_running_jobs"))?;
+            sqlx::query("UPDATE job_hosts SET outcome = 'skipped', detail = 'not reached: the coordinator stopped during the job' WHERE job_id = ?1 AND outcome = 'pending'")
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(query_err("interrupt_running_jobs hosts"))?;
+        }
+        Ok(ids)
+    }
+}
+
+fn bind_job_host<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    h: &'q JobHostRow,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    q.bind(&h.job_id)
+        .bind(&h.host_id)
+        .bind(h.ord)
+        .bind(&h.outcome)
+        .bind(&h.phase)
+        .bind(&h.failed_step)
+        .bind(h.exit_code)
+        .bind(&h.detail)
+        .bind(h.duration_ms)
+        .bind(i64::from(h.once_only))
 }

@@ -1,0 +1,531 @@
+//! Fleet rollback commands: `runbook show`, `plan`, `rollback`, `jobs`, `job show`, `watch`,
+//! `cancel`, `report`.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use rollback_common::proto::{
+    CancelJobRequest, GetJobRequest, GetReportRequest, GetRunbookRequest, Job, JobEvent,
+    ListJobsRequest, PlanResponse, RollbackRequest, WatchJobRequest, step_status_name,
+};
+use serde_json::json;
+
+use crate::connect::{self, ConnectFlags};
+use crate::error::status_error;
+use crate::output::{Output, format_time, print_columns};
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Procedure from the runbook: database, database-restore, application, configuration.
+    #[arg(long)]
+    pub procedure: String,
+    /// The last good commit (for `application`).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Backup file name in the database host's backup dir (for `database-restore`).
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Hosts to roll back, e.g. role=web,env=prod.
+    #[arg(long)]
+    pub select: String,
+    /// Why: recorded in the audit trail and the report. Required.
+    #[arg(long)]
+    pub reason: String,
+    /// Hosts in the canary batch (default 1).
+    #[arg(long)]
+    pub canary: Option<u32>,
+    /// Hosts per batch after the canary: a count or a percentage (default 25%).
+    #[arg(long)]
+    pub batch_size: Option<String>,
+    /// Failures at which the job halts: a count or a percentage (default 1).
+    #[arg(long)]
+    pub max_failures: Option<String>,
+    /// Host for `once` phases (database steps), e.g. role=migrator; default: the procedure's.
+    #[arg(long)]
+    pub once_on: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+impl RollbackArgs {
+    fn request(&self) -> RollbackRequest {
+        let mut values = HashMap::new();
+        if let Some(r) = &self.revision {
+            values.insert("revision".to_string(), r.clone());
+        }
+        if let Some(b) = &self.backup {
+            values.insert("backup".to_string(), b.clone());
+        }
+        RollbackRequest {
+            procedure: self.procedure.clone(),
+            values,
+            selector: self.select.clone(),
+            once_on: self.once_on.clone().unwrap_or_default(),
+            canary: self.canary,
+            batch_size: self.batch_size.clone().unwrap_or_default(),
+            max_failures: self.max_failures.clone().unwrap_or_default(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunbookCmd {
+    /// Print the runbook the coordinator has loaded (TOML).
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    /// The whole record of a job: hosts, outcomes, every step.
+    Show { job: String },
+}
+
+fn plan_json(p: &PlanResponse) -> serde_json::Value {
+    json!({
+        "procedure": p.procedure,
+        "description": p.description,
+        "targets": p.targets,
+        "once_host": p.once_host,
+        "max_failures": p.max_failures,
+        "strategy": p.strategy,
+        "phases": p.phases.iter().map(|ph| json!({
+            "name": ph.name,
+            "scope": ph.scope,
+            "steps": ph.steps.iter().map(|s| json!({"action": s.action, "params": s.params})).collect::<Vec<_>>(),
+            "batches": ph.batches.iter().map(|b| b.hosts.clone()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_plan(p: &PlanResponse) {
+    println!("procedure {}: {}", p.procedure, p.description);
+    println!("targets ({}): {}", p.targets.len(), p.targets.join(", "));
+    if !p.once_host.is_empty() {
+        println!("once-host: {}", p.once_host);
+    }
+    println!("strategy: {}", p.strategy);
+    for (i, ph) in p.phases.iter().enumerate() {
+        println!("\nphase {} — {} ({})", i + 1, ph.name, ph.scope);
+        for s in &ph.steps {
+            let mut params: Vec<String> =
+                s.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            params.sort();
+            println!("  step {} {}", s.action, params.join(" "));
+        }
+        for (bi, b) in ph.batches.iter().enumerate() {
+            let label = if ph.scope == "once" {
+                "host".to_string()
+            } else if bi == 0 && ph.batches.len() > 1 {
+                "canary".to_string()
+            } else {
+                format!("batch {}", bi + 1)
+            };
+            println!("  {label}: {}", b.hosts.join(", "));
+        }
+    }
+}
+
+fn job_json(j: &Job) -> serde_json::Value {
+    json!({
+        "job_id": j.job_id,
+        "procedure": j.procedure,
+        "state": j.state,
+        "reason": j.reason,
+        "requested_by": j.requested_by,
+        "created_at": format_time(j.created_at_unix_ms),
+        "finished_at": format_time(j.finished_at_unix_ms),
+        "halt_reason": j.halt_reason,
+        "selector": j.request.as_ref().map(|r| r.selector.clone()).unwrap_or_default(),
+        "plan": j.plan.as_ref().map(plan_json),
+        "hosts": j.hosts.iter().map(|h| json!({
+            "host_id": h.host_id,
+            "outcome": h.outcome,
+            "phase": h.phase,
+            "failed_step": h.failed_step,
+            "exit_code": h.exit_code,
+            "detail": h.detail,
+            "duration_ms": h.duration_ms,
+            "once_only": h.once_only,
+            "runs": h.runs.iter().map(|r| json!({
+                "run_id": r.run_id,
+                "phase": r.phase,
+                "status": r.result.as_ref().map(|x| step_status_name(x.status)).unwrap_or("pending"),
+                "steps": r.result.as_ref().map(|x| x.steps.iter().map(|s| json!({
+                    "action": s.action,
+                    "status": step_status_name(s.status),
+                    "exit_code": s.exit_code,
+                    "duration_ms": s.duration_ms,
+                    "error": s.error,
+                    "facts": s.facts,
+                    "output_tail": String::from_utf8_lossy(&s.output_tail),
+                })).collect::<Vec<_>>()).unwrap_or_default(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn bar(done: u32, total: u32) -> String {
+    if total == 0 {
+        return String::new();
+    }
+    let width = 20usize;
+    let filled = (done as usize * width) / total as usize;
+    format!(
+        " [{}{}] {done}/{total}",
+        "#".repeat(filled),
+        "-".repeat(width - filled)
+    )
+}
+
+fn clock(ms: i64) -> String {
+    let t = format_time(ms);
+    t.get(11..19).unwrap_or_default().to_string()
+}
+
+/// One line per event, as an operator wants to read it.
+pub fn render_event(ev: &JobEvent) -> String {
+    let t = clock(ev.at_unix_ms);
+    match ev.kind.as_str() {
+        "job.started" => format!("{t} job started: {}", ev.message),
+        "phase.started" => format!("{t} ── {}", ev.message),
+        "batch.started" => format!("{t}    {} {}", ev.phase, ev.message),
+        "host.dispatched" => format!("{t}    → {}", ev.message),
+        "step.finished" => format!("{t}      {}", ev.message),
+        "host.phase_done" => format!("{t}    ✓ {}{}", ev.message, bar(ev.done, ev.total)),
+        "host.finished" if ev.message.contains(" succeeded") => format!("{t}    ✓ {}", ev.message),
+        "host.finished" => format!("{t}    ✗ {}{}", ev.message, bar(ev.done, ev.total)),
+        "phase.finished" => format!("{t}    {}{}", ev.message, bar(ev.done, ev.total)),
+        "job.halted" => format!("{t} !! halted: {}", ev.message),
+        "job.cancelling" => format!("{t} !! {}", ev.message),
+        "job.finished" => format!("{t} job {}", ev.message),
+        _ => format!("{t} {}: {}", ev.kind, ev.message),
+    }
+}
+
+async fn follow(flags: &ConnectFlags, job_id: &str, output: Output) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let mut stream = client
+        .watch_job(WatchJobRequest {
+            job_id: job_id.to_string(),
+            after_seq: 0,
+        })
+        .await
+        .map_err(|s| status_error(&format!("watching job {job_id}"), s))?
+        .into_inner();
+    while let Some(ev) = stream
+        .message()
+        .await
+        .map_err(|s| status_error(&format!("watching job {job_id}"), s))?
+    {
+        match output {
+            Output::Table => println!("{}", render_event(&ev)),
+            Output::Json => println!(
+                "{}",
+                json!({"seq": ev.seq, "at": format_time(ev.at_unix_ms), "kind": ev.kind, "host_id": ev.host_id,
+                       "phase": ev.phase, "message": ev.message, "job_state": ev.job_state, "done": ev.done, "total": ev.total})
+            ),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}
+
+fn print_job(j: &Job) {
+    println!("job {} — {} — {}", j.job_id, j.procedure, j.state);
+    println!(
+        "requested by {} at {}: {}",
+        j.requested_by,
+        format_time(j.created_at_unix_ms),
+        j.reason
+    );
+    if !j.halt_reason.is_empty() {
+        println!("halted: {}", j.halt_reason);
+    }
+    let rows: Vec<[String; 5]> = j
+        .hosts
+        .iter()
+        .map(|h| {
+            [
+                format!(
+                    "{}{}",
+                    h.host_id,
+                    if h.once_only { " (once-host)" } else { "" }
+                ),
+                h.outcome.clone(),
+                h.phase.clone(),
+                if h.failed_step.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} (exit {})", h.failed_step, h.exit_code)
+                },
+                h.detail.chars().take(100).collect(),
+            ]
+        })
+        .collect();
+    println!();
+    print_columns(
+        &["HOST", "OUTCOME", "PHASE", "FAILED STEP", "DETAIL"],
+        &rows,
+    );
+    for h in j.hosts.iter().filter(|h| !h.failed_step.is_empty()) {
+        let failing = h
+            .runs
+            .iter()
+            .filter_map(|r| r.result.as_ref())
+            .flat_map(|r| r.steps.iter())
+            .find(|s| s.action == h.failed_step && !s.error.is_empty());
+        if let Some(s) = failing {
+            let text = String::from_utf8_lossy(&s.output_tail);
+            let lines: Vec<&str> = text.lines().collect();
+            println!("\n{} {} output (last lines):", h.host_id, s.action);
+            for l in &lines[lines.len().saturating_sub(10)..] {
+                println!("  | {l}");
+            }
+        }
+    }
+}
+
+async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
+    let mut client = connect::console(flags).await?;
+    Ok(client
+        .get_job(GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .map_err(|s| status_error(&format!("reading job {job_id}"), s))?
+        .into_inner())
+}
+
+/// Exit status for a finished job: success only when every targeted host succeeded.
+fn job_result(j: &Job) -> Result<()> {
+    if j.state == "succeeded" {
+        return Ok(());
+    }
+    let failed: Vec<String> = j
+        .hosts
+        .iter()
+        .filter(|h| h.outcome != "succeeded")
+        .map(|h| format!("{} {}", h.host_id, h.outcome))
+        .collect();
+    bail!(
+        "job {} {}{}: {}",
+        j.job_id,
+        j.state,
+        if j.halt_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", j.halt_reason)
+        },
+        failed.join(", ")
+    )
+}
+
+pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let req = args.request();
+    let mut client = connect::console(flags).await?;
+    let plan = client
+        .plan(req.clone())
+        .await
+        .map_err(|s| status_error("planning the rollback", s))?
+        .into_inner();
+    if output == Output::Table {
+        print_plan(&plan);
+        println!();
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to start without confirmation: pass --yes (stdin is not a terminal)");
+        }
+        print!(
+            "roll back {} host(s) with `{}`? [y/N] ",
+            plan.targets.len(),
+            plan.procedure
+        );
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("not started");
+        }
+    }
+    let started = client
+        .start_rollback(req)
+        .await
+        .map_err(|s| status_error("starting the rollback", s))?
+        .into_inner();
+    if output == Output::Table {
+        println!(
+            "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)\n",
+            started.job_id, started.job_id
+        );
+        follow(flags, &started.job_id, output).await?;
+    } else {
+        // Wait for the end quietly, then print the whole record.
+        let mut stream = client
+            .watch_job(WatchJobRequest {
+                job_id: started.job_id.clone(),
+                after_seq: 0,
+            })
+            .await
+            .map_err(|s| status_error("watching the job", s))?
+            .into_inner();
+        while stream
+            .message()
+            .await
+            .map_err(|s| status_error("watching the job", s))?
+            .is_some()
+        {}
+    }
+    let job = get_job(flags, &started.job_id).await?;
+    match output {
+        Output::Table => {
+            println!();
+            print_job(&job);
+            println!("\nreport: rollbackctl report {}", job.job_id);
+        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&job))?),
+    }
+    job_result(&job)
+}
+
+pub async fn plan(args: RollbackArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let plan = client
+        .plan(args.request())
+        .await
+        .map_err(|s| status_error("planning the rollback", s))?
+        .into_inner();
+    match output {
+        Output::Table => {
+            print_plan(&plan);
+            println!("\n(dry run: nothing was started)");
+        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(&plan_json(&plan))?),
+    }
+    Ok(())
+}
+
+pub async fn runbook(cmd: RunbookCmd, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let RunbookCmd::Show = cmd;
+    let mut client = connect::console(flags).await?;
+    let rb = client
+        .get_runbook(GetRunbookRequest {})
+        .await
+        .map_err(|s| status_error("reading the runbook", s))?
+        .into_inner();
+    match output {
+        Output::Table => println!("# runbook: {}\n{}", rb.source, rb.toml),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"source": rb.source, "toml": rb.toml}))?
+        ),
+    }
+    Ok(())
+}
+
+pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let jobs = client
+        .list_jobs(ListJobsRequest { limit })
+        .await
+        .map_err(|s| status_error("listing jobs", s))?
+        .into_inner()
+        .jobs;
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?
+        ),
+        Output::Table => {
+            if jobs.is_empty() {
+                println!("no rollback jobs yet");
+                return Ok(());
+            }
+            let rows: Vec<[String; 6]> = jobs
+                .iter()
+                .map(|j| {
+                    let ok = j.hosts.iter().filter(|h| h.outcome == "succeeded").count();
+                    [
+                        j.job_id.clone(),
+                        j.procedure.clone(),
+                        j.state.clone(),
+                        format!("{ok}/{}", j.hosts.len()),
+                        format_time(j.created_at_unix_ms),
+                        j.reason.chars().take(50).collect(),
+                    ]
+                })
+                .collect();
+            print_columns(
+                &["JOB", "PROCEDURE", "STATE", "OK", "STARTED", "REASON"],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn job(cmd: JobCmd, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let JobCmd::Show { job } = cmd;
+    let j = get_job(flags, &job).await?;
+    match output {
+        Output::Table => print_job(&j),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&j))?),
+    }
+    Ok(())
+}
+
+pub async fn watch(job: String, flags: &ConnectFlags, output: Output) -> Result<()> {
+    follow(flags, &job, output).await?;
+    let j = get_job(flags, &job).await?;
+    if output == Output::Table {
+        println!();
+        print_job(&j);
+    }
+    job_result(&j)
+}
+
+pub async fn cancel(
+    job: String,
+    reason: String,
+    flags: &ConnectFlags,
+    output: Output,
+) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let resp = client
+        .cancel_job(CancelJobRequest {
+            job_id: job.clone(),
+            reason,
+        })
+        .await
+        .map_err(|s| status_error(&format!("cancelling job {job}"), s))?
+        .into_inner();
+    match output {
+        Output::Table => println!(
+            "job {job}: {} (running steps are being stopped; `rollbackctl watch {job}` follows it)",
+            resp.state
+        ),
+        Output::Json => println!("{}", json!({"job_id": job, "state": resp.state})),
+    }
+    Ok(())
+}
+
+pub async fn report(job: String, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let md = client
+        .get_report(GetReportRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .map_err(|s| status_error(&format!("report for job {job}"), s))?
+        .into_inner()
+        .markdown;
+    match output {
+        Output::Table => print!("{md}"),
+        Output::Json => println!("{}", json!({"job_id": job, "markdown": md})),
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Rollback jobs: a procedure from the runbook run across the fleet. The job is persisted
+//! before it is acknowledged; phases run in order with a barrier between them; `each` phases
+//! go canary first then in batches; a `once` phase runs on exactly one host; when failures
+//! reach the threshold the job halts and hosts never reached are `skipped`. Every event is
+//! stored before it is broadcast, so any number of watchers can replay and follow a job, and
+//! a slow watcher never slows the rollback.
+
+mod engine;
+mod planning;
+pub mod report;
+mod watch;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rollback_common::proto::JobEvent;
+use rollback_common::runbook::Runbook;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::Registry;
+use crate::runs::RunHub;
+use crate::store::Store;
+
+/// Host outcomes as stored and shown.
+pub mod outcome {
+    pub const PENDING: &str = "pending";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const TIMED_OUT: &str = "timed_out";
+    pub const UNREACHABLE: &str = "unreachable";
+    pub const CANCELLED: &str = "cancelled";
+    pub const SKIPPED: &str = "skipped";
+}
+
+/// Job states as stored and shown.
+pub mod state {
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const HALTED: &str = "halted";
+    pub const CANCELLED: &str = "cancelled";
+    pub const INTERRUPTED: &str = "interrupted";
+}
+
+/// A job this process is running.
+#[derive(Debug)]
+struct LiveJob {
+    cancel: CancellationToken,
+    events: broadcast::Sender<JobEvent>,
+    next_seq: AtomicU64,
+    state: Mutex<String>,
+}
+
+pub struct Jobs {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    hub: Arc<RunHub>,
+    runbook: Arc<Runbook>,
+    runbook_source: String,
+    live: Mutex<HashMap<String, Arc<LiveJob>>>,
+    /// A host that drops mid-run and is not back with a result by then is `unreachable`.
+    unreachable_after: Duration,
+    tasks: TaskTracker,
+}
+
+impl Jobs {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        hub: Arc<RunHub>,
+        runbook: Runbook,
+        runbook_source: String,
+        unreachable_after: Duration,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            hub,
+            runbook: Arc::new(runbook),
+            runbook_source,
+            live: Mutex::new(HashMap::new()),
+            unreachable_after,
+            tasks,
+        }
+    }
+
+    fn live_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveJob>>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn live_job(&self, job_id: &str) -> Option<Arc<LiveJob>> {
+        self.live_jobs().get(job_id).cloned()
+    }
+
+    pub fn runbook(&self) -> (&Runbook, &str) {
+        (&self.runbook, &self.runbook_source)
+    }
+}

@@ -1,0 +1,137 @@
+//! Turning a `RollbackRequest` into a plan: targets from the selector (every known agent that
+//! matches, online or not — offline ones are reported unreachable at dispatch), the once-host
+//! from the online agents, the strategy, and the runbook's exact steps.
+
+use std::collections::BTreeMap;
+
+use rollback_common::proto::{Batch, PlanPhase, PlanResponse, RollbackRequest, Step};
+use rollback_common::runbook::{self, Amount, Plan, Scope, Strategy};
+use rollback_common::selector::Selector;
+use tonic::Status;
+
+use super::Jobs;
+
+pub(super) fn strategy(req: &RollbackRequest) -> Result<Strategy, Status> {
+    let mut s = Strategy::default();
+    if let Some(c) = req.canary {
+        s.canary = c as usize;
+    }
+    if !req.batch_size.is_empty() {
+        s.batch_size =
+            Amount::parse(&req.batch_size, "--batch-size").map_err(Status::invalid_argument)?;
+    }
+    if !req.max_failures.is_empty() {
+        s.max_failures =
+            Amount::parse(&req.max_failures, "--max-failures").map_err(Status::invalid_argument)?;
+    }
+    Ok(s)
+}
+
+pub(super) fn to_proto(plan: &Plan, s: &Strategy, description: &str) -> PlanResponse {
+    PlanResponse {
+        procedure: plan.procedure.clone(),
+        targets: plan.targets.clone(),
+        once_host: plan.once_host.clone().unwrap_or_default(),
+        phases: plan
+            .phases
+            .iter()
+            .map(|p| PlanPhase {
+                name: p.name.clone(),
+                scope: match p.scope {
+                    Scope::Each => "each".into(),
+                    Scope::Once => "once".into(),
+                },
+                steps: p
+                    .steps
+                    .iter()
+                    .map(|st| Step {
+                        action: st.action.clone(),
+                        params: st.params.clone().into_iter().collect(),
+                        timeout_secs: st.timeout_secs,
+                    })
+                    .collect(),
+                batches: p
+                    .batches
+                    .iter()
+                    .map(|b| Batch { hosts: b.clone() })
+                    .collect(),
+            })
+            .collect(),
+        max_failures: u32::try_from(plan.max_failures).unwrap_or(u32::MAX),
+        strategy: format!(
+            "canary {}, then batches of {}; halt at {} failure(s)",
+            s.canary,
+            s.batch_size.describe(),
+            s.max_failures.describe()
+        ),
+        description: description.to_string(),
+    }
+}
+
+impl Jobs {
+    /// The plan for `req` against the fleet as it is now.
+    pub async fn plan(&self, req: &RollbackRequest) -> Result<(Plan, PlanResponse), Status> {
+        let selector = Selector::parse(&req.selector)
+            .map_err(|e| Status::invalid_argument(format!("--select: {e}")))?;
+        if selector.is_empty() {
+            return Err(Status::invalid_argument(
+                "--select is required (e.g. role=web); to target every host say so explicitly with a label all of them carry",
+            ));
+        }
+        let procedure = self.runbook.procedures.get(&req.procedure).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "no procedure `{}`; the runbook has: {}",
+                req.procedure,
+                self.runbook
+                    .procedures
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let once_text = if req.once_on.is_empty() {
+            procedure.once_on.clone().unwrap_or_default()
+        } else {
+            req.once_on.clone()
+        };
+        let once_selector = Selector::parse(&once_text)
+            .map_err(|e| Status::invalid_argument(format!("--once-on: {e}")))?;
+        let agents = self.store.list_agents().await?;
+        let targets: Vec<String> = agents
+            .iter()
+            .filter(|a| selector.matches(&a.host_id, &a.labels))
+            .map(|a| a.host_id.clone())
+            .collect();
+        let once_candidates: Vec<String> = if once_selector.is_empty() {
+            Vec::new()
+        } else {
+            agents
+                .iter()
+                .filter(|a| {
+                    self.registry.get(&a.host_id).is_some()
+                        && once_selector.matches(&a.host_id, &a.labels)
+                })
+                .map(|a| a.host_id.clone())
+                .collect()
+        };
+        let strategy = strategy(req)?;
+        let values: BTreeMap<String, String> = req.values.clone().into_iter().collect();
+        let plan = runbook::plan(
+            &self.runbook,
+            &req.procedure,
+            &values,
+            &targets,
+            &once_candidates,
+            &strategy,
+        )
+        .map_err(|e| {
+            Status::failed_precondition(format!(
+                "cannot plan `{}` for --select {}: {e}",
+                req.procedure, req.selector
+            ))
+        })?;
+        let proto = to_proto(&plan, &strategy, &procedure.description);
+        Ok((plan, proto))
+    }
+}

@@ -1,0 +1,244 @@
+//! The incident report of a job (Markdown): who, why, when, per-host steps with exit codes,
+//! durations and output tails, health evidence, and the runbook's post-rollback checklist with
+//! the items the tool verified ticked.
+
+use std::fmt::Write;
+
+use rollback_common::proto::{Job, JobHost, StepStatus, step_status_name};
+
+use super::outcome;
+
+fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return "—".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn tail(bytes: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Health checks a host passed or failed: (endpoint, status, passed).
+fn health(host: &JobHost) -> Vec<(String, String, bool)> {
+    host.runs
+        .iter()
+        .filter_map(|r| r.result.as_ref())
+        .flat_map(|r| r.steps.iter())
+        .filter(|s| s.action == "http.check")
+        .map(|s| {
+            (
+                s.facts.get("endpoint").cloned().unwrap_or_default(),
+                s.facts.get("status").cloned().unwrap_or_default(),
+                s.status == StepStatus::Succeeded as i32,
+            )
+        })
+        .collect()
+}
+
+fn ran_ok(host: &JobHost, action: &str) -> Option<bool> {
+    let steps: Vec<bool> = host
+        .runs
+        .iter()
+        .filter_map(|r| r.result.as_ref())
+        .flat_map(|r| r.steps.iter())
+        .filter(|s| s.action == action)
+        .map(|s| s.status == StepStatus::Succeeded as i32)
+        .collect();
+    if steps.is_empty() {
+        None
+    } else {
+        Some(steps.iter().all(|ok| *ok))
+    }
+}
+
+pub fn render(job: &Job) -> String {
+    let mut md = String::new();
+    let plan = job.plan.clone().unwrap_or_default();
+    let req = job.request.clone().unwrap_or_default();
+    let _ = writeln!(md, "# Rollback report — job `{}`\n", job.job_id);
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| Procedure | `{}` — {} |",
+        job.procedure,
+        cell(&plan.description)
+    );
+    let _ = writeln!(md, "| Outcome | **{}** |", job.state);
+    let _ = writeln!(md, "| Requested by | `{}` |", job.requested_by);
+    let _ = writeln!(md, "| Reason | {} |", cell(&job.reason));
+    let _ = writeln!(md, "| Started | {} |", time(job.created_at_unix_ms));
+    let _ = writeln!(md, "| Finished | {} |", time(job.finished_at_unix_ms));
+    if job.finished_at_unix_ms > 0 {
+        let secs = (job.finished_at_unix_ms - job.created_at_unix_ms) as f64 / 1000.0;
+        let _ = writeln!(md, "| Duration | {secs:.1} s |");
+    }
+    let _ = writeln!(
+        md,
+        "| Targets | `--select {}`: {} |",
+        cell(&req.selector),
+        plan.targets.join(", ")
+    );
+    if !plan.once_host.is_empty() {
+        let _ = writeln!(md, "| Once-host | {} |", plan.once_host);
+    }
+    let mut values: Vec<String> = req.values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    values.sort();
+    if !values.is_empty() {
+        let _ = writeln!(md, "| Parameters | {} |", cell(&values.join(", ")));
+    }
+    let _ = writeln!(md, "| Strategy | {} |", cell(&plan.strategy));
+    if !job.halt_reason.is_empty() {
+        let _ = writeln!(md, "\n> **Halted:** {}", job.halt_reason);
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Hosts\n\n| Host | Outcome | Phase | Failed step | Exit | Duration | Detail |\n|---|---|---|---|---|---|---|"
+    );
+    for h in &job.hosts {
+        let _ = writeln!(
+            md,
+            "| {}{} | {} | {} | {} | {} | {:.1} s | {} |",
+            h.host_id,
+            if h.once_only { " (once-host)" } else { "" },
+            h.outcome,
+            h.phase,
+            h.failed_step,
+            if h.failed_step.is_empty() {
+                String::new()
+            } else {
+                h.exit_code.to_string()
+            },
+            h.duration_ms as f64 / 1000.0,
+            cell(&h.detail)
+        );
+    }
+
+    let _ = writeln!(md, "\n## Steps per host");
+    for h in &job.hosts {
+        let _ = writeln!(md, "\n### {} — {}\n", h.host_id, h.outcome);
+        if h.runs.is_empty() {
+            let _ = writeln!(md, "No step was dispatched to this host.");
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "| Phase | Step | Status | Exit | Duration | Facts |\n|---|---|---|---|---|---|"
+        );
+        let mut failing = Vec::new();
+        for run in &h.runs {
+            let Some(result) = &run.result else {
+                let _ = writeln!(
+                    md,
+                    "| {} | (run {}) | no result recorded | | | |",
+                    run.phase, run.run_id
+                );
+                continue;
+            };
+            for s in &result.steps {
+                let mut facts: Vec<String> =
+                    s.facts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                facts.sort();
+                let _ = writeln!(
+                    md,
+                    "| {} | `{}` | {} | {} | {:.2} s | {} |",
+                    run.phase,
+                    s.action,
+                    step_status_name(s.status),
+                    s.exit_code,
+                    s.duration_ms as f64 / 1000.0,
+                    cell(&facts.join(" "))
+                );
+                if s.status != StepStatus::Succeeded as i32
+                    && s.status != StepStatus::Skipped as i32
+                {
+                    failing.push(s.clone());
+                }
+            }
+        }
+        for s in failing {
+            let _ = writeln!(
+                md,
+                "\n**`{}` {}:** {}\n",
+                s.action,
+                step_status_name(s.status),
+                s.error
+            );
+            let out = tail(&s.output_tail, 20);
+            if !out.is_empty() {
+                let _ = writeln!(md, "```text\n{out}\n```");
+            }
+        }
+    }
+
+    let _ = writeln!(md, "\n## Health evidence\n");
+    let targets: Vec<&JobHost> = job.hosts.iter().filter(|h| !h.once_only).collect();
+    for h in &targets {
+        let checks = health(h);
+        if checks.is_empty() {
+            let _ = writeln!(md, "- {}: no health check ran", h.host_id);
+        }
+        for (endpoint, status, ok) in checks {
+            let _ = writeln!(
+                md,
+                "- {}: `GET {endpoint}` → {status} ({})",
+                h.host_id,
+                if ok { "passed" } else { "failed" }
+            );
+        }
+    }
+
+    let all_healthy = !targets.is_empty()
+        && targets.iter().all(|h| {
+            let checks = health(h);
+            h.outcome == outcome::SUCCEEDED && !checks.is_empty() && checks.iter().all(|c| c.2)
+        });
+    let logs_clean =
+        !targets.is_empty() && targets.iter().all(|h| ran_ok(h, "log.scan") == Some(true));
+    let tick = |b: bool| if b { "x" } else { " " };
+    let _ = writeln!(md, "\n## Post-rollback checklist\n");
+    let _ = writeln!(
+        md,
+        "- [{}] Verify application health checks passing{}",
+        tick(all_healthy),
+        if all_healthy {
+            " — verified: every targeted host passed its health checks"
+        } else {
+            " — not verified by the tool"
+        }
+    );
+    let _ = writeln!(
+        md,
+        "- [{}] Check application logs for errors{}",
+        tick(logs_clean),
+        if logs_clean {
+            " — verified: log.scan found no new errors on any targeted host"
+        } else {
+            " — not verified by the tool"
+        }
+    );
+    let _ = writeln!(md, "- [ ] Test critical functionality");
+    let _ = writeln!(md, "- [ ] Notify stakeholders of rollback");
+    let _ = writeln!(
+        md,
+        "- [{}] Document rollback reason — \"{}\"",
+        tick(!job.reason.is_empty()),
+        cell(&job.reason)
+    );
+    let _ = writeln!(md, "- [x] Create incident report — this report");
+    let _ = writeln!(md, "- [ ] Schedule post-mortem");
+    md
+}

@@ -1,0 +1,193 @@
+//! Reading jobs: `GetJob`, `ListJobs`, `WatchJob` (replay from the store, then follow live;
+//! a watcher that falls behind re-reads from the store), and start-up recovery.
+
+use prost::Message;
+use rollback_common::now_unix_ms;
+use rollback_common::proto::{
+    HostRun, Job, JobEvent, JobHost, PlanResponse, RollbackRequest, RunFinished,
+};
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+use tracing::{info, warn};
+
+use super::Jobs;
+use crate::store::{JobHostRow, JobRow};
+
+fn job_proto(row: JobRow, hosts: Vec<JobHostRow>) -> Job {
+    Job {
+        job_id: row.job_id,
+        procedure: row.procedure,
+        state: row.state,
+        reason: row.reason,
+        requested_by: row.requested_by,
+        created_at_unix_ms: row.created_at_ms,
+        finished_at_unix_ms: row.finished_at_ms.unwrap_or(0),
+        request: RollbackRequest::decode(row.request.as_slice()).ok(),
+        plan: PlanResponse::decode(row.plan.as_slice()).ok(),
+        hosts: hosts
+            .into_iter()
+            .map(|h| JobHost {
+                host_id: h.host_id,
+                outcome: h.outcome,
+                phase: h.phase,
+                failed_step: h.failed_step,
+                exit_code: h.exit_code,
+                detail: h.detail,
+                duration_ms: u64::try_from(h.duration_ms).unwrap_or(0),
+                runs: Vec::new(),
+                once_only: h.once_only,
+            })
+            .collect(),
+        halt_reason: row.halt_reason,
+    }
+}
+
+fn is_final(ev: &JobEvent) -> bool {
+    ev.kind == "job.finished"
+}
+
+impl Jobs {
+    /// The whole record of a job: request, plan, hosts with every run's result.
+    pub async fn get(&self, job_id: &str) -> Result<Job, Status> {
+        let (row, hosts) = self
+            .store
+            .get_job(job_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+        let mut job = job_proto(row, hosts);
+        for run in self.store.job_runs(job_id).await? {
+            if let Some(host) = job.hosts.iter_mut().find(|h| h.host_id == run.host_id) {
+                host.runs.push(HostRun {
+                    run_id: run.run_id,
+                    phase: run.phase,
+                    result: run
+                        .result
+                        .and_then(|b| RunFinished::decode(b.as_slice()).ok()),
+                });
+            }
+        }
+        Ok(job)
+    }
+
+    pub async fn list(&self, limit: u32) -> Result<Vec<Job>, Status> {
+        let mut jobs = Vec::new();
+        for row in self.store.list_jobs(limit.clamp(1, 500)).await? {
+            let hosts = self
+                .store
+                .get_job(&row.job_id)
+                .await?
+                .map(|(_, h)| h)
+                .unwrap_or_default();
+            jobs.push(job_proto(row, hosts));
+        }
+        Ok(jobs)
+    }
+
+    /// Events after `after_seq`, then live ones until the job finishes.
+    pub async fn watch(
+        &self,
+        job_id: &str,
+        after_seq: u64,
+    ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, Status> {
+        self.store
+            .get_job(job_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+        // Subscribe before replaying so nothing falls between the two.
+        let live = self.live_job(job_id).map(|l| l.events.subscribe());
+        let (tx, rx) = mpsc::channel(256);
+        let store = self.store.clone();
+        let job_id = job_id.to_string();
+        tokio::spawn(async move {
+            let mut last = after_seq;
+            let replay = |last: u64| {
+                let store = store.clone();
+                let job_id = job_id.clone();
+                async move {
+                    store.job_events(&job_id, last).await.map(|evs| {
+                        evs.into_iter()
+                            .filter_map(|(_, b)| JobEvent::decode(b.as_slice()).ok())
+                            .collect::<Vec<_>>()
+                    })
+                }
+            };
+            macro_rules! forward {
+                ($ev:expr) => {{
+                    let ev: JobEvent = $ev;
+                    if ev.seq > last {
+                        last = ev.seq;
+                        let end = is_final(&ev);
+                        if tx.send(Ok(ev)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                }};
+            }
+            match replay(last).await {
+                Ok(evs) => {
+                    for ev in evs {
+                        forward!(ev);
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!("coordinator store: {e}"))))
+                        .await;
+                    return;
+                }
+            }
+            let Some(mut live) = live else { return };
+            loop {
+                let closed = match live.recv().await {
+                    Ok(ev) => {
+                        forward!(ev);
+                        continue;
+                    }
+                    // Fell behind: the store has everything, in order.
+                    Err(broadcast::error::RecvError::Lagged(_)) => false,
+                    Err(broadcast::error::RecvError::Closed) => true,
+                };
+                let Ok(evs) = replay(last).await else { return };
+                for ev in evs {
+                    forward!(ev);
+                }
+                if closed {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// At start-up: jobs a previous process left running are marked interrupted, with a final
+    /// event so watchers end.
+    pub async fn recover(&self) -> Result<(), Status> {
+        let now = now_unix_ms();
+        for job_id in self.store.interrupt_running_jobs(now).await? {
+            let last = self
+                .store
+                .job_events(&job_id, 0)
+                .await?
+                .last()
+                .map(|(s, _)| *s)
+                .unwrap_or(0);
+            let ev = JobEvent {
+                seq: last + 1,
+                at_unix_ms: now,
+                kind: "job.finished".into(),
+                message: "interrupted: the coordinator stopped while this job ran; hosts not yet reached were not dispatched".into(),
+                job_state: "interrupted".into(),
+                ..Default::default()
+            };
+            if let Err(e) = self
+                .store
+                .append_job_event(&job_id, ev.seq, now, &ev.encode_to_vec())
+                .await
+            {
+                warn!(job = %job_id, error = %e, "store failed recording interruption");
+            }
+            info!(job = %job_id, "job left running by the previous coordinator marked interrupted");
+        }
+        Ok(())
+    }
+}
