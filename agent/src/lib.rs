@@ -10,6 +10,7 @@ pub mod journal;
 pub mod profile;
 mod runner;
 mod session;
+pub mod simulate;
 mod state;
 mod uplink;
 
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use config::Config;
+pub use runner::StepExecution;
 
 use crate::backoff::Backoff;
 use crate::session::{SessionEnd, SessionError};
@@ -52,6 +54,15 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    run_with(config, shutdown, StepExecution::Real).await
+}
+
+/// `run`, with the way steps are executed chosen by the caller (`Noop` for `--simulate`).
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    execution: StepExecution,
+) -> Result<(), AgentError> {
     let own = config.tls.own_identity()?;
     if own.role != Role::Agent || own.name != config.host_id {
         return Err(AgentError::CertificateMismatch {
@@ -65,7 +76,12 @@ pub async fn run(
     let config = Arc::new(config);
     let uplink = Arc::new(uplink::Uplink::default());
     let journal = journal::Journal::open(&config.state_dir)?;
-    let runner = Arc::new(runner::Runner::new(config.clone(), journal, uplink.clone()));
+    let runner = Arc::new(runner::Runner::new(
+        config.clone(),
+        journal,
+        uplink.clone(),
+        execution,
+    ));
     runner.recover();
 
     let cancel = CancellationToken::new();

@@ -21,6 +21,15 @@ use crate::uplink::Uplink;
 /// Output chunks larger than this are split (keeps gRPC messages small).
 const MAX_CHUNK: usize = 16 * 1024;
 
+/// How a run's steps are executed. `Noop` is the one hook for `rollback-agent --simulate`
+/// (`crate::simulate`): validation, journal, events and results stay the real ones; only the
+/// step's action is replaced by an immediate success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepExecution {
+    Real,
+    Noop,
+}
+
 #[derive(Debug)]
 struct Active {
     run_id: String,
@@ -32,6 +41,7 @@ pub struct Runner {
     journal: Journal,
     uplink: Arc<Uplink>,
     active: Mutex<Option<Active>>,
+    execution: StepExecution,
     /// Told when a run ends, so the session can report fresh host state.
     pub finished: tokio::sync::Notify,
 }
@@ -76,12 +86,18 @@ impl OutputSink for ChunkSink {
 }
 
 impl Runner {
-    pub fn new(config: Arc<Config>, journal: Journal, uplink: Arc<Uplink>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        journal: Journal,
+        uplink: Arc<Uplink>,
+        execution: StepExecution,
+    ) -> Self {
         Self {
             config,
             journal,
             uplink,
             active: Mutex::new(None),
+            execution,
             finished: tokio::sync::Notify::new(),
         }
     }
@@ -326,7 +342,10 @@ impl Runner {
                 let mut ctx = StepCtx::new(&self.config, &mut sink, &cancel, timeout);
                 ctx.log_offset = log_offset;
                 let started = std::time::Instant::now();
-                let result = actions::execute(action, ctx).await;
+                let result = match self.execution {
+                    StepExecution::Real => actions::execute(action, ctx).await,
+                    StepExecution::Noop => crate::simulate::noop_result(),
+                };
 
                 let step = &mut record.steps[i];
                 step.exit_code = result.exit_code;

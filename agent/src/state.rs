@@ -44,6 +44,9 @@ pub async fn gather(config: &Config) -> HostState {
     {
         state.env_sha256 = actions::sha256_hex(&bytes);
     }
+    if let Some(last) = crate::actions::snapshot::latest(&config.state_dir) {
+        state.last_snapshot_id = last.id;
+    }
     if config.service.is_some() {
         state.unit_active_state = facts(config, "service.status")
             .await

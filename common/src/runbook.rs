@@ -24,6 +24,9 @@ pub const ACTIONS: &[&str] = &[
     "file.restore",
     "http.check",
     "log.scan",
+    "state.read",
+    "snapshot.take",
+    "postgres.verify",
 ];
 
 /// Values a rollback request may fill into `{...}` placeholders.
@@ -279,6 +282,17 @@ pub struct PlannedPhase {
     pub steps: Vec<PlannedStep>,
     /// `each`: batches of host ids (canary first). `once`: one batch with the once-host.
     pub batches: Vec<Vec<String>>,
+    /// Hosts whose steps differ from `steps` (composed plans, e.g. back to a snapshot).
+    pub host_steps: BTreeMap<String, Vec<PlannedStep>>,
+}
+
+impl PlannedPhase {
+    /// The steps `host` runs in this phase.
+    pub fn steps_for(&self, host: &str) -> &[PlannedStep] {
+        self.host_steps
+            .get(host)
+            .map_or(self.steps.as_slice(), Vec::as_slice)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,15 +346,7 @@ pub fn plan(
     } else {
         None
     };
-    let canary = strategy.canary.min(targets.len());
-    let batch = strategy.batch_size.of(targets.len()).max(1);
-    let mut batches: Vec<Vec<String>> = Vec::new();
-    if canary > 0 {
-        batches.push(targets[..canary].to_vec());
-    }
-    for chunk in targets[canary..].chunks(batch) {
-        batches.push(chunk.to_vec());
-    }
+    let batches = batches(targets, strategy);
     let phases = p
         .phases
         .iter()
@@ -364,6 +370,7 @@ pub fn plan(
                 Scope::Each => batches.clone(),
                 Scope::Once => vec![once_host.clone().into_iter().collect()],
             },
+            host_steps: BTreeMap::new(),
         })
         .collect();
     Ok(Plan {
@@ -373,6 +380,20 @@ pub fn plan(
         phases,
         max_failures: strategy.max_failures.of(targets.len()),
     })
+}
+
+/// Splits `targets` into the canary batch and batches of the strategy's size.
+pub fn batches(targets: &[String], strategy: &Strategy) -> Vec<Vec<String>> {
+    let canary = strategy.canary.min(targets.len());
+    let batch = strategy.batch_size.of(targets.len()).max(1);
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    if canary > 0 {
+        batches.push(targets[..canary].to_vec());
+    }
+    for chunk in targets[canary..].chunks(batch) {
+        batches.push(chunk.to_vec());
+    }
+    batches
 }
 
 fn substitute(value: &str, values: &BTreeMap<String, String>) -> String {

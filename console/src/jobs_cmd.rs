@@ -17,10 +17,25 @@ use crate::error::status_error;
 use crate::output::{Output, format_time, print_columns};
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+    rollbackctl rollback --procedure configuration --select role=web --reason 'bad .env in 2026-11-25 deploy'
+    rollbackctl rollback --procedure application --revision 4d6e6d4 --select role=web --batch-size 25% --reason '...'
+    rollbackctl rollback --procedure database --select role=web --once-on migrator=true --reason '...'
+    rollbackctl rollback --to-snapshot latest --select role=web --reason 'back to the pre-deploy snapshot'
+Run `rollbackctl plan` with the same flags first to see the exact steps and batches.")]
 pub struct RollbackArgs {
     /// Procedure from the runbook: database, database-restore, application, configuration.
-    #[arg(long)]
-    pub procedure: String,
+    #[arg(
+        long,
+        required_unless_present = "to_snapshot",
+        conflicts_with = "to_snapshot"
+    )]
+    pub procedure: Option<String>,
+    /// Instead of a procedure: bring each host back to its snapshot (`latest` or an id),
+    /// composing what `rollbackctl diagnose` finds changed, in a safe order.
+    #[arg(long, value_name = "ID|latest")]
+    pub to_snapshot: Option<String>,
     /// The last good commit (for `application`).
     #[arg(long)]
     pub revision: Option<String>,
@@ -60,7 +75,8 @@ impl RollbackArgs {
             values.insert("backup".to_string(), b.clone());
         }
         RollbackRequest {
-            procedure: self.procedure.clone(),
+            procedure: self.procedure.clone().unwrap_or_default(),
+            to_snapshot: self.to_snapshot.clone().unwrap_or_default(),
             values,
             selector: self.select.clone(),
             once_on: self.once_on.clone().unwrap_or_default(),
@@ -97,6 +113,7 @@ fn plan_json(p: &PlanResponse) -> serde_json::Value {
             "scope": ph.scope,
             "steps": ph.steps.iter().map(|s| json!({"action": s.action, "params": s.params})).collect::<Vec<_>>(),
             "batches": ph.batches.iter().map(|b| b.hosts.clone()).collect::<Vec<_>>(),
+            "host_steps": ph.host_steps.iter().map(|hs| (hs.host_id.clone(), hs.steps.iter().map(|s| json!({"action": s.action, "params": s.params})).collect::<Vec<_>>())).collect::<std::collections::BTreeMap<_, _>>(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -110,11 +127,20 @@ pub fn print_plan(p: &PlanResponse) {
     println!("strategy: {}", p.strategy);
     for (i, ph) in p.phases.iter().enumerate() {
         println!("\nphase {} — {} ({})", i + 1, ph.name, ph.scope);
-        for s in &ph.steps {
+        let show = |indent: &str, s: &rollback_common::proto::Step| {
             let mut params: Vec<String> =
                 s.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
             params.sort();
-            println!("  step {} {}", s.action, params.join(" "));
+            println!("{indent}step {} {}", s.action, params.join(" "));
+        };
+        for s in &ph.steps {
+            show("  ", s);
+        }
+        for hs in &ph.host_steps {
+            println!("  on {}:", hs.host_id);
+            for s in &hs.steps {
+                show("    ", s);
+            }
         }
         for (bi, b) in ph.batches.iter().enumerate() {
             let label = if ph.scope == "once" {

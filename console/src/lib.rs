@@ -7,6 +7,7 @@ pub mod exec_cmd;
 pub mod jobs_cmd;
 pub mod output;
 pub mod pki_cmd;
+pub mod snapshot_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -80,6 +81,20 @@ pub enum Command {
     },
     /// The job's incident report (Markdown), with the post-rollback checklist.
     Report { job: String },
+    /// Record each host's last-known-good state (before a deployment).
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Recorded snapshots, newest first.
+    Snapshots {
+        /// Only hosts matching this selector.
+        #[arg(long, default_value = "")]
+        select: String,
+    },
+    /// What changed since each host's snapshot, which runbook procedure fixes it, and the
+    /// exact command to run.
+    Diagnose {
+        #[arg(long)]
+        select: String,
+    },
     /// Create the fleet CA and issue certificates (no coordinator needed).
     Pki(pki_cmd::PkiArgs),
 }
@@ -98,6 +113,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             jobs_cmd::cancel(job, reason, &cli.connect, cli.output).await
         }
         Command::Report { job } => jobs_cmd::report(job, &cli.connect, cli.output).await,
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args, &cli.connect, cli.output).await,
+        Command::Snapshots { select } => {
+            snapshot_cmd::snapshots(select, &cli.connect, cli.output).await
+        }
+        Command::Diagnose { select } => {
+            snapshot_cmd::diagnose(select, &cli.connect, cli.output).await
+        }
         Command::Pki(args) => pki_cmd::run(args),
     }
 }

@@ -49,10 +49,14 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
         ("AgentGateway", "Session") => Some(Rule::AgentSession),
         ("Console", "ListAgents") => Some(Rule::Console(OperatorRole::Viewer)),
         ("Console", "Exec") => Some(Rule::Console(OperatorRole::Operator)),
-        ("Console", "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs" | "GetReport") => {
-            Some(Rule::Console(OperatorRole::Viewer))
+        (
+            "Console",
+            "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs" | "GetReport"
+            | "ListSnapshots",
+        ) => Some(Rule::Console(OperatorRole::Viewer)),
+        ("Console", "StartRollback" | "CancelJob" | "Snapshot" | "Diagnose") => {
+            Some(Rule::Console(OperatorRole::Operator))
         }
-        ("Console", "StartRollback" | "CancelJob") => Some(Rule::Console(OperatorRole::Operator)),
         _ => None,
     }
 }

@@ -7,10 +7,11 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::console_server::Console;
 use rollback_common::proto::{
-    AgentInfo, AgentStatus, CancelJobRequest, CancelJobResponse, ExecEvent, ExecRequest,
-    GetJobRequest, GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse,
-    HostState, Job, JobEvent, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
-    ListJobsResponse, PlanResponse, RollbackRequest, StartRollbackResponse, WatchJobRequest,
+    AgentInfo, AgentStatus, CancelJobRequest, CancelJobResponse, DiagnoseRequest, DiagnoseResponse,
+    ExecEvent, ExecRequest, GetJobRequest, GetReportRequest, GetReportResponse, GetRunbookRequest,
+    GetRunbookResponse, HostState, Job, JobEvent, ListAgentsRequest, ListAgentsResponse,
+    ListJobsRequest, ListJobsResponse, ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse,
+    RollbackRequest, SnapshotRequest, SnapshotResponse, StartRollbackResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
@@ -63,8 +64,40 @@ impl Console for ConsoleService {
         &self,
         request: Request<RollbackRequest>,
     ) -> Result<Response<PlanResponse>, Status> {
-        let (_, plan) = self.jobs.plan(request.get_ref()).await?;
+        let principal = principal(&request)?;
+        let (_, plan) = self.jobs.plan(&principal, request.get_ref()).await?;
         Ok(Response::new(plan))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
+        let principal = principal(&request)?;
+        Ok(Response::new(
+            self.jobs.snapshot(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Ok(Response::new(
+            self.jobs
+                .list_snapshots(&request.get_ref().selector)
+                .await?,
+        ))
+    }
+
+    async fn diagnose(
+        &self,
+        request: Request<DiagnoseRequest>,
+    ) -> Result<Response<DiagnoseResponse>, Status> {
+        let principal = principal(&request)?;
+        Ok(Response::new(
+            self.jobs.diagnose(&principal, request.into_inner()).await?,
+        ))
     }
 
     async fn start_rollback(

@@ -1,8 +1,10 @@
-//! `file.restore {file=env}`: puts the last known good env file back, byte for byte, atomically
-//! (copy to a temporary file beside it, fsync, rename over, fsync the directory).
+//! `file.restore {file=env [, snapshot=ID]}`: puts the last known good env file back — from
+//! `app.env_backup`, or from the copy a snapshot kept — byte for byte, atomically (temporary
+//! file beside it, fsync, rename over, fsync the directory).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -15,7 +17,45 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-pub(super) async fn restore_env(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+/// Writes `bytes` to `target` atomically, keeping `target`'s mode (or `fallback_mode`).
+pub(super) fn write_atomically(
+    target: &Path,
+    bytes: &[u8],
+    fallback_mode: u32,
+) -> std::io::Result<()> {
+    let dir = target
+        .parent()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no parent dir", target.display())))?;
+    let mode = std::fs::metadata(target)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(fallback_mode);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.restore-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, target)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Restores the env file from `source` (default: `app.env_backup`).
+pub(super) async fn restore_env(
+    source: Option<PathBuf>,
+    ctx: &mut StepCtx<'_>,
+) -> Result<(), Failure> {
     let app = ctx
         .config
         .app
@@ -27,59 +67,40 @@ pub(super) async fn restore_env(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
             "app.env_file and app.env_backup are not set in agent.toml",
         ));
     };
-    let fail = |what: &str, e: std::io::Error| Failure::new(-1, format!("{what}: {e}"));
-    let bytes = std::fs::read(&backup)
-        .map_err(|e| fail(&format!("reading backup {}", backup.display()), e))?;
+    let source = source.unwrap_or(backup);
+    let bytes = std::fs::read(&source)
+        .map_err(|e| Failure::new(-1, format!("reading {}: {e}", source.display())))?;
     let before = std::fs::read(&target).ok();
-    let dir = target
-        .parent()
-        .ok_or_else(|| Failure::new(-1, format!("{} has no parent dir", target.display())))?;
-    let mode = std::fs::metadata(&target)
-        .or_else(|_| std::fs::metadata(&backup))
+    let mode = std::fs::metadata(&source)
         .map(|m| m.permissions().mode() & 0o7777)
         .unwrap_or(0o600);
-    let tmp = dir.join(format!(
-        ".{}.restore-{}",
-        target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &target)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(
-            &format!("restoring {} from {}", target.display(), backup.display()),
-            e,
-        ));
-    }
+    write_atomically(&target, &bytes, mode).map_err(|e| {
+        Failure::new(
+            -1,
+            format!(
+                "restoring {} from {}: {e}",
+                target.display(),
+                source.display()
+            ),
+        )
+    })?;
     let sha = sha256_hex(&bytes);
     match before {
         Some(b) if b == bytes => ctx.say(&format!(
             "{} already matched {}; rewritten anyway",
             target.display(),
-            backup.display()
+            source.display()
         )),
         Some(b) => ctx.say(&format!(
-            "{}: sha256 {} -> {sha}",
+            "{}: sha256 {} -> {sha} (from {})",
             target.display(),
-            sha256_hex(&b)
+            sha256_hex(&b),
+            source.display()
         )),
         None => ctx.say(&format!(
-            "{} was missing; restored (sha256 {sha})",
-            target.display()
+            "{} was missing; restored from {} (sha256 {sha})",
+            target.display(),
+            source.display()
         )),
     }
     ctx.fact("env_sha256", sha);

@@ -85,7 +85,7 @@ async fn resolve(revision: &str, ctx: &mut StepCtx<'_>) -> Result<String, Failur
 }
 
 /// HEAD's sha and subject.
-async fn head(ctx: &mut StepCtx<'_>) -> Result<(String, String), Failure> {
+pub(super) async fn head(ctx: &mut StepCtx<'_>) -> Result<(String, String), Failure> {
     let (spec, dir) = git(ctx)?;
     let outcome = ctx
         .run(&spec.args(["log", "-1", "--no-color", "--format=%H %s"]))

@@ -9,6 +9,7 @@ mod http;
 mod logscan;
 mod postgres;
 mod service;
+pub mod snapshot;
 pub mod validate;
 
 pub use file::sha256_hex;
@@ -38,8 +39,11 @@ pub enum Action {
     PostgresBackup,
     GitCheckout { revision: String },
     GitLog { count: u32 },
-    FileRestore,
+    FileRestore { snapshot: Option<String> },
     HttpCheck(http::Check),
+    StateRead,
+    SnapshotTake { id: String, label: String },
+    PostgresVerify { backup: PathBuf },
     LogScan { patterns: Vec<String> },
 }
 
@@ -224,7 +228,15 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                     Err("only `env` (app.env_backup → app.env_file) can be restored".into())
                 }
             })?;
-            Action::FileRestore
+            let snapshot = p.check("snapshot", |v| {
+                if !snapshot::valid_id(v) {
+                    return Err("is not a snapshot id".into());
+                }
+                snapshot::env_copy(&config.state_dir, v)
+                    .map(|_| v.to_string())
+                    .ok_or_else(|| "names no snapshot with an env copy on this host".into())
+            })?;
+            Action::FileRestore { snapshot }
         }
         "http.check" => {
             let app = config
@@ -260,6 +272,43 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                 retries: retries.unwrap_or(30),
                 interval: Duration::from_millis(interval.unwrap_or(500)),
             })
+        }
+        "state.read" => Action::StateRead,
+        "snapshot.take" => {
+            let id = p
+                .check("id", |v| {
+                    if snapshot::valid_id(v) {
+                        Ok(v.to_string())
+                    } else {
+                        Err("must be 1-64 of [A-Za-z0-9_-]".into())
+                    }
+                })?
+                .ok_or_else(|| p.refuse(Some("id"), "is required"))?;
+            let label = p
+                .check("label", |v| {
+                    if v.len() <= 200 && !v.chars().any(char::is_control) {
+                        Ok(v.to_string())
+                    } else {
+                        Err("must be at most 200 printable characters".into())
+                    }
+                })?
+                .unwrap_or_default();
+            Action::SnapshotTake { id, label }
+        }
+        "postgres.verify" => {
+            let pg = config
+                .postgres
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[postgres]"))?;
+            let backup = p
+                .check("backup", |v| validate::backup_file(v, &pg.backup_dir))?
+                .ok_or_else(|| {
+                    p.refuse(
+                        Some("backup"),
+                        "is required: the file name of a backup in the backup dir",
+                    )
+                })?;
+            Action::PostgresVerify { backup }
         }
         "log.scan" => {
             let app = config
@@ -433,7 +482,15 @@ pub async fn execute(action: &Action, mut ctx: StepCtx<'_>) -> StepResult {
         Action::PostgresBackup => postgres::backup(&mut ctx).await,
         Action::GitCheckout { revision } => git::checkout(revision, &mut ctx).await,
         Action::GitLog { count } => git::log(*count, &mut ctx).await,
-        Action::FileRestore => file::restore_env(&mut ctx).await,
+        Action::FileRestore { snapshot } => {
+            let source = snapshot
+                .as_ref()
+                .and_then(|id| snapshot::env_copy(&ctx.config.state_dir, id));
+            file::restore_env(source, &mut ctx).await
+        }
+        Action::StateRead => snapshot::state(&mut ctx).await,
+        Action::SnapshotTake { id, label } => snapshot::take(id, label, &mut ctx).await,
+        Action::PostgresVerify { backup } => postgres::verify(backup, &mut ctx).await,
         Action::HttpCheck(check) => http::run(check, &mut ctx).await,
         Action::LogScan { patterns } => logscan::run(patterns, &mut ctx).await,
     };

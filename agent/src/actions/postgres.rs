@@ -45,7 +45,7 @@ fn pg(ctx: &StepCtx<'_>, program: &Path) -> Result<(ProcessSpec, PostgresProfile
 }
 
 /// `pg_restore --list FILE`: proves the archive is readable without touching the database.
-async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+pub(super) async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let restore_bin = ctx
         .config
         .postgres
@@ -115,6 +115,17 @@ pub(super) async fn restore(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), 
 }
 
 pub(super) async fn backup(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    if let Some(dir) = ctx.config.postgres.as_ref().map(|p| p.backup_dir.clone())
+        && !dir.is_dir()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Failure::new(-1, format!("creating backup dir {}: {e}", dir.display())))?;
+        ctx.say(&format!("created backup dir {}", dir.display()));
+    }
     let dump_bin = ctx
         .config
         .postgres

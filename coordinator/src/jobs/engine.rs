@@ -9,7 +9,7 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::{
     Cancel, CoordinatorMessage, ExecEvent, JobEvent, RollbackRequest, RunFinished, RunProcedure,
-    StartRollbackResponse, Step, StepStatus, coordinator_message, exec_event, step_event,
+    StartRollbackResponse, StepStatus, coordinator_message, exec_event, step_event,
     step_status_name,
 };
 use rollback_common::runbook::{Plan, PlannedPhase, Scope};
@@ -52,7 +52,20 @@ impl Jobs {
                 "--reason is required: say why you are rolling back (it goes in the audit trail and the report)",
             ));
         }
-        let (plan, plan_proto) = self.plan(&req).await?;
+        let (plan, plan_proto) = self.plan(principal, &req).await?;
+        self.backup_gate(&plan).await?;
+        self.launch(principal, req, plan, plan_proto, None).await
+    }
+
+    /// Persists a planned job and starts it; `done` is told when it ends.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        principal: &Principal,
+        req: RollbackRequest,
+        plan: Plan,
+        plan_proto: rollback_common::proto::PlanResponse,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<StartRollbackResponse, Status> {
         let job_id = new_id();
         let now = now_unix_ms();
         let actor = principal.identity.to_string();
@@ -71,7 +84,7 @@ impl Jobs {
         }
         let job = JobRow {
             job_id: job_id.clone(),
-            procedure: req.procedure.clone(),
+            procedure: plan.procedure.clone(),
             request: req.encode_to_vec(),
             plan: plan_proto.encode_to_vec(),
             state: state::RUNNING.into(),
@@ -90,7 +103,7 @@ impl Jobs {
                 target: format!("job/{job_id}"),
                 detail: format!(
                     "procedure={} select={} hosts={} reason={}",
-                    req.procedure,
+                    plan.procedure,
                     req.selector,
                     plan.targets.join(","),
                     req.reason
@@ -106,16 +119,20 @@ impl Jobs {
         });
         self.live_jobs().insert(job_id.clone(), live.clone());
         let this = self.clone();
-        let span = info_span!("job", job = %job_id, procedure = %req.procedure);
+        let span = info_span!("job", job = %job_id, procedure = %plan.procedure);
         let id = job_id.clone();
+        let procedure = plan.procedure.clone();
         self.tasks.spawn(
             async move {
                 this.run_job(&id, plan, hosts, &live, &req).await;
                 this.live_jobs().remove(&id);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
             .instrument(span),
         );
-        info!(job = %job_id, procedure = %job.procedure, actor = %actor, "rollback job started");
+        info!(job = %job_id, procedure = %procedure, actor = %actor, "job started");
         Ok(StartRollbackResponse {
             job_id,
             plan: Some(plan_proto),
@@ -510,7 +527,7 @@ impl Jobs {
         req: &RollbackRequest,
     ) -> Result<u64, HostFailure> {
         let first_step = phase
-            .steps
+            .steps_for(host)
             .first()
             .map(|s| s.action.clone())
             .unwrap_or_default();
@@ -528,13 +545,9 @@ impl Jobs {
             run_id: run_id.clone(),
             job_id: job_id.to_string(),
             steps: phase
-                .steps
+                .steps_for(host)
                 .iter()
-                .map(|s| Step {
-                    action: s.action.clone(),
-                    params: s.params.clone().into_iter().collect(),
-                    timeout_secs: s.timeout_secs,
-                })
+                .map(super::planning::step_proto)
                 .collect(),
             deadline_unix_ms: 0,
         };
@@ -576,7 +589,7 @@ impl Jobs {
             "host.dispatched",
             host,
             &phase.name,
-            &format!("{host}: {}", steps_text(phase)),
+            &format!("{host}: {}", host_steps_text(phase, host)),
             0,
             0,
         )
@@ -685,7 +698,24 @@ fn host_row(job_id: &str, host: &str, ord: usize, once_only: bool) -> JobHostRow
     }
 }
 
+fn host_steps_text(phase: &PlannedPhase, host: &str) -> String {
+    phase
+        .steps_for(host)
+        .iter()
+        .map(|s| s.action.as_str())
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
 fn steps_text(phase: &PlannedPhase) -> String {
+    if phase.steps.is_empty() && !phase.host_steps.is_empty() {
+        let per_host: Vec<String> = phase
+            .host_steps
+            .keys()
+            .map(|h| format!("{h}: {}", host_steps_text(phase, h)))
+            .collect();
+        return format!("per host — {}", per_host.join("; "));
+    }
     phase
         .steps
         .iter()

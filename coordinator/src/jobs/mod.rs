@@ -5,9 +5,11 @@
 //! stored before it is broadcast, so any number of watchers can replay and follow a job, and
 //! a slow watcher never slows the rollback.
 
+mod diagnosis;
 mod engine;
 mod planning;
 pub mod report;
+mod snapshots;
 mod watch;
 
 use std::collections::HashMap;

@@ -3,13 +3,15 @@
 //! from the online agents, the strategy, and the runbook's exact steps.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use rollback_common::proto::{Batch, PlanPhase, PlanResponse, RollbackRequest, Step};
-use rollback_common::runbook::{self, Amount, Plan, Scope, Strategy};
+use rollback_common::proto::{Batch, HostSteps, PlanPhase, PlanResponse, RollbackRequest, Step};
+use rollback_common::runbook::{self, Amount, Plan, PlannedStep, Runbook, Scope, Strategy};
 use rollback_common::selector::Selector;
 use tonic::Status;
 
 use super::Jobs;
+use crate::authz::Principal;
 
 pub(super) fn strategy(req: &RollbackRequest) -> Result<Strategy, Status> {
     let mut s = Strategy::default();
@@ -27,6 +29,14 @@ pub(super) fn strategy(req: &RollbackRequest) -> Result<Strategy, Status> {
     Ok(s)
 }
 
+pub(super) fn step_proto(st: &PlannedStep) -> Step {
+    Step {
+        action: st.action.clone(),
+        params: st.params.clone().into_iter().collect(),
+        timeout_secs: st.timeout_secs,
+    }
+}
+
 pub(super) fn to_proto(plan: &Plan, s: &Strategy, description: &str) -> PlanResponse {
     PlanResponse {
         procedure: plan.procedure.clone(),
@@ -41,19 +51,19 @@ pub(super) fn to_proto(plan: &Plan, s: &Strategy, description: &str) -> PlanResp
                     Scope::Each => "each".into(),
                     Scope::Once => "once".into(),
                 },
-                steps: p
-                    .steps
-                    .iter()
-                    .map(|st| Step {
-                        action: st.action.clone(),
-                        params: st.params.clone().into_iter().collect(),
-                        timeout_secs: st.timeout_secs,
-                    })
-                    .collect(),
+                steps: p.steps.iter().map(step_proto).collect(),
                 batches: p
                     .batches
                     .iter()
                     .map(|b| Batch { hosts: b.clone() })
+                    .collect(),
+                host_steps: p
+                    .host_steps
+                    .iter()
+                    .map(|(h, steps)| HostSteps {
+                        host_id: h.clone(),
+                        steps: steps.iter().map(step_proto).collect(),
+                    })
                     .collect(),
             })
             .collect(),
@@ -68,21 +78,44 @@ pub(super) fn to_proto(plan: &Plan, s: &Strategy, description: &str) -> PlanResp
     }
 }
 
+/// Parses a required, non-empty selector.
+pub(super) fn parse_selector(text: &str) -> Result<Selector, Status> {
+    let selector =
+        Selector::parse(text).map_err(|e| Status::invalid_argument(format!("--select: {e}")))?;
+    if selector.is_empty() {
+        return Err(Status::invalid_argument(
+            "--select is required (e.g. role=web); to target every host say so explicitly with a label all of them carry",
+        ));
+    }
+    Ok(selector)
+}
+
 impl Jobs {
     /// The plan for `req` against the fleet as it is now.
-    pub async fn plan(&self, req: &RollbackRequest) -> Result<(Plan, PlanResponse), Status> {
-        let selector = Selector::parse(&req.selector)
-            .map_err(|e| Status::invalid_argument(format!("--select: {e}")))?;
-        if selector.is_empty() {
-            return Err(Status::invalid_argument(
-                "--select is required (e.g. role=web); to target every host say so explicitly with a label all of them carry",
-            ));
+    pub async fn plan(
+        self: &Arc<Self>,
+        principal: &Principal,
+        req: &RollbackRequest,
+    ) -> Result<(Plan, PlanResponse), Status> {
+        if !req.to_snapshot.is_empty() {
+            return self.start_to_snapshot_plan(principal, req).await;
         }
-        let procedure = self.runbook.procedures.get(&req.procedure).ok_or_else(|| {
+        let runbook = self.runbook.clone();
+        self.plan_in(req, &runbook).await
+    }
+
+    /// The plan for `req` with procedures from `runbook`.
+    pub(super) async fn plan_in(
+        &self,
+        req: &RollbackRequest,
+        runbook: &Runbook,
+    ) -> Result<(Plan, PlanResponse), Status> {
+        let selector = parse_selector(&req.selector)?;
+        let procedure = runbook.procedures.get(&req.procedure).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "no procedure `{}`; the runbook has: {}",
                 req.procedure,
-                self.runbook
+                runbook
                     .procedures
                     .keys()
                     .cloned()
@@ -118,7 +151,7 @@ impl Jobs {
         let strategy = strategy(req)?;
         let values: BTreeMap<String, String> = req.values.clone().into_iter().collect();
         let plan = runbook::plan(
-            &self.runbook,
+            runbook,
             &req.procedure,
             &values,
             &targets,

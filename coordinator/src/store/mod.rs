@@ -106,6 +106,22 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// One host's part of a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub snapshot_id: String,
+    pub host_id: String,
+    pub job_id: String,
+    pub label: String,
+    pub taken_at_ms: i64,
+    pub git_sha: String,
+    pub git_subject: String,
+    pub alembic_revision: String,
+    pub env_sha256: String,
+    pub unit_state: String,
+    pub db_backup: String,
+}
+
 /// Everything the coordinator persists. Each call is durable when it returns.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -164,6 +180,9 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError>;
     async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError>;
+    async fn insert_snapshot(&self, row: &SnapshotRow) -> Result<(), StoreError>;
+    /// Every snapshot row, newest first.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError>;
     /// At start-up: jobs left running by a previous coordinator process become `interrupted`.
     async fn interrupt_running_jobs(&self, now_ms: i64) -> Result<Vec<String>, StoreError>;
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;

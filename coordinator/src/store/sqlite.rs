@@ -8,7 +8,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{AgentRecord, AuditEvent, JobHostRow, JobRow, RunRow, Store, StoreError};
+use super::{AgentRecord, AuditEvent, JobHostRow, JobRow, RunRow, SnapshotRow, Store, StoreError};
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
 const JOB_COLUMNS: &str = "job_id, procedure, request, plan, state, reason, requested_by, created_at_ms, finished_at_ms, halt_reason";
@@ -433,6 +433,51 @@ impl Store for SqliteStore {
         .await
         .map_err(query_err("job_runs"))?;
         Ok(rows.iter().map(run_row).collect())
+    }
+
+    async fn insert_snapshot(&self, r: &SnapshotRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO snapshots (snapshot_id, host_id, job_id, label, taken_at_ms, git_sha, git_subject,
+             alembic_revision, env_sha256, unit_state, db_backup) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .bind(&r.snapshot_id)
+        .bind(&r.host_id)
+        .bind(&r.job_id)
+        .bind(&r.label)
+        .bind(r.taken_at_ms)
+        .bind(&r.git_sha)
+        .bind(&r.git_subject)
+        .bind(&r.alembic_revision)
+        .bind(&r.env_sha256)
+        .bind(&r.unit_state)
+        .bind(&r.db_backup)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("insert_snapshot"))?;
+        Ok(())
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM snapshots ORDER BY taken_at_ms DESC, host_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list_snapshots"))?;
+        Ok(rows
+            .iter()
+            .map(|r| SnapshotRow {
+                snapshot_id: r.get("snapshot_id"),
+                host_id: r.get("host_id"),
+                job_id: r.get("job_id"),
+                label: r.get("label"),
+                taken_at_ms: r.get("taken_at_ms"),
+                git_sha: r.get("git_sha"),
+                git_subject: r.get("git_subject"),
+                alembic_revision: r.get("alembic_revision"),
+                env_sha256: r.get("env_sha256"),
+                unit_state: r.get("unit_state"),
+                db_backup: r.get("db_backup"),
+            })
+            .collect())
     }
 
     async fn interrupt_running_jobs(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
