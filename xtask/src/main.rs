@@ -1,6 +1,8 @@
 //! `cargo xtask`: the developer entry points — `test` (install what the suites need, run them
-//! all), `demo` (a real fleet rollback on a local lab), `lab up|status|down|exec`.
+//! all), `demo` (a real fleet rollback on a local lab), `lab up|status|down|exec`, `bench`
+//! (speed and footprint against the bash bound, Ansible and Salt).
 
+mod bench;
 mod demo;
 mod lab;
 mod test_cmd;
@@ -26,6 +28,8 @@ enum Cmd {
     Demo,
     /// Boot, inspect, use and tear down a fleet lab by hand.
     Lab(lab::LabArgs),
+    /// Benchmarks against the bash bound, Ansible and Salt; rewrites BENCHMARKS.md's results.
+    Bench(bench::BenchArgs),
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -39,5 +43,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test_cmd::run(args),
         Cmd::Demo => demo::run(),
         Cmd::Lab(args) => lab::run(args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }

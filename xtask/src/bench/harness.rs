@@ -1,0 +1,201 @@
+//! fleet-rollback itself under benchmark: the benchmark PKI (made with the real
+//! `rollbackctl pki`, kept under `target/bench/pki` between runs), a release coordinator on
+//! loopback with a benchmark runbook, and `rollbackctl` invocations.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rollback_tests::support::{self, CertFiles, Pki};
+
+use super::sys::{self, Daemon};
+
+pub const TRUST_DOMAIN: &str = "bench.test";
+pub const OPERATOR: &str = "bench";
+
+/// The release binary `name` (the bench runs as target/release/xtask).
+pub fn bin(name: &str) -> PathBuf {
+    support::bin(name)
+}
+
+/// The benchmark CA, created once; certificates are issued only when missing.
+pub fn pki(dir: &Path) -> Result<Pki> {
+    if dir.join("ca.pem").exists() && dir.join("ca.key").exists() {
+        return Ok(Pki {
+            dir: dir.to_path_buf(),
+            trust_domain: TRUST_DOMAIN.into(),
+        });
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Pki::init(dir, TRUST_DOMAIN)
+}
+
+fn files(pki: &Pki, role: &str, name: &str) -> CertFiles {
+    CertFiles {
+        cert: pki.dir.join(role).join(format!("{name}.pem")),
+        key: pki.dir.join(role).join(format!("{name}.key")),
+    }
+}
+
+/// The certificate of `role`/`name`, issued with `rollbackctl pki` if missing.
+pub fn cert(pki: &Pki, role: &str, name: &str) -> Result<CertFiles> {
+    let f = files(pki, role, name);
+    if f.cert.exists() && f.key.exists() {
+        return Ok(f);
+    }
+    match role {
+        "agent" => pki.agent(name),
+        "operator" => pki.operator(name),
+        _ => pki.coordinator(name, &["127.0.0.1", "localhost"]),
+    }
+}
+
+/// A coordinator process on 127.0.0.1 (ephemeral port) with its config, store and log in `dir`.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub daemon: Daemon,
+    pub url: String,
+    pub ca: PathBuf,
+    pub op: CertFiles,
+}
+
+impl Coordinator {
+    /// Starts with a fresh store, the product's defaults (heartbeat 10 s) and `runbook`.
+    pub fn start(dir: &Path, pki: &Pki, runbook: &Path) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let certs = cert(pki, "coordinator", "coordinator")?;
+        let op = cert(pki, "operator", OPERATOR)?;
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.sqlite\"\nrunbook = \"{}\"\n\
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n",
+                runbook.display(),
+                pki.ca().display(),
+                certs.cert.display(),
+                certs.key.display()
+            ),
+        )
+        .context("writing coordinator config")?;
+        let mut cmd = Command::new(bin("rollback-coordinator"));
+        cmd.arg("--config").arg(&config).env("ROLLBACK_LOG", "info");
+        let mut daemon = Daemon::spawn(cmd, &dir.join("coordinator.log"), "rollback-coordinator")?;
+        let log = daemon.log.clone();
+        let addr = sys::wait_for(
+            "coordinator listening",
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || {
+                daemon.check_alive()?;
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                Ok(text
+                    .lines()
+                    .find(|l| l.contains("coordinator listening"))
+                    .and_then(|l| l.split("addr=Some(").nth(1))
+                    .and_then(|s| s.split(')').next())
+                    .map(String::from))
+            },
+        )?;
+        Ok(Self {
+            daemon,
+            url: format!("https://{addr}"),
+            ca: pki.ca(),
+            op,
+        })
+    }
+
+    /// A `rollbackctl` command with the operator's certificate against this coordinator.
+    pub fn ctl(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("rollbackctl"));
+        cmd.arg("--coordinator")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.op.cert)
+            .arg("--key")
+            .arg(&self.op.key)
+            .args(args)
+            .env_remove("ROLLBACK_CONFIG")
+            .env("HOME", "/nonexistent");
+        cmd
+    }
+
+    /// How many agents matching `select` are online.
+    pub fn online(&self, select: &str) -> Result<usize> {
+        let out = sys::run_ok(&mut self.ctl(&["agents", "--output", "json", "--select", select]))?;
+        let agents: Vec<serde_json::Value> =
+            serde_json::from_str(&out).context("parsing rollbackctl agents --output json")?;
+        Ok(agents
+            .iter()
+            .filter(|a| a["status"].as_str() == Some("online"))
+            .count())
+    }
+
+    /// Waits until `n` agents matching `select` are online.
+    pub fn wait_online(&mut self, select: &str, n: usize, limit: Duration) -> Result<()> {
+        sys::wait_for(
+            &format!("{n} agents online"),
+            limit,
+            Duration::from_millis(200),
+            || {
+                self.daemon.check_alive()?;
+                Ok((self.online(select)? >= n).then_some(()))
+            },
+        )
+    }
+}
+
+/// Runs one `rollbackctl --output json rollback ...` to the job's end; returns the wall time and
+/// the job document. Fails unless every host succeeded.
+pub fn rollback(
+    coord: &Coordinator,
+    args: &[&str],
+    scratch: &Path,
+    limit: Duration,
+) -> Result<(Duration, serde_json::Value)> {
+    let mut all = vec!["--output", "json", "rollback"];
+    all.extend(args);
+    let done = sys::run_timed(coord.ctl(&all), scratch, limit)?;
+    let job: serde_json::Value = serde_json::from_str(&done.stdout).with_context(|| {
+        format!(
+            "rollbackctl rollback printed no job JSON ({}); stderr: {}",
+            done.status, done.stderr
+        )
+    })?;
+    if !done.status.success() || job["state"].as_str() != Some("succeeded") {
+        let failed: Vec<String> = job["hosts"]
+            .as_array()
+            .map(|hs| {
+                hs.iter()
+                    .filter(|h| h["outcome"].as_str() != Some("succeeded"))
+                    .take(3)
+                    .map(|h| format!("{}: {} {}", h["host_id"], h["outcome"], h["detail"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        bail!(
+            "rollback job {} ended {} ({}): {}; stderr: {}",
+            job["job_id"],
+            job["state"],
+            done.status,
+            failed.join("; "),
+            done.stderr.trim()
+        );
+    }
+    Ok((done.wall, job))
+}
+
+/// The coordinator's own start-to-end time of a job document, in seconds.
+pub fn job_seconds(job: &serde_json::Value) -> Option<f64> {
+    let start = sys::parse_rfc3339_ms(job["created_at"].as_str()?)?;
+    let end = sys::parse_rfc3339_ms(job["finished_at"].as_str()?)?;
+    Some((end - start) as f64 / 1000.0)
+}

@@ -1,0 +1,203 @@
+//! `cargo xtask bench [--quick]`: fleet-rollback measured against the bash bound, Ansible and
+//! Salt on the same rollback (a), at scale with simulated agents (b), and at rest (c); the
+//! results section of BENCHMARKS.md is regenerated from the measurements.
+//!
+//! The bench builds the release binaries (`cargo build --release --workspace --bins`) and then
+//! runs as `target/release/xtask`, so the test support it reuses starts release binaries.
+//! Everything runs on loopback; peers are installed into venvs under `target/bench/`.
+
+mod fleet;
+mod footprint;
+mod harness;
+mod hosts;
+mod peers;
+mod report;
+mod scale;
+mod sys;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Fleet,
+    Scale,
+    Footprint,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// N = 10 and K = 1,000 only (under 5 minutes once the peers' venvs exist).
+    #[arg(long)]
+    quick: bool,
+    /// Runs per figure; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only these parts (default: all), e.g. `--only scale,footprint`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Part>,
+    /// Host counts for part (a) instead of the default (10, 50, 100; quick: 10).
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<usize>,
+    /// Agent counts for part (b) instead of the default (1000, 10000; quick: 1000).
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<usize>,
+    /// Measure and print, but leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+    /// Set when the bench re-runs itself as the release build.
+    #[arg(long, hide = true)]
+    in_release: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let root = crate::workspace_root();
+    let release = root.join("target").join("release");
+    if !args.in_release {
+        eprintln!("bench: cargo build --release --workspace --bins");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "--release", "--workspace", "--bins"])
+            .status()
+            .context("running cargo build --release")?;
+        if !status.success() {
+            bail!("cargo build --release --workspace --bins failed ({status})");
+        }
+        let mut forwarded: Vec<String> = std::env::args().skip_while(|a| a != "bench").collect();
+        forwarded.push("--in-release".into());
+        let status = Command::new(release.join("xtask"))
+            .current_dir(&root)
+            .args(&forwarded)
+            .status()
+            .context("starting target/release/xtask bench")?;
+        if !status.success() {
+            bail!("bench failed ({status})");
+        }
+        return Ok(());
+    }
+    measure(&args)
+}
+
+fn command_line(args: &BenchArgs) -> String {
+    let mut c = String::from("cargo xtask bench");
+    if args.quick {
+        c.push_str(" --quick");
+    }
+    if args.runs != 3 {
+        c.push_str(&format!(" --runs {}", args.runs));
+    }
+    c
+}
+
+fn measure(args: &BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let ws = crate::workspace_root();
+    let root = ws.join("target").join("bench");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let runs = args.runs.max(1);
+    let want = |p: Part| args.only.is_empty() || args.only.contains(&p);
+    let hosts: Vec<usize> = match (args.hosts.is_empty(), args.quick) {
+        (false, _) => args.hosts.clone(),
+        (true, true) => vec![10],
+        (true, false) => vec![10, 50, 100],
+    };
+    let agents: Vec<usize> = match (args.agents.is_empty(), args.quick) {
+        (false, _) => args.agents.clone(),
+        (true, true) => vec![1000],
+        (true, false) => vec![1000, 10_000],
+    };
+    let commit =
+        sys::run_ok(
+            Command::new("git")
+                .current_dir(&ws)
+                .args(["rev-parse", "--short", "HEAD"]),
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let meta = json!({
+        "date": sys::today_utc(),
+        "machine": sys::machine(),
+        "load": sys::load_average(),
+        "commit": commit,
+        "command": command_line(args),
+    });
+    eprintln!("bench: {meta}");
+    let pki = harness::pki(&root.join("pki"))?;
+
+    let bench_md = ws.join("BENCHMARKS.md");
+    let mut data = report::load(&std::fs::read_to_string(&bench_md).unwrap_or_default());
+    let merge = |data: &mut Value, path: &[&str], mut fig: Value| {
+        if let (Some(obj), Some(m)) = (fig.as_object_mut(), meta.as_object()) {
+            for (k, v) in m {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let mut at = data;
+        for key in &path[..path.len() - 1] {
+            if !at[*key].is_object() {
+                at[*key] = json!({});
+            }
+            at = &mut at[*key];
+        }
+        at[path[path.len() - 1]] = fig;
+    };
+    data["versions"]["fleet_rollback"] = json!(format!(
+        "{} (commit {commit}, release build)",
+        peers::version_of(&harness::bin("rollback-agent"))
+    ));
+
+    let save = |data: &Value| -> Result<()> {
+        if !args.no_write {
+            report::write(&bench_md, data)?;
+        }
+        Ok(())
+    };
+
+    if want(Part::Footprint) {
+        let fig = footprint::measure(&root, &pki, Duration::from_secs(60))
+            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        eprintln!("bench: footprint: {fig}");
+        merge(&mut data, &["footprint"], fig);
+        save(&data)?;
+    }
+    if want(Part::Scale) {
+        for &k in &agents {
+            let fig = scale::measure(&root, &pki, k, runs).unwrap_or_else(|e| {
+                eprintln!("bench: scale K={k}: {e:#}");
+                json!({"error": format!("{e:#}")})
+            });
+            merge(&mut data, &["scale", &k.to_string()], fig);
+            save(&data)?;
+        }
+    }
+    if want(Part::Fleet) {
+        let mut peers = fleet::Peers::install(&root);
+        let versions = peers.versions();
+        if let Some(v) = versions.as_object() {
+            for (k, x) in v {
+                data["versions"][k] = x.clone();
+            }
+        }
+        for &n in &hosts {
+            let fig = fleet::measure(&root, &pki, &mut peers, n, runs).unwrap_or_else(|e| {
+                eprintln!("bench: fleet N={n}: {e:#}");
+                json!({"error": format!("{e:#}")})
+            });
+            merge(&mut data, &["fleet", &n.to_string()], fig);
+            save(&data)?;
+        }
+    }
+    eprintln!(
+        "bench: done in {:.0} s{}",
+        started.elapsed().as_secs_f64(),
+        if args.no_write {
+            ""
+        } else {
+            "; BENCHMARKS.md updated"
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Part (b), scale: K simulated agents (`rollback-agent --simulate K`, one process, each a full
+//! agent with its own certificate and mTLS session whose steps are no-ops) against one
+//! coordinator. Measures the time for all K to connect, a one-step job to all K, per-host
+//! latencies from the job's events, and the coordinator's RSS and CPU time.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use super::harness::{self, Coordinator};
+use super::sys::{self, Daemon};
+
+const RUNBOOK: &str = r#"# cargo xtask bench, part (b): one step; the simulated agents answer it with a no-op.
+[procedures.noop]
+description = "benchmark: one step on every host (a no-op in rollback-agent --simulate)"
+
+[[procedures.noop.phases]]
+name = "noop"
+scope = "each"
+steps = [{ action = "postgres.backup" }]
+"#;
+
+/// Where the simulated agents' journals live: tmpfs, standing in for K hosts' own disks (one
+/// shared disk would serialize K hosts' fsyncs in the simulator, not in the coordinator).
+const SIM_STATE_ROOT: &str = "/dev/shm/fleet-rollback-bench";
+
+/// Counts lines containing `needle` appended to a log since the last call.
+struct LogCounter {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    count: usize,
+}
+
+impl LogCounter {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: 0,
+            partial: String::new(),
+            count: 0,
+        }
+    }
+
+    fn update(&mut self, needle: &str) -> Result<usize> {
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return Ok(self.count);
+        };
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let complete = match self.partial.rfind('\n') {
+            Some(i) => {
+                let rest = self.partial.split_off(i + 1);
+                std::mem::replace(&mut self.partial, rest)
+            }
+            None => return Ok(self.count),
+        };
+        self.count += complete.lines().filter(|l| l.contains(needle)).count();
+        Ok(self.count)
+    }
+}
+
+/// One run at K agents.
+fn run_once(
+    root: &Path,
+    pki: &rollback_tests::support::Pki,
+    k: usize,
+    run: usize,
+) -> Result<serde_json::Value> {
+    let dir = root.join(format!("scale-{k}")).join(format!("run-{run}"));
+    let runbook = root.join("scale-runbook.toml");
+    std::fs::write(&runbook, RUNBOOK).context("writing scale runbook")?;
+    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook)?;
+    let cpid = coord.daemon.pid()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let coord_idle0_kib = sys::rss_kib(cpid)?;
+
+    let state = PathBuf::from(SIM_STATE_ROOT).join(format!("scale-{k}-run-{run}"));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    let template = dir.join("sim.toml");
+    std::fs::write(
+        &template,
+        format!(
+            "host_id = \"sim\"\ncoordinator = \"{}\"\nstate_dir = \"{}\"\n\
+             [labels]\nsim = \"yes\"\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
+             [postgres]\npg_dump = \"/bin/true\"\npg_restore = \"/bin/true\"\nhost = \"127.0.0.1\"\n\
+             user = \"bench\"\ndatabase = \"bench\"\nbackup_dir = \"{}\"\n",
+            coord.url,
+            state.display(),
+            state.display(),
+            ca = pki.ca().display(),
+        ),
+    )
+    .context("writing simulator config")?;
+    let mut cmd = Command::new(harness::bin("rollback-agent"));
+    cmd.arg("--config")
+        .arg(&template)
+        .arg("--simulate")
+        .arg(k.to_string())
+        .arg("--simulate-pki")
+        .arg(&pki.dir)
+        .env("ROLLBACK_LOG", "warn,rollback_agent::simulate=info");
+    let mut sim = Daemon::spawn(cmd, &dir.join("simulator.log"), "rollback-agent --simulate")?;
+    let sim_log = sim.log.clone();
+    let cert_wait = Instant::now();
+    sys::wait_for(
+        "simulated agents' certificates",
+        Duration::from_secs(900),
+        Duration::from_millis(10),
+        || {
+            sim.check_alive()?;
+            Ok(std::fs::read_to_string(&sim_log)
+                .unwrap_or_default()
+                .contains("certificates ready")
+                .then_some(()))
+        },
+    )?;
+    let cert_secs = cert_wait.elapsed().as_secs_f64();
+    let connect_start = Instant::now();
+    let ticks0 = sys::cpu_ticks(cpid)?;
+    let mut online = LogCounter::new(&coord.daemon.log);
+    sys::wait_for(
+        &format!("{k} simulated agents online"),
+        Duration::from_secs(600),
+        Duration::from_millis(10),
+        || {
+            sim.check_alive()?;
+            coord.daemon.check_alive()?;
+            Ok((online.update("agent online")? >= k).then_some(()))
+        },
+    )?;
+    let connect_secs = connect_start.elapsed().as_secs_f64();
+    let ticks1 = sys::cpu_ticks(cpid)?;
+    std::thread::sleep(Duration::from_secs(5));
+    let listed = coord.online("sim=yes")?;
+    if listed != k {
+        bail!("{listed} of {k} simulated agents listed online after they connected");
+    }
+    let coord_idle_k_kib = sys::rss_kib(cpid)?;
+    let sim_pid = sim.pid()?;
+    let sim_rss_kib = sys::rss_kib(sim_pid)?;
+
+    let ticks2 = sys::cpu_ticks(cpid)?;
+    let (wall, job) = harness::rollback(
+        &coord,
+        &[
+            "--procedure",
+            "noop",
+            "--select",
+            "sim=yes",
+            "--reason",
+            "cargo xtask bench: scale",
+            "--yes",
+            "--canary",
+            "0",
+            "--batch-size",
+            "100%",
+            "--max-failures",
+            "100%",
+        ],
+        &dir.join("rollback"),
+        Duration::from_secs(900),
+    )?;
+    let ticks3 = sys::cpu_ticks(cpid)?;
+    let coord_peak_kib = sys::peak_rss_kib(cpid)?;
+    let hosts = job["hosts"].as_array().map_or(0, Vec::len);
+    if hosts != k {
+        bail!("the job covered {hosts} hosts, not {k}");
+    }
+    let job_id = job["job_id"].as_str().unwrap_or_default().to_string();
+    let lat = latencies(&coord, &job_id, &dir.join("watch"), k)?;
+
+    sim.stop(Duration::from_secs(30));
+    coord.daemon.stop(Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&state);
+    let clk = sys::clk_tck() as f64;
+    Ok(json!({
+        "certs_s": cert_secs,
+        "connect_s": connect_secs,
+        "connect_cpu_s": (ticks1 - ticks0) as f64 / clk,
+        "job_wall_s": wall.as_secs_f64(),
+        "job_coord_s": harness::job_seconds(&job),
+        "job_cpu_s": (ticks3 - ticks2) as f64 / clk,
+        "coord_idle0_mib": coord_idle0_kib as f64 / 1024.0,
+        "coord_idle_k_mib": coord_idle_k_kib as f64 / 1024.0,
+        "coord_peak_mib": coord_peak_kib as f64 / 1024.0,
+        "sim_rss_mib": sim_rss_kib as f64 / 1024.0,
+        "latency": lat,
+    }))
+}
+
+/// Per-host latencies from the job's events (`rollbackctl --output json watch JOB`).
+fn latencies(
+    coord: &Coordinator,
+    job_id: &str,
+    scratch: &Path,
+    k: usize,
+) -> Result<serde_json::Value> {
+    let done = sys::run_timed(
+        coord.ctl(&["--output", "json", "watch", job_id]),
+        scratch,
+        Duration::from_secs(300),
+    )?;
+    let mut start = None;
+    let mut dispatched = std::collections::HashMap::new();
+    let mut finished = std::collections::HashMap::new();
+    for line in done.stdout.lines() {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let at = ev["at"].as_str().and_then(sys::parse_rfc3339_ms);
+        let host = ev["host_id"].as_str().unwrap_or_default().to_string();
+        match (ev["kind"].as_str(), at) {
+            (Some("job.started"), Some(at)) => start = Some(at),
+            (Some("host.dispatched"), Some(at)) => {
+                dispatched.insert(host, at);
+            }
+            (Some("step.finished"), Some(at)) => {
+                finished.insert(host, at);
+            }
+            _ => {}
+        }
+    }
+    let start = start.context("no job.started event")?;
+    if finished.len() != k {
+        bail!(
+            "{} step results among the job's events, not {k}",
+            finished.len()
+        );
+    }
+    let to_result: Vec<f64> = finished.values().map(|&t| (t - start) as f64).collect();
+    let to_dispatch: Vec<f64> = dispatched.values().map(|&t| (t - start) as f64).collect();
+    let round_trip: Vec<f64> = finished
+        .iter()
+        .filter_map(|(h, &t)| dispatched.get(h).map(|&d| (t - d) as f64))
+        .collect();
+    Ok(json!({
+        "result_p50_ms": sys::percentile(&to_result, 50.0),
+        "result_p99_ms": sys::percentile(&to_result, 99.0),
+        "dispatch_p50_ms": sys::percentile(&to_dispatch, 50.0),
+        "dispatch_p99_ms": sys::percentile(&to_dispatch, 99.0),
+        "rtt_p50_ms": sys::percentile(&round_trip, 50.0),
+        "rtt_p99_ms": sys::percentile(&round_trip, 99.0),
+    }))
+}
+
+/// All runs at K; the figure with each run and the medians.
+pub fn measure(
+    root: &Path,
+    pki: &rollback_tests::support::Pki,
+    k: usize,
+    runs: usize,
+) -> Result<serde_json::Value> {
+    if let Some(limit) = sys::open_files_limit()
+        && limit < (k as u64) + 1024
+    {
+        bail!(
+            "the open-files limit is {limit}; {k} agents need at least {}: raise it (`ulimit -n {}`) and run again",
+            k + 1024,
+            2 * k + 1024
+        );
+    }
+    let mut all = Vec::new();
+    for run in 1..=runs {
+        eprintln!("bench: scale K={k}: run {run}/{runs}");
+        let r = run_once(root, pki, k, run).with_context(|| format!("scale K={k} run {run}"))?;
+        eprintln!("bench: scale K={k}: run {run}: {r}");
+        all.push(r);
+    }
+    let med = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> serde_json::Value {
+        let v: Vec<f64> = all.iter().filter_map(f).collect();
+        json!(sys::median(&v))
+    };
+    Ok(json!({
+        "k": k,
+        "runs": all.clone(),
+        "median": {
+            "connect_s": med(&|r| r["connect_s"].as_f64()),
+            "connect_cpu_s": med(&|r| r["connect_cpu_s"].as_f64()),
+            "job_wall_s": med(&|r| r["job_wall_s"].as_f64()),
+            "job_coord_s": med(&|r| r["job_coord_s"].as_f64()),
+            "job_cpu_s": med(&|r| r["job_cpu_s"].as_f64()),
+            "coord_idle0_mib": med(&|r| r["coord_idle0_mib"].as_f64()),
+            "coord_idle_k_mib": med(&|r| r["coord_idle_k_mib"].as_f64()),
+            "coord_peak_mib": med(&|r| r["coord_peak_mib"].as_f64()),
+            "sim_rss_mib": med(&|r| r["sim_rss_mib"].as_f64()),
+            "result_p50_ms": med(&|r| r["latency"]["result_p50_ms"].as_f64()),
+            "result_p99_ms": med(&|r| r["latency"]["result_p99_ms"].as_f64()),
+            "dispatch_p50_ms": med(&|r| r["latency"]["dispatch_p50_ms"].as_f64()),
+            "dispatch_p99_ms": med(&|r| r["latency"]["dispatch_p99_ms"].as_f64()),
+            "rtt_p50_ms": med(&|r| r["latency"]["rtt_p50_ms"].as_f64()),
+            "rtt_p99_ms": med(&|r| r["latency"]["rtt_p99_ms"].as_f64()),
+        },
+    }))
+}
