@@ -127,6 +127,21 @@ fn missing_section(action: &str, section: &str) -> Refusal {
     }
 }
 
+/// The required `backup` parameter: a plain file name inside `[postgres] backup_dir`.
+fn backup_param(p: &mut Params<'_>, config: &Config) -> Result<PathBuf, Refusal> {
+    let pg = config
+        .postgres
+        .as_ref()
+        .ok_or_else(|| missing_section(p.action, "[postgres]"))?;
+    p.check("backup", |v| validate::backup_file(v, &pg.backup_dir))?
+        .ok_or_else(|| {
+            p.refuse(
+                Some("backup"),
+                "is required: the file name of a backup in the backup dir",
+            )
+        })
+}
+
 /// Checks a step against the allowlist and this host's profile. Spawns nothing, except that
 /// `git.checkout` resolves its (already grammar-checked) revision with `git rev-parse`.
 pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
@@ -169,21 +184,9 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                 .ok_or_else(|| missing_section(name, "[alembic]"))?;
             Action::AlembicCurrent
         }
-        "postgres.restore" => {
-            let pg = config
-                .postgres
-                .as_ref()
-                .ok_or_else(|| missing_section(name, "[postgres]"))?;
-            let backup = p
-                .check("backup", |v| validate::backup_file(v, &pg.backup_dir))?
-                .ok_or_else(|| {
-                    p.refuse(
-                        Some("backup"),
-                        "is required: the file name of a backup in the backup dir",
-                    )
-                })?;
-            Action::PostgresRestore { backup }
-        }
+        "postgres.restore" => Action::PostgresRestore {
+            backup: backup_param(&mut p, config)?,
+        },
         "postgres.backup" => {
             config
                 .postgres
@@ -295,21 +298,9 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                 .unwrap_or_default();
             Action::SnapshotTake { id, label }
         }
-        "postgres.verify" => {
-            let pg = config
-                .postgres
-                .as_ref()
-                .ok_or_else(|| missing_section(name, "[postgres]"))?;
-            let backup = p
-                .check("backup", |v| validate::backup_file(v, &pg.backup_dir))?
-                .ok_or_else(|| {
-                    p.refuse(
-                        Some("backup"),
-                        "is required: the file name of a backup in the backup dir",
-                    )
-                })?;
-            Action::PostgresVerify { backup }
-        }
+        "postgres.verify" => Action::PostgresVerify {
+            backup: backup_param(&mut p, config)?,
+        },
         "log.scan" => {
             let app = config
                 .app

@@ -44,6 +44,22 @@ fn pg(ctx: &StepCtx<'_>, program: &Path) -> Result<(ProcessSpec, PostgresProfile
     Ok((spec, p))
 }
 
+/// `--host H --port P --username U --dbname D` from the profile.
+fn connection_args(p: &PostgresProfile) -> Vec<String> {
+    [
+        "--host",
+        &p.host,
+        "--port",
+        &p.port.to_string(),
+        "--username",
+        &p.user,
+        "--dbname",
+        &p.database,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// `pg_restore --list FILE`: proves the archive is readable without touching the database.
 pub(super) async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let restore_bin = ctx
@@ -77,16 +93,7 @@ pub(super) async fn restore(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), 
     let (spec, p) = pg(ctx, &restore_bin)?;
     let spec = spec
         .args(["--clean", "--if-exists", "--no-owner", "--exit-on-error"])
-        .args([
-            "--host",
-            &p.host,
-            "--port",
-            &p.port.to_string(),
-            "--username",
-            &p.user,
-            "--dbname",
-            &p.database,
-        ])
+        .args(connection_args(&p))
         .arg(backup);
     let outcome = ctx.run(&spec).await?;
     if !outcome.success() {
@@ -148,16 +155,7 @@ pub(super) async fn backup(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let spec = spec
         .args(["--format=custom", "--file"])
         .arg(&partial)
-        .args([
-            "--host",
-            &p.host,
-            "--port",
-            &p.port.to_string(),
-            "--username",
-            &p.user,
-            "--dbname",
-            &p.database,
-        ]);
+        .args(connection_args(&p));
     let outcome = ctx.run(&spec).await?;
     if !outcome.success() {
         let _ = std::fs::remove_file(&partial);
