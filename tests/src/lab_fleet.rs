@@ -259,9 +259,10 @@ impl<'a> LabFleet<'a> {
             .with_context(|| format!("running rollbackctl {}", args.join(" ")))
     }
 
-    /// Runs `rollbackctl ARGS` like [`LabFleet::rollbackctl`], but passes its stdout and stderr
-    /// on to `out` line by line as they come (as a terminal would show them) instead of
-    /// capturing them; kills it after `timeout`. Returns its exit status.
+    /// Runs `rollbackctl ARGS` like [`LabFleet::rollbackctl`], but passes its output on to
+    /// `out` line by line as it comes instead of capturing it: stdout and stderr share one
+    /// pipe, so they interleave as on a terminal. Kills it after `timeout`. Returns its exit
+    /// status.
     pub fn rollbackctl_streamed(
         &self,
         args: &[&str],
@@ -269,7 +270,13 @@ impl<'a> LabFleet<'a> {
         timeout: Duration,
     ) -> Result<std::process::ExitStatus> {
         use std::io::BufRead;
+        use std::sync::mpsc::RecvTimeoutError;
         let what = format!("rollbackctl {}", args.join(" "));
+        let (reader, writer) =
+            std::io::pipe().with_context(|| format!("creating a pipe for {what}"))?;
+        let writer2 = writer
+            .try_clone()
+            .with_context(|| format!("creating a pipe for {what}"))?;
         let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
         cmd.arg("--coordinator")
             .arg(&self.url)
@@ -283,41 +290,25 @@ impl<'a> LabFleet<'a> {
             .env("HOME", "/nonexistent")
             .env_remove("ROLLBACK_CONFIG")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+            .stdout(writer)
+            .stderr(writer2);
+        let spawned = cmd.spawn().with_context(|| format!("starting {what}"));
+        // The command holds this process's ends of the pipe's write side: without them the
+        // reader sees end-of-file when the child exits.
+        drop(cmd);
+        let mut child = spawned?;
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let pipes: Vec<Box<dyn std::io::Read + Send>> = [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        for pipe in pipes {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(pipe);
-                loop {
-                    let mut line = Vec::new();
-                    match reader.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            if tx.send(line).is_err() {
-                                break;
-                            }
-                        }
-                    }
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(reader);
+            loop {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if tx.send(line).is_err() => break,
+                    Ok(_) => {}
                 }
-            });
-        }
-        drop(tx);
+            }
+        });
         let deadline = std::time::Instant::now() + timeout;
         let mut written = Ok(());
         loop {
@@ -328,8 +319,8 @@ impl<'a> LabFleet<'a> {
                         written = out.write_all(&line).and_then(|()| out.flush());
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     bail!("{what}: no result after {timeout:?}; killed it");

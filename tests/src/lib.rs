@@ -2,6 +2,7 @@
 //! built binaries, a throwaway PKI, running the coordinator, agents and `rollbackctl` as real
 //! processes, and the fleet lab of real hosts (network namespaces + systemd).
 
+pub mod demo;
 pub mod lab;
 pub mod lab_fleet;
 pub mod support;

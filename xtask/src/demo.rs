@@ -1,7 +1,45 @@
-//! `cargo xtask demo`: the README's first command (filled in by the fleet-lab work).
+//! `cargo xtask demo`: the README's first command. Builds the binaries, makes sure the venv
+//! with alembic exists, then tells the demo story of `rollback_tests::demo` on a fresh fleet
+//! lab, streaming to stdout. Needs root (the lab uses namespaces, mounts and cgroups).
+//! Any failure ends with one `cargo xtask demo: failed: ...` line and exit status 1.
 
-use anyhow::Result;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use rollback_tests::{demo, lab};
 
 pub fn run() -> Result<()> {
-    anyhow::bail!("the demo arrives with the fleet-lab issue (#3)")
+    if let Err(reason) = lab::check_prerequisites() {
+        eprintln!("cargo xtask demo: cannot run: {reason}; run it as root on Linux");
+        std::process::exit(1);
+    }
+    if let Err(e) = build_and_tell() {
+        eprintln!("\ncargo xtask demo: failed: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn build_and_tell() -> Result<()> {
+    build_binaries()?;
+    crate::venv::ensure()?;
+    // From here on Ctrl-C removes the lab instead of leaving it behind.
+    demo::tear_down_on_interrupt(demo::LAB_NAME)?;
+    demo::run(&mut std::io::stdout().lock())
+}
+
+/// `cargo build --workspace --bins`: the demo runs the coordinator, the agents and
+/// `rollbackctl` from target/debug.
+fn build_binaries() -> Result<()> {
+    eprintln!("cargo xtask demo: building the binaries (cargo build --workspace --bins)...");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--workspace", "--bins"])
+        .current_dir(crate::workspace_root())
+        .status()
+        .context("starting cargo build --workspace --bins")?;
+    if !status.success() {
+        bail!("cargo build --workspace --bins failed with {status}");
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -58,7 +58,8 @@ pub fn launch(
     let log_err = log
         .try_clone()
         .with_context(|| format!("cloning {}", log_path.display()))?;
-    let mut c = Command::new("nsenter");
+    let gate = host_dir.join("launch.lock");
+    let mut c = sys::gated_command(&gate, "nsenter");
     c.arg(arg("--mount=", &ns_file))
         .arg(arg("--net=", &net::netns_path(netns)))
         .arg("--")
@@ -84,10 +85,7 @@ pub fn launch(
         .stdout(log)
         .stderr(log_err);
     let procs: Vec<PathBuf> = cgroups.iter().map(|d| d.join("cgroup.procs")).collect();
-    sys::join_cgroups_and_setsid(&mut c, &procs)
-        .with_context(|| format!("host {id}: cgroup paths"))?;
-    let mut launcher = c
-        .spawn()
+    let mut launcher = sys::spawn_in_cgroups(&mut c, &gate, &procs)
         .with_context(|| format!("host {id}: starting `{}`", cmd::describe(&c)))?;
     let launcher_pid = i32::try_from(launcher.id()).context("pid out of range")?;
     let launcher_record = ProcRecord::of(launcher_pid)

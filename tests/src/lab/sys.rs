@@ -1,60 +1,62 @@
-//! The lab's only raw system calls: signalling a process, and moving a child into the host's
-//! private cgroups (plus a new session) between fork and exec.
+//! Signalling a process, and starting a host's launcher in a new session inside the host's
+//! private cgroups — without `unsafe`: the child is started behind a lock this process holds
+//! (`setsid flock --no-fork GATE PROGRAM...`), moved into the cgroups by pid while it waits,
+//! and only then released to exec PROGRAM (same pid), so everything it forks starts there.
 
-#![allow(unsafe_code)]
-
-use std::ffi::CString;
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{Context, Result};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Starts a program in a new session (so a terminal's Ctrl-C does not reach it).
+const SETSID: &str = "/usr/bin/setsid";
+/// Takes a lock, then execs its command in the same process (`--no-fork`).
+const FLOCK: &str = "/usr/bin/flock";
 
 /// Sends SIGKILL to `pid`. A process that is already gone is not an error.
 pub fn kill_hard(pid: i32) -> io::Result<()> {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(err)
+    match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 
-/// Makes the child of `cmd`, before it execs, join each cgroup whose `cgroup.procs` file is
-/// listed (writing "0" moves the writing process), then start a new session so it outlives a
-/// terminal's Ctrl-C.
-pub fn join_cgroups_and_setsid(cmd: &mut Command, procs_files: &[PathBuf]) -> io::Result<()> {
-    let files = procs_files
-        .iter()
-        .map(|p| CString::new(p.as_os_str().as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: the hook runs between fork and exec; it only calls async-signal-safe functions
-    // (open, write, close, setsid) on memory prepared before the fork, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            for file in &files {
-                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(err);
-                }
-            }
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+/// A `Command` that runs `program` in a new session once the lock on `gate` is free; pass it
+/// to [`spawn_in_cgroups`] with the same `gate`.
+pub fn gated_command(gate: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(SETSID);
+    cmd.arg(FLOCK)
+        .arg("--no-fork")
+        .arg("--exclusive")
+        .arg(gate)
+        .arg(program);
+    cmd
+}
+
+/// Spawns `cmd` (made by [`gated_command`] with `gate`) so that its process joins each cgroup
+/// whose `cgroup.procs` file is listed before the program runs: the lock on `gate` is held
+/// while the child's pid is written to every file, then released. On failure the child is
+/// killed and reaped.
+pub fn spawn_in_cgroups(cmd: &mut Command, gate: &Path, procs_files: &[PathBuf]) -> Result<Child> {
+    let lock = File::create(gate).with_context(|| format!("creating {}", gate.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", gate.display()))?;
+    let mut child = cmd.spawn().context("starting the launcher")?;
+    let pid = child.id().to_string();
+    let joined = procs_files.iter().try_for_each(|file| {
+        fs::write(file, &pid).with_context(|| format!("moving pid {pid} into {}", file.display()))
+    });
+    if let Err(e) = joined {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
     }
-    Ok(())
+    lock.unlock()
+        .with_context(|| format!("unlocking {}", gate.display()))?;
+    Ok(child)
 }

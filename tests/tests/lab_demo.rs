@@ -1,0 +1,78 @@
+//! The README's first command proven: runs the same demo code as `cargo xtask demo` on a lab
+//! of its own and checks the end state on the hosts before the teardown — every app host's
+//! `/readyz` 200 again, `.env` byte-identical to `.env.backup`, the app and agent units
+//! active — and that the story showed every host. Without root this prints one skip line and
+//! passes (unless `ROLLBACK_LAB_REQUIRED=1`).
+
+use anyhow::{Result, ensure};
+use rollback_tests::demo;
+use rollback_tests::lab::{self, APP_DIR, Lab};
+
+/// The test's lab name (the interactive demo uses `demo`).
+const LAB: &str = "t-demo";
+
+fn end_state(lab: &Lab) -> Result<()> {
+    let hosts = lab.app_host_ids();
+    ensure!(hosts.len() == demo::APP_HOSTS, "app hosts: {hosts:?}");
+    for host in &hosts {
+        let ready = lab.readyz(host)?;
+        ensure!(ready.status == 200, "{host}: /readyz {ready:?}");
+        let env = lab.read_file(host, &format!("{APP_DIR}/.env"))?;
+        let backup = lab.read_file(host, &format!("{APP_DIR}/.env.backup"))?;
+        ensure!(env == backup, "{host}: .env differs from .env.backup");
+        for unit in demo::APP_HOST_UNITS {
+            let state = lab.unit_state(host, unit)?;
+            ensure!(state == "active", "{host}: {unit} is {state}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn demo_breaks_the_fleet_and_rolls_it_back() -> Result<()> {
+    // The demo boots its own lab; this only decides whether this machine can run one.
+    if let Err(reason) = lab::check_prerequisites() {
+        ensure!(
+            !lab::required(),
+            "the demo cannot run and {}=1: {reason}",
+            lab::REQUIRED_ENV
+        );
+        eprintln!("SKIPPED lab_demo: {reason}");
+        return Ok(());
+    }
+    let mut out = Vec::new();
+    let mut checked = false;
+    let result = demo::run_with(LAB, &mut out, |lab| {
+        end_state(lab)?;
+        checked = true;
+        Ok(())
+    });
+    let text = String::from_utf8_lossy(&out);
+    eprintln!("{text}");
+    result?;
+    assert!(checked, "the end state was inspected");
+    for host in ["app1", "app2", "app3", "db"] {
+        assert!(text.contains(host), "the story mentions {host}");
+    }
+    for host in ["app1", "app2", "app3"] {
+        for step in demo::CONFIGURATION_ROLLBACK {
+            let shown = format!("$ rollbackctl exec {host} {}", step.0);
+            assert!(text.contains(&shown), "the story shows `{shown}`");
+        }
+        assert!(
+            text.contains(&format!("{host}  GET /readyz → 503")),
+            "the story shows {host} failing"
+        );
+        assert!(
+            text.contains(&format!("{host}  GET /readyz → 200")),
+            "the story shows {host} healthy again"
+        );
+    }
+    assert!(text.contains("$ rollbackctl agents"));
+    assert!(text.contains("canary: app1"));
+    assert!(
+        !lab::known_labs().iter().any(|l| l == LAB),
+        "the demo's lab is torn down"
+    );
+    Ok(())
+}
