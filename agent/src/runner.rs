@@ -18,6 +18,8 @@ use crate::exec::OutputSink;
 use crate::journal::{Journal, Phase, RunRecord, StepRecord, valid_run_id};
 use crate::uplink::Uplink;
 
+/// Cancels for not-yet-arrived runs that are remembered.
+const EARLY_CANCELS_KEPT: usize = 64;
 /// Output chunks larger than this are split (keeps gRPC messages small).
 const MAX_CHUNK: usize = 16 * 1024;
 
@@ -41,6 +43,8 @@ pub struct Runner {
     journal: Journal,
     uplink: Arc<Uplink>,
     active: Mutex<Option<Active>>,
+    /// Cancels that arrived before their run started (bounded; oldest dropped first).
+    early_cancels: Mutex<std::collections::VecDeque<String>>,
     execution: StepExecution,
     /// Told when a run ends, so the session can report fresh host state.
     pub finished: tokio::sync::Notify,
@@ -97,6 +101,7 @@ impl Runner {
             journal,
             uplink,
             active: Mutex::new(None),
+            early_cancels: Mutex::new(std::collections::VecDeque::new()),
             execution,
             finished: tokio::sync::Notify::new(),
         }
@@ -157,8 +162,33 @@ impl Runner {
                 a.cancel.cancel();
             }
             _ => {
-                info!(host = %self.host(), run = %run_id, "cancel for a run that is not running here")
+                // The run may still be on its way (its RunProcedure and this Cancel race):
+                // remember it, so the run starts cancelled instead of running.
+                info!(host = %self.host(), run = %run_id, "cancel for a run not running here; remembered in case it arrives");
+                let mut early = self
+                    .early_cancels
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if early.len() >= EARLY_CANCELS_KEPT {
+                    early.pop_front();
+                }
+                early.push_back(run_id.to_string());
             }
+        }
+    }
+
+    /// Whether a cancel for `run_id` arrived before the run did (consumes it).
+    fn take_early_cancel(&self, run_id: &str) -> bool {
+        let mut early = self
+            .early_cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match early.iter().position(|r| r == run_id) {
+            Some(i) => {
+                early.remove(i);
+                true
+            }
+            None => false,
         }
     }
 
@@ -215,6 +245,10 @@ impl Runner {
             }
         }
         let cancel = CancellationToken::new();
+        if self.take_early_cancel(&run.run_id) {
+            info!(host = %host, run = %run.run_id, "run was cancelled before it arrived; nothing will run");
+            cancel.cancel();
+        }
         let busy = {
             let mut active = self.lock_active();
             match active.as_ref() {
@@ -394,5 +428,66 @@ impl Runner {
                 record.to_proto(false),
             )))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollback_common::proto::{Step, agent_message};
+
+    fn runner(dir: &std::path::Path) -> (Arc<Runner>, tokio::sync::mpsc::Receiver<AgentMessage>) {
+        let config: Config = toml::from_str(&format!(
+            "host_id = \"h1\"\ncoordinator = \"https://127.0.0.1:1\"\nstate_dir = \"{}\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n",
+            dir.display()
+        ))
+        .expect("config");
+        let uplink = Arc::new(Uplink::default());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        uplink.attach(tx);
+        let journal = Journal::open(dir).expect("journal");
+        (
+            Arc::new(Runner::new(
+                Arc::new(config),
+                journal,
+                uplink,
+                StepExecution::Real,
+            )),
+            rx,
+        )
+    }
+
+    async fn result(rx: &mut tokio::sync::mpsc::Receiver<AgentMessage>) -> RunFinished {
+        loop {
+            match rx.recv().await.map(|m| m.kind) {
+                Some(Some(agent_message::Kind::RunFinished(r))) => return r,
+                Some(_) => continue,
+                None => panic!("uplink closed before the run finished"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_that_arrives_before_its_run_stops_it_from_running() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner(tmp.path());
+        let run = |id: &str| RunProcedure {
+            run_id: id.into(),
+            steps: vec![Step {
+                action: "state.read".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        runner.cancel("early");
+        runner.submit(run("early")).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Cancelled as i32, "{r:?}");
+        assert_eq!(r.steps[0].status, StepStatus::Cancelled as i32);
+
+        // A run without an early cancel runs normally.
+        runner.submit(run("normal")).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Succeeded as i32, "{r:?}");
     }
 }
