@@ -1,7 +1,9 @@
 //! The fleet-rollback demo (`cargo xtask demo`, and the `lab_demo` suite that proves it):
 //! boot a fleet lab of three app hosts and a database host, start the coordinator and an
-//! agent on every host, break a deployment with a bad `.env` everywhere, roll it back with
-//! `rollbackctl` canary first, show every host healthy again, tear down — narrated as it goes.
+//! agent on every host, take a last-known-good snapshot, deploy badly (a broken `.env`
+//! everywhere and a bad release on one host), let `rollbackctl diagnose` find what changed,
+//! roll it all back with one `rollbackctl rollback --to-snapshot latest` — canary first, live —
+//! show every host healthy again and the incident report, tear down; narrated as it goes.
 //!
 //! Every command the story shows is really run, and its output is passed on as it comes.
 //! A failure stops the story with an error naming the host and the command; the lab is torn
@@ -23,16 +25,18 @@ pub const LAB_NAME: &str = "demo";
 pub const APP_HOSTS: usize = 3;
 /// Units active on every app host at the end of the demo.
 pub const APP_HOST_UNITS: &[&str] = &[APP_UNIT, AGENT_UNIT];
-/// The runbook's Option 3 (configuration rollback) for one host, as `rollbackctl exec` steps:
-/// restore `.env` from `.env.backup`, restart the app, verify `/readyz`, scan the app log.
-pub const CONFIGURATION_ROLLBACK: &[(&str, &[&str])] = &[
-    ("file.restore", &["file=env"]),
-    ("service.restart", &[]),
-    (
-        "http.check",
-        &["endpoint=/readyz", "retries=40", "interval_ms=250"],
-    ),
-    ("log.scan", &[]),
+/// The host that also gets a bad release (the others only a bad `.env`).
+pub const BAD_RELEASE_HOST: &str = "app3";
+/// The rollback command the story runs.
+pub const ROLLBACK_COMMAND: &[&str] = &[
+    "rollback",
+    "--to-snapshot",
+    "latest",
+    "--select",
+    "role=web",
+    "--reason",
+    "bad deploy: broken .env everywhere, bad release on app3",
+    "--yes",
 ];
 /// Deadline for one `rollbackctl` command of the story.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -125,7 +129,7 @@ fn boot_and_tell(
         story.chapter_at.elapsed().as_secs_f64()
     ))?;
     story.say(format!(
-        "\ndemo finished in {:.1}s: a bad .env on {APP_HOSTS} hosts, rolled back canary first with `rollbackctl exec`, every /readyz 200 again",
+        "\ndemo finished in {:.1}s: snapshot → bad deploy on {APP_HOSTS} hosts → diagnose → one rollback to the snapshot, canary first; every /readyz 200 again",
         story.started.elapsed().as_secs_f64()
     ))?;
     Ok(())
@@ -148,8 +152,20 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
     ))?;
     story.rollbackctl(&fleet, &["agents"])?;
 
+    story.chapter("before deploying: every web host records its last-known-good state")?;
+    story.rollbackctl(
+        &fleet,
+        &[
+            "snapshot",
+            "--select",
+            "role=web",
+            "--label",
+            "before the v3 deploy",
+        ],
+    )?;
+
     story.chapter(format!(
-        "a bad deployment: a broken .env (empty DATABASE_URL, FEATURE_REPORTS=maybe) on {}",
+        "a bad deployment: a broken .env (empty DATABASE_URL, FEATURE_REPORTS=maybe) on {}, and release v3 on {BAD_RELEASE_HOST}",
         hosts.join(", ")
     ))?;
     let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
@@ -157,6 +173,10 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
         .bad_config(&host_refs)
         .context("breaking the deployment")?;
     story.say(format!("  {}", broken.detail))?;
+    let released = lab
+        .bad_release(&[BAD_RELEASE_HOST])
+        .context("deploying a bad release")?;
+    story.say(format!("  {BAD_RELEASE_HOST}: {}", released.detail))?;
     for host in &hosts {
         let r = lab
             .readyz(host)
@@ -168,12 +188,17 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
         ))?;
     }
 
-    story.chapter("rolling back: the runbook's Option 3 (configuration rollback), canary first")?;
-    story.say(
-        "  per host: restore .env from .env.backup → restart the app → wait for /readyz 200 → scan the app log",
+    story
+        .chapter("what broke? the runbook's decision tree, on each host's state vs its snapshot")?;
+    story.rollbackctl(&fleet, &["diagnose", "--select", "role=web"])?;
+
+    story.chapter(
+        "rolling back to the snapshot with one command: canary first, then batches, live",
     )?;
     let started = Instant::now();
-    rollback_configuration(&fleet, &hosts, story)?;
+    story
+        .rollbackctl(&fleet, ROLLBACK_COMMAND)
+        .context("the rollback job failed")?;
     story.say(format!(
         "  ✓ rolled back {} hosts in {:.1}s",
         hosts.len(),
@@ -218,49 +243,30 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
             }
         ))?;
     }
+    let jobs = fleet
+        .rollbackctl(&["jobs", "--output", "json", "--limit", "1"])
+        .context("rollbackctl jobs")?;
+    let jobs: serde_json::Value =
+        serde_json::from_slice(&jobs.stdout).context("rollbackctl jobs output")?;
+    if let Some(job) = jobs[0]["job_id"].as_str() {
+        story.chapter(format!(
+            "the incident report (`rollbackctl report {job}`), checklist part"
+        ))?;
+        let report = fleet
+            .rollbackctl(&["report", job])
+            .context("rollbackctl report")?;
+        let text = String::from_utf8_lossy(&report.stdout);
+        for line in text
+            .lines()
+            .skip_while(|l| !l.starts_with("## Post-rollback checklist"))
+        {
+            story.say(format!("  {line}"))?;
+        }
+    }
     inspect(lab)?;
 
     story.chapter("tearing down: stopping the agents and the coordinator, removing the lab...")?;
     drop(fleet);
-    Ok(())
-}
-
-/// The rollback: the runbook's Option 3 on every host in `hosts` through `rollbackctl exec`,
-/// the first host as the canary, stopping at the first failed step. (This is the part the
-/// one-command `rollbackctl rollback --procedure configuration --select role=web` replaces.)
-fn rollback_configuration(
-    fleet: &LabFleet<'_>,
-    hosts: &[String],
-    story: &mut Story<'_>,
-) -> Result<()> {
-    let Some((canary, rest)) = hosts.split_first() else {
-        bail!("no app host to roll back");
-    };
-    story.say(format!("\n  ── canary: {canary}"))?;
-    rollback_host(fleet, canary, story)?;
-    story.say(format!(
-        "  ✓ canary {canary} is healthy; rolling back the rest: {}",
-        rest.join(", ")
-    ))?;
-    for host in rest {
-        story.say(format!("\n  ── {host}"))?;
-        rollback_host(fleet, host, story)?;
-    }
-    Ok(())
-}
-
-/// [`CONFIGURATION_ROLLBACK`] on one host, each step shown with its live output.
-fn rollback_host(fleet: &LabFleet<'_>, host: &str, story: &mut Story<'_>) -> Result<()> {
-    for (action, params) in CONFIGURATION_ROLLBACK {
-        let mut args = vec!["exec", host, action];
-        args.extend(params.iter());
-        story.rollbackctl(fleet, &args).with_context(|| {
-            format!(
-                "rollback halted at {host}: `rollbackctl {}` failed",
-                args.join(" ")
-            )
-        })?;
-    }
     Ok(())
 }
 
@@ -461,7 +467,11 @@ impl<'a> Story<'a> {
     /// Shows `$ rollbackctl ARGS`, runs it with its output passed on live, fails unless it
     /// exits 0.
     fn rollbackctl(&mut self, fleet: &LabFleet<'_>, args: &[&str]) -> Result<()> {
-        let line = args.join(" ");
+        let line = args
+            .iter()
+            .map(|a| shell_quoted(a))
+            .collect::<Vec<_>>()
+            .join(" ");
         self.say(format!("  $ rollbackctl {line}"))?;
         let mut indented = Indented {
             out: &mut *self.out,
@@ -495,6 +505,18 @@ impl Write for Indented<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// `a` as a person would type it in a shell (shown only; nothing is run through a shell).
+fn shell_quoted(a: &str) -> String {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.,/=:%".contains(c))
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
     }
 }
 

@@ -392,6 +392,7 @@ impl Jobs {
                     ("interval_ms", "250"),
                 ],
             ));
+            steps.push(planned("log.scan", &[]));
             host_steps.insert(host.clone(), steps);
         }
         let each = |name: &str, steps: Vec<PlannedStep>, batches: &Vec<Vec<String>>| PlannedPhase {
