@@ -120,6 +120,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Diagnose { select } => {
             snapshot_cmd::diagnose(select, &cli.connect, cli.output).await
         }
-        Command::Pki(args) => pki_cmd::run(args),
+        Command::Pki(args) => pki_cmd::run(args, cli.output),
     }
 }

@@ -68,18 +68,24 @@ pub struct IssueOpts {
     pub force: bool,
 }
 
-pub fn run(args: PkiArgs) -> Result<()> {
+pub fn run(args: PkiArgs, output: crate::output::Output) -> Result<()> {
+    let json = output == crate::output::Output::Json;
     let pki = PkiDir::new(&args.dir);
     match args.cmd {
         PkiCmd::Init { trust_domain, days } => {
             pki.init(&trust_domain, days)
                 .with_context(|| format!("creating the fleet CA in {}", args.dir.display()))?;
-            println!("created CA for trust domain {trust_domain}");
-            println!("  certificate: {}", pki.ca_cert().display());
-            println!(
-                "  private key: {} (mode 0600; keep it offline if you can)",
-                pki.ca_key().display()
-            );
+            if json {
+                let doc = serde_json::json!({"trust_domain": trust_domain, "certificate": pki.ca_cert(), "private_key": pki.ca_key()});
+                println!("{doc}");
+            } else {
+                println!("created CA for trust domain {trust_domain}");
+                println!("  certificate: {}", pki.ca_cert().display());
+                println!(
+                    "  private key: {} (mode 0600; keep it offline if you can)",
+                    pki.ca_key().display()
+                );
+            }
         }
         PkiCmd::Issue(cmd) => {
             let (role, name, sans, opts) = match cmd {
@@ -90,9 +96,14 @@ pub fn run(args: PkiArgs) -> Result<()> {
             let files = pki
                 .issue(role, &name, &sans, opts.days, opts.force)
                 .with_context(|| format!("issuing {role} certificate for `{name}`"))?;
-            println!("issued {}", files.identity);
-            println!("  certificate: {}", files.cert.display());
-            println!("  private key: {} (mode 0600)", files.key.display());
+            if json {
+                let doc = serde_json::json!({"identity": files.identity.uri(), "certificate": files.cert, "private_key": files.key});
+                println!("{doc}");
+            } else {
+                println!("issued {}", files.identity);
+                println!("  certificate: {}", files.cert.display());
+                println!("  private key: {} (mode 0600)", files.key.display());
+            }
         }
     }
     Ok(())
