@@ -189,20 +189,78 @@ fn application_rollback_checks_out_the_last_good_commit() -> Result<()> {
     let refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
     lab.bad_release(&refs)?;
     let good = lab.release_commit("v2")?;
-    let (ok, out) = rollback(
-        &fleet,
-        &[
-            "--procedure",
-            "application",
-            "--revision",
-            &good,
-            "--reason",
-            "v3 expects schema 0003",
-            "--batch-size",
-            "2",
-        ],
-    )?;
-    assert!(ok, "{out}");
+    // Two operators watch the job while it runs; each sees every event, in order.
+    let spawn = |args: &[&str]| -> Result<std::process::Child> {
+        let mut cmd = lab.coordinator_command(rollback_tests::support::bin("rollbackctl"));
+        cmd.args(["--coordinator", &fleet.url])
+            .arg("--ca")
+            .arg(fleet.pki.ca())
+            .arg("--cert")
+            .arg(&fleet.operator.cert)
+            .arg("--key")
+            .arg(&fleet.operator.key)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        Ok(cmd.spawn()?)
+    };
+    let rollback_run = spawn(&[
+        "rollback",
+        "--yes",
+        "--select",
+        "role=web",
+        "--procedure",
+        "application",
+        "--revision",
+        &good,
+        "--reason",
+        "v3 expects schema 0003",
+        "--batch-size",
+        "2",
+    ])?;
+    let job_id = fleet.eventually("the application job is running", || {
+        let j = latest_job(&fleet)?;
+        ensure!(j["procedure"] == "application", "not yet");
+        Ok(j["job_id"].as_str().unwrap_or_default().to_string())
+    });
+    let watchers = [
+        spawn(&["--output", "json", "watch", &job_id])?,
+        spawn(&["--output", "json", "watch", &job_id])?,
+    ];
+    let out = rollback_run.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    for w in watchers {
+        let out = w.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "watch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect();
+        assert_eq!(
+            events.last().map(|e| e["kind"].clone()),
+            Some("job.finished".into()),
+            "watched to the end"
+        );
+        let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        assert!(seqs.len() > 10, "a whole job's events: {seqs:?}");
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "every event, in order, no gaps"
+        );
+        seen.push(seqs);
+    }
+    assert_eq!(seen[0], seen[1], "both watchers saw the same history");
     assert_healthy(&lab, "0002")?;
     let record = latest_job(&fleet)?;
     let md = report(&fleet, record["job_id"].as_str().unwrap_or_default())?;
