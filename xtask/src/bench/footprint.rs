@@ -82,6 +82,7 @@ pub fn measure(root: &Path, pki: &Pki, window: Duration) -> Result<serde_json::V
     Ok(json!({
         "agents": AGENTS,
         "window_s": window.as_secs_f64(),
+        "clk_tck": clk,
         "agent_rss_mib": rss,
         "agent_peak_rss_mib": peak,
         "agent_cpu_pct": cpu_pct,

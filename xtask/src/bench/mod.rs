@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Measure and print, but leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
+    /// Measure nothing: re-render the results section from the measurements stored in it.
+    #[arg(long)]
+    render: bool,
     /// Set when the bench re-runs itself as the release build.
     #[arg(long, hide = true)]
     in_release: bool,
@@ -55,6 +58,12 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let root = crate::workspace_root();
+    if args.render {
+        let md = root.join("BENCHMARKS.md");
+        let text =
+            std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?;
+        return report::write(&md, &report::load(&text));
+    }
     let release = root.join("target").join("release");
     if !args.in_release {
         eprintln!("bench: cargo build --release --workspace --bins");

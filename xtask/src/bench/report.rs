@@ -305,7 +305,16 @@ fn render(data: &Value) -> String {
             "| idle agent CPU over {:.0} s (each: {} %) | {} | < 0.1% | {} |\n",
             f(&fp["window_s"]).unwrap_or(0.0),
             runs_text(&fp["agent_cpu_pct"]),
-            cpu.map_or("—".into(), |x| format!("{x:.3}%")),
+            match cpu {
+                // Below the resolution of /proc's CPU time: one clock tick over the window.
+                Some(0.0) => format!(
+                    "< {:.3}% (not one {:.0} ms CPU tick used)",
+                    100.0 / f(&fp["clk_tck"]).unwrap_or(100.0) / f(&fp["window_s"]).unwrap_or(60.0),
+                    1000.0 / f(&fp["clk_tck"]).unwrap_or(100.0)
+                ),
+                Some(x) => format!("{x:.3}%"),
+                None => "—".into(),
+            },
             verdict(cpu.is_some_and(|x| x < 0.1))
         ));
         out.push_str(&format!(
