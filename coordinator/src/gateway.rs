@@ -220,26 +220,29 @@ async fn record_run_result(
 ) {
     let run_id = finished.run_id.clone();
     let now = now_unix_ms();
-    match store
-        .finish_run(&run_id, finished.status, now, &finished.encode_to_vec())
-        .await
-    {
+    let audit = AuditEvent {
+        at_ms: now,
+        actor: format!("agent/{host}"),
+        action: "run.finished".into(),
+        target: format!("run/{run_id}"),
+        detail: format!(
+            "status={} from_journal={}",
+            finished.status, finished.from_journal
+        ),
+    };
+    let encoded = finished.encode_to_vec();
+    // Issued together so the store commits them in one transaction.
+    let (stored, audited) = tokio::join!(
+        store.finish_run(&run_id, finished.status, now, &encoded),
+        store.append_audit(&audit)
+    );
+    if let Err(e) = audited {
+        warn!(run = %run_id, error = %e, "audit write failed");
+    }
+    match stored {
         Ok(known) => {
             if !known {
                 warn!(run = %run_id, "result for a run this coordinator has no record of; acknowledging so the agent stops re-sending");
-            }
-            let audit = AuditEvent {
-                at_ms: now,
-                actor: format!("agent/{host}"),
-                action: "run.finished".into(),
-                target: format!("run/{run_id}"),
-                detail: format!(
-                    "status={} from_journal={}",
-                    finished.status, finished.from_journal
-                ),
-            };
-            if let Err(e) = store.append_audit(&audit).await {
-                warn!(run = %run_id, error = %e, "audit write failed");
             }
             let ack = CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::RunResultAck(RunResultAck {

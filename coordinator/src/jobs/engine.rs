@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -110,11 +109,18 @@ impl Jobs {
                 ),
             })
             .await?;
-        let (events, _) = broadcast::channel(1024);
+        let (events, _) = broadcast::channel(4096);
+        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        self.tasks.spawn(event_pipeline(
+            self.store.clone(),
+            job_id.clone(),
+            queued,
+            events.clone(),
+        ));
         let live = Arc::new(LiveJob {
             cancel: CancellationToken::new(),
             events,
-            next_seq: AtomicU64::new(1),
+            pipeline: std::sync::Mutex::new((1, queue)),
             state: std::sync::Mutex::new(state::RUNNING.into()),
         });
         self.live_jobs().insert(job_id.clone(), live.clone());
@@ -195,14 +201,17 @@ impl Jobs {
         done: u32,
         total: u32,
     ) {
-        let seq = live.next_seq.fetch_add(1, Ordering::SeqCst);
         let job_state = live
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        let mut pipeline = live
+            .pipeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let event = JobEvent {
-            seq,
+            seq: pipeline.0,
             at_unix_ms: now_unix_ms(),
             kind: kind.to_string(),
             host_id: host.to_string(),
@@ -212,14 +221,10 @@ impl Jobs {
             done,
             total,
         };
-        if let Err(e) = self
-            .store
-            .append_job_event(job_id, seq, event.at_unix_ms, &event.encode_to_vec())
-            .await
-        {
-            warn!(job = %job_id, error = %e, "store failed recording a job event");
+        pipeline.0 += 1;
+        if pipeline.1.send(event).is_err() {
+            warn!(job = %job_id, kind, "job event pipeline is gone; event dropped");
         }
-        let _ = live.events.send(event);
     }
 
     async fn save_host(&self, track: &HostTrack) {
@@ -417,6 +422,7 @@ impl Jobs {
 
         let cancelled = live.cancel.is_cancelled();
         let all_phases: Vec<&str> = plan.phases.iter().map(|p| p.name.as_str()).collect();
+        let mut settled: Vec<String> = Vec::new();
         for track in tracks
             .values_mut()
             .filter(|t| t.row.outcome == outcome::PENDING)
@@ -454,7 +460,7 @@ impl Jobs {
             };
             track.row.outcome = o.into();
             track.row.detail = detail;
-            self.save_host(track).await;
+            settled.push(track.row.host_id.clone());
             let msg = format!("{} {o}: {}", track.row.host_id, track.row.detail);
             self.emit(
                 live,
@@ -468,6 +474,15 @@ impl Jobs {
             )
             .await;
         }
+
+        // Saved concurrently: the store commits them together.
+        futures::future::join_all(
+            settled
+                .iter()
+                .filter_map(|h| tracks.get(h))
+                .map(|t| self.save_host(t)),
+        )
+        .await;
 
         let any_failed = tracks.values().any(|t| t.row.outcome != outcome::SUCCEEDED);
         let final_state = if cancelled {
@@ -680,6 +695,36 @@ impl Jobs {
                 failed.error
             },
         })
+    }
+}
+
+/// Stores a job's events in batches (one commit for everything queued), then broadcasts them
+/// in order: a watcher never sees an event the store does not have. Ends when the job's
+/// `LiveJob` is gone and every queued event is stored.
+async fn event_pipeline(
+    store: Arc<dyn crate::store::Store>,
+    job_id: String,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+    events: broadcast::Sender<JobEvent>,
+) {
+    while let Some(first) = queued.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match queued.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let rows = batch
+            .iter()
+            .map(|e| (e.seq, e.at_unix_ms, e.encode_to_vec()))
+            .collect();
+        if let Err(e) = store.append_job_events(&job_id, rows).await {
+            warn!(job = %job_id, error = %e, "store failed recording job events");
+        }
+        for ev in batch {
+            let _ = events.send(ev);
+        }
     }
 }
 

@@ -13,7 +13,6 @@ mod snapshots;
 mod watch;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,8 +51,11 @@ pub mod state {
 #[derive(Debug)]
 struct LiveJob {
     cancel: CancellationToken,
+    /// Watchers subscribe here; events arrive only after they are stored.
     events: broadcast::Sender<JobEvent>,
-    next_seq: AtomicU64,
+    /// The next seq and the queue to the job's event pipeline, under one lock so events
+    /// enter the pipeline in seq order.
+    pipeline: Mutex<(u64, tokio::sync::mpsc::UnboundedSender<JobEvent>)>,
     state: Mutex<String>,
 }
 

@@ -2,6 +2,7 @@
 //! backends implement the same trait.
 
 mod sqlite;
+mod writer;
 
 use std::collections::HashMap;
 
@@ -41,6 +42,10 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("store writer stopped (the coordinator is shutting down)")]
+    Closed,
+    #[error("store write failed: {reason}")]
+    Batch { reason: String },
     #[error("store row for `{key}` is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -169,6 +174,12 @@ pub trait Store: Send + Sync + 'static {
         seq: u64,
         at_ms: i64,
         event: &[u8],
+    ) -> Result<(), StoreError>;
+    /// Several events of one job, committed together: (seq, at_ms, encoded event).
+    async fn append_job_events(
+        &self,
+        job_id: &str,
+        events: Vec<(u64, i64, Vec<u8>)>,
     ) -> Result<(), StoreError>;
     /// Encoded events of a job with seq > `after_seq`, in order.
     async fn job_events(

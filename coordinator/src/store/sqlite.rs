@@ -8,6 +8,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::writer::{Write, Writer};
 use super::{AgentRecord, AuditEvent, JobHostRow, JobRow, RunRow, SnapshotRow, Store, StoreError};
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
@@ -59,13 +60,15 @@ fn job_host_row(row: &sqlx::sqlite::SqliteRow) -> JobHostRow {
     }
 }
 
-const UPSERT_JOB_HOST: &str = "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only)
+pub(super) const UPSERT_JOB_HOST: &str = "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
      ON CONFLICT(job_id, host_id) DO UPDATE SET outcome = ?4, phase = ?5, failed_step = ?6, exit_code = ?7, detail = ?8, duration_ms = ?9";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Hot-path writes, group-committed.
+    writer: Writer,
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -101,7 +104,8 @@ impl SqliteStore {
                 path: shown,
                 source,
             })?;
-        Ok(Self { pool })
+        let writer = Writer::start(pool.clone());
+        Ok(Self { pool, writer })
     }
 
     pub async fn close(&self) {
@@ -153,16 +157,14 @@ impl Store for SqliteStore {
         last_seen_ms: i64,
         state: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE agents SET last_seen_ms = MAX(last_seen_ms, ?2), state = COALESCE(?3, state) WHERE host_id = ?1",
-        )
-        .bind(host_id)
-        .bind(last_seen_ms)
-        .bind(state)
-        .execute(&self.pool)
-        .await
-        .map_err(query_err("agent_seen"))?;
-        Ok(())
+        self.writer
+            .write(Write::AgentSeen {
+                host_id: host_id.to_string(),
+                last_seen_ms,
+                state: state.map(<[u8]>::to_vec),
+            })
+            .await
+            .map(|_| ())
     }
 
     async fn mark_all_disconnected(&self) -> Result<u64, StoreError> {
@@ -205,23 +207,10 @@ impl Store for SqliteStore {
     }
 
     async fn create_run(&self, r: &RunRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .bind(&r.run_id)
-        .bind(&r.job_id)
-        .bind(&r.host_id)
-        .bind(&r.requested_by)
-        .bind(&r.reason)
-        .bind(&r.procedure)
-        .bind(r.status)
-        .bind(r.created_at_ms)
-        .bind(&r.phase)
-        .execute(&self.pool)
-        .await
-        .map_err(query_err("create_run"))?;
-        Ok(())
+        self.writer
+            .write(Write::CreateRun(r.clone()))
+            .await
+            .map(|_| ())
     }
 
     async fn finish_run(
@@ -231,17 +220,16 @@ impl Store for SqliteStore {
         finished_at_ms: i64,
         result: &[u8],
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE runs SET status = ?2, finished_at_ms = ?3, result = ?4 WHERE run_id = ?1",
-        )
-        .bind(run_id)
-        .bind(status)
-        .bind(finished_at_ms)
-        .bind(result)
-        .execute(&self.pool)
-        .await
-        .map_err(query_err("finish_run"))?;
-        Ok(done.rows_affected() > 0)
+        let n = self
+            .writer
+            .write(Write::FinishRun {
+                run_id: run_id.to_string(),
+                status,
+                finished_at_ms,
+                result: result.to_vec(),
+            })
+            .await?;
+        Ok(n > 0)
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError> {
@@ -265,16 +253,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
-            .bind(e.at_ms)
-            .bind(&e.actor)
-            .bind(&e.action)
-            .bind(&e.target)
-            .bind(&e.detail)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("append_audit"))?;
-        Ok(())
+        self.writer.write(Write::Audit(e.clone())).await.map(|_| ())
     }
 
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
@@ -344,11 +323,10 @@ impl Store for SqliteStore {
     }
 
     async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError> {
-        bind_job_host(sqlx::query(UPSERT_JOB_HOST), host)
-            .execute(&self.pool)
+        self.writer
+            .write(Write::JobHost(host.clone()))
             .await
-            .map_err(query_err("update_job_host"))?;
-        Ok(())
+            .map(|_| ())
     }
 
     async fn append_job_event(
@@ -358,15 +336,22 @@ impl Store for SqliteStore {
         at_ms: i64,
         event: &[u8],
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO job_events (job_id, seq, at_ms, event) VALUES (?1, ?2, ?3, ?4)")
-            .bind(job_id)
-            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-            .bind(at_ms)
-            .bind(event)
-            .execute(&self.pool)
+        self.append_job_events(job_id, vec![(seq, at_ms, event.to_vec())])
             .await
-            .map_err(query_err("append_job_event"))?;
-        Ok(())
+    }
+
+    async fn append_job_events(
+        &self,
+        job_id: &str,
+        events: Vec<(u64, i64, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .write(Write::JobEvents {
+                job_id: job_id.to_string(),
+                events,
+            })
+            .await
+            .map(|_| ())
     }
 
     async fn job_events(
@@ -506,7 +491,7 @@ impl Store for SqliteStore {
     }
 }
 
-fn bind_job_host<'q>(
+pub(super) fn bind_job_host<'q>(
     q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
     h: &'q JobHostRow,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {

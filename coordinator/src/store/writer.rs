@@ -1,0 +1,178 @@
+//! Group commit for the SQLite store. Every write on the hot path (runs, results, job events,
+//! host outcomes, audit entries, heartbeats) goes to one writer task, which takes everything
+//! queued, commits it in one transaction (one fsync), then answers each caller. A caller still
+//! returns only once its write is durable; concurrent callers share the fsync. A batch that
+//! fails is retried write by write, so one bad write fails alone.
+
+use sqlx::sqlite::SqlitePool;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::{AuditEvent, JobHostRow, RunRow, StoreError};
+
+/// Writes committed together at most.
+const MAX_BATCH: usize = 1024;
+
+#[derive(Debug)]
+pub(super) enum Write {
+    CreateRun(RunRow),
+    FinishRun {
+        run_id: String,
+        status: i32,
+        finished_at_ms: i64,
+        result: Vec<u8>,
+    },
+    Audit(AuditEvent),
+    JobEvents {
+        job_id: String,
+        events: Vec<(u64, i64, Vec<u8>)>,
+    },
+    JobHost(JobHostRow),
+    AgentSeen {
+        host_id: String,
+        last_seen_ms: i64,
+        state: Option<Vec<u8>>,
+    },
+}
+
+type Reply = oneshot::Sender<Result<u64, StoreError>>;
+
+#[derive(Debug, Clone)]
+pub(super) struct Writer {
+    tx: mpsc::Sender<(Write, Reply)>,
+}
+
+impl Writer {
+    pub(super) fn start(pool: SqlitePool) -> Self {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(run(pool, rx));
+        Self { tx }
+    }
+
+    /// Queues `write` and waits until it is committed; returns the rows it changed.
+    pub(super) async fn write(&self, write: Write) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((write, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<(Write, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (writes, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
+        match commit(&pool, &writes).await {
+            Ok(counts) => {
+                for (reply, n) in replies.into_iter().zip(counts) {
+                    let _ = reply.send(Ok(n));
+                }
+            }
+            Err(e) if writes.len() > 1 => {
+                warn!(error = %e, writes = writes.len(), "group commit failed; retrying each write alone");
+                for (write, reply) in writes.into_iter().zip(replies) {
+                    let one = commit(&pool, std::slice::from_ref(&write))
+                        .await
+                        .map(|c| c.first().copied().unwrap_or(0));
+                    let _ = reply.send(one);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Batch {
+                        reason: e.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
+    let q = |what: &'static str| move |source| StoreError::Query { what, source };
+    let mut tx = pool.begin().await.map_err(q("begin"))?;
+    let mut counts = Vec::with_capacity(writes.len());
+    for w in writes {
+        let n = match w {
+            Write::CreateRun(r) => sqlx::query(
+                "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .bind(&r.run_id)
+            .bind(&r.job_id)
+            .bind(&r.host_id)
+            .bind(&r.requested_by)
+            .bind(&r.reason)
+            .bind(&r.procedure)
+            .bind(r.status)
+            .bind(r.created_at_ms)
+            .bind(&r.phase)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("create_run"))?
+            .rows_affected(),
+            Write::FinishRun { run_id, status, finished_at_ms, result } => {
+                sqlx::query("UPDATE runs SET status = ?2, finished_at_ms = ?3, result = ?4 WHERE run_id = ?1")
+                    .bind(run_id)
+                    .bind(status)
+                    .bind(finished_at_ms)
+                    .bind(result)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("finish_run"))?
+                    .rows_affected()
+            }
+            Write::Audit(e) => sqlx::query("INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .bind(e.at_ms)
+                .bind(&e.actor)
+                .bind(&e.action)
+                .bind(&e.target)
+                .bind(&e.detail)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("append_audit"))?
+                .rows_affected(),
+            Write::JobEvents { job_id, events } => {
+                let mut n = 0;
+                for (seq, at_ms, event) in events {
+                    n += sqlx::query("INSERT INTO job_events (job_id, seq, at_ms, event) VALUES (?1, ?2, ?3, ?4)")
+                        .bind(job_id)
+                        .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
+                        .bind(at_ms)
+                        .bind(event)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q("append_job_event"))?
+                        .rows_affected();
+                }
+                n
+            }
+            Write::JobHost(h) => super::sqlite::bind_job_host(sqlx::query(super::sqlite::UPSERT_JOB_HOST), h)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("update_job_host"))?
+                .rows_affected(),
+            Write::AgentSeen { host_id, last_seen_ms, state } => {
+                sqlx::query("UPDATE agents SET last_seen_ms = MAX(last_seen_ms, ?2), state = COALESCE(?3, state) WHERE host_id = ?1")
+                    .bind(host_id)
+                    .bind(last_seen_ms)
+                    .bind(state)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("agent_seen"))?
+                    .rows_affected()
+            }
+        };
+        counts.push(n);
+    }
+    tx.commit().await.map_err(q("commit"))?;
+    Ok(counts)
+}
