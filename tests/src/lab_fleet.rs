@@ -240,8 +240,9 @@ impl<'a> LabFleet<'a> {
         }
     }
 
-    /// Runs `rollbackctl ARGS` as the operator, from the coordinator namespace.
-    pub fn rollbackctl(&self, args: &[&str]) -> Result<Output> {
+    /// `rollbackctl ARGS` as the operator, to be run in the coordinator namespace (stdin
+    /// from /dev/null; the caller decides what happens to its output).
+    pub fn rollbackctl_command(&self, args: &[&str]) -> std::process::Command {
         let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
         cmd.arg("--coordinator")
             .arg(&self.url)
@@ -255,7 +256,13 @@ impl<'a> LabFleet<'a> {
             .env("HOME", "/nonexistent")
             .env_remove("ROLLBACK_CONFIG")
             .stdin(Stdio::null());
-        cmd.output()
+        cmd
+    }
+
+    /// Runs `rollbackctl ARGS` as the operator, from the coordinator namespace.
+    pub fn rollbackctl(&self, args: &[&str]) -> Result<Output> {
+        self.rollbackctl_command(args)
+            .output()
             .with_context(|| format!("running rollbackctl {}", args.join(" ")))
     }
 
@@ -277,21 +284,8 @@ impl<'a> LabFleet<'a> {
         let writer2 = writer
             .try_clone()
             .with_context(|| format!("creating a pipe for {what}"))?;
-        let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
-        cmd.arg("--coordinator")
-            .arg(&self.url)
-            .arg("--ca")
-            .arg(self.pki.ca())
-            .arg("--cert")
-            .arg(&self.operator.cert)
-            .arg("--key")
-            .arg(&self.operator.key)
-            .args(args)
-            .env("HOME", "/nonexistent")
-            .env_remove("ROLLBACK_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(writer2);
+        let mut cmd = self.rollbackctl_command(args);
+        cmd.stdout(writer).stderr(writer2);
         let spawned = cmd.spawn().with_context(|| format!("starting {what}"));
         // The command holds this process's ends of the pipe's write side: without them the
         // reader sees end-of-file when the child exits.

@@ -191,18 +191,11 @@ fn application_rollback_checks_out_the_last_good_commit() -> Result<()> {
     let good = lab.release_commit("v2")?;
     // Two operators watch the job while it runs; each sees every event, in order.
     let spawn = |args: &[&str]| -> Result<std::process::Child> {
-        let mut cmd = lab.coordinator_command(rollback_tests::support::bin("rollbackctl"));
-        cmd.args(["--coordinator", &fleet.url])
-            .arg("--ca")
-            .arg(fleet.pki.ca())
-            .arg("--cert")
-            .arg(&fleet.operator.cert)
-            .arg("--key")
-            .arg(&fleet.operator.key)
-            .args(args)
+        Ok(fleet
+            .rollbackctl_command(args)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        Ok(cmd.spawn()?)
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
     };
     let rollback_run = spawn(&[
         "rollback",
@@ -427,25 +420,17 @@ fn failing_health_check_halts_the_job_and_cancel_stops_one() -> Result<()> {
     );
 
     // Cancel mid-job: app2's health check keeps failing (its backup is broken) until cancelled.
-    let mut cmd = lab.coordinator_command(rollback_tests::support::bin("rollbackctl"));
-    cmd.args(["--coordinator", &fleet.url])
-        .arg("--ca")
-        .arg(fleet.pki.ca())
-        .arg("--cert")
-        .arg(&fleet.operator.cert)
-        .arg("--key")
-        .arg(&fleet.operator.key)
-        .args([
-            "rollback",
-            "--yes",
-            "--procedure",
-            "configuration",
-            "--select",
-            "host=app2",
-            "--reason",
-            "cancel test",
-        ])
-        .stdout(std::process::Stdio::piped())
+    let mut cmd = fleet.rollbackctl_command(&[
+        "rollback",
+        "--yes",
+        "--procedure",
+        "configuration",
+        "--select",
+        "host=app2",
+        "--reason",
+        "cancel test",
+    ]);
+    cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn()?;
     let job_id = fleet.eventually("the cancel-test job is running", || {

@@ -70,18 +70,26 @@ pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure
             explained,
         ));
     }
+    let active = active_state(&svc, ctx).await?;
+    ctx.say(&format!("{} is {active}", svc.unit));
+    ctx.fact("active_state", active);
+    Ok(())
+}
+
+/// `systemctl is-active UNIT`: the unit's active state (`active`, `inactive`, `failed`, ...).
+pub(super) async fn active_state(
+    svc: &crate::profile::ServiceProfile,
+    ctx: &mut StepCtx<'_>,
+) -> Result<String, Failure> {
     let probe =
         ctx.spec(&svc.systemctl, std::path::Path::new("/"))
             .args(["is-active", "--", &svc.unit]);
     let state = ctx.run(&probe).await?;
-    let active = state
+    Ok(state
         .output_text()
         .lines()
         .last()
         .unwrap_or_default()
         .trim()
-        .to_string();
-    ctx.say(&format!("{} is {active}", svc.unit));
-    ctx.fact("active_state", active);
-    Ok(())
+        .to_string())
 }

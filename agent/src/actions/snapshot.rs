@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Failure, StepCtx, alembic, file, git, http};
+use super::{Failure, StepCtx, alembic, file, git, http, service};
 use crate::journal::valid_run_id;
 
 /// What a snapshot records about a host.
@@ -64,19 +64,10 @@ pub(super) async fn read_state(ctx: &mut StepCtx<'_>) -> HostSnapshot {
             Err(e) => ctx.fact("env_error", format!("{}: {e}", env.display())),
         }
     }
-    if let Some(svc) = ctx.config.service.clone() {
-        let probe = ctx
-            .spec(&svc.systemctl, Path::new("/"))
-            .args(["is-active", "--", &svc.unit]);
-        if let Ok(out) = ctx.run(&probe).await {
-            snap.unit_state = out
-                .output_text()
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .trim()
-                .to_string();
-        }
+    if let Some(svc) = ctx.config.service.clone()
+        && let Ok(state) = service::active_state(&svc, ctx).await
+    {
+        snap.unit_state = state;
     }
     if let Some(base) = ctx
         .config
