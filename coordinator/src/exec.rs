@@ -102,11 +102,13 @@ pub async fn start(
         kind: Some(exec_event::Kind::RunId(run_id.clone())),
     }));
     hub.watch(&run_id, &host, tx);
+    hub.dispatched(&run_id, "");
     let msg = CoordinatorMessage {
         kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
     };
     if live.sender.send(Ok(msg)).await.is_err() {
         hub.close(&run_id);
+        hub.resolved(&run_id);
         return Err(Status::unavailable(format!(
             "agent {host} disconnected before the step could be sent"
         )));

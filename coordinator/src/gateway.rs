@@ -122,7 +122,7 @@ impl AgentGateway for Gateway {
         self.tasks.spawn(
             async move {
                 // In the task, not the handler: the stream is only drained once the handler returns.
-                redeliver_unfinished_runs(&*store, &session_tx, &cert_host).await;
+                redeliver_unfinished_runs(&*store, &hub, &session_tx, &cert_host).await;
                 let mut last_written = now;
                 let mut last_seen = now;
                 loop {
@@ -183,15 +183,27 @@ impl AgentGateway for Gateway {
     }
 }
 
-/// Dispatch is at-least-once: every run of this host without a recorded result is sent again.
+/// Dispatch is at-least-once: every run of this host that this process dispatched, whose job is
+/// still running and whose result is not recorded, is sent again.
 /// The agent's journal makes execution exactly-once (a finished run returns its journaled
 /// result; a run it never received runs now).
-async fn redeliver_unfinished_runs(store: &dyn Store, session: &AgentSender, host: &str) {
+async fn redeliver_unfinished_runs(
+    store: &dyn Store,
+    hub: &RunHub,
+    session: &AgentSender,
+    host: &str,
+) {
     let runs = match store.unfinished_runs(host).await {
         Ok(runs) => runs,
         Err(e) => return warn!(host = %host, error = %e, "store failed listing unfinished runs"),
     };
     for run in runs {
+        if !hub.is_pending(&run.run_id) {
+            // Dispatched by an earlier coordinator process, or its job has ended: starting it
+            // now could act on a host nobody is rolling back any more. If the agent ran it, its
+            // journal re-sends the result by itself.
+            continue;
+        }
         match RunProcedure::decode(run.procedure.as_slice()) {
             Ok(procedure) => {
                 info!(host = %host, run = %run.run_id, "re-sending run without a recorded result");
@@ -241,6 +253,7 @@ async fn record_run_result(
     }
     match stored {
         Ok(known) => {
+            hub.resolved(&run_id);
             if !known {
                 warn!(run = %run_id, "result for a run this coordinator has no record of; acknowledging so the agent stops re-sending");
             }

@@ -19,6 +19,10 @@ struct Watch {
 #[derive(Debug, Default)]
 pub struct RunHub {
     watches: Mutex<HashMap<String, Vec<Watch>>>,
+    /// Runs this process dispatched whose result is not recorded yet: run id → job id ("" for
+    /// exec). Only these are re-sent when an agent reconnects, so a run of a job that ended
+    /// (or of a previous coordinator process) never starts late.
+    pending: Mutex<HashMap<String, String>>,
 }
 
 impl RunHub {
@@ -52,6 +56,33 @@ impl RunHub {
     /// The run is over: drop its watchers (their streams end).
     pub fn close(&self, run_id: &str) {
         self.lock().remove(run_id);
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that `run_id` (of `job_id`, "" for exec) was dispatched by this process.
+    pub fn dispatched(&self, run_id: &str, job_id: &str) {
+        self.lock_pending()
+            .insert(run_id.to_string(), job_id.to_string());
+    }
+
+    /// The run's result is recorded.
+    pub fn resolved(&self, run_id: &str) {
+        self.lock_pending().remove(run_id);
+    }
+
+    /// The job ended: none of its runs may be re-sent any more.
+    pub fn forget_job(&self, job_id: &str) {
+        self.lock_pending().retain(|_, j| j != job_id);
+    }
+
+    /// Whether `run_id` may be re-sent to a reconnecting agent.
+    pub fn is_pending(&self, run_id: &str) -> bool {
+        self.lock_pending().contains_key(run_id)
     }
 
     /// The host's session ended: tell watchers of its runs and drop them.

@@ -452,3 +452,62 @@ fn git_failures_are_explained() {
         "{doc}"
     );
 }
+
+#[test]
+fn a_run_left_by_an_earlier_coordinator_is_never_started_late() {
+    let mut h = host();
+    let counter = h.tmp.path().join("hook.count");
+    install_hook(&h.repo, &format!("echo run >> {}", counter.display()));
+    // A run an earlier coordinator process stored but never delivered (it crashed between
+    // persisting and sending): written into the store while the coordinator is down.
+    assert!(h.coordinator.stop().expect("stops"));
+    use prost::Message;
+    let stale = rollback_common::proto::RunProcedure {
+        run_id: "stale0001".into(),
+        steps: vec![rollback_common::proto::Step {
+            action: "git.checkout".into(),
+            params: [("revision".to_string(), "HEAD~1".to_string())]
+                .into_iter()
+                .collect(),
+            timeout_secs: 0,
+        }],
+        ..Default::default()
+    };
+    let hex: String = stale
+        .encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let insert = "import sqlite3, sys\n\
+        db, run, host, blob = sys.argv[1:5]\n\
+        c = sqlite3.connect(db)\n\
+        c.execute(\"INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase) \
+        VALUES (?, '', ?, 'test', 'stale', ?, 0, 0, '')\", (run, host, bytes.fromhex(blob)))\n\
+        c.commit()\n";
+    let status = Command::new("python3")
+        .args(["-c", insert])
+        .arg(h.tmp.path().join("coordinator.sqlite"))
+        .args(["stale0001", "web-1", &hex])
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "stale run inserted");
+    let head = h.head();
+    h.coordinator.restart().expect("restarts");
+    eventually("web-1 back online", DEADLINE, || {
+        let agents = agents_json(&h.coordinator.url(), &h.pki.ca(), &h.op, None)?;
+        agents
+            .iter()
+            .any(|a| a["host_id"] == "web-1" && a["status"] == "online")
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("offline"))
+    });
+    // A fresh exec proves the session carries runs; the stale one must not have been sent.
+    let (ok, _, stderr) = h.exec("git.log", &["count=1"], &[]);
+    assert!(ok, "{stderr}");
+    assert!(!counter.exists(), "the stale git.checkout never ran");
+    assert_eq!(h.head(), head, "HEAD never moved");
+    assert!(
+        !h.agent_log().contains("stale0001"),
+        "the stale run never reached the agent"
+    );
+}

@@ -131,6 +131,7 @@ impl Jobs {
         self.tasks.spawn(
             async move {
                 this.run_job(&id, plan, hosts, &live, &req).await;
+                this.hub.forget_job(&id);
                 this.live_jobs().remove(&id);
                 if let Some(done) = done {
                     let _ = done.send(());
@@ -589,11 +590,13 @@ impl Jobs {
         }
         let (tx, mut rx) = mpsc::channel(256);
         self.hub.watch(&run_id, host, tx);
+        self.hub.dispatched(&run_id, job_id);
         let msg = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
         };
         if session.sender.send(Ok(msg)).await.is_err() {
             self.hub.close(&run_id);
+            self.hub.resolved(&run_id);
             return Err(unreachable(format!(
                 "agent {host} disconnected before the run could be sent"
             )));

@@ -550,6 +550,7 @@ impl Jobs {
             .await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         self.hub.watch(&run_id, host, tx);
+        self.hub.dispatched(&run_id, "preflight");
         let msg = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
         };
@@ -569,7 +570,9 @@ impl Jobs {
             }
             None
         };
-        match tokio::time::timeout(Duration::from_secs(120), wait).await {
+        let answer = tokio::time::timeout(Duration::from_secs(120), wait).await;
+        self.hub.resolved(&run_id);
+        match answer {
             Ok(Some(r)) => Ok(r),
             _ => Err(Status::unavailable(format!(
                 "agent {host} did not answer the `{}` check",
