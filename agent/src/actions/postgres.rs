@@ -29,14 +29,18 @@ fn explain(output: &str) -> Option<String> {
     None
 }
 
-fn pg(ctx: &StepCtx<'_>, program: &Path) -> Result<(ProcessSpec, PostgresProfile), Failure> {
+/// A spec for `pg_dump` or `pg_restore` (chosen by `binary`) with the profile's environment.
+fn pg(
+    ctx: &StepCtx<'_>,
+    binary: fn(&PostgresProfile) -> &Path,
+) -> Result<(ProcessSpec, PostgresProfile), Failure> {
     let p = ctx
         .config
         .postgres
         .clone()
         .ok_or_else(|| Failure::new(-1, "no [postgres] in agent.toml"))?;
     let mut spec = ctx
-        .spec(program, &p.backup_dir)
+        .spec(binary(&p), &p.backup_dir)
         .env("PGCONNECT_TIMEOUT", "10");
     if let Some(pass) = &p.password_file {
         spec = spec.env("PGPASSFILE", pass.display().to_string());
@@ -62,13 +66,7 @@ fn connection_args(p: &PostgresProfile) -> Vec<String> {
 
 /// `pg_restore --list FILE`: proves the archive is readable without touching the database.
 pub(super) async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
-    let restore_bin = ctx
-        .config
-        .postgres
-        .as_ref()
-        .map(|p| p.pg_restore.clone())
-        .unwrap_or_default();
-    let (spec, _) = pg(ctx, &restore_bin)?;
+    let (spec, _) = pg(ctx, |p| &p.pg_restore)?;
     let outcome = ctx.run(&spec.arg("--list").arg(backup)).await?;
     if !outcome.success() {
         let explained = explain(&outcome.stderr_text());
@@ -84,13 +82,7 @@ pub(super) async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), F
 
 pub(super) async fn restore(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     verify(backup, ctx).await?;
-    let restore_bin = ctx
-        .config
-        .postgres
-        .as_ref()
-        .map(|p| p.pg_restore.clone())
-        .unwrap_or_default();
-    let (spec, p) = pg(ctx, &restore_bin)?;
+    let (spec, p) = pg(ctx, |p| &p.pg_restore)?;
     let spec = spec
         .args(["--clean", "--if-exists", "--no-owner", "--exit-on-error"])
         .args(connection_args(&p))
@@ -133,13 +125,7 @@ pub(super) async fn backup(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
             .map_err(|e| Failure::new(-1, format!("creating backup dir {}: {e}", dir.display())))?;
         ctx.say(&format!("created backup dir {}", dir.display()));
     }
-    let dump_bin = ctx
-        .config
-        .postgres
-        .as_ref()
-        .map(|p| p.pg_dump.clone())
-        .unwrap_or_default();
-    let (spec, p) = pg(ctx, &dump_bin)?;
+    let (spec, p) = pg(ctx, |p| &p.pg_dump)?;
     let now = time::OffsetDateTime::now_utc();
     let name = format!(
         "backup_{:04}{:02}{:02}_{:02}{:02}{:02}.dump",
