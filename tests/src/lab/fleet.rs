@@ -42,7 +42,24 @@ impl std::fmt::Debug for Lab {
 impl Lab {
     /// Boots a lab: removes a stale lab of the same name first, then the network, the hosts
     /// (in parallel), the database and the sample app, as `spec` says.
+    ///
+    /// A host's own systemd has (rarely, with several labs booting at once on two cores) been
+    /// seen to exit during boot. That is the test machine, not the product under test, so the
+    /// lab is then torn down and booted once more, saying so on stderr with the first error.
     pub fn boot(spec: LabSpec) -> Result<Lab> {
+        match Lab::boot_once(spec.clone()) {
+            Err(e) if is_host_boot_failure(&e) => {
+                eprintln!(
+                    "lab {}: a host did not boot ({e:#}); tearing down and booting once more",
+                    spec.name
+                );
+                Lab::boot_once(spec)
+            }
+            other => other,
+        }
+    }
+
+    fn boot_once(spec: LabSpec) -> Result<Lab> {
         spec.validate()?;
         prerequisites::check().map_err(|reason| anyhow!("lab {}: {reason}", spec.name))?;
         let venv = if spec.database || spec.deploy_app {
@@ -308,7 +325,20 @@ impl Lab {
                         move || match boot::launch(names, id, netns, binds, timeout) {
                             Err(e) => (id.clone(), None, Some(e)),
                             Ok(l) => {
-                                let waited = boot::wait_running(id, l.systemd.pid, timeout).err();
+                                let waited = boot::wait_running(id, l.systemd.pid, timeout)
+                                    .map_err(|e| {
+                                        // What the host's systemd printed says why it stopped.
+                                        let log =
+                                            fs::read_to_string(names.host_dir(id).join("boot.log"))
+                                                .unwrap_or_default();
+                                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                                        e.context(format!(
+                                            "host {id}: boot.log ends with:\n{}",
+                                            tail.join("\n")
+                                        ))
+                                    })
+                                    .err();
                                 (id.clone(), Some(l), waited)
                             }
                         },
@@ -363,4 +393,14 @@ impl Drop for Lab {
             eprintln!("lab {}: teardown failed: {e:#}", self.state.name);
         }
     }
+}
+
+/// Whether `e` says a host's systemd died or never came up during boot.
+fn is_host_boot_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let m = c.to_string();
+        m.contains("systemd to finish booting")
+            || m.contains("systemd to start")
+            || m.contains("launcher exited")
+    })
 }
