@@ -200,6 +200,17 @@ impl Runbook {
         Ok(())
     }
 
+    /// The procedure called `name`, or an error listing the ones there are.
+    pub fn procedure(&self, name: &str) -> Result<&Procedure, String> {
+        self.procedures.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.procedures.keys().map(String::as_str).collect();
+            format!(
+                "no procedure `{name}`; the runbook has: {}",
+                known.join(", ")
+            )
+        })
+    }
+
     /// The runbook as TOML (for `rollbackctl runbook show`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
@@ -314,17 +325,7 @@ pub fn plan(
     once_candidates: &[String],
     strategy: &Strategy,
 ) -> Result<Plan, String> {
-    let p = runbook.procedures.get(procedure).ok_or_else(|| {
-        format!(
-            "no procedure `{procedure}`; the runbook has: {}",
-            runbook
-                .procedures
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
+    let p = runbook.procedure(procedure)?;
     for need in &p.needs {
         if values.get(need).is_none_or(|v| v.trim().is_empty()) {
             return Err(format!("procedure `{procedure}` needs --{need}"));

@@ -111,18 +111,9 @@ impl Jobs {
         runbook: &Runbook,
     ) -> Result<(Plan, PlanResponse), Status> {
         let selector = parse_selector(&req.selector)?;
-        let procedure = runbook.procedures.get(&req.procedure).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "no procedure `{}`; the runbook has: {}",
-                req.procedure,
-                runbook
-                    .procedures
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
+        let procedure = runbook
+            .procedure(&req.procedure)
+            .map_err(Status::invalid_argument)?;
         let once_text = if req.once_on.is_empty() {
             procedure.once_on.clone().unwrap_or_default()
         } else {

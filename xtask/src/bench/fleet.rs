@@ -109,13 +109,7 @@ fn fleet_rollback(
     for (i, d) in hosts.dirs[..n].iter().enumerate() {
         let id = hosts::name(i + 1);
         let certs = harness::cert(pki, "agent", &id)?;
-        let profile = format!(
-            "[app]\ndir = \"{}\"\ngit = \"{}\"\nenv_file = \"{}\"\nenv_backup = \"{}\"\nhealth_base_url = \"{url}\"\n",
-            d.join("app").display(),
-            hosts.git.display(),
-            d.join(".env").display(),
-            d.join(".env.backup").display(),
-        );
+        let profile = harness::app_profile(d, &hosts.git, url);
         agents.push(Agent::start_with_profile(
             &dir,
             &id,

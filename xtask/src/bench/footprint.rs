@@ -29,13 +29,7 @@ pub fn measure(root: &Path, pki: &Pki, window: Duration) -> Result<serde_json::V
     for (i, d) in hosts.dirs.iter().enumerate() {
         let id = format!("idle{}", i + 1);
         let certs = harness::cert(pki, "agent", &id)?;
-        let profile = format!(
-            "[app]\ndir = \"{}\"\ngit = \"{}\"\nenv_file = \"{}\"\nenv_backup = \"{}\"\nhealth_base_url = \"http://127.0.0.1:9\"\n",
-            d.join("app").display(),
-            hosts.git.display(),
-            d.join(".env").display(),
-            d.join(".env.backup").display(),
-        );
+        let profile = harness::app_profile(d, &hosts.git, "http://127.0.0.1:9");
         agents.push(Agent::start_with_profile(
             &dir,
             &id,

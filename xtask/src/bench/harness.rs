@@ -199,3 +199,15 @@ pub fn job_seconds(job: &serde_json::Value) -> Option<f64> {
     let end = sys::parse_rfc3339_ms(job["finished_at"].as_str()?)?;
     Some((end - start) as f64 / 1000.0)
 }
+
+/// The `[app]` host profile of a bench host directory `dir` (its `app` clone, `.env` and
+/// `.env.backup`), with the health endpoint at `health_url`.
+pub fn app_profile(dir: &Path, git: &Path, health_url: &str) -> String {
+    format!(
+        "[app]\ndir = \"{}\"\ngit = \"{}\"\nenv_file = \"{}\"\nenv_backup = \"{}\"\nhealth_base_url = \"{health_url}\"\n",
+        dir.join("app").display(),
+        git.display(),
+        dir.join(".env").display(),
+        dir.join(".env.backup").display(),
+    )
+}
