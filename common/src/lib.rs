@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod identity;
+pub mod jobs;
 pub mod output_cap;
 pub mod pki;
 pub mod proto;

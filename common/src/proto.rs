@@ -58,6 +58,7 @@ pub fn step_status_name(status: i32) -> &'static str {
         Ok(StepStatus::Interrupted) => "interrupted",
         Ok(StepStatus::Refused) => "refused",
         Ok(StepStatus::Skipped) => "skipped",
+        Ok(StepStatus::Busy) => "busy",
         Ok(StepStatus::Unspecified) | Err(_) => "unknown",
     }
 }

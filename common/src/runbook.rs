@@ -27,6 +27,22 @@ pub const ACTIONS: &[&str] = &[
     "state.read",
     "snapshot.take",
     "postgres.verify",
+    "alembic.resolve",
+    "git.resolve",
+];
+
+/// Actions that only read the host; every other action changes it (and needs the host's
+/// lease: a mutating `exec` on a host a job holds is refused).
+pub const READ_ONLY_ACTIONS: &[&str] = &[
+    "service.status",
+    "alembic.current",
+    "alembic.resolve",
+    "git.log",
+    "git.resolve",
+    "http.check",
+    "log.scan",
+    "state.read",
+    "postgres.verify",
 ];
 
 /// Values a rollback request may fill into `{...}` placeholders.

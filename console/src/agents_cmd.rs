@@ -14,10 +14,35 @@ pub struct AgentsArgs {
     /// Only hosts matching every KEY=VALUE term, e.g. role=web,env=prod (host=ID picks one host).
     #[arg(long, default_value = "")]
     pub select: String,
+    #[command(subcommand)]
+    pub command: Option<AgentsCmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentsCmd {
+    /// Remove a decommissioned host from the coordinator's agents (admin). Its job history
+    /// stays. Refused while the agent is connected or the host is leased to a job; a host that
+    /// comes back later is simply registered again.
+    Forget { host: String },
 }
 
 pub async fn run(args: AgentsArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
     let mut client = connect::console(flags).await?;
+    if let Some(AgentsCmd::Forget { host }) = &args.command {
+        client
+            .forget_agent(rollback_common::proto::ForgetAgentRequest {
+                host_id: host.clone(),
+            })
+            .await
+            .map_err(|s| status_error(&format!("forgetting agent {host}"), s))?;
+        match output {
+            Output::Table => println!(
+                "agent {host} forgotten: it is no longer a target; its job history is kept"
+            ),
+            Output::Json => println!("{}", json!({"host_id": host, "forgotten": true})),
+        }
+        return Ok(());
+    }
     let agents = client
         .list_agents(ListAgentsRequest {
             selector: args.select.clone(),

@@ -60,6 +60,13 @@ pub struct RollbackArgs {
     /// Host for `once` phases (database steps), e.g. role=migrator; default: the procedure's.
     #[arg(long)]
     pub once_on: Option<String>,
+    /// When a selected host is being rolled back by another job, wait for that job to end
+    /// instead of refusing (one job per host).
+    #[arg(long)]
+    pub wait: bool,
+    /// Leave offline hosts out instead of refusing to start (`plan` lists them).
+    #[arg(long)]
+    pub skip_offline: bool,
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
@@ -84,6 +91,8 @@ impl RollbackArgs {
             batch_size: self.batch_size.clone().unwrap_or_default(),
             max_failures: self.max_failures.clone().unwrap_or_default(),
             reason: self.reason.clone(),
+            wait: self.wait,
+            skip_offline: self.skip_offline,
         }
     }
 }
@@ -98,6 +107,18 @@ pub enum RunbookCmd {
 pub enum JobCmd {
     /// The whole record of a job: hosts, outcomes, every step.
     Show { job: String },
+    /// Continue a halted, cancelled, failed or interrupted job: hosts that did not succeed are
+    /// retried from the phase where each stopped, with the job's pinned targets (completed
+    /// phases, and a completed database step, never run again). Follows it live.
+    #[command(after_help = "\
+Example:
+    rollbackctl job resume 3f9a1c... --reason 'app2 agent back after OOM kill'")]
+    Resume {
+        job: String,
+        /// Why (recorded in the audit trail). Required.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 fn plan_json(p: &PlanResponse) -> serde_json::Value {
@@ -108,6 +129,11 @@ fn plan_json(p: &PlanResponse) -> serde_json::Value {
         "once_host": p.once_host,
         "max_failures": p.max_failures,
         "strategy": p.strategy,
+        "pins": p.pins.iter().map(|pin| json!({
+            "param": pin.param, "requested": pin.requested, "to": pin.to,
+            "from_by_host": pin.from_by_host, "resolved_on": pin.resolved_on, "note": pin.note,
+        })).collect::<Vec<_>>(),
+        "offline": p.offline,
         "phases": p.phases.iter().map(|ph| json!({
             "name": ph.name,
             "scope": ph.scope,
@@ -125,6 +151,15 @@ pub fn print_plan(p: &PlanResponse) {
         println!("once-host: {}", p.once_host);
     }
     println!("strategy: {}", p.strategy);
+    for pin in &p.pins {
+        println!("pinned: {} {}", pin.param, pin.note);
+    }
+    if !p.offline.is_empty() {
+        println!(
+            "OFFLINE: {} — `rollback` refuses to start unless --skip-offline leaves them out",
+            p.offline.join(", ")
+        );
+    }
     for (i, ph) in p.phases.iter().enumerate() {
         println!("\nphase {} — {} ({})", i + 1, ph.name, ph.scope);
         let show = |indent: &str, s: &rollback_common::proto::Step| {
@@ -165,6 +200,7 @@ fn job_json(j: &Job) -> serde_json::Value {
         "created_at": format_time(j.created_at_unix_ms),
         "finished_at": format_time(j.finished_at_unix_ms),
         "halt_reason": j.halt_reason,
+        "history": j.history,
         "selector": j.request.as_ref().map(|r| r.selector.clone()).unwrap_or_default(),
         "plan": j.plan.as_ref().map(plan_json),
         "hosts": j.hosts.iter().map(|h| json!({
@@ -217,6 +253,8 @@ pub fn render_event(ev: &JobEvent) -> String {
     let t = clock(ev.at_unix_ms);
     match ev.kind.as_str() {
         "job.started" => format!("{t} job started: {}", ev.message),
+        "job.resumed" => format!("{t} job resumed: {}", ev.message),
+        "host.waiting" => format!("{t}    … {}", ev.message),
         "phase.started" => format!("{t} ── {}", ev.message),
         "batch.started" => format!("{t}    {} {}", ev.phase, ev.message),
         "host.dispatched" => format!("{t}    → {}", ev.message),
@@ -232,32 +270,82 @@ pub fn render_event(ev: &JobEvent) -> String {
     }
 }
 
-async fn follow(flags: &ConnectFlags, job_id: &str, output: Output) -> Result<()> {
-    let mut client = connect::console(flags).await?;
-    let mut stream = client
-        .watch_job(WatchJobRequest {
-            job_id: job_id.to_string(),
-            after_seq: 0,
-        })
-        .await
-        .map_err(|s| status_error(&format!("watching job {job_id}"), s))?
-        .into_inner();
-    while let Some(ev) = stream
-        .message()
-        .await
-        .map_err(|s| status_error(&format!("watching job {job_id}"), s))?
-    {
-        match output {
-            Output::Table => println!("{}", render_event(&ev)),
-            Output::Json => println!(
-                "{}",
-                json!({"seq": ev.seq, "at": format_time(ev.at_unix_ms), "kind": ev.kind, "host_id": ev.host_id,
-                       "phase": ev.phase, "message": ev.message, "job_state": ev.job_state, "done": ev.done, "total": ev.total})
-            ),
+/// How long `follow` keeps trying to reach a coordinator that went away mid-job.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Follows a job's events after `after_seq` until it finishes. A coordinator that restarts
+/// mid-job resumes it; the watch reconnects and goes on from the last event it printed.
+async fn follow(
+    flags: &ConnectFlags,
+    job_id: &str,
+    after_seq: u64,
+    output: Option<Output>,
+) -> Result<()> {
+    let mut last = after_seq;
+    let mut lost_at: Option<std::time::Instant> = None;
+    loop {
+        let attempt = async {
+            let mut client = connect::console(flags).await?;
+            let stream = client
+                .watch_job(WatchJobRequest {
+                    job_id: job_id.to_string(),
+                    after_seq: last,
+                })
+                .await
+                .map_err(|s| status_error(&format!("watching job {job_id}"), s))?
+                .into_inner();
+            anyhow::Ok(stream)
+        };
+        let mut stream = match attempt.await {
+            Ok(s) => s,
+            Err(e) if lost_at.is_some_and(|t| t.elapsed() < RECONNECT_FOR) => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if lost_at.take().is_some() && output == Some(Output::Table) {
+            println!("(reconnected to the coordinator; continuing after event {last})");
         }
-        let _ = std::io::stdout().flush();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    last = ev.seq;
+                    match output {
+                        None => {}
+                        Some(Output::Table) => println!("{}", render_event(&ev)),
+                        Some(Output::Json) => println!(
+                            "{}",
+                            json!({"seq": ev.seq, "at": format_time(ev.at_unix_ms), "kind": ev.kind, "host_id": ev.host_id,
+                                   "phase": ev.phase, "message": ev.message, "job_state": ev.job_state, "done": ev.done, "total": ev.total})
+                        ),
+                    }
+                    let _ = std::io::stdout().flush();
+                }
+                Ok(None) => break true,
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
+                    break false;
+                }
+                Err(s) => return Err(status_error(&format!("watching job {job_id}"), s)),
+            }
+        };
+        if ended {
+            return Ok(());
+        }
+        if output == Some(Output::Table) {
+            eprintln!(
+                "(lost the coordinator while following job {job_id}; the job is kept in its store and resumed when it restarts — reconnecting for up to {}s)",
+                RECONNECT_FOR.as_secs()
+            );
+        }
+        lost_at = Some(std::time::Instant::now());
     }
-    Ok(())
 }
 
 fn print_job(j: &Job) {
@@ -270,6 +358,22 @@ fn print_job(j: &Job) {
     );
     if !j.halt_reason.is_empty() {
         println!("halted: {}", j.halt_reason);
+    }
+    if let Some(plan) = &j.plan {
+        for pin in &plan.pins {
+            println!("pinned: {} {}", pin.param, pin.note);
+        }
+    }
+    if j.history
+        .iter()
+        .filter(|h| h.contains(" job.resumed "))
+        .count()
+        > 0
+    {
+        for h in j.history.iter().filter(|h| h.contains(" job.resumed ")) {
+            let (at, rest) = h.split_once(' ').unwrap_or((h, ""));
+            println!("{} {rest}", format_time(at.parse().unwrap_or(0)));
+        }
     }
     let rows: Vec<[String; 5]> = j
         .hosts
@@ -388,23 +492,10 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
             "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)\n",
             started.job_id, started.job_id
         );
-        follow(flags, &started.job_id, output).await?;
+        follow(flags, &started.job_id, 0, Some(output)).await?;
     } else {
         // Wait for the end quietly, then print the whole record.
-        let mut stream = client
-            .watch_job(WatchJobRequest {
-                job_id: started.job_id.clone(),
-                after_seq: 0,
-            })
-            .await
-            .map_err(|s| status_error("watching the job", s))?
-            .into_inner();
-        while stream
-            .message()
-            .await
-            .map_err(|s| status_error("watching the job", s))?
-            .is_some()
-        {}
+        follow_quietly(flags, &started.job_id, 0).await?;
     }
     let job = get_job(flags, &started.job_id).await?;
     match output {
@@ -494,18 +585,59 @@ pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()
     Ok(())
 }
 
+/// Waits for a job to end without printing its events (for `--output json`: only the final
+/// record is printed).
+async fn follow_quietly(flags: &ConnectFlags, job_id: &str, after_seq: u64) -> Result<()> {
+    follow(flags, job_id, after_seq, None).await
+}
+
 pub async fn job(cmd: JobCmd, flags: &ConnectFlags, output: Output) -> Result<()> {
-    let JobCmd::Show { job } = cmd;
-    let j = get_job(flags, &job).await?;
+    match cmd {
+        JobCmd::Show { job } => {
+            let j = get_job(flags, &job).await?;
+            match output {
+                Output::Table => print_job(&j),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&j))?),
+            }
+            Ok(())
+        }
+        JobCmd::Resume { job, reason } => resume(&job, reason, flags, output).await,
+    }
+}
+
+async fn resume(job: &str, reason: String, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let resumed = client
+        .resume_job(rollback_common::proto::ResumeJobRequest {
+            job_id: job.to_string(),
+            reason,
+        })
+        .await
+        .map_err(|s| status_error(&format!("resuming job {job}"), s))?
+        .into_inner();
+    let after = resumed.resumed_at_seq.saturating_sub(1);
+    if output == Output::Table {
+        println!(
+            "job {job} resumed: retrying {}; following it\n",
+            resumed.hosts.join(", ")
+        );
+        follow(flags, job, after, Some(output)).await?;
+    } else {
+        follow_quietly(flags, job, after).await?;
+    }
+    let j = get_job(flags, job).await?;
     match output {
-        Output::Table => print_job(&j),
+        Output::Table => {
+            println!();
+            print_job(&j);
+        }
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&j))?),
     }
-    Ok(())
+    job_result(&j)
 }
 
 pub async fn watch(job: String, flags: &ConnectFlags, output: Output) -> Result<()> {
-    follow(flags, &job, output).await?;
+    follow(flags, &job, 0, Some(output)).await?;
     let j = get_job(flags, &job).await?;
     if output == Output::Table {
         println!();

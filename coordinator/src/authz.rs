@@ -54,9 +54,10 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
             "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs" | "GetReport"
             | "ListSnapshots",
         ) => Some(Rule::Console(OperatorRole::Viewer)),
-        ("Console", "StartRollback" | "CancelJob" | "Snapshot" | "Diagnose") => {
+        ("Console", "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose") => {
             Some(Rule::Console(OperatorRole::Operator))
         }
+        ("Console", "ForgetAgent") => Some(Rule::Console(OperatorRole::Admin)),
         _ => None,
     }
 }

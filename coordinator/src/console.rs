@@ -8,9 +8,10 @@ use rollback_common::now_unix_ms;
 use rollback_common::proto::console_server::Console;
 use rollback_common::proto::{
     AgentInfo, AgentStatus, CancelJobRequest, CancelJobResponse, DiagnoseRequest, DiagnoseResponse,
-    ExecEvent, ExecRequest, GetJobRequest, GetReportRequest, GetReportResponse, GetRunbookRequest,
-    GetRunbookResponse, HostState, Job, JobEvent, ListAgentsRequest, ListAgentsResponse,
-    ListJobsRequest, ListJobsResponse, ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse,
+    ExecEvent, ExecRequest, ForgetAgentRequest, ForgetAgentResponse, GetJobRequest,
+    GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse, HostState, Job,
+    JobEvent, ListAgentsRequest, ListAgentsResponse, ListJobsRequest, ListJobsResponse,
+    ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse, ResumeJobRequest, ResumeJobResponse,
     RollbackRequest, SnapshotRequest, SnapshotResponse, StartRollbackResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
@@ -32,7 +33,10 @@ pub struct ConsoleService {
 /// The one mapping from store errors to gRPC statuses.
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
-        Status::unavailable(format!("coordinator store: {e}"))
+        match e {
+            StoreError::Leased { holders } => crate::jobs::leased_status(&holders),
+            other => Status::unavailable(format!("coordinator store: {other}")),
+        }
     }
 }
 
@@ -152,6 +156,60 @@ impl Console for ConsoleService {
             .cancel(&principal, &req.job_id, &req.reason)
             .await?;
         Ok(Response::new(CancelJobResponse { state }))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<ResumeJobRequest>,
+    ) -> Result<Response<ResumeJobResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.jobs
+                .resume(&principal, &req.job_id, &req.reason)
+                .await?,
+        ))
+    }
+
+    async fn forget_agent(
+        &self,
+        request: Request<ForgetAgentRequest>,
+    ) -> Result<Response<ForgetAgentResponse>, Status> {
+        let principal = principal(&request)?;
+        let host = request.into_inner().host_id;
+        rollback_common::identity::validate_name("host id", &host)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.registry.get(&host).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "agent {host} is connected; stop its agent (decommission the host) before forgetting it"
+            )));
+        }
+        let holders = self
+            .store
+            .lease_holders(std::slice::from_ref(&host))
+            .await?;
+        if let Some(h) = holders.first() {
+            return Err(Status::failed_precondition(format!(
+                "agent {host} is leased to job {}; wait for it to end (or cancel it) before forgetting the host",
+                h.job_id
+            )));
+        }
+        let forgotten = self.store.forget_agent(&host).await?;
+        if !forgotten {
+            return Err(Status::not_found(format!(
+                "no agent {host}; `rollbackctl agents` lists the known ones"
+            )));
+        }
+        self.store
+            .append_audit(&crate::store::AuditEvent {
+                at_ms: now_unix_ms(),
+                actor: principal.identity.to_string(),
+                action: "agent.forgotten".into(),
+                target: format!("host/{host}"),
+                detail: "removed from the coordinator's agents; job history kept".into(),
+            })
+            .await?;
+        Ok(Response::new(ForgetAgentResponse { forgotten }))
     }
 
     async fn get_report(

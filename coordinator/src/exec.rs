@@ -8,9 +8,7 @@ use prost::Message;
 use rand::Rng;
 use rollback_common::identity::validate_name;
 use rollback_common::now_unix_ms;
-use rollback_common::proto::{
-    CoordinatorMessage, ExecEvent, ExecRequest, RunProcedure, coordinator_message, exec_event,
-};
+use rollback_common::proto::{ExecEvent, ExecRequest, RunProcedure, exec_event};
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::info;
@@ -43,40 +41,39 @@ pub async fn start(
         ));
     }
     let host = req.host_id;
-    let live = registry.get(&host).ok_or_else(|| {
-        Status::failed_precondition(format!(
+    if registry.get(&host).is_none() {
+        return Err(Status::failed_precondition(format!(
             "agent {host} is not connected; `rollbackctl agents` shows when it was last seen"
-        ))
-    })?;
+        )));
+    }
+    if !rollback_common::runbook::READ_ONLY_ACTIONS.contains(&step.action.as_str()) {
+        let holders = store.lease_holders(std::slice::from_ref(&host)).await?;
+        if let Some(h) = holders.first() {
+            return Err(Status::failed_precondition(format!(
+                "refused: {host} is leased to job {} (one job per host), and `{}` changes the host; nothing was run. Wait for the job (`rollbackctl watch {}`) or run a read-only action",
+                h.job_id, step.action, h.job_id
+            )));
+        }
+    }
     let run_id = new_id();
+    let now = now_unix_ms();
+    let steps = vec![step.clone()];
     let procedure = RunProcedure {
         run_id: run_id.clone(),
         job_id: String::new(),
-        steps: vec![step.clone()],
-        deadline_unix_ms: 0,
+        deadline_unix_ms: crate::dispatch::deadline_ms(
+            now,
+            &steps,
+            std::time::Duration::from_secs(10),
+        ),
+        steps,
     };
-    let now = now_unix_ms();
     let actor = principal.identity.to_string();
     let reason = if req.reason.trim().is_empty() {
         "diagnosis (rollbackctl exec)".to_string()
     } else {
         req.reason
     };
-    store
-        .create_run(&RunRow {
-            run_id: run_id.clone(),
-            job_id: String::new(),
-            host_id: host.clone(),
-            requested_by: actor.clone(),
-            reason: reason.clone(),
-            procedure: procedure.encode_to_vec(),
-            status: 0,
-            created_at_ms: now,
-            finished_at_ms: None,
-            result: None,
-            phase: String::new(),
-        })
-        .await?;
     let mut params: Vec<String> = step
         .params
         .iter()
@@ -101,18 +98,39 @@ pub async fn start(
     let _ = tx.try_send(Ok(ExecEvent {
         kind: Some(exec_event::Kind::RunId(run_id.clone())),
     }));
-    hub.watch(&run_id, &host, tx);
-    hub.dispatched(&run_id, "");
-    let msg = CoordinatorMessage {
-        kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
+    let record = RunRow {
+        run_id: run_id.clone(),
+        job_id: String::new(),
+        host_id: host.clone(),
+        requested_by: actor.clone(),
+        reason: reason.clone(),
+        procedure: procedure.encode_to_vec(),
+        status: 0,
+        created_at_ms: now,
+        finished_at_ms: None,
+        result: None,
+        phase: String::new(),
     };
-    if live.sender.send(Ok(msg)).await.is_err() {
-        hub.close(&run_id);
-        hub.resolved(&run_id);
-        return Err(Status::unavailable(format!(
-            "agent {host} disconnected before the step could be sent"
-        )));
-    }
+    crate::dispatch::dispatch(
+        &**store,
+        registry,
+        hub,
+        crate::dispatch::Dispatch {
+            host: &host,
+            job_id: "",
+            procedure,
+            record: Some(record),
+            watcher: tx,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        crate::dispatch::DispatchError::Store(e) => Status::from(e),
+        crate::dispatch::DispatchError::Offline { .. } => Status::failed_precondition(format!(
+            "agent {host} is not connected; `rollbackctl agents` shows when it was last seen"
+        )),
+        other => Status::unavailable(format!("{other}; the step was not sent")),
+    })?;
     info!(host = %host, run = %run_id, action = %step.action, actor = %actor, "exec dispatched");
     Ok(rx)
 }

@@ -231,6 +231,19 @@ async fn record_run_result(
     finished: RunFinished,
 ) {
     let run_id = finished.run_id.clone();
+    if finished.status == rollback_common::proto::StepStatus::Busy as i32 {
+        // Not a result: the agent journaled nothing and the same run will be sent again.
+        info!(run = %run_id, "agent busy with another run; the run is not recorded as finished");
+        hub.publish(
+            host,
+            &run_id,
+            &ExecEvent {
+                kind: Some(exec_event::Kind::Finished(finished)),
+            },
+        );
+        hub.close(&run_id);
+        return;
+    }
     let now = now_unix_ms();
     let audit = AuditEvent {
         at_ms: now,

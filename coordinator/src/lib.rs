@@ -5,6 +5,7 @@
 pub mod authz;
 pub mod config;
 mod console;
+mod dispatch;
 mod exec;
 mod gateway;
 pub mod jobs;
@@ -91,8 +92,9 @@ pub async fn run(
         runbook_source,
         Duration::from_secs(config.unreachable_after_secs),
         tasks.clone(),
+        cancel.clone(),
     ));
-    jobs.recover()
+    jobs.resume_after_restart()
         .await
         .map_err(|s| CoordinatorError::Recover(s.message().to_string()))?;
     let gateway = gateway::Gateway {

@@ -1,46 +1,198 @@
-//! Running a job: dispatch, barriers, batches, threshold, cancel, outcomes.
+//! Driving a job: a state machine whose state is the store. `launch` persists a job (and leases
+//! its hosts) before anything runs; `resume_after_restart` and `resume` rebuild the same state
+//! from the store; `drive` walks the plan's phases and batches from there: a host's completed
+//! phases (and the once-phase) are never run again, a run in flight is re-attached by its run
+//! id (the agent's journal makes it exactly-once), and progress is stored as each host finishes
+//! each phase. `settle` decides the end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use rollback_common::jobs::{EventKind, JobState, Outcome};
 use rollback_common::now_unix_ms;
 use rollback_common::proto::{
-    Cancel, CoordinatorMessage, ExecEvent, JobEvent, RollbackRequest, RunFinished, RunProcedure,
-    StartRollbackResponse, StepStatus, coordinator_message, exec_event, step_event,
-    step_status_name,
+    Cancel, CoordinatorMessage, ExecEvent, JobEvent, PlanResponse, ResumeJobResponse,
+    RollbackRequest, RunFinished, RunProcedure, StartRollbackResponse, StepStatus,
+    coordinator_message, exec_event, step_event, step_status_name,
 };
-use rollback_common::runbook::{Plan, PlannedPhase, Scope};
+use rollback_common::runbook::{Plan, PlannedPhase, PlannedStep, Scope};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{Jobs, LiveJob, outcome, state};
+use super::settle::{HostSoFar, Stop, settle};
+use super::{Jobs, LiveJob, outcome};
 use crate::authz::Principal;
+use crate::dispatch::{self, Dispatch, DispatchError};
 use crate::exec::new_id;
-use crate::store::{AuditEvent, JobHostRow, JobRow, RunRow};
+use crate::store::{AuditEvent, JobHostRow, JobRow, LeaseHolder, RunRow, StoreError};
+
+/// How long a busy host is waited for before the run counts as failed.
+const BUSY_WAIT: Duration = Duration::from_secs(600);
 
 /// How a host's run in one phase ended, when it did not succeed.
 #[derive(Debug, Clone)]
 struct HostFailure {
-    outcome: &'static str,
+    outcome: Outcome,
     step: String,
     exit_code: i32,
     detail: String,
 }
 
-/// What the job tracks per host while it runs.
-#[derive(Debug, Clone)]
-struct HostTrack {
-    row: JobHostRow,
-    /// Phases this host completed.
-    done_phases: Vec<String>,
+/// How one phase on one host ended.
+#[derive(Debug)]
+enum RunEnd {
+    Done {
+        duration_ms: u64,
+        note: String,
+    },
+    Failed(HostFailure),
+    /// The coordinator is shutting down: the job stays `running` in the store and is resumed
+    /// by the next process.
+    Stopping,
+}
+
+/// Everything `drive` needs, rebuilt from the store on resume.
+struct Drive {
+    job_id: String,
+    plan: Plan,
+    reason: String,
+    tracks: BTreeMap<String, JobHostRow>,
+    /// Runs dispatched but without a result: (phase, host) → run.
+    inflight: HashMap<(String, String), RunRow>,
+}
+
+/// Why a launch did not happen.
+pub(super) enum LaunchError {
+    Leased(Vec<LeaseHolder>),
+    Status(Status),
+}
+
+impl From<Status> for LaunchError {
+    fn from(s: Status) -> Self {
+        LaunchError::Status(s)
+    }
+}
+
+impl From<StoreError> for LaunchError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Leased { holders } => LaunchError::Leased(holders),
+            other => LaunchError::Status(other.into()),
+        }
+    }
+}
+
+/// The refusal for hosts another job holds, naming the job(s) and what to do.
+pub fn leased_status(holders: &[LeaseHolder]) -> Status {
+    let mut jobs: Vec<&str> = holders.iter().map(|h| h.job_id.as_str()).collect();
+    jobs.sort_unstable();
+    jobs.dedup();
+    let hosts: Vec<&str> = holders.iter().map(|h| h.host_id.as_str()).collect();
+    Status::failed_precondition(format!(
+        "refused, nothing was started: {} {} being rolled back by job {} (one job per host). Follow it with `rollbackctl watch {}`, or pass --wait to start when it ends",
+        hosts.join(", "),
+        if hosts.len() == 1 { "is" } else { "are" },
+        jobs.join(", "),
+        jobs.first().copied().unwrap_or_default(),
+    ))
+}
+
+/// A run whose result shows that nothing ran on the host (refused before starting, arrived
+/// after its deadline): it is safe to dispatch the phase again.
+fn nothing_ran(result: &RunFinished) -> bool {
+    result.steps.iter().all(|s| {
+        matches!(
+            StepStatus::try_from(s.status),
+            Ok(StepStatus::Skipped | StepStatus::Refused | StepStatus::Busy)
+        ) || (s.error.contains("nothing was run") && s.duration_ms == 0)
+    })
+}
+
+/// What a successful run found already in place ("already at 0002"), for the host's detail.
+fn already_note(result: &RunFinished) -> String {
+    let notes: Vec<String> = result
+        .steps
+        .iter()
+        .filter(|s| s.facts.get("changed").is_some_and(|c| c == "false"))
+        .map(|s| {
+            let at = s
+                .facts
+                .get("revision")
+                .or_else(|| s.facts.get("sha"))
+                .cloned()
+                .unwrap_or_default();
+            if at.is_empty() {
+                format!("{}: already in place", s.action)
+            } else {
+                format!("{}: already at {at}", s.action)
+            }
+        })
+        .collect();
+    notes.join("; ")
+}
+
+fn host_row(job_id: &str, host: &str, ord: usize, once_only: bool) -> JobHostRow {
+    JobHostRow {
+        job_id: job_id.to_string(),
+        host_id: host.to_string(),
+        ord: i64::try_from(ord).unwrap_or(i64::MAX),
+        outcome: outcome::PENDING.into(),
+        phase: String::new(),
+        failed_step: String::new(),
+        exit_code: 0,
+        detail: String::new(),
+        duration_ms: 0,
+        once_only,
+        done_phases: Vec::new(),
+    }
+}
+
+/// The plan stored in a job, back in the engine's terms.
+pub(super) fn plan_from_proto(p: &PlanResponse) -> Plan {
+    let step = |s: &rollback_common::proto::Step| PlannedStep {
+        action: s.action.clone(),
+        params: s.params.clone().into_iter().collect(),
+        timeout_secs: s.timeout_secs,
+    };
+    Plan {
+        procedure: p.procedure.clone(),
+        targets: p.targets.clone(),
+        once_host: (!p.once_host.is_empty()).then(|| p.once_host.clone()),
+        phases: p
+            .phases
+            .iter()
+            .map(|ph| PlannedPhase {
+                name: ph.name.clone(),
+                scope: if ph.scope == "once" {
+                    Scope::Once
+                } else {
+                    Scope::Each
+                },
+                steps: ph.steps.iter().map(step).collect(),
+                batches: ph.batches.iter().map(|b| b.hosts.clone()).collect(),
+                host_steps: ph
+                    .host_steps
+                    .iter()
+                    .map(|h| (h.host_id.clone(), h.steps.iter().map(step).collect()))
+                    .collect(),
+            })
+            .collect(),
+        max_failures: p.max_failures as usize,
+    }
+}
+
+fn parse_outcome(row: &JobHostRow) -> Outcome {
+    row.outcome.parse().unwrap_or(Outcome::Failed)
 }
 
 impl Jobs {
-    /// Persists and starts a job; returns once it is durable.
+    /// Plans, checks leases, offline targets and the backup gate, then persists and starts a
+    /// job; returns once it is durable. With `wait`, a job whose hosts are leased waits for
+    /// them instead of being refused.
     pub async fn start(
         self: &Arc<Self>,
         principal: &Principal,
@@ -51,20 +203,63 @@ impl Jobs {
                 "--reason is required: say why you are rolling back (it goes in the audit trail and the report)",
             ));
         }
-        let (plan, plan_proto) = self.plan(principal, &req).await?;
-        self.backup_gate(&plan).await?;
-        self.launch(principal, req, plan, plan_proto, None).await
+        loop {
+            // Leases first: never resolve targets on hosts another job is changing.
+            let selected = self.selected_hosts(&req.selector).await?;
+            let holders = self.store.lease_holders(&selected).await?;
+            if !holders.is_empty() {
+                if req.wait {
+                    self.pause(Duration::from_secs(1)).await?;
+                    continue;
+                }
+                return Err(leased_status(&holders));
+            }
+            let (plan, plan_proto) = self.plan(principal, &req).await?;
+            if !plan_proto.offline.is_empty() && !req.skip_offline {
+                return Err(Status::failed_precondition(format!(
+                    "refused, nothing was started: {} {} offline. Bring the agent back, pass --skip-offline to roll back the others, or remove a decommissioned host with `rollbackctl agents forget HOST`",
+                    plan_proto.offline.join(", "),
+                    if plan_proto.offline.len() == 1 {
+                        "is"
+                    } else {
+                        "are"
+                    },
+                )));
+            }
+            self.backup_gate(&plan).await?;
+            match self
+                .launch(principal, req.clone(), plan, plan_proto, true, None)
+                .await
+            {
+                Ok(started) => return Ok(started),
+                Err(LaunchError::Leased(_)) if req.wait => {
+                    self.pause(Duration::from_secs(1)).await?;
+                }
+                Err(LaunchError::Leased(holders)) => return Err(leased_status(&holders)),
+                Err(LaunchError::Status(s)) => return Err(s),
+            }
+        }
     }
 
-    /// Persists a planned job and starts it; `done` is told when it ends.
+    /// Sleeps, unless the coordinator is shutting down.
+    async fn pause(&self, d: Duration) -> Result<(), Status> {
+        tokio::select! {
+            () = tokio::time::sleep(d) => Ok(()),
+            () = self.shutdown.cancelled() => Err(Status::unavailable("the coordinator is shutting down")),
+        }
+    }
+
+    /// Persists a planned job (leasing its hosts when `lease`) and starts it; `done` is told
+    /// when it ends.
     pub(super) async fn launch(
         self: &Arc<Self>,
         principal: &Principal,
         req: RollbackRequest,
         plan: Plan,
-        plan_proto: rollback_common::proto::PlanResponse,
+        plan_proto: PlanResponse,
+        lease: bool,
         done: Option<tokio::sync::oneshot::Sender<()>>,
-    ) -> Result<StartRollbackResponse, Status> {
+    ) -> Result<StartRollbackResponse, LaunchError> {
         let job_id = new_id();
         let now = now_unix_ms();
         let actor = principal.identity.to_string();
@@ -86,14 +281,24 @@ impl Jobs {
             procedure: plan.procedure.clone(),
             request: req.encode_to_vec(),
             plan: plan_proto.encode_to_vec(),
-            state: state::RUNNING.into(),
+            state: JobState::Running.as_str().into(),
             reason: req.reason.clone(),
             requested_by: actor.clone(),
             created_at_ms: now,
             finished_at_ms: None,
             halt_reason: String::new(),
         };
-        self.store.create_job(&job, &hosts).await?;
+        let leased: Vec<String> = if lease {
+            hosts.iter().map(|h| h.host_id.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        self.store.create_job(&job, &hosts, &leased).await?;
+        let pins: Vec<String> = plan_proto
+            .pins
+            .iter()
+            .map(|p| format!("{}={}", p.param, p.to))
+            .collect();
         self.store
             .append_audit(&AuditEvent {
                 at_ms: now,
@@ -101,36 +306,84 @@ impl Jobs {
                 action: "rollback.started".into(),
                 target: format!("job/{job_id}"),
                 detail: format!(
-                    "procedure={} select={} hosts={} reason={}",
+                    "procedure={} select={} hosts={} pinned=[{}] reason={}",
                     plan.procedure,
                     req.selector,
                     plan.targets.join(","),
+                    pins.join(" "),
                     req.reason
                 ),
             })
             .await?;
+        let live = self.new_live(&job_id, 1);
+        let targets = plan.targets.len();
+        self.emit(
+            &live,
+            &job_id,
+            EventKind::JobStarted,
+            "",
+            "",
+            &format!(
+                "{} on {targets} host(s): {}; reason: {}{}",
+                plan.procedure,
+                plan.targets.join(", "),
+                req.reason,
+                if pins.is_empty() {
+                    String::new()
+                } else {
+                    format!("; pinned {}", pins.join(", "))
+                }
+            ),
+            0,
+            u32::try_from(targets).unwrap_or(u32::MAX),
+        );
+        let drive = Drive {
+            job_id: job_id.clone(),
+            plan,
+            reason: req.reason.clone(),
+            tracks: hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect(),
+            inflight: HashMap::new(),
+        };
+        self.spawn_drive(drive, live, done);
+        info!(job = %job_id, actor = %actor, "job started");
+        Ok(StartRollbackResponse {
+            job_id,
+            plan: Some(plan_proto),
+        })
+    }
+
+    /// Registers a live job whose next event has `next_seq`, with its event pipeline.
+    fn new_live(&self, job_id: &str, next_seq: u64) -> Arc<LiveJob> {
         let (events, _) = broadcast::channel(4096);
-        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        let (queue, queued) = mpsc::unbounded_channel();
         self.tasks.spawn(event_pipeline(
             self.store.clone(),
-            job_id.clone(),
+            job_id.to_string(),
             queued,
             events.clone(),
         ));
         let live = Arc::new(LiveJob {
             cancel: CancellationToken::new(),
             events,
-            pipeline: std::sync::Mutex::new((1, queue)),
-            state: std::sync::Mutex::new(state::RUNNING.into()),
+            pipeline: std::sync::Mutex::new((next_seq, queue)),
+            state: std::sync::Mutex::new(JobState::Running.as_str().into()),
         });
-        self.live_jobs().insert(job_id.clone(), live.clone());
+        self.live_jobs().insert(job_id.to_string(), live.clone());
+        live
+    }
+
+    fn spawn_drive(
+        self: &Arc<Self>,
+        drive: Drive,
+        live: Arc<LiveJob>,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
         let this = self.clone();
-        let span = info_span!("job", job = %job_id, procedure = %plan.procedure);
-        let id = job_id.clone();
-        let procedure = plan.procedure.clone();
+        let span = info_span!("job", job = %drive.job_id, procedure = %drive.plan.procedure);
         self.tasks.spawn(
             async move {
-                this.run_job(&id, plan, hosts, &live, &req).await;
+                let id = drive.job_id.clone();
+                this.drive(drive, &live).await;
                 this.hub.forget_job(&id);
                 this.live_jobs().remove(&id);
                 if let Some(done) = done {
@@ -139,10 +392,226 @@ impl Jobs {
             }
             .instrument(span),
         );
-        info!(job = %job_id, procedure = %procedure, actor = %actor, "job started");
-        Ok(StartRollbackResponse {
+    }
+
+    /// Rebuilds a job's progress from the store: hosts with their completed phases, the runs
+    /// still in flight, and (with `keep_failures`) failures whose host row was not yet saved.
+    async fn load_drive(
+        &self,
+        job_id: &str,
+        keep_failures: bool,
+    ) -> Result<(JobRow, Drive), Status> {
+        let (row, hosts) = self
+            .store
+            .get_job(job_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+        let plan_proto = PlanResponse::decode(row.plan.as_slice()).map_err(|e| {
+            Status::internal(format!("job {job_id}: stored plan is unreadable: {e}"))
+        })?;
+        let plan = plan_from_proto(&plan_proto);
+        let mut tracks: BTreeMap<String, JobHostRow> =
+            hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect();
+        let mut inflight: HashMap<(String, String), RunRow> = HashMap::new();
+        // Runs are oldest first: the latest run of a (phase, host) decides.
+        let mut latest: HashMap<(String, String), RunRow> = HashMap::new();
+        for run in self.store.job_runs(job_id).await? {
+            latest.insert((run.phase.clone(), run.host_id.clone()), run);
+        }
+        for ((phase, host), run) in latest {
+            let Some(track) = tracks.get_mut(&host) else {
+                continue;
+            };
+            match run.result.as_deref().map(RunFinished::decode) {
+                None => {
+                    inflight.insert((phase, host), run);
+                }
+                Some(Ok(result)) if result.status == StepStatus::Succeeded as i32 => {
+                    // The result was stored but the crash came before the phase was.
+                    if !track.done_phases.contains(&phase) {
+                        track.done_phases.push(phase);
+                    }
+                }
+                Some(Ok(result)) => {
+                    if keep_failures
+                        && parse_outcome(track) == Outcome::Pending
+                        && !nothing_ran(&result)
+                        && let Err(f) = self.outcome_of(result)
+                    {
+                        apply_failure(track, &phase, &f);
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(job = %job_id, run = %run.run_id, error = %e, "stored run result is unreadable");
+                }
+            }
+        }
+        // Keep the plan's phase order in done_phases.
+        for t in tracks.values_mut() {
+            t.done_phases
+                .sort_by_key(|p| plan.phases.iter().position(|ph| &ph.name == p));
+        }
+        let reason = row.reason.clone();
+        Ok((
+            row,
+            Drive {
+                job_id: job_id.to_string(),
+                plan,
+                reason,
+                tracks,
+                inflight,
+            },
+        ))
+    }
+
+    async fn next_seq(&self, job_id: &str) -> Result<u64, Status> {
+        Ok(self
+            .store
+            .job_events(job_id, 0)
+            .await?
+            .last()
+            .map_or(1, |(s, _)| s + 1))
+    }
+
+    /// At start-up: every job a previous process left running is resumed from the store.
+    pub async fn resume_after_restart(self: &Arc<Self>) -> Result<(), Status> {
+        for job_id in self.store.running_jobs().await? {
+            let (_, drive) = self.load_drive(&job_id, true).await?;
+            let live = self.new_live(&job_id, self.next_seq(&job_id).await?);
+            let done: Vec<String> = drive
+                .plan
+                .phases
+                .iter()
+                .filter(|p| {
+                    p.batches.iter().flatten().all(|h| {
+                        drive
+                            .tracks
+                            .get(h)
+                            .is_some_and(|t| t.done_phases.contains(&p.name))
+                    })
+                })
+                .map(|p| p.name.clone())
+                .collect();
+            let msg = format!(
+                "the coordinator restarted; resuming from the store: completed phases [{}] are not run again, {} run(s) in flight re-attached through the agents' journals",
+                done.join(", "),
+                drive.inflight.len()
+            );
+            if let Err(e) = self
+                .store
+                .append_audit(&AuditEvent {
+                    at_ms: now_unix_ms(),
+                    actor: "coordinator".into(),
+                    action: "rollback.resumed".into(),
+                    target: format!("job/{job_id}"),
+                    detail: "reason=coordinator restart".into(),
+                })
+                .await
+            {
+                warn!(job = %job_id, error = %e, "audit write failed");
+            }
+            self.emit(&live, &job_id, EventKind::JobResumed, "", "", &msg, 0, 0);
+            info!(job = %job_id, inflight = drive.inflight.len(), "resuming a job left running by the previous coordinator");
+            self.spawn_drive(drive, live, None);
+        }
+        Ok(())
+    }
+
+    /// `rollbackctl job resume`: continues a halted, cancelled, failed or interrupted job.
+    /// Hosts that did not succeed are retried from the phase where each stopped, with the
+    /// job's pinned targets; completed phases and a completed once-phase never run again.
+    pub async fn resume(
+        self: &Arc<Self>,
+        principal: &Principal,
+        job_id: &str,
+        reason: &str,
+    ) -> Result<ResumeJobResponse, Status> {
+        if reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "--reason is required: say why the job is resumed (it goes in the audit trail)",
+            ));
+        }
+        if self.live_job(job_id).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} is running; nothing to resume (`rollbackctl watch {job_id}` follows it)"
+            )));
+        }
+        let (row, mut drive) = self.load_drive(job_id, false).await?;
+        let state: JobState = row.state.parse().map_err(|e: String| Status::internal(e))?;
+        if !state.resumable() {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} is {state}; only a halted, cancelled, failed or interrupted job can be resumed"
+            )));
+        }
+        let retry: Vec<String> = drive
+            .tracks
+            .values()
+            .filter(|t| parse_outcome(t) != Outcome::Succeeded)
+            .map(|t| t.host_id.clone())
+            .collect();
+        if retry.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "every host of job {job_id} succeeded; nothing to resume"
+            )));
+        }
+        let all: Vec<String> = drive.tracks.keys().cloned().collect();
+        self.store
+            .acquire_leases(job_id, &all)
+            .await
+            .map_err(|e| match e {
+                StoreError::Leased { holders } => leased_status(&holders),
+                other => other.into(),
+            })?;
+        for h in &retry {
+            if let Some(t) = drive.tracks.get_mut(h) {
+                t.outcome = outcome::PENDING.into();
+                t.failed_step.clear();
+                t.exit_code = 0;
+                t.detail = format!("retried by job resume: {reason}");
+                if let Err(e) = self.store.update_job_host(t).await {
+                    // Leases are held but nothing was changed yet: release them.
+                    let _ = self
+                        .store
+                        .update_job_state(job_id, &row.state, row.finished_at_ms, &row.halt_reason)
+                        .await;
+                    return Err(e.into());
+                }
+            }
+        }
+        self.store
+            .update_job_state(job_id, JobState::Running.as_str(), None, "")
+            .await?;
+        self.store
+            .append_audit(&AuditEvent {
+                at_ms: now_unix_ms(),
+                actor: principal.identity.to_string(),
+                action: "rollback.resumed".into(),
+                target: format!("job/{job_id}"),
+                detail: format!("was={state} hosts={} reason={reason}", retry.join(",")),
+            })
+            .await?;
+        let seq = self.next_seq(job_id).await?;
+        let live = self.new_live(job_id, seq);
+        self.emit(
+            &live,
             job_id,
-            plan: Some(plan_proto),
+            EventKind::JobResumed,
+            "",
+            "",
+            &format!(
+                "resumed by {} (was {state}): retrying {} from where each stopped; reason: {reason}",
+                principal.identity,
+                retry.join(", ")
+            ),
+            0,
+            u32::try_from(retry.len()).unwrap_or(u32::MAX),
+        );
+        drive.reason = reason.to_string();
+        self.spawn_drive(drive, live, None);
+        Ok(ResumeJobResponse {
+            job_id: job_id.to_string(),
+            resumed_at_seq: seq,
+            hosts: retry,
         })
     }
 
@@ -177,25 +646,24 @@ impl Jobs {
         self.emit(
             &live,
             job_id,
-            "job.cancelling",
+            EventKind::JobCancelling,
             "",
             "",
             &format!("cancelled by {who}: {reason}"),
             0,
             0,
-        )
-        .await;
+        );
         live.cancel.cancel();
         Ok("cancelling".into())
     }
 
-    /// Stores then broadcasts a job event.
+    /// Queues a job event; the pipeline stores it, then broadcasts it.
     #[allow(clippy::too_many_arguments)]
-    async fn emit(
+    fn emit(
         &self,
         live: &LiveJob,
         job_id: &str,
-        kind: &str,
+        kind: EventKind,
         host: &str,
         phase: &str,
         message: &str,
@@ -214,7 +682,7 @@ impl Jobs {
         let event = JobEvent {
             seq: pipeline.0,
             at_unix_ms: now_unix_ms(),
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             host_id: host.to_string(),
             phase: phase.to_string(),
             message: message.to_string(),
@@ -224,64 +692,40 @@ impl Jobs {
         };
         pipeline.0 += 1;
         if pipeline.1.send(event).is_err() {
-            warn!(job = %job_id, kind, "job event pipeline is gone; event dropped");
+            warn!(job = %job_id, kind = kind.as_str(), "job event pipeline is gone; event dropped");
         }
     }
 
-    async fn save_host(&self, track: &HostTrack) {
-        if let Err(e) = self.store.update_job_host(&track.row).await {
-            warn!(job = %track.row.job_id, host = %track.row.host_id, error = %e, "store failed recording host outcome");
+    async fn save_host(&self, row: &JobHostRow) {
+        if let Err(e) = self.store.update_job_host(row).await {
+            warn!(job = %row.job_id, host = %row.host_id, error = %e, "store failed recording host progress");
         }
     }
 
-    async fn run_job(
-        &self,
-        job_id: &str,
-        plan: Plan,
-        hosts: Vec<JobHostRow>,
-        live: &LiveJob,
-        req: &RollbackRequest,
-    ) {
-        let mut tracks: BTreeMap<String, HostTrack> = hosts
-            .into_iter()
-            .map(|row| {
-                (
-                    row.host_id.clone(),
-                    HostTrack {
-                        row,
-                        done_phases: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        let targets = plan.targets.len();
-        self.emit(
-            live,
-            job_id,
-            "job.started",
-            "",
-            "",
-            &format!(
-                "{} on {targets} host(s): {}; reason: {}",
-                plan.procedure,
-                plan.targets.join(", "),
-                req.reason
-            ),
-            0,
-            u32::try_from(targets).unwrap_or(u32::MAX),
-        )
-        .await;
-        let mut failures = 0usize;
+    async fn drive(&self, mut d: Drive, live: &LiveJob) {
+        let job_id = d.job_id.clone();
+        let mut failures = d
+            .tracks
+            .values()
+            .filter(|t| parse_outcome(t).is_failure())
+            .count();
         let mut halt: Option<String> = None;
+        let plan = d.plan.clone();
+        let canary_batches = plan.phases.first().is_some_and(|p| p.batches.len() > 1);
 
         'phases: for phase in &plan.phases {
             let phase_hosts: Vec<&String> = phase.batches.iter().flatten().collect();
             let total = u32::try_from(phase_hosts.len()).unwrap_or(u32::MAX);
+            let todo = |tracks: &BTreeMap<String, JobHostRow>, h: &String| {
+                tracks.get(h).is_some_and(|t| {
+                    parse_outcome(t) == Outcome::Pending && !t.done_phases.contains(&phase.name)
+                })
+            };
             if phase.scope == Scope::Once
                 && let Some(h) = phase_hosts.first()
-                && tracks
-                    .get(*h)
-                    .is_some_and(|t| t.row.outcome != outcome::PENDING)
+                && let Some(t) = d.tracks.get(*h)
+                && !t.done_phases.contains(&phase.name)
+                && parse_outcome(t) != Outcome::Pending
             {
                 halt = Some(format!(
                     "phase `{}` must run on {h}, which already failed",
@@ -289,18 +733,21 @@ impl Jobs {
                 ));
                 break 'phases;
             }
+            let remaining = phase_hosts.iter().filter(|h| todo(&d.tracks, h)).count();
+            if remaining == 0 {
+                continue;
+            }
+            let mut done = total - u32::try_from(remaining).unwrap_or(total);
             self.emit(
                 live,
-                job_id,
-                "phase.started",
+                &job_id,
+                EventKind::PhaseStarted,
                 "",
                 &phase.name,
                 &phase_summary(phase),
-                0,
+                done,
                 total,
-            )
-            .await;
-            let mut done = 0u32;
+            );
             let batches = phase.batches.len();
             for (bi, batch) in phase.batches.iter().enumerate() {
                 if live.cancel.is_cancelled() {
@@ -308,11 +755,7 @@ impl Jobs {
                 }
                 let runnable: Vec<String> = batch
                     .iter()
-                    .filter(|h| {
-                        tracks
-                            .get(*h)
-                            .is_some_and(|t| t.row.outcome == outcome::PENDING)
-                    })
+                    .filter(|h| todo(&d.tracks, h))
                     .cloned()
                     .collect();
                 if runnable.is_empty() {
@@ -320,75 +763,76 @@ impl Jobs {
                 }
                 let label = match (phase.scope, bi) {
                     (Scope::Once, _) => "once".to_string(),
-                    (Scope::Each, 0)
-                        if plan.phases.first().is_some_and(|p| p.batches.len() > 1) =>
-                    {
-                        format!("batch 1/{batches} (canary)")
-                    }
+                    (Scope::Each, 0) if canary_batches => format!("batch 1/{batches} (canary)"),
                     _ => format!("batch {}/{batches}", bi + 1),
                 };
                 self.emit(
                     live,
-                    job_id,
-                    "batch.started",
+                    &job_id,
+                    EventKind::BatchStarted,
                     "",
                     &phase.name,
                     &format!("{label}: {}", runnable.join(", ")),
                     done,
                     total,
-                )
-                .await;
-                let runs = runnable
-                    .iter()
-                    .map(|h| self.run_on(job_id, phase, h, live, req));
+                );
+                let runs = runnable.iter().map(|h| {
+                    let existing = d.inflight.remove(&(phase.name.clone(), h.clone()));
+                    self.run_on(&job_id, phase, h, live, &d.reason, existing)
+                });
                 let results = futures::future::join_all(runs).await;
-                for (host, result) in runnable.iter().zip(results) {
-                    done += 1;
-                    let Some(track) = tracks.get_mut(host) else {
+                let mut stopping = false;
+                for (host, end) in runnable.iter().zip(results) {
+                    let Some(track) = d.tracks.get_mut(host) else {
                         continue;
                     };
-                    track.row.phase = phase.name.clone();
-                    match result {
-                        Ok(duration_ms) => {
-                            track.row.duration_ms += i64::try_from(duration_ms).unwrap_or(i64::MAX);
+                    match end {
+                        RunEnd::Stopping => stopping = true,
+                        RunEnd::Done { duration_ms, note } => {
+                            done += 1;
+                            track.phase = phase.name.clone();
+                            track.duration_ms += i64::try_from(duration_ms).unwrap_or(i64::MAX);
                             track.done_phases.push(phase.name.clone());
+                            if !note.is_empty() {
+                                track.detail = note.clone();
+                            }
+                            self.save_host(track).await;
                             self.emit(
                                 live,
-                                job_id,
-                                "host.phase_done",
+                                &job_id,
+                                EventKind::HostPhaseDone,
                                 host,
                                 &phase.name,
-                                &format!("{host} finished phase {}", phase.name),
+                                &if note.is_empty() {
+                                    format!("{host} finished phase {}", phase.name)
+                                } else {
+                                    format!("{host} finished phase {} ({note})", phase.name)
+                                },
                                 done,
                                 total,
-                            )
-                            .await;
+                            );
                         }
-                        Err(f) => {
-                            if f.outcome != outcome::CANCELLED {
+                        RunEnd::Failed(f) => {
+                            done += 1;
+                            if f.outcome.is_failure() {
                                 failures += 1;
                             }
-                            track.row.outcome = f.outcome.into();
-                            track.row.failed_step = f.step.clone();
-                            track.row.exit_code = f.exit_code;
-                            track.row.detail = f.detail.clone();
+                            apply_failure(track, &phase.name, &f);
                             self.save_host(track).await;
-                            let msg = format!(
-                                "{host} {}: {} at {} (exit {}): {}",
-                                f.outcome, phase.name, f.step, f.exit_code, f.detail
-                            );
                             self.emit(
                                 live,
-                                job_id,
-                                "host.finished",
+                                &job_id,
+                                EventKind::HostFinished,
                                 host,
                                 &phase.name,
-                                &msg,
+                                &format!(
+                                    "{host} {}: {} at {} (exit {}): {}",
+                                    f.outcome, phase.name, f.step, f.exit_code, f.detail
+                                ),
                                 done,
                                 total,
-                            )
-                            .await;
-                            if phase.scope == Scope::Once && f.outcome != outcome::CANCELLED {
+                            );
+                            if phase.scope == Scope::Once && f.outcome != Outcome::Cancelled {
                                 halt = Some(format!(
                                     "phase `{}` (once, on {host}) failed: {}",
                                     phase.name, f.detail
@@ -396,6 +840,10 @@ impl Jobs {
                             }
                         }
                     }
+                }
+                if stopping {
+                    info!(job = %job_id, "coordinator shutting down; the job stays running and is resumed at the next start");
+                    return;
                 }
                 if halt.is_some() {
                     break 'phases;
@@ -410,115 +858,103 @@ impl Jobs {
             }
             self.emit(
                 live,
-                job_id,
-                "phase.finished",
+                &job_id,
+                EventKind::PhaseFinished,
                 "",
                 &phase.name,
                 &format!("phase {} done", phase.name),
                 done,
                 total,
-            )
-            .await;
+            );
         }
-
-        let cancelled = live.cancel.is_cancelled();
-        let all_phases: Vec<&str> = plan.phases.iter().map(|p| p.name.as_str()).collect();
-        let mut settled: Vec<String> = Vec::new();
-        for track in tracks
-            .values_mut()
-            .filter(|t| t.row.outcome == outcome::PENDING)
-        {
-            let own_phases: Vec<&str> = plan
-                .phases
-                .iter()
-                .filter(|p| p.batches.iter().flatten().any(|h| *h == track.row.host_id))
-                .map(|p| p.name.as_str())
-                .collect();
-            let complete = own_phases
-                .iter()
-                .all(|p| track.done_phases.iter().any(|d| d == p));
-            let done_text = if track.done_phases.is_empty() {
-                "none".to_string()
-            } else {
-                track.done_phases.join(", ")
-            };
-            let (o, detail) = if complete && !own_phases.is_empty() {
-                (outcome::SUCCEEDED, format!("completed phases: {done_text}"))
-            } else if cancelled {
-                (
-                    outcome::CANCELLED,
-                    format!("not finished: the job was cancelled (completed phases: {done_text})"),
-                )
-            } else {
-                let reason = halt.clone().unwrap_or_else(|| "the job stopped".into());
-                (
-                    outcome::SKIPPED,
-                    format!(
-                        "not reached: {reason} (completed phases: {done_text} of {})",
-                        all_phases.join(", ")
-                    ),
-                )
-            };
-            track.row.outcome = o.into();
-            track.row.detail = detail;
-            settled.push(track.row.host_id.clone());
-            let msg = format!("{} {o}: {}", track.row.host_id, track.row.detail);
-            self.emit(
-                live,
-                job_id,
-                "host.finished",
-                &track.row.host_id.clone(),
-                "",
-                &msg,
-                0,
-                0,
-            )
-            .await;
+        if self.shutdown.is_cancelled() {
+            return;
         }
+        self.finish(&mut d, live, halt).await;
+    }
 
+    /// Settles the job, stores its end (releasing its leases) and tells watchers.
+    async fn finish(&self, d: &mut Drive, live: &LiveJob, halt: Option<String>) {
+        let job_id = d.job_id.clone();
+        let all_phases: Vec<String> = d.plan.phases.iter().map(|p| p.name.clone()).collect();
+        let so_far: Vec<HostSoFar> = d
+            .tracks
+            .values()
+            .map(|t| HostSoFar {
+                host_id: t.host_id.clone(),
+                outcome: parse_outcome(t),
+                own_phases: d
+                    .plan
+                    .phases
+                    .iter()
+                    .filter(|p| p.batches.iter().flatten().any(|h| *h == t.host_id))
+                    .map(|p| p.name.clone())
+                    .collect(),
+                done_phases: t.done_phases.clone(),
+            })
+            .collect();
+        let stop = Stop {
+            cancelled: live.cancel.is_cancelled(),
+            halt: halt.clone(),
+        };
+        let (settled, final_state) = settle(&so_far, &all_phases, &stop);
+        for s in &settled {
+            if let Some(t) = d.tracks.get_mut(&s.host_id) {
+                t.outcome = s.outcome.as_str().into();
+                if s.outcome != Outcome::Succeeded || t.detail.is_empty() {
+                    t.detail = s.detail.clone();
+                }
+                let msg = format!("{} {}: {}", t.host_id, s.outcome, t.detail);
+                self.emit(
+                    live,
+                    &job_id,
+                    EventKind::HostFinished,
+                    &s.host_id,
+                    "",
+                    &msg,
+                    0,
+                    0,
+                );
+            }
+        }
         // Saved concurrently: the store commits them together.
         futures::future::join_all(
             settled
                 .iter()
-                .filter_map(|h| tracks.get(h))
+                .filter_map(|s| d.tracks.get(&s.host_id))
                 .map(|t| self.save_host(t)),
         )
         .await;
-
-        let any_failed = tracks.values().any(|t| t.row.outcome != outcome::SUCCEEDED);
-        let final_state = if cancelled {
-            state::CANCELLED
-        } else if halt.is_some() {
-            state::HALTED
-        } else if any_failed {
-            state::FAILED
-        } else {
-            state::SUCCEEDED
-        };
         *live
             .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = final_state.into();
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = final_state.as_str().into();
         let halt_text = halt.clone().unwrap_or_default();
         if let Err(e) = self
             .store
-            .update_job_state(job_id, final_state, Some(now_unix_ms()), &halt_text)
+            .update_job_state(
+                &job_id,
+                final_state.as_str(),
+                Some(now_unix_ms()),
+                &halt_text,
+            )
             .await
         {
             warn!(job = %job_id, error = %e, "store failed recording the job's end");
         }
         if let Some(h) = &halt {
-            self.emit(live, job_id, "job.halted", "", "", h, 0, 0).await;
+            self.emit(live, &job_id, EventKind::JobHalted, "", "", h, 0, 0);
         }
-        let succeeded = tracks
+        let succeeded = d
+            .tracks
             .values()
-            .filter(|t| t.row.outcome == outcome::SUCCEEDED)
+            .filter(|t| t.outcome == outcome::SUCCEEDED)
             .count();
         let summary = format!(
             "{final_state}: {succeeded} of {} host(s) succeeded",
-            tracks.len()
+            d.tracks.len()
         );
-        let _ = self
+        if let Err(e) = self
             .store
             .append_audit(&AuditEvent {
                 at_ms: now_unix_ms(),
@@ -527,96 +963,255 @@ impl Jobs {
                 target: format!("job/{job_id}"),
                 detail: summary.clone(),
             })
-            .await;
-        self.emit(live, job_id, "job.finished", "", "", &summary, 0, 0)
-            .await;
-        info!(job = %job_id, state = final_state, "rollback job finished");
+            .await
+        {
+            warn!(job = %job_id, error = %e, "audit write failed");
+        }
+        self.emit(
+            live,
+            &job_id,
+            EventKind::JobFinished,
+            "",
+            "",
+            &summary,
+            0,
+            0,
+        );
+        info!(job = %job_id, state = %final_state, "rollback job finished");
     }
 
-    /// Runs one phase's steps on one host; Ok(duration) when every step succeeded.
+    /// Waits until `host` has a session, for at most `unreachable_after`.
+    async fn session_for(&self, host: &str, live: &LiveJob) -> Result<(), RunEnd> {
+        let started = Instant::now();
+        loop {
+            if self.registry.get(host).is_some() {
+                return Ok(());
+            }
+            if started.elapsed() >= self.unreachable_after {
+                return Err(RunEnd::Failed(HostFailure {
+                    outcome: Outcome::Unreachable,
+                    step: String::new(),
+                    exit_code: -1,
+                    detail: format!(
+                        "agent {host} was not connected within {:?}",
+                        self.unreachable_after
+                    ),
+                }));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = live.cancel.cancelled() => return Err(RunEnd::Failed(HostFailure {
+                    outcome: Outcome::Cancelled,
+                    step: String::new(),
+                    exit_code: -1,
+                    detail: "cancelled before it was dispatched".into(),
+                })),
+                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
+            }
+        }
+    }
+
+    /// Runs one phase's steps on one host, or re-attaches `existing` (a run dispatched before
+    /// a restart): its stored result, or the agent's journal, decides; it is never run twice.
     async fn run_on(
         &self,
         job_id: &str,
         phase: &PlannedPhase,
         host: &str,
         live: &LiveJob,
-        req: &RollbackRequest,
-    ) -> Result<u64, HostFailure> {
+        reason: &str,
+        existing: Option<RunRow>,
+    ) -> RunEnd {
         let first_step = phase
             .steps_for(host)
             .first()
             .map(|s| s.action.clone())
             .unwrap_or_default();
-        let unreachable = |detail: String| HostFailure {
-            outcome: outcome::UNREACHABLE,
-            step: first_step.clone(),
-            exit_code: -1,
-            detail,
+        let with_step = |mut end: RunEnd| {
+            if let RunEnd::Failed(f) = &mut end
+                && f.step.is_empty()
+            {
+                f.step.clone_from(&first_step);
+            }
+            end
         };
-        let Some(session) = self.registry.get(host) else {
-            return Err(unreachable(format!("agent {host} was offline at dispatch")));
-        };
-        let run_id = new_id();
+        // A re-attached run that certainly did not run is dispatched afresh.
+        if let Some(row) = existing
+            && let Some(end) = self.reattach(job_id, phase, host, live, row).await
+        {
+            return with_step(end);
+        }
+        if let Err(end) = self.session_for(host, live).await {
+            return with_step(end);
+        }
+        let steps: Vec<rollback_common::proto::Step> = phase
+            .steps_for(host)
+            .iter()
+            .map(super::planning::step_proto)
+            .collect();
+        let now = now_unix_ms();
         let procedure = RunProcedure {
-            run_id: run_id.clone(),
+            run_id: new_id(),
             job_id: job_id.to_string(),
-            steps: phase
-                .steps_for(host)
-                .iter()
-                .map(super::planning::step_proto)
-                .collect(),
-            deadline_unix_ms: 0,
+            deadline_unix_ms: dispatch::deadline_ms(now, &steps, self.unreachable_after),
+            steps,
         };
         let row = RunRow {
-            run_id: run_id.clone(),
+            run_id: procedure.run_id.clone(),
             job_id: job_id.to_string(),
             host_id: host.to_string(),
             requested_by: String::new(),
-            reason: req.reason.clone(),
+            reason: reason.to_string(),
             procedure: procedure.encode_to_vec(),
             status: 0,
-            created_at_ms: now_unix_ms(),
+            created_at_ms: now,
             finished_at_ms: None,
             result: None,
             phase: phase.name.clone(),
         };
-        if let Err(e) = self.store.create_run(&row).await {
-            return Err(HostFailure {
-                outcome: outcome::FAILED,
+        let (tx, rx) = mpsc::channel(256);
+        let sent = dispatch::dispatch(
+            &*self.store,
+            &self.registry,
+            &self.hub,
+            Dispatch {
+                host,
+                job_id,
+                procedure: procedure.clone(),
+                record: Some(row),
+                watcher: tx,
+            },
+        )
+        .await;
+        if let Err(e) = sent {
+            let outcome = match e {
+                DispatchError::Store(_) => Outcome::Failed,
+                _ => Outcome::Unreachable,
+            };
+            return with_step(RunEnd::Failed(HostFailure {
+                outcome,
                 step: first_step.clone(),
                 exit_code: -1,
-                detail: format!("coordinator store: {e}"),
-            });
-        }
-        let (tx, mut rx) = mpsc::channel(256);
-        self.hub.watch(&run_id, host, tx);
-        self.hub.dispatched(&run_id, job_id);
-        let msg = CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
-        };
-        if session.sender.send(Ok(msg)).await.is_err() {
-            self.hub.close(&run_id);
-            self.hub.resolved(&run_id);
-            return Err(unreachable(format!(
-                "agent {host} disconnected before the run could be sent"
-            )));
+                detail: e.to_string(),
+            }));
         }
         self.emit(
             live,
             job_id,
-            "host.dispatched",
+            EventKind::HostDispatched,
             host,
             &phase.name,
             &format!("{host}: {}", host_steps_text(phase, host)),
             0,
             0,
-        )
-        .await;
+        );
+        with_step(self.follow(job_id, phase, host, live, &procedure, rx).await)
+    }
+
+    /// Re-attaches a run stored without a result. `None` when it is certain nothing ran (the
+    /// phase may be dispatched afresh).
+    async fn reattach(
+        &self,
+        job_id: &str,
+        phase: &PlannedPhase,
+        host: &str,
+        live: &LiveJob,
+        row: RunRow,
+    ) -> Option<RunEnd> {
+        let procedure = match dispatch::stored_procedure(&row) {
+            Ok(p) => p,
+            Err(e) => {
+                return Some(RunEnd::Failed(HostFailure {
+                    outcome: Outcome::Failed,
+                    step: String::new(),
+                    exit_code: -1,
+                    detail: format!("cannot re-attach run {}: {e}", row.run_id),
+                }));
+            }
+        };
+        let (tx, rx) = mpsc::channel(256);
+        // Registered first, so a result arriving from here on reaches us or the store.
+        self.hub.watch(&row.run_id, host, tx);
+        self.hub.dispatched(&row.run_id, job_id);
+        if let Ok(Some(stored)) = self.store.get_run(&row.run_id).await
+            && let Some(bytes) = stored.result
+            && let Ok(result) = RunFinished::decode(bytes.as_slice())
+        {
+            self.hub.close(&row.run_id);
+            self.hub.resolved(&row.run_id);
+            if nothing_ran(&result) {
+                return None;
+            }
+            return Some(self.end_of(result));
+        }
+        self.emit(
+            live,
+            job_id,
+            EventKind::HostDispatched,
+            host,
+            &phase.name,
+            &format!(
+                "{host}: re-attached run {} ({}) dispatched before the restart; the agent's journal returns its result or runs it once",
+                row.run_id,
+                host_steps_text(phase, host)
+            ),
+            0,
+            0,
+        );
+        // If the host is connected, ask again now; otherwise its reconnect re-sends it.
+        let _ = dispatch::resend(&self.registry, host, &procedure).await;
+        let end = self.follow(job_id, phase, host, live, &procedure, rx).await;
+        Some(end)
+    }
+
+    /// Follows a dispatched run to its end: step events become job events, a cancel is passed
+    /// on, a busy host is waited for (and the same run sent again: nothing was journaled), a
+    /// dropped session waits for the journaled result.
+    async fn follow(
+        &self,
+        job_id: &str,
+        phase: &PlannedPhase,
+        host: &str,
+        live: &LiveJob,
+        procedure: &RunProcedure,
+        mut rx: mpsc::Receiver<Result<ExecEvent, Status>>,
+    ) -> RunEnd {
+        let run_id = procedure.run_id.clone();
         let mut cancel_sent = false;
+        let mut busy_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(Ok(ExecEvent { kind: Some(exec_event::Kind::Finished(result)) })) => return self.outcome_of(result),
+                    Some(Ok(ExecEvent { kind: Some(exec_event::Kind::Finished(result)) })) => {
+                        if result.status == StepStatus::Busy as i32 && !live.cancel.is_cancelled() {
+                            let since = *busy_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > BUSY_WAIT {
+                                self.hub.resolved(&run_id);
+                                return RunEnd::Failed(HostFailure {
+                                    outcome: Outcome::Failed,
+                                    step: String::new(),
+                                    exit_code: -1,
+                                    detail: format!("agent {host} stayed busy with another run for {BUSY_WAIT:?}"),
+                                });
+                            }
+                            if since.elapsed() < Duration::from_millis(1500) {
+                                let why = result.steps.first().map(|s| s.error.clone()).unwrap_or_default();
+                                self.emit(live, job_id, EventKind::HostWaiting, host, &phase.name, &format!("{host} is busy ({why}); waiting — busy is not a failure"), 0, 0);
+                            }
+                            // The watcher is dropped with the result: register again, then resend.
+                            let (tx, new_rx) = mpsc::channel(256);
+                            rx = new_rx;
+                            self.hub.watch(&run_id, host, tx);
+                            self.hub.dispatched(&run_id, job_id);
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                () = self.shutdown.cancelled() => return RunEnd::Stopping,
+                            }
+                            let _ = dispatch::resend(&self.registry, host, procedure).await;
+                            continue;
+                        }
+                        return self.end_of(result);
+                    }
                     Some(Ok(ExecEvent { kind: Some(exec_event::Kind::StepEvent(se)) })) => {
                         if let Some(step_event::Kind::Finished(f)) = se.kind {
                             let msg = format!(
@@ -626,50 +1221,73 @@ impl Jobs {
                                 f.exit_code,
                                 f.duration_ms as f64 / 1000.0
                             );
-                            self.emit(live, job_id, "step.finished", host, &phase.name, &msg, 0, 0).await;
+                            self.emit(live, job_id, EventKind::StepFinished, host, &phase.name, &msg, 0, 0);
                         }
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return self.await_result_after_drop(host, &run_id, first_step.clone()).await,
+                    Some(Err(_)) | None => return self.await_result_after_drop(host, &run_id, live).await,
                 },
                 () = live.cancel.cancelled(), if !cancel_sent => {
                     cancel_sent = true;
-                    if let Some(s) = self.registry.get(host) {
-                        let msg = CoordinatorMessage { kind: Some(coordinator_message::Kind::Cancel(Cancel { run_id: run_id.clone(), reason: "job cancelled".into() })) };
-                        let _ = s.sender.send(Ok(msg)).await;
-                    }
+                    self.send_cancel(host, &run_id, "job cancelled").await;
                 }
+                () = self.shutdown.cancelled() => return RunEnd::Stopping,
             }
         }
     }
 
+    async fn send_cancel(&self, host: &str, run_id: &str, reason: &str) {
+        if let Some(s) = self.registry.get(host) {
+            let msg = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Cancel(Cancel {
+                    run_id: run_id.to_string(),
+                    reason: reason.into(),
+                })),
+            };
+            let _ = s.sender.send(Ok(msg)).await;
+        }
+    }
+
     /// The host's session dropped mid-run: its result arrives (from its journal) when it
-    /// reconnects; wait for it in the store until the unreachable deadline.
-    async fn await_result_after_drop(
-        &self,
-        host: &str,
-        run_id: &str,
-        step: String,
-    ) -> Result<u64, HostFailure> {
+    /// reconnects; wait for it in the store until the unreachable deadline. Given up, the run
+    /// is cancelled on the agent (and its deadline keeps it from ever starting late).
+    async fn await_result_after_drop(&self, host: &str, run_id: &str, live: &LiveJob) -> RunEnd {
         let started = Instant::now();
         while started.elapsed() < self.unreachable_after {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = self.shutdown.cancelled() => return RunEnd::Stopping,
+                () = live.cancel.cancelled() => {
+                    self.send_cancel(host, run_id, "job cancelled").await;
+                }
+            }
             if let Ok(Some(row)) = self.store.get_run(run_id).await
                 && let Some(bytes) = row.result
                 && let Ok(result) = RunFinished::decode(bytes.as_slice())
             {
-                return self.outcome_of(result);
+                return self.end_of(result);
             }
         }
-        Err(HostFailure {
-            outcome: outcome::UNREACHABLE,
-            step,
+        self.hub.resolved(run_id);
+        self.send_cancel(host, run_id, "given up as unreachable")
+            .await;
+        RunEnd::Failed(HostFailure {
+            outcome: Outcome::Unreachable,
+            step: String::new(),
             exit_code: -1,
             detail: format!(
                 "agent {host} was lost during the run and did not report back within {:?}",
                 self.unreachable_after
             ),
         })
+    }
+
+    fn end_of(&self, result: RunFinished) -> RunEnd {
+        let note = already_note(&result);
+        match self.outcome_of(result) {
+            Ok(duration_ms) => RunEnd::Done { duration_ms, note },
+            Err(f) => RunEnd::Failed(f),
+        }
     }
 
     fn outcome_of(&self, result: RunFinished) -> Result<u64, HostFailure> {
@@ -684,9 +1302,10 @@ impl Jobs {
             .cloned()
             .unwrap_or_default();
         let o = match StepStatus::try_from(failed.status) {
-            Ok(StepStatus::TimedOut) => outcome::TIMED_OUT,
-            Ok(StepStatus::Cancelled) => outcome::CANCELLED,
-            _ => outcome::FAILED,
+            Ok(StepStatus::TimedOut) => Outcome::TimedOut,
+            Ok(StepStatus::Cancelled) => Outcome::Cancelled,
+            Ok(StepStatus::Interrupted) => Outcome::Interrupted,
+            _ => Outcome::Failed,
         };
         Err(HostFailure {
             outcome: o,
@@ -701,13 +1320,21 @@ impl Jobs {
     }
 }
 
+fn apply_failure(track: &mut JobHostRow, phase: &str, f: &HostFailure) {
+    track.phase = phase.to_string();
+    track.outcome = f.outcome.as_str().into();
+    track.failed_step.clone_from(&f.step);
+    track.exit_code = f.exit_code;
+    track.detail.clone_from(&f.detail);
+}
+
 /// Stores a job's events in batches (one commit for everything queued), then broadcasts them
 /// in order: a watcher never sees an event the store does not have. Ends when the job's
 /// `LiveJob` is gone and every queued event is stored.
 async fn event_pipeline(
     store: Arc<dyn crate::store::Store>,
     job_id: String,
-    mut queued: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+    mut queued: mpsc::UnboundedReceiver<JobEvent>,
     events: broadcast::Sender<JobEvent>,
 ) {
     while let Some(first) = queued.recv().await {
@@ -728,21 +1355,6 @@ async fn event_pipeline(
         for ev in batch {
             let _ = events.send(ev);
         }
-    }
-}
-
-fn host_row(job_id: &str, host: &str, ord: usize, once_only: bool) -> JobHostRow {
-    JobHostRow {
-        job_id: job_id.to_string(),
-        host_id: host.to_string(),
-        ord: i64::try_from(ord).unwrap_or(i64::MAX),
-        outcome: outcome::PENDING.into(),
-        phase: String::new(),
-        failed_step: String::new(),
-        exit_code: 0,
-        detail: String::new(),
-        duration_ms: 0,
-        once_only,
     }
 }
 
@@ -778,4 +1390,75 @@ fn phase_summary(phase: &PlannedPhase) -> String {
         Scope::Once => "once",
     };
     format!("phase {} ({scope}): {}", phase.name, steps_text(phase))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollback_common::proto::StepFinished;
+
+    fn step(status: StepStatus, error: &str, ms: u64) -> StepFinished {
+        StepFinished {
+            status: status as i32,
+            error: error.into(),
+            duration_ms: ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nothing_ran_only_when_no_step_started() {
+        let refused = RunFinished {
+            steps: vec![
+                step(StepStatus::Refused, "x", 0),
+                step(StepStatus::Skipped, "", 0),
+            ],
+            ..Default::default()
+        };
+        assert!(nothing_ran(&refused));
+        let late = RunFinished {
+            steps: vec![step(
+                StepStatus::TimedOut,
+                "deadline passed 5 ms ago; nothing was run",
+                0,
+            )],
+            ..Default::default()
+        };
+        assert!(nothing_ran(&late));
+        let ran = RunFinished {
+            steps: vec![
+                step(StepStatus::Succeeded, "", 10),
+                step(StepStatus::Failed, "boom", 3),
+            ],
+            ..Default::default()
+        };
+        assert!(!nothing_ran(&ran));
+        let cut = RunFinished {
+            steps: vec![step(StepStatus::Interrupted, "agent restarted", 0)],
+            ..Default::default()
+        };
+        assert!(
+            !nothing_ran(&cut),
+            "an interrupted step may have changed the host"
+        );
+    }
+
+    #[test]
+    fn the_stored_plan_comes_back_as_planned() {
+        let plan = rollback_common::runbook::plan(
+            &rollback_common::runbook::Runbook::seed(),
+            "database",
+            &BTreeMap::new(),
+            &["app1".into(), "app2".into(), "app3".into()],
+            &["app1".into()],
+            &rollback_common::runbook::Strategy::default(),
+        )
+        .expect("plan");
+        let proto = super::super::planning::to_proto(
+            &plan,
+            &rollback_common::runbook::Strategy::default(),
+            "",
+        );
+        assert_eq!(plan_from_proto(&proto), plan);
+    }
 }

@@ -7,8 +7,11 @@
 
 mod diagnosis;
 mod engine;
+pub use engine::leased_status;
+mod pins;
 mod planning;
 pub mod report;
+mod settle;
 mod snapshots;
 mod watch;
 
@@ -26,25 +29,17 @@ use crate::registry::Registry;
 use crate::runs::RunHub;
 use crate::store::Store;
 
-/// Host outcomes as stored and shown.
+/// Host outcomes as stored and shown (names from `rollback_common::jobs::Outcome`).
 pub mod outcome {
-    pub const PENDING: &str = "pending";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const TIMED_OUT: &str = "timed_out";
-    pub const UNREACHABLE: &str = "unreachable";
-    pub const CANCELLED: &str = "cancelled";
-    pub const SKIPPED: &str = "skipped";
-}
-
-/// Job states as stored and shown.
-pub mod state {
-    pub const RUNNING: &str = "running";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const HALTED: &str = "halted";
-    pub const CANCELLED: &str = "cancelled";
-    pub const INTERRUPTED: &str = "interrupted";
+    use rollback_common::jobs::Outcome;
+    pub const PENDING: &str = Outcome::Pending.as_str();
+    pub const SUCCEEDED: &str = Outcome::Succeeded.as_str();
+    pub const FAILED: &str = Outcome::Failed.as_str();
+    pub const TIMED_OUT: &str = Outcome::TimedOut.as_str();
+    pub const UNREACHABLE: &str = Outcome::Unreachable.as_str();
+    pub const CANCELLED: &str = Outcome::Cancelled.as_str();
+    pub const SKIPPED: &str = Outcome::Skipped.as_str();
+    pub const INTERRUPTED: &str = Outcome::Interrupted.as_str();
 }
 
 /// A job this process is running.
@@ -69,9 +64,13 @@ pub struct Jobs {
     /// A host that drops mid-run and is not back with a result by then is `unreachable`.
     unreachable_after: Duration,
     tasks: TaskTracker,
+    /// The coordinator is stopping: jobs stop driving and stay `running` in the store, to be
+    /// resumed by the next process.
+    shutdown: CancellationToken,
 }
 
 impl Jobs {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
@@ -80,6 +79,7 @@ impl Jobs {
         runbook_source: String,
         unreachable_after: Duration,
         tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
@@ -90,6 +90,7 @@ impl Jobs {
             live: Mutex::new(HashMap::new()),
             unreachable_after,
             tasks,
+            shutdown,
         }
     }
 

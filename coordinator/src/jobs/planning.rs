@@ -75,6 +75,8 @@ pub(super) fn to_proto(plan: &Plan, s: &Strategy, description: &str) -> PlanResp
             s.max_failures.describe()
         ),
         description: description.to_string(),
+        pins: Vec::new(),
+        offline: Vec::new(),
     }
 }
 
@@ -122,11 +124,27 @@ impl Jobs {
         let once_selector = Selector::parse(&once_text)
             .map_err(|e| Status::invalid_argument(format!("--once-on: {e}")))?;
         let agents = self.store.list_agents().await?;
-        let targets: Vec<String> = agents
+        let selected: Vec<String> = agents
             .iter()
             .filter(|a| selector.matches(&a.host_id, &a.labels))
             .map(|a| a.host_id.clone())
             .collect();
+        let offline: Vec<String> = selected
+            .iter()
+            .filter(|h| self.registry.get(h).is_none())
+            .cloned()
+            .collect();
+        // Offline targets are shown in the plan; `rollback` refuses them unless told to leave
+        // them out.
+        let targets: Vec<String> = if req.skip_offline {
+            selected
+                .iter()
+                .filter(|h| !offline.contains(h))
+                .cloned()
+                .collect()
+        } else {
+            selected
+        };
         let once_candidates: Vec<String> = if once_selector.is_empty() {
             Vec::new()
         } else {
@@ -141,7 +159,7 @@ impl Jobs {
         };
         let strategy = strategy(req)?;
         let values: BTreeMap<String, String> = req.values.clone().into_iter().collect();
-        let plan = runbook::plan(
+        let mut plan = runbook::plan(
             runbook,
             &req.procedure,
             &values,
@@ -155,7 +173,24 @@ impl Jobs {
                 req.procedure, req.selector
             ))
         })?;
-        let proto = to_proto(&plan, &strategy, &procedure.description);
+        // Resolved on the online hosts; offline ones are refused at start.
+        let pins = self.pin_targets(&mut plan, req).await?;
+        let mut proto = to_proto(&plan, &strategy, &procedure.description);
+        proto.pins = pins;
+        proto.offline = offline;
         Ok((plan, proto))
+    }
+
+    /// Host ids the selector matches among known agents (online or not).
+    pub(super) async fn selected_hosts(&self, selector: &str) -> Result<Vec<String>, Status> {
+        let selector = parse_selector(selector)?;
+        Ok(self
+            .store
+            .list_agents()
+            .await?
+            .into_iter()
+            .filter(|a| selector.matches(&a.host_id, &a.labels))
+            .map(|a| a.host_id)
+            .collect())
     }
 }

@@ -100,8 +100,23 @@ pub fn render(job: &Job) -> String {
         let _ = writeln!(md, "| Parameters | {} |", cell(&values.join(", ")));
     }
     let _ = writeln!(md, "| Strategy | {} |", cell(&plan.strategy));
+    for pin in &plan.pins {
+        let _ = writeln!(md, "| Pinned `{}` | {} |", pin.param, cell(&pin.note));
+    }
     if !job.halt_reason.is_empty() {
         let _ = writeln!(md, "\n> **Halted:** {}", job.halt_reason);
+    }
+    if !job.history.is_empty() {
+        let _ = writeln!(md, "\n## Timeline\n");
+        for line in &job.history {
+            let (at, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+            let _ = writeln!(
+                md,
+                "- {} {}",
+                time(at.parse().unwrap_or(0)),
+                cell(rest)
+            );
+        }
     }
 
     let _ = writeln!(

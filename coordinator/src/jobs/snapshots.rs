@@ -11,10 +11,9 @@ use std::time::Duration;
 use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::{
-    CoordinatorMessage, DiagnoseRequest, DiagnoseResponse, ExecEvent, HostSnapshotInfo,
-    ListSnapshotsResponse, PlanResponse, RollbackRequest, RunFinished, RunProcedure,
-    SnapshotRequest, SnapshotResponse, Step, StepStatus, coordinator_message, exec_event,
-    step_status_name,
+    DiagnoseRequest, DiagnoseResponse, ExecEvent, HostSnapshotInfo, ListSnapshotsResponse,
+    PlanResponse, RollbackRequest, RunFinished, RunProcedure, SnapshotRequest, SnapshotResponse,
+    Step, StepStatus, exec_event, step_status_name,
 };
 use rollback_common::runbook::{
     self, Phase, Plan, PlannedPhase, PlannedStep, Procedure, Runbook, Scope, StepTemplate,
@@ -91,7 +90,17 @@ impl Jobs {
     ) -> Result<String, Status> {
         let (plan, proto) = self.plan_in(&req, runbook).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let started = self.launch(principal, req, plan, proto, Some(tx)).await?;
+        // Read-only: takes no lease (a busy host is waited for, never failed).
+        let started = match self
+            .launch(principal, req, plan, proto, false, Some(tx))
+            .await
+        {
+            Ok(s) => s,
+            Err(super::engine::LaunchError::Leased(h)) => {
+                return Err(super::engine::leased_status(&h));
+            }
+            Err(super::engine::LaunchError::Status(s)) => return Err(s),
+        };
         let _ = rx.await;
         Ok(started.job_id)
     }
@@ -519,46 +528,49 @@ impl Jobs {
     }
 
     /// Runs one read-only step on one host outside any job and waits for its result.
-    async fn preflight(&self, host: &str, step: Step) -> Result<RunFinished, Status> {
-        let session = self.registry.get(host).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "agent {host} is offline; cannot check `{}` there",
-                step.action
-            ))
-        })?;
+    pub(super) async fn preflight(&self, host: &str, step: Step) -> Result<RunFinished, Status> {
         let run_id = new_id();
+        let steps = vec![step.clone()];
+        let now = now_unix_ms();
         let procedure = RunProcedure {
             run_id: run_id.clone(),
             job_id: String::new(),
-            steps: vec![step.clone()],
-            deadline_unix_ms: 0,
+            deadline_unix_ms: crate::dispatch::deadline_ms(now, &steps, Duration::from_secs(10)),
+            steps,
         };
-        self.store
-            .create_run(&RunRow {
-                run_id: run_id.clone(),
-                job_id: String::new(),
-                host_id: host.to_string(),
-                requested_by: "coordinator".into(),
-                reason: format!("preflight {}", step.action),
-                procedure: procedure.encode_to_vec(),
-                status: 0,
-                created_at_ms: now_unix_ms(),
-                finished_at_ms: None,
-                result: None,
-                phase: "preflight".into(),
-            })
-            .await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        self.hub.watch(&run_id, host, tx);
-        self.hub.dispatched(&run_id, "preflight");
-        let msg = CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::RunProcedure(procedure)),
-        };
-        session
-            .sender
-            .send(Ok(msg))
-            .await
-            .map_err(|_| Status::unavailable(format!("agent {host} disconnected")))?;
+        crate::dispatch::dispatch(
+            &*self.store,
+            &self.registry,
+            &self.hub,
+            crate::dispatch::Dispatch {
+                host,
+                job_id: "preflight",
+                record: Some(RunRow {
+                    run_id: run_id.clone(),
+                    job_id: String::new(),
+                    host_id: host.to_string(),
+                    requested_by: "coordinator".into(),
+                    reason: format!("preflight {}", step.action),
+                    procedure: procedure.encode_to_vec(),
+                    status: 0,
+                    created_at_ms: now,
+                    finished_at_ms: None,
+                    result: None,
+                    phase: "preflight".into(),
+                }),
+                procedure,
+                watcher: tx,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            crate::dispatch::DispatchError::Store(e) => Status::from(e),
+            other => Status::failed_precondition(format!(
+                "{other}; cannot check `{}` there",
+                step.action
+            )),
+        })?;
         let wait = async {
             while let Some(ev) = rx.recv().await {
                 if let Ok(ExecEvent {

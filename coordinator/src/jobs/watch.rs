@@ -2,13 +2,12 @@
 //! a watcher that falls behind re-reads from the store), and start-up recovery.
 
 use prost::Message;
-use rollback_common::now_unix_ms;
+use rollback_common::jobs::EventKind;
 use rollback_common::proto::{
     HostRun, Job, JobEvent, JobHost, PlanResponse, RollbackRequest, RunFinished,
 };
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
-use tracing::{info, warn};
 
 use super::Jobs;
 use crate::store::{JobHostRow, JobRow};
@@ -39,11 +38,26 @@ fn job_proto(row: JobRow, hosts: Vec<JobHostRow>) -> Job {
             })
             .collect(),
         halt_reason: row.halt_reason,
+        history: Vec::new(),
     }
 }
 
 fn is_final(ev: &JobEvent) -> bool {
-    ev.kind == "job.finished"
+    ev.kind == EventKind::JobFinished.as_str()
+}
+
+/// Job-level events worth a line in the job's history (and the report's timeline).
+fn history_line(ev: &JobEvent) -> Option<String> {
+    let kind: EventKind = ev.kind.parse().ok()?;
+    matches!(
+        kind,
+        EventKind::JobStarted
+            | EventKind::JobResumed
+            | EventKind::JobHalted
+            | EventKind::JobCancelling
+            | EventKind::JobFinished
+    )
+    .then(|| format!("{} {} — {}", ev.at_unix_ms, ev.kind, ev.message))
 }
 
 impl Jobs {
@@ -55,6 +69,14 @@ impl Jobs {
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         let mut job = job_proto(row, hosts);
+        job.history = self
+            .store
+            .job_events(job_id, 0)
+            .await?
+            .iter()
+            .filter_map(|(_, b)| JobEvent::decode(b.as_slice()).ok())
+            .filter_map(|ev| history_line(&ev))
+            .collect();
         for run in self.store.job_runs(job_id).await? {
             if let Some(host) = job.hosts.iter_mut().find(|h| h.host_id == run.host_id) {
                 host.runs.push(HostRun {
@@ -95,6 +117,7 @@ impl Jobs {
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         // Subscribe before replaying so nothing falls between the two.
         let live = self.live_job(job_id).map(|l| l.events.subscribe());
+        let is_live = live.is_some();
         let (tx, rx) = mpsc::channel(256);
         let store = self.store.clone();
         let job_id = job_id.to_string();
@@ -125,7 +148,17 @@ impl Jobs {
             }
             match replay(last).await {
                 Ok(evs) => {
-                    for ev in evs {
+                    // A job.finished followed by more events, or of a job running again (it
+                    // was resumed), is not the end: only the live one or the last one is.
+                    let n = evs.len();
+                    for (i, ev) in evs.into_iter().enumerate() {
+                        if is_final(&ev) && (i + 1 < n || is_live) {
+                            last = ev.seq;
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         forward!(ev);
                     }
                 }
@@ -157,37 +190,5 @@ impl Jobs {
             }
         });
         Ok(rx)
-    }
-
-    /// At start-up: jobs a previous process left running are marked interrupted, with a final
-    /// event so watchers end.
-    pub async fn recover(&self) -> Result<(), Status> {
-        let now = now_unix_ms();
-        for job_id in self.store.interrupt_running_jobs(now).await? {
-            let last = self
-                .store
-                .job_events(&job_id, 0)
-                .await?
-                .last()
-                .map(|(s, _)| *s)
-                .unwrap_or(0);
-            let ev = JobEvent {
-                seq: last + 1,
-                at_unix_ms: now,
-                kind: "job.finished".into(),
-                message: "interrupted: the coordinator stopped while this job ran; hosts not yet reached were not dispatched".into(),
-                job_state: "interrupted".into(),
-                ..Default::default()
-            };
-            if let Err(e) = self
-                .store
-                .append_job_event(&job_id, ev.seq, now, &ev.encode_to_vec())
-                .await
-            {
-                warn!(job = %job_id, error = %e, "store failed recording interruption");
-            }
-            info!(job = %job_id, "job left running by the previous coordinator marked interrupted");
-        }
-        Ok(())
     }
 }

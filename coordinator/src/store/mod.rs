@@ -48,6 +48,8 @@ pub enum StoreError {
     Batch { reason: String },
     #[error("store row for `{key}` is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("hosts are leased to another job: {}", holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    Leased { holders: Vec<LeaseHolder> },
 }
 
 /// A run as the coordinator dispatched it.
@@ -99,6 +101,21 @@ pub struct JobHostRow {
     pub detail: String,
     pub duration_ms: i64,
     pub once_only: bool,
+    /// Phases this host completed, in order (persisted as each one completes).
+    pub done_phases: Vec<String>,
+}
+
+/// A host held by another job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub host_id: String,
+    pub job_id: String,
+}
+
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (held by job {})", self.host_id, self.job_id)
+    }
 }
 
 /// One audit trail entry.
@@ -158,8 +175,24 @@ pub trait Store: Send + Sync + 'static {
     /// Runs dispatched to `host_id` whose result has not been recorded, oldest first.
     async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError>;
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
-    /// Records a new job with its hosts, atomically.
-    async fn create_job(&self, job: &JobRow, hosts: &[JobHostRow]) -> Result<(), StoreError>;
+    /// Records a new job with its hosts and leases `leased` to it, atomically; fails with
+    /// `StoreError::Leased` (writing nothing) when any of them is leased to another job.
+    async fn create_job(
+        &self,
+        job: &JobRow,
+        hosts: &[JobHostRow],
+        leased: &[String],
+    ) -> Result<(), StoreError>;
+    /// Leases `hosts` to `job_id` (a resumed job); fails with `StoreError::Leased` when another
+    /// job holds any of them.
+    async fn acquire_leases(&self, job_id: &str, hosts: &[String]) -> Result<(), StoreError>;
+    /// Which of `hosts` are leased, and to which job.
+    async fn lease_holders(&self, hosts: &[String]) -> Result<Vec<LeaseHolder>, StoreError>;
+    /// Ids of jobs stored as `running` (at start-up: the jobs to resume).
+    async fn running_jobs(&self) -> Result<Vec<String>, StoreError>;
+    /// Removes a decommissioned agent; its jobs' history stays.
+    async fn forget_agent(&self, host_id: &str) -> Result<bool, StoreError>;
+    /// Sets a job's state; any state but `running` releases its leases in the same transaction.
     async fn update_job_state(
         &self,
         job_id: &str,
@@ -194,7 +227,5 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_snapshot(&self, row: &SnapshotRow) -> Result<(), StoreError>;
     /// Every snapshot row, newest first.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError>;
-    /// At start-up: jobs left running by a previous coordinator process become `interrupted`.
-    async fn interrupt_running_jobs(&self, now_ms: i64) -> Result<Vec<String>, StoreError>;
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 }

@@ -9,7 +9,10 @@ use sqlx::sqlite::{
 };
 
 use super::writer::{Write, Writer};
-use super::{AgentRecord, AuditEvent, JobHostRow, JobRow, RunRow, SnapshotRow, Store, StoreError};
+use super::{
+    AgentRecord, AuditEvent, JobHostRow, JobRow, LeaseHolder, RunRow, SnapshotRow, Store,
+    StoreError,
+};
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
 const JOB_COLUMNS: &str = "job_id, procedure, request, plan, state, reason, requested_by, created_at_ms, finished_at_ms, halt_reason";
@@ -57,12 +60,68 @@ fn job_host_row(row: &sqlx::sqlite::SqliteRow) -> JobHostRow {
         detail: row.get("detail"),
         duration_ms: row.get("duration_ms"),
         once_only: row.get::<i64, _>("once_only") != 0,
+        done_phases: split_phases(row.get::<String, _>("done_phases").as_str()),
     }
 }
 
-pub(super) const UPSERT_JOB_HOST: &str = "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-     ON CONFLICT(job_id, host_id) DO UPDATE SET outcome = ?4, phase = ?5, failed_step = ?6, exit_code = ?7, detail = ?8, duration_ms = ?9";
+pub(super) const UPSERT_JOB_HOST: &str = "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only, done_phases)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+     ON CONFLICT(job_id, host_id) DO UPDATE SET outcome = ?4, phase = ?5, failed_step = ?6, exit_code = ?7, detail = ?8, duration_ms = ?9, done_phases = ?11";
+
+/// Phase names are stored one per line (a runbook phase name has no newline).
+fn split_phases(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Hosts among `hosts` leased to a job other than `job_id`.
+async fn holders_in(
+    conn: &mut sqlx::SqliteConnection,
+    hosts: &[String],
+    job_id: &str,
+) -> Result<Vec<LeaseHolder>, StoreError> {
+    let mut out = Vec::new();
+    for h in hosts {
+        if let Some(row) = sqlx::query("SELECT job_id FROM host_leases WHERE host_id = ?1")
+            .bind(h)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(query_err("lease holders"))?
+        {
+            let holder: String = row.get("job_id");
+            if holder != job_id {
+                out.push(LeaseHolder {
+                    host_id: h.clone(),
+                    job_id: holder,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn insert_leases(
+    conn: &mut sqlx::SqliteConnection,
+    hosts: &[String],
+    job_id: &str,
+) -> Result<(), StoreError> {
+    let now = rollback_common::now_unix_ms();
+    for h in hosts {
+        sqlx::query(
+            "INSERT INTO host_leases (host_id, job_id, acquired_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(host_id) DO NOTHING",
+        )
+        .bind(h)
+        .bind(job_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("insert lease"))?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -274,8 +333,24 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn create_job(&self, job: &JobRow, hosts: &[JobHostRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(query_err("create_job"))?;
+    async fn create_job(
+        &self,
+        job: &JobRow,
+        hosts: &[JobHostRow],
+        leased: &[String],
+    ) -> Result<(), StoreError> {
+        // BEGIN IMMEDIATE: the lease check and the insert are one atomic step even against
+        // another coordinator process on the same file.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("create_job"))?;
+        let holders = holders_in(&mut tx, leased, &job.job_id).await?;
+        if !holders.is_empty() {
+            return Err(StoreError::Leased { holders });
+        }
+        insert_leases(&mut tx, leased, &job.job_id).await?;
         sqlx::query(&format!(
             "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
         ))
@@ -302,6 +377,51 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn acquire_leases(&self, job_id: &str, hosts: &[String]) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("acquire_leases"))?;
+        let holders = holders_in(&mut tx, hosts, job_id).await?;
+        if !holders.is_empty() {
+            return Err(StoreError::Leased { holders });
+        }
+        insert_leases(&mut tx, hosts, job_id).await?;
+        tx.commit()
+            .await
+            .map_err(query_err("acquire_leases commit"))?;
+        Ok(())
+    }
+
+    async fn lease_holders(&self, hosts: &[String]) -> Result<Vec<LeaseHolder>, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(query_err("lease_holders"))?;
+        holders_in(&mut conn, hosts, "").await
+    }
+
+    async fn running_jobs(&self) -> Result<Vec<String>, StoreError> {
+        let rows =
+            sqlx::query("SELECT job_id FROM jobs WHERE state = 'running' ORDER BY created_at_ms")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_err("running_jobs"))?;
+        Ok(rows.iter().map(|r| r.get("job_id")).collect())
+    }
+
+    async fn forget_agent(&self, host_id: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query("DELETE FROM agents WHERE host_id = ?1")
+            .bind(host_id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("forget_agent"))?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
     async fn update_job_state(
         &self,
         job_id: &str,
@@ -309,6 +429,11 @@ impl Store for SqliteStore {
         finished_at_ms: Option<i64>,
         halt_reason: &str,
     ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_err("update_job_state"))?;
         sqlx::query(
             "UPDATE jobs SET state = ?2, finished_at_ms = ?3, halt_reason = ?4 WHERE job_id = ?1",
         )
@@ -316,9 +441,19 @@ impl Store for SqliteStore {
         .bind(state)
         .bind(finished_at_ms)
         .bind(halt_reason)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(query_err("update_job_state"))?;
+        if state != "running" {
+            sqlx::query("DELETE FROM host_leases WHERE job_id = ?1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("release leases"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_err("update_job_state commit"))?;
         Ok(())
     }
 
@@ -464,31 +599,6 @@ impl Store for SqliteStore {
             })
             .collect())
     }
-
-    async fn interrupt_running_jobs(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT job_id FROM jobs WHERE state = 'running'")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err("interrupt_running_jobs"))?;
-        let ids: Vec<String> = rows.iter().map(|r| r.get("job_id")).collect();
-        for id in &ids {
-            sqlx::query(
-                "UPDATE jobs SET state = 'interrupted', finished_at_ms = ?2,
-                 halt_reason = 'the coordinator stopped while this job ran; hosts not yet reached were not dispatched' WHERE job_id = ?1",
-            )
-            .bind(id)
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("interrupt_running_jobs"))?;
-            sqlx::query("UPDATE job_hosts SET outcome = 'skipped', detail = 'not reached: the coordinator stopped during the job' WHERE job_id = ?1 AND outcome = 'pending'")
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(query_err("interrupt_running_jobs hosts"))?;
-        }
-        Ok(ids)
-    }
 }
 
 pub(super) fn bind_job_host<'q>(
@@ -505,4 +615,5 @@ pub(super) fn bind_job_host<'q>(
         .bind(&h.detail)
         .bind(h.duration_ms)
         .bind(i64::from(h.once_only))
+        .bind(h.done_phases.join("\n"))
 }

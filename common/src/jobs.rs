@@ -1,0 +1,127 @@
+//! The job vocabulary shared by the coordinator and the console: host outcomes, job states and
+//! job event kinds. Stored and sent as their lowercase names; these enums are the one list.
+
+use std::fmt;
+use std::str::FromStr;
+
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name as stored, sent and shown.
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "`{other}` is not a {}; expected one of: {}",
+                        stringify!($name),
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(
+    /// How one host fared in a job.
+    Outcome {
+        Pending => "pending",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        TimedOut => "timed_out",
+        Unreachable => "unreachable",
+        Cancelled => "cancelled",
+        Skipped => "skipped",
+        Interrupted => "interrupted",
+    }
+);
+
+impl Outcome {
+    /// Counts towards the job's failure threshold (cancelled and skipped do not).
+    pub const fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Outcome::Failed | Outcome::TimedOut | Outcome::Unreachable | Outcome::Interrupted
+        )
+    }
+}
+
+named_enum!(
+    /// Where a job is.
+    JobState {
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Halted => "halted",
+        Cancelled => "cancelled",
+        Interrupted => "interrupted",
+    }
+);
+
+impl JobState {
+    /// `rollbackctl job resume` may continue a job in this state.
+    pub const fn resumable(self) -> bool {
+        matches!(
+            self,
+            JobState::Halted | JobState::Cancelled | JobState::Interrupted | JobState::Failed
+        )
+    }
+}
+
+named_enum!(
+    /// What a job event reports.
+    EventKind {
+        JobStarted => "job.started",
+        JobResumed => "job.resumed",
+        PhaseStarted => "phase.started",
+        BatchStarted => "batch.started",
+        HostDispatched => "host.dispatched",
+        HostWaiting => "host.waiting",
+        StepFinished => "step.finished",
+        HostPhaseDone => "host.phase_done",
+        HostFinished => "host.finished",
+        PhaseFinished => "phase.finished",
+        JobHalted => "job.halted",
+        JobCancelling => "job.cancelling",
+        JobFinished => "job.finished",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for o in Outcome::ALL {
+            assert_eq!(o.as_str().parse::<Outcome>(), Ok(*o));
+        }
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(*s));
+        }
+        for k in EventKind::ALL {
+            assert_eq!(k.as_str().parse::<EventKind>(), Ok(*k));
+        }
+        assert!("exploded".parse::<Outcome>().is_err());
+    }
+}
