@@ -1,9 +1,13 @@
 //! Runs a `RunProcedure` on this host: every step validated before anything is spawned, the
 //! run journaled before it starts and at each step boundary, events streamed on the uplink,
-//! stop at the first step that does not succeed, cancel on request. One run at a time.
+//! stop at the first step that does not succeed, cancel on request. One run at a time: a run
+//! arriving while another runs is answered `Busy` and not journaled, so it may be sent again.
+//! A run's deadline (`deadline_unix_ms`, 0 = none) caps every step's timeout; a run arriving
+//! after it runs nothing and is journaled `TimedOut`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rollback_common::proto::{
     AgentMessage, OutputChunk, RunFinished, RunProcedure, StepEvent, StepFinished, StepStarted,
@@ -30,6 +34,31 @@ const MAX_CHUNK: usize = 16 * 1024;
 pub enum StepExecution {
     Real,
     Noop,
+}
+
+/// Time left before a run's deadline at `now_ms`: `None` when the run has no deadline
+/// (`deadline_ms == 0`), `Ok(left)` before it, `Err(ms)` once reached, `ms` after it.
+/// A negative deadline is one that passed long ago.
+pub fn time_left(deadline_ms: i64, now_ms: i64) -> Option<Result<Duration, u64>> {
+    if deadline_ms == 0 {
+        return None;
+    }
+    Some(if now_ms < deadline_ms {
+        Ok(Duration::from_millis(
+            u64::try_from(deadline_ms.saturating_sub(now_ms)).unwrap_or(u64::MAX),
+        ))
+    } else {
+        Err(u64::try_from(now_ms.saturating_sub(deadline_ms)).unwrap_or(u64::MAX))
+    })
+}
+
+/// A step's effective timeout: its own, or the time left to the deadline if that is shorter
+/// (then `true`: the deadline is what stops it).
+pub fn effective_timeout(own: Duration, left: Option<Duration>) -> (Duration, bool) {
+    match left {
+        Some(left) if left < own => (left, true),
+        _ => (own, false),
+    }
 }
 
 #[derive(Debug)]
@@ -193,12 +222,19 @@ impl Runner {
     }
 
     async fn refuse(&self, run: &RunProcedure, error: String) {
-        warn!(host = %self.host(), run = %run.run_id, error = %error, "refusing run");
+        self.answer_unjournaled(run, StepStatus::Refused, error)
+            .await;
+    }
+
+    /// Answers a run that was not accepted, without journaling it (so the same run id can
+    /// still be delivered and run later).
+    async fn answer_unjournaled(&self, run: &RunProcedure, status: StepStatus, error: String) {
+        warn!(host = %self.host(), run = %run.run_id, status = ?status, error = %error, "not running run");
         let finished = RunFinished {
             run_id: run.run_id.clone(),
-            status: StepStatus::Refused as i32,
+            status: status as i32,
             steps: vec![StepFinished {
-                status: StepStatus::Refused as i32,
+                status: status as i32,
                 exit_code: -1,
                 error,
                 ..Default::default()
@@ -244,11 +280,12 @@ impl Runner {
                     .await;
             }
         }
-        let cancel = CancellationToken::new();
-        if self.take_early_cancel(&run.run_id) {
-            info!(host = %host, run = %run.run_id, "run was cancelled before it arrived; nothing will run");
-            cancel.cancel();
+        if !run.steps.is_empty()
+            && let Some(Err(ago)) = time_left(run.deadline_unix_ms, rollback_common::now_unix_ms())
+        {
+            return self.deadline_passed(&run, ago).await;
         }
+        let cancel = CancellationToken::new();
         let busy = {
             let mut active = self.lock_active();
             match active.as_ref() {
@@ -266,27 +303,15 @@ impl Runner {
             }
         };
         if let Some(busy) = busy {
-            return self.refuse(&run, busy).await;
+            return self.answer_unjournaled(&run, StepStatus::Busy, busy).await;
+        }
+        // Taken only once the run is accepted: a busy answer leaves it for the redelivery.
+        if self.take_early_cancel(&run.run_id) {
+            info!(host = %host, run = %run.run_id, "run was cancelled before it arrived; nothing will run");
+            cancel.cancel();
         }
 
-        let mut record = RunRecord {
-            run_id: run.run_id.clone(),
-            job_id: run.job_id.clone(),
-            received_at_ms: rollback_common::now_unix_ms(),
-            steps: run
-                .steps
-                .iter()
-                .map(|s| {
-                    StepRecord::pending(
-                        &s.action,
-                        s.params.clone().into_iter().collect::<BTreeMap<_, _>>(),
-                    )
-                })
-                .collect(),
-            finished: false,
-            status: StepStatus::Unspecified as i32,
-            acked: false,
-        };
+        let mut record = new_record(&run);
         // Validate every step before anything is spawned.
         let mut actions = Vec::with_capacity(run.steps.len());
         for (i, step) in run.steps.iter().enumerate() {
@@ -329,6 +354,28 @@ impl Runner {
         );
     }
 
+    /// A run that arrived after its deadline: nothing runs; it is journaled as finished
+    /// `TimedOut`, so a redelivery returns the same answer.
+    async fn deadline_passed(&self, run: &RunProcedure, ago_ms: u64) {
+        let error = format!(
+            "agent {}: deadline passed {ago_ms} ms ago; nothing was run",
+            self.host()
+        );
+        warn!(host = %self.host(), run = %run.run_id, error = %error, "run arrived after its deadline");
+        let mut record = new_record(run);
+        for step in &mut record.steps {
+            step.finish(StepStatus::TimedOut, error.clone());
+        }
+        record.finished = true;
+        record.status = StepStatus::TimedOut as i32;
+        self.save(&record);
+        self.uplink
+            .send(msg(agent_message::Kind::RunFinished(
+                record.to_proto(false),
+            )))
+            .await;
+    }
+
     fn save(&self, record: &RunRecord) {
         if let Err(e) = self.journal.save(record) {
             error!(error = %e, "journal write failed");
@@ -355,6 +402,18 @@ impl Runner {
                 if cancel.is_cancelled() {
                     break;
                 }
+                let left = time_left(run.deadline_unix_ms, rollback_common::now_unix_ms());
+                if let Some(Err(ago)) = left {
+                    info!(step = i, "the run's deadline passed; step not started");
+                    record.steps[i].finish(
+                        StepStatus::TimedOut,
+                        format!(
+                            "agent {}: deadline passed {ago} ms ago; the step was not started",
+                            self.host()
+                        ),
+                    );
+                    break;
+                }
                 record.steps[i].phase = Phase::Running;
                 self.save(&record);
                 info!(step = i, action = %record.steps[i].action, "step started");
@@ -372,7 +431,10 @@ impl Runner {
                     index: i,
                     seq: 0,
                 };
-                let timeout = actions::timeout_for(&run.steps[i], &self.config);
+                let (timeout, by_deadline) = effective_timeout(
+                    actions::timeout_for(&run.steps[i], &self.config),
+                    left.and_then(Result::ok),
+                );
                 let mut ctx = StepCtx::new(&self.config, &mut sink, &cancel, timeout);
                 ctx.log_offset = log_offset;
                 let started = std::time::Instant::now();
@@ -389,6 +451,13 @@ impl Runner {
                 step.facts = result.facts;
                 let error = if result.error.is_empty() {
                     String::new()
+                } else if by_deadline && result.status == StepStatus::TimedOut {
+                    format!(
+                        "agent {}: {}: {} (stopped at the run's deadline)",
+                        self.host(),
+                        step.action,
+                        result.error
+                    )
                 } else {
                     format!("agent {}: {}: {}", self.host(), step.action, result.error)
                 };
@@ -431,14 +500,43 @@ impl Runner {
     }
 }
 
+fn new_record(run: &RunProcedure) -> RunRecord {
+    RunRecord {
+        run_id: run.run_id.clone(),
+        job_id: run.job_id.clone(),
+        received_at_ms: rollback_common::now_unix_ms(),
+        steps: run
+            .steps
+            .iter()
+            .map(|s| {
+                StepRecord::pending(
+                    &s.action,
+                    s.params.clone().into_iter().collect::<BTreeMap<_, _>>(),
+                )
+            })
+            .collect(),
+        finished: false,
+        status: StepStatus::Unspecified as i32,
+        acked: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rollback_common::proto::{Step, agent_message};
 
     fn runner(dir: &std::path::Path) -> (Arc<Runner>, tokio::sync::mpsc::Receiver<AgentMessage>) {
+        runner_with(dir, "")
+    }
+
+    /// A runner whose agent.toml ends with `extra` (e.g. an `[app]` section).
+    fn runner_with(
+        dir: &std::path::Path,
+        extra: &str,
+    ) -> (Arc<Runner>, tokio::sync::mpsc::Receiver<AgentMessage>) {
         let config: Config = toml::from_str(&format!(
-            "host_id = \"h1\"\ncoordinator = \"https://127.0.0.1:1\"\nstate_dir = \"{}\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n",
+            "host_id = \"h1\"\ncoordinator = \"https://127.0.0.1:1\"\nstate_dir = \"{}\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n{extra}",
             dir.display()
         ))
         .expect("config");
@@ -489,5 +587,260 @@ mod tests {
         runner.submit(run("normal")).await;
         let r = result(&mut rx).await;
         assert_eq!(r.status, StepStatus::Succeeded as i32, "{r:?}");
+    }
+
+    fn step(action: &str, params: &[(&str, &str)]) -> Step {
+        Step {
+            action: action.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn run_of(id: &str, steps: Vec<Step>, deadline_unix_ms: i64) -> RunProcedure {
+        RunProcedure {
+            run_id: id.into(),
+            steps,
+            deadline_unix_ms,
+            ..Default::default()
+        }
+    }
+
+    /// An `[app]` whose health URL points at `port` on loopback.
+    fn app_at(port: u16) -> String {
+        format!("[app]\ndir = \"/\"\nhealth_base_url = \"http://127.0.0.1:{port}\"\n")
+    }
+
+    /// A loopback port nothing listens on (connections are refused at once).
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    #[test]
+    fn deadline_arithmetic() {
+        assert_eq!(time_left(0, 1_000), None, "0 means no deadline");
+        assert_eq!(
+            time_left(1_500, 1_000),
+            Some(Ok(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            time_left(1_000, 1_000),
+            Some(Err(0)),
+            "reached at the deadline"
+        );
+        assert_eq!(time_left(1_000, 1_250), Some(Err(250)));
+        assert!(matches!(time_left(-5, 1_000), Some(Err(1_005))));
+        let own = Duration::from_secs(300);
+        assert_eq!(effective_timeout(own, None), (own, false));
+        assert_eq!(
+            effective_timeout(own, Some(Duration::from_secs(10))),
+            (Duration::from_secs(10), true)
+        );
+        assert_eq!(
+            effective_timeout(own, Some(Duration::from_secs(900))),
+            (own, false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_answer_journals_nothing_and_the_run_runs_when_redelivered() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner(tmp.path());
+        *runner.lock_active() = Some(Active {
+            run_id: "other".into(),
+            cancel: CancellationToken::new(),
+        });
+        let run = run_of("later", vec![step("state.read", &[])], 0);
+        runner.submit(run.clone()).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Busy as i32, "{r:?}");
+        assert_eq!(r.steps[0].status, StepStatus::Busy as i32);
+        assert!(r.steps[0].error.contains("busy with run other"), "{r:?}");
+        assert!(
+            runner.journal.load("later").expect("journal").is_none(),
+            "a busy answer is not journaled"
+        );
+
+        // The other run ends; the same run id delivered again runs normally.
+        *runner.lock_active() = None;
+        runner.submit(run).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Succeeded as i32, "{r:?}");
+        assert!(!r.from_journal);
+        let journaled = runner.journal.load("later").expect("journal").expect("run");
+        assert!(journaled.finished);
+    }
+
+    #[tokio::test]
+    async fn a_busy_answer_keeps_an_early_cancel_for_the_redelivery() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner(tmp.path());
+        *runner.lock_active() = Some(Active {
+            run_id: "other".into(),
+            cancel: CancellationToken::new(),
+        });
+        runner.cancel("later");
+        let run = run_of("later", vec![step("state.read", &[])], 0);
+        runner.submit(run.clone()).await;
+        assert_eq!(result(&mut rx).await.status, StepStatus::Busy as i32);
+        *runner.lock_active() = None;
+        runner.submit(run).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Cancelled as i32, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_run_after_its_deadline_runs_nothing_and_is_answered_the_same_again() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner(tmp.path());
+        let deadline = rollback_common::now_unix_ms() - 5_000;
+        let run = run_of(
+            "late",
+            vec![step("state.read", &[]), step("state.read", &[])],
+            deadline,
+        );
+        runner.submit(run.clone()).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::TimedOut as i32, "{r:?}");
+        for s in &r.steps {
+            assert_eq!(s.status, StepStatus::TimedOut as i32, "{r:?}");
+            assert!(
+                s.error.contains("deadline passed") && s.error.contains("nothing was run"),
+                "{}",
+                s.error
+            );
+            assert!(s.output_tail.is_empty(), "nothing ran");
+        }
+        let ago: u64 = r.steps[0]
+            .error
+            .split("deadline passed ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("ms in the error");
+        assert!((5_000..60_000).contains(&ago), "{ago}");
+
+        runner.submit(run).await;
+        let again = result(&mut rx).await;
+        assert!(again.from_journal, "answered from the journal");
+        assert_eq!(again.status, StepStatus::TimedOut as i32);
+        assert_eq!(again.steps[0].error, r.steps[0].error);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_stops_a_running_step_and_skips_the_rest() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner_with(tmp.path(), &app_at(closed_port()));
+        let started = std::time::Instant::now();
+        let run = run_of(
+            "deadline",
+            vec![
+                step(
+                    "http.check",
+                    &[
+                        ("endpoint", "/readyz"),
+                        ("retries", "600"),
+                        ("interval_ms", "100"),
+                    ],
+                ),
+                step("state.read", &[]),
+            ],
+            rollback_common::now_unix_ms() + 1_500,
+        );
+        runner.submit(run).await;
+        let r = result(&mut rx).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "stopped at the deadline, not after 600 retries"
+        );
+        assert_eq!(r.status, StepStatus::TimedOut as i32, "{r:?}");
+        assert_eq!(r.steps[0].status, StepStatus::TimedOut as i32);
+        let error = &r.steps[0].error;
+        assert!(
+            error.contains("/readyz") && error.contains("attempt") && error.contains("deadline"),
+            "{error}"
+        );
+        assert_eq!(r.steps[1].status, StepStatus::Skipped as i32, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn http_check_stops_at_its_step_timeout() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner_with(tmp.path(), &app_at(closed_port()));
+        let mut check = step(
+            "http.check",
+            &[
+                ("endpoint", "/healthz"),
+                ("retries", "600"),
+                ("interval_ms", "100"),
+            ],
+        );
+        check.timeout_secs = 1;
+        let started = std::time::Instant::now();
+        runner.submit(run_of("timeout", vec![check], 0)).await;
+        let r = result(&mut rx).await;
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(r.steps[0].status, StepStatus::TimedOut as i32, "{r:?}");
+        let error = &r.steps[0].error;
+        assert!(
+            error.contains("/healthz") && error.contains("attempt") && error.contains("last:"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_http_check_is_cancelled_between_retries_and_mid_request() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Between retries: every attempt is refused at once.
+        let (runner, mut rx) = runner_with(tmp.path(), &app_at(closed_port()));
+        let check = || {
+            step(
+                "http.check",
+                &[
+                    ("endpoint", "/readyz"),
+                    ("retries", "600"),
+                    ("interval_ms", "200"),
+                ],
+            )
+        };
+        runner.submit(run_of("between", vec![check()], 0)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        runner.cancel("between");
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Cancelled as i32, "{r:?}");
+        assert_eq!(r.steps[0].status, StepStatus::Cancelled as i32, "{r:?}");
+
+        // Mid-request: a server that accepts and never answers.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let (runner, mut rx) = runner_with(tmp.path(), &app_at(port));
+        runner
+            .submit(run_of("mid", vec![check(), step("state.read", &[])], 0))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        runner.cancel("mid");
+        let r = result(&mut rx).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "cancel is prompt, not at the end of the request"
+        );
+        assert_eq!(r.status, StepStatus::Cancelled as i32, "{r:?}");
+        assert_eq!(r.steps[0].status, StepStatus::Cancelled as i32, "{r:?}");
+        assert_eq!(r.steps[1].status, StepStatus::Cancelled as i32, "{r:?}");
+        silent.abort();
     }
 }

@@ -511,3 +511,71 @@ fn a_run_left_by_an_earlier_coordinator_is_never_started_late() {
         "the stale run never reached the agent"
     );
 }
+
+#[test]
+fn steps_are_idempotent_and_git_resolve_only_reads() {
+    let h = host();
+    let head = h.head();
+    let subject = git(&h.repo, &["log", "-1", "--format=%s"]);
+    let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
+    let counter = h.tmp.path().join("hook.count");
+    install_hook(&h.repo, &format!("echo run >> {}", counter.display()));
+
+    // git.resolve: read-only, full shas of the revision and of HEAD.
+    let (ok, doc, stderr) = h.exec("git.resolve", &["revision=HEAD~1"], &[]);
+    assert!(ok, "{doc} {stderr}");
+    assert_eq!(doc["status"], "succeeded");
+    assert_eq!(doc["facts"]["sha"], previous.as_str(), "{doc}");
+    assert_eq!(doc["facts"]["head"], head.as_str(), "{doc}");
+    assert_eq!(doc["facts"]["head_subject"], subject.as_str(), "{doc}");
+    assert_eq!(h.head(), head, "git.resolve moved nothing");
+    let (ok, doc, _) = h.exec("git.resolve", &["revision=--upload-pack=x"], &[]);
+    assert!(!ok);
+    assert_eq!(doc["status"], "refused", "{doc}");
+
+    // git.checkout of the commit HEAD already is: succeeds, runs no checkout.
+    let (ok, doc, stderr) = h.exec("git.checkout", &[&format!("revision={head}")], &[]);
+    assert!(ok, "{doc} {stderr}");
+    assert_eq!(doc["facts"]["changed"], "false", "{doc}");
+    assert_eq!(doc["facts"]["sha"], head.as_str());
+    assert_eq!(doc["facts"]["from_sha"], head.as_str());
+    assert_eq!(doc["facts"]["subject"], subject.as_str());
+    assert!(
+        doc["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nothing to check out"),
+        "{doc}"
+    );
+    assert!(!counter.exists(), "no checkout ran (the hook never fired)");
+
+    // A real move reports where it came from.
+    let (ok, doc, _) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(ok, "{doc}");
+    assert_eq!(doc["facts"]["changed"], "true", "{doc}");
+    assert_eq!(doc["facts"]["from_sha"], head.as_str());
+    assert_eq!(doc["facts"]["sha"], previous.as_str());
+    assert!(counter.exists(), "the checkout ran");
+
+    // file.restore: the first restores, the second finds nothing to do and rewrites nothing.
+    let (ok, doc, _) = h.exec("file.restore", &["file=env"], &[]);
+    assert!(ok, "{doc}");
+    assert_eq!(doc["facts"]["changed"], "true", "{doc}");
+    let env = h.repo.join(".env");
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&env).expect("env"));
+    let (ok, doc, _) = h.exec("file.restore", &["file=env"], &[]);
+    assert!(ok, "{doc}");
+    assert_eq!(doc["facts"]["changed"], "false", "{doc}");
+    assert!(
+        doc["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nothing to restore"),
+        "{doc}"
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&env).expect("env")),
+        inode,
+        "the identical env file was not rewritten"
+    );
+}

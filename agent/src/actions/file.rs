@@ -1,6 +1,7 @@
 //! `file.restore {file=env [, snapshot=ID]}`: puts the last known good env file back — from
 //! `app.env_backup`, or from the copy a snapshot kept — byte for byte, atomically (temporary
-//! file beside it, fsync, rename over, fsync the directory).
+//! file beside it, fsync, rename over, fsync the directory). An env file that is already a
+//! regular file identical to its source is left alone (fact `changed=false`).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -70,7 +71,20 @@ pub(super) async fn restore_env(
     let source = source.unwrap_or(backup);
     let bytes = std::fs::read(&source)
         .map_err(|e| Failure::new(-1, format!("reading {}: {e}", source.display())))?;
+    let sha = sha256_hex(&bytes);
     let before = std::fs::read(&target).ok();
+    // Only a regular file counts as already restored: a symlink is replaced as before.
+    let regular = std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_file());
+    if regular && before.as_deref() == Some(bytes.as_slice()) {
+        ctx.say(&format!(
+            "{} is already identical to {}; nothing to restore (sha256 {sha})",
+            target.display(),
+            source.display()
+        ));
+        ctx.fact("env_sha256", sha);
+        ctx.fact("changed", "false");
+        return Ok(());
+    }
     let mode = std::fs::metadata(&source)
         .map(|m| m.permissions().mode() & 0o7777)
         .unwrap_or(0o600);
@@ -84,10 +98,9 @@ pub(super) async fn restore_env(
             ),
         )
     })?;
-    let sha = sha256_hex(&bytes);
     match before {
         Some(b) if b == bytes => ctx.say(&format!(
-            "{} already matched {}; rewritten anyway",
+            "{} was not a regular file; replaced by a copy of {} (sha256 {sha})",
             target.display(),
             source.display()
         )),
@@ -104,5 +117,6 @@ pub(super) async fn restore_env(
         )),
     }
     ctx.fact("env_sha256", sha);
+    ctx.fact("changed", "true");
     Ok(())
 }

@@ -1,6 +1,9 @@
-//! `git.checkout {revision}` and `git.log` in the app's git working tree. A revision is
-//! resolved with `git rev-parse --verify --end-of-options REV^{commit}` and checked out by
-//! its full sha.
+//! `git.checkout {revision}`, `git.resolve {revision}` and `git.log` in the app's git working
+//! tree. A revision is resolved with `git rev-parse --verify --end-of-options REV^{commit}`
+//! and checked out by its full sha; a checkout of the commit HEAD already is runs nothing.
+//! `git.resolve` is read-only: it pins a revision to its full sha at plan time.
+
+use rollback_common::proto::StepStatus;
 
 use super::{Failure, StepCtx};
 use crate::exec::ProcessSpec;
@@ -104,9 +107,39 @@ pub(super) async fn head(ctx: &mut StepCtx<'_>) -> Result<(String, String), Fail
     Ok((sha.trim().to_string(), subject.trim().to_string()))
 }
 
+/// HEAD before a checkout; `None` when it cannot be read (e.g. a repository without commits),
+/// which does not stop the checkout. A timeout or cancel still ends the step.
+async fn head_before(ctx: &mut StepCtx<'_>) -> Result<Option<(String, String)>, Failure> {
+    match head(ctx).await {
+        Ok(h) => Ok(Some(h)),
+        Err(f) if f.status == StepStatus::Failed => {
+            ctx.say(&format!(
+                "HEAD could not be read before the checkout: {}",
+                f.error
+            ));
+            Ok(None)
+        }
+        Err(f) => Err(f),
+    }
+}
+
 pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let sha = resolve(revision, ctx).await?;
     ctx.say(&format!("{revision} is commit {sha}"));
+    let before = head_before(ctx).await?;
+    ctx.fact(
+        "from_sha",
+        before.as_ref().map(|(s, _)| s.clone()).unwrap_or_default(),
+    );
+    if let Some((from, subject)) = before
+        && from == sha
+    {
+        ctx.say(&format!("already at {sha}; nothing to check out"));
+        ctx.fact("sha", sha);
+        ctx.fact("subject", subject);
+        ctx.fact("changed", "false");
+        return Ok(());
+    }
     let (spec, dir) = git(ctx)?;
     let outcome = ctx
         .run(&spec.args(["checkout", "--quiet", "--detach", &sha, "--"]))
@@ -129,6 +162,20 @@ pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<()
     ctx.say(&format!("HEAD is now {sha} {subject}"));
     ctx.fact("sha", sha);
     ctx.fact("subject", subject);
+    ctx.fact("changed", "true");
+    Ok(())
+}
+
+/// `git.resolve {revision}`: read-only; the revision's full sha and HEAD's.
+pub(super) async fn resolve_only(revision: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let sha = resolve(revision, ctx).await?;
+    let (head_sha, head_subject) = head(ctx).await?;
+    ctx.say(&format!(
+        "{revision} is commit {sha}; HEAD is {head_sha} {head_subject}; nothing was changed"
+    ));
+    ctx.fact("sha", sha);
+    ctx.fact("head", head_sha);
+    ctx.fact("head_subject", head_subject);
     Ok(())
 }
 

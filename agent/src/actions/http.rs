@@ -1,10 +1,13 @@
 //! `http.check {endpoint, expect, retries, interval_ms}`: GET a path on the host's own health
 //! base URL until it answers the expected status, or fail with the last status seen.
-//! A small HTTP/1.1 client: the agent talks to exactly one configured base URL.
+//! A small HTTP/1.1 client: the agent talks to exactly one configured base URL. Retrying stops
+//! at the step's timeout (`TimedOut`) and at once on cancel (`Cancelled`), also mid-request.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use rollback_common::proto::StepStatus;
 
 use super::{Failure, StepCtx};
 use crate::profile::valid_health_base;
@@ -70,6 +73,27 @@ pub async fn get(
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
+/// How one wait of the check ended.
+enum Wait<T> {
+    Done(T),
+    Cancelled,
+    TimedOut,
+}
+
+/// Waits for `fut`, unless the step is cancelled (checked first) or its time is up.
+async fn wait<T>(
+    fut: impl std::future::Future<Output = T>,
+    cancel: &tokio_util::sync::CancellationToken,
+    deadline: tokio::time::Instant,
+) -> Wait<T> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Wait::Cancelled,
+        () = tokio::time::sleep_until(deadline) => Wait::TimedOut,
+        v = fut => Wait::Done(v),
+    }
+}
+
 pub(super) async fn run(check: &Check, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let base = ctx
         .config
@@ -80,26 +104,59 @@ pub(super) async fn run(check: &Check, ctx: &mut StepCtx<'_>) -> Result<(), Fail
     let (host, port) = valid_health_base(&base)
         .map_err(|e| Failure::new(-1, format!("app.health_base_url: {e}")))?;
     let url = format!("{}{}", base.trim_end_matches('/'), check.endpoint);
+    ctx.fact("endpoint", check.endpoint.clone());
+    let deadline = tokio::time::Instant::now() + ctx.timeout;
+    let cancel = ctx.cancel.clone();
+    let timeout = ctx.timeout;
     let mut last = String::from("no attempt made");
+    let mut attempts = 0u32;
+    let stopped = |ending: &Wait<()>, attempts: u32, last: &str| match ending {
+        Wait::Cancelled => Failure {
+            status: StepStatus::Cancelled,
+            exit_code: -1,
+            error: format!(
+                "cancelled while checking {url} after {attempts} attempt(s); last: {last}"
+            ),
+        },
+        _ => Failure {
+            status: StepStatus::TimedOut,
+            exit_code: -1,
+            error: format!(
+                "{url} did not answer {} within the step timeout {:?} ({attempts} attempt(s)); last: {last}",
+                check.expect, timeout
+            ),
+        },
+    };
     for attempt in 0..=check.retries {
         if attempt > 0 {
-            tokio::select! {
-                () = ctx.cancel.cancelled() => return Err(Failure { status: rollback_common::proto::StepStatus::Cancelled, exit_code: -1, error: "cancelled".into() }),
-                () = tokio::time::sleep(check.interval) => {}
+            match wait(tokio::time::sleep(check.interval), &cancel, deadline).await {
+                Wait::Done(()) => {}
+                ending => return Err(stopped(&ending, attempts, &last)),
             }
         }
         let per_try = check
             .interval
             .max(Duration::from_secs(2))
             .min(Duration::from_secs(10));
-        match get(&host, port, &check.endpoint, per_try).await {
+        let answer = match wait(
+            get(&host, port, &check.endpoint, per_try),
+            &cancel,
+            deadline,
+        )
+        .await
+        {
+            Wait::Done(answer) => answer,
+            Wait::Cancelled => return Err(stopped(&Wait::Cancelled, attempts, &last)),
+            Wait::TimedOut => return Err(stopped(&Wait::TimedOut, attempts + 1, &last)),
+        };
+        attempts += 1;
+        match answer {
             Ok((status, body)) if status == check.expect => {
                 ctx.say(&format!(
                     "GET {url} -> {status} {body} (attempt {})",
                     attempt + 1
                 ));
                 ctx.fact("status", status.to_string());
-                ctx.fact("endpoint", check.endpoint.clone());
                 return Ok(());
             }
             Ok((status, body)) => {
@@ -117,7 +174,9 @@ pub(super) async fn run(check: &Check, ctx: &mut StepCtx<'_>) -> Result<(), Fail
             check.retries + 1
         ));
     }
-    ctx.fact("endpoint", check.endpoint.clone());
+    if cancel.is_cancelled() {
+        return Err(stopped(&Wait::Cancelled, attempts, &last));
+    }
     Err(Failure::new(
         -1,
         format!(

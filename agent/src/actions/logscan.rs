@@ -1,7 +1,12 @@
 //! `log.scan {patterns}`: looks for error patterns in the app log lines written since the run
-//! began (from the size the log had then; from the start if it was rotated since).
+//! began (from the size the log had then; from the start if it was rotated since). The scan
+//! stops at the step's timeout (`TimedOut`) or on cancel (`Cancelled`).
 
 use std::io::{BufRead, Seek};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rollback_common::proto::StepStatus;
 
 use super::{Failure, StepCtx};
 
@@ -29,40 +34,69 @@ pub(super) async fn run(patterns: &[String], ctx: &mut StepCtx<'_>) -> Result<()
     let offset = ctx.log_offset.unwrap_or(0);
     let scan_path = path.clone();
     let patterns_owned = patterns.to_vec();
-    let scanned =
-        tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64, Vec<String>)> {
-            let file = match std::fs::File::open(&scan_path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok((0, 0, Vec::new()));
-                }
-                Err(e) => return Err(e),
-            };
-            let len = file.metadata()?.len();
-            let start = if len < offset { 0 } else { offset };
-            let mut reader = std::io::BufReader::new(file);
-            reader.seek(std::io::SeekFrom::Start(start))?;
-            let (mut lines, mut matched) = (0u64, Vec::new());
-            let mut buf = Vec::new();
-            let mut total = 0u64;
-            loop {
-                buf.clear();
-                let n = reader.read_until(b'\n', &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                lines += 1;
-                let line = String::from_utf8_lossy(&buf);
-                if patterns_owned.iter().any(|p| line.contains(p.as_str())) {
-                    total += 1;
-                    if matched.len() < SHOWN_MATCHES {
-                        matched.push(line.trim_end().chars().take(500).collect());
-                    }
+    // Tells the blocking scan to give up once the step is cancelled or timed out.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_scan = stop.clone();
+    let task = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64, Vec<String>)> {
+        let file = match std::fs::File::open(&scan_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((0, 0, Vec::new()));
+            }
+            Err(e) => return Err(e),
+        };
+        let len = file.metadata()?.len();
+        let start = if len < offset { 0 } else { offset };
+        let mut reader = std::io::BufReader::new(file);
+        reader.seek(std::io::SeekFrom::Start(start))?;
+        let (mut lines, mut matched) = (0u64, Vec::new());
+        let mut buf = Vec::new();
+        let mut total = 0u64;
+        loop {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            lines += 1;
+            if lines % 4096 == 0 && stop_scan.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("scan stopped"));
+            }
+            let line = String::from_utf8_lossy(&buf);
+            if patterns_owned.iter().any(|p| line.contains(p.as_str())) {
+                total += 1;
+                if matched.len() < SHOWN_MATCHES {
+                    matched.push(line.trim_end().chars().take(500).collect());
                 }
             }
-            Ok((lines, total, matched))
-        })
-        .await
+        }
+        Ok((lines, total, matched))
+    });
+    let joined = tokio::select! {
+        biased;
+        () = ctx.cancel.cancelled() => {
+            stop.store(true, Ordering::Relaxed);
+            return Err(Failure {
+                status: StepStatus::Cancelled,
+                exit_code: -1,
+                error: format!("cancelled while scanning {}", path.display()),
+            });
+        }
+        () = tokio::time::sleep(ctx.timeout) => {
+            stop.store(true, Ordering::Relaxed);
+            return Err(Failure {
+                status: StepStatus::TimedOut,
+                exit_code: -1,
+                error: format!(
+                    "scanning {} did not finish within the step timeout {:?}",
+                    path.display(),
+                    ctx.timeout
+                ),
+            });
+        }
+        joined = task => joined,
+    };
+    let scanned = joined
         .map_err(|e| Failure::new(-1, format!("log scan task: {e}")))?
         .map_err(|e| Failure::new(-1, format!("reading {}: {e}", path.display())))?;
     let (lines, total, matched) = scanned;

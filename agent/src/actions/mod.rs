@@ -1,6 +1,8 @@
 //! The runbook's typed actions: an allowlist compiled into the agent. `validate` turns a step
 //! from the coordinator into an `Action` (or refuses it) before anything is spawned;
-//! `execute` runs it against this host's profile.
+//! `execute` runs it against this host's profile. Every action is idempotent and says what it
+//! found: a step whose end state already holds runs nothing and reports `changed=false`;
+//! `alembic.resolve` and `git.resolve` are read-only (they pin targets at plan time).
 
 mod alembic;
 mod file;
@@ -35,9 +37,11 @@ pub enum Action {
     Service(service::Verb),
     AlembicDowngrade(alembic::Target),
     AlembicCurrent,
+    AlembicResolve { steps: u32 },
     PostgresRestore { backup: PathBuf },
     PostgresBackup,
     GitCheckout { revision: String },
+    GitResolve { revision: String },
     GitLog { count: u32 },
     FileRestore { snapshot: Option<String> },
     HttpCheck(http::Check),
@@ -142,8 +146,7 @@ fn backup_param(p: &mut Params<'_>, config: &Config) -> Result<PathBuf, Refusal>
         })
 }
 
-/// Checks a step against the allowlist and this host's profile. Spawns nothing, except that
-/// `git.checkout` resolves its (already grammar-checked) revision with `git rev-parse`.
+/// Checks a step against the allowlist and this host's profile. Spawns nothing.
 pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
     let name = step.action.as_str();
     let mut p = Params {
@@ -184,6 +187,14 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                 .ok_or_else(|| missing_section(name, "[alembic]"))?;
             Action::AlembicCurrent
         }
+        "alembic.resolve" => {
+            config
+                .alembic
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[alembic]"))?;
+            let steps = p.check("steps", |v| validate::count(v, 20))?.unwrap_or(1);
+            Action::AlembicResolve { steps }
+        }
         "postgres.restore" => Action::PostgresRestore {
             backup: backup_param(&mut p, config)?,
         },
@@ -207,6 +218,18 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                     p.refuse(Some("revision"), "is required: the commit to check out")
                 })?;
             Action::GitCheckout { revision }
+        }
+        "git.resolve" => {
+            config
+                .app
+                .as_ref()
+                .ok_or_else(|| missing_section(name, "[app]"))?;
+            let revision = p
+                .check("revision", |v| {
+                    validate::revision(v).map(|()| v.to_string())
+                })?
+                .ok_or_else(|| p.refuse(Some("revision"), "is required: the commit to resolve"))?;
+            Action::GitResolve { revision }
         }
         "git.log" => {
             config
@@ -401,6 +424,14 @@ impl<'a> StepCtx<'a> {
 
     /// Runs a process, its output flowing into this step's output.
     async fn run(&mut self, spec: &ProcessSpec) -> Result<ProcessOutcome, Failure> {
+        // A cancel between two processes of a step starts nothing more.
+        if self.cancel.is_cancelled() {
+            return Err(Failure {
+                status: StepStatus::Cancelled,
+                exit_code: -1,
+                error: format!("cancelled before `{}` started", spec.display()),
+            });
+        }
         self.say(&format!("$ {}", spec.display()));
         let outcome = exec::run(spec, self.sink, self.cancel)
             .await
@@ -469,9 +500,11 @@ pub async fn execute(action: &Action, mut ctx: StepCtx<'_>) -> StepResult {
         Action::Service(verb) => service::run(*verb, &mut ctx).await,
         Action::AlembicDowngrade(target) => alembic::downgrade(target, &mut ctx).await,
         Action::AlembicCurrent => alembic::current(&mut ctx).await.map(|_| ()),
+        Action::AlembicResolve { steps } => alembic::resolve(*steps, &mut ctx).await,
         Action::PostgresRestore { backup } => postgres::restore(backup, &mut ctx).await,
         Action::PostgresBackup => postgres::backup(&mut ctx).await,
         Action::GitCheckout { revision } => git::checkout(revision, &mut ctx).await,
+        Action::GitResolve { revision } => git::resolve_only(revision, &mut ctx).await,
         Action::GitLog { count } => git::log(*count, &mut ctx).await,
         Action::FileRestore { snapshot } => {
             let source = snapshot
@@ -513,4 +546,77 @@ pub fn timeout_for(step: &Step, config: &Config) -> Duration {
             .unwrap_or(t.default_secs)
     };
     Duration::from_secs(u64::from(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        toml::from_str(&format!(
+            "host_id = \"h1\"\ncoordinator = \"https://127.0.0.1:1\"\nstate_dir = \"/nonexistent\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n{extra}"
+        ))
+        .expect("config")
+    }
+
+    fn step(action: &str, params: &[(&str, &str)]) -> Step {
+        Step {
+            action: action.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_resolve_actions_are_validated_like_the_actions_they_pin() {
+        let full = config(
+            "[app]\ndir = \"/srv/app\"\n[alembic]\nbinary = \"/usr/bin/alembic\"\nworkdir = \"/srv/app\"\n",
+        );
+        assert_eq!(
+            validate(&step("alembic.resolve", &[]), &full),
+            Ok(Action::AlembicResolve { steps: 1 })
+        );
+        assert_eq!(
+            validate(&step("alembic.resolve", &[("steps", "20")]), &full),
+            Ok(Action::AlembicResolve { steps: 20 })
+        );
+        for bad in ["0", "21", "-1", "x"] {
+            let r =
+                validate(&step("alembic.resolve", &[("steps", bad)]), &full).expect_err("refused");
+            assert_eq!(r.param.as_deref(), Some("steps"), "{r}");
+        }
+        let r = validate(&step("alembic.resolve", &[("to_revision", "0001")]), &full)
+            .expect_err("refused");
+        assert!(r.to_string().contains("is not a parameter"), "{r}");
+
+        assert_eq!(
+            validate(&step("git.resolve", &[("revision", "v2")]), &full),
+            Ok(Action::GitResolve {
+                revision: "v2".into()
+            })
+        );
+        for bad in ["--upload-pack=x", "HEAD;id", "$(id)", ""] {
+            let r =
+                validate(&step("git.resolve", &[("revision", bad)]), &full).expect_err("refused");
+            assert!(
+                r.to_string()
+                    .starts_with("git.resolve: parameter `revision`"),
+                "{r}"
+            );
+        }
+        let r = validate(&step("git.resolve", &[]), &full).expect_err("refused");
+        assert!(r.to_string().contains("is required"), "{r}");
+
+        let bare = config("");
+        for action in ["alembic.resolve", "git.resolve"] {
+            let r = validate(&step(action, &[("revision", "v1")]), &bare).expect_err("refused");
+            assert!(r.to_string().contains("has no"), "{r}");
+        }
+        for action in ["alembic.resolve", "git.resolve"] {
+            assert!(ACTIONS.contains(&action));
+        }
+    }
 }

@@ -1,4 +1,8 @@
 //! `service.stop|start|restart|status`: `systemctl <verb> <unit>` for the unit in `[service]`.
+//! Stop, start and restart read the unit's active state first (fact `was`); stopping an
+//! inactive unit or starting an active one runs nothing and says so (fact `changed=false`).
+
+use rollback_common::proto::StepStatus;
 
 use super::{Failure, StepCtx};
 
@@ -49,10 +53,40 @@ fn explain(stderr: &str, unit: &str) -> Option<String> {
     None
 }
 
+/// Whether `verb` has nothing to do for a unit in active state `was`.
+fn already_done(verb: Verb, was: &str) -> bool {
+    match verb {
+        Verb::Stop => was == "inactive",
+        Verb::Start => was == "active",
+        Verb::Restart | Verb::Status => false,
+    }
+}
+
 pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let Some(svc) = ctx.config.service.clone() else {
         return Err(Failure::new(-1, "no [service] in agent.toml"));
     };
+    if verb != Verb::Status {
+        let was = active_state(&svc, ctx).await?;
+        ctx.fact("was", was.clone());
+        // `is-active` says `inactive` for a unit that does not exist: only skip the stop when
+        // systemd knows the unit (otherwise systemctl runs and explains).
+        let skip = already_done(verb, &was)
+            && (verb != Verb::Stop
+                || load_state(&svc, ctx)
+                    .await?
+                    .is_some_and(|s| s != "not-found"));
+        if skip {
+            ctx.say(&format!(
+                "{} is already {was}; nothing to {}",
+                svc.unit,
+                verb.as_str()
+            ));
+            ctx.fact("active_state", was);
+            ctx.fact("changed", "false");
+            return Ok(());
+        }
+    }
     let mut spec = ctx
         .spec(&svc.systemctl, std::path::Path::new("/"))
         .arg(verb.as_str());
@@ -73,7 +107,36 @@ pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure
     let active = active_state(&svc, ctx).await?;
     ctx.say(&format!("{} is {active}", svc.unit));
     ctx.fact("active_state", active);
+    if verb != Verb::Status {
+        ctx.fact("changed", "true");
+    }
     Ok(())
+}
+
+/// `systemctl show --property=LoadState --value UNIT` (`loaded`, `not-found`, `masked`, ...);
+/// `None` when systemctl gives no usable answer.
+async fn load_state(
+    svc: &crate::profile::ServiceProfile,
+    ctx: &mut StepCtx<'_>,
+) -> Result<Option<String>, Failure> {
+    let probe = ctx.spec(&svc.systemctl, std::path::Path::new("/")).args([
+        "show",
+        "--property=LoadState",
+        "--value",
+        "--",
+        &svc.unit,
+    ]);
+    match ctx.run(&probe).await {
+        Ok(outcome) if outcome.success() => Ok(outcome
+            .output_text()
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .map(String::from)),
+        Ok(_) => Ok(None),
+        Err(f) if f.status == StepStatus::Failed => Ok(None),
+        Err(f) => Err(f),
+    }
 }
 
 /// `systemctl is-active UNIT`: the unit's active state (`active`, `inactive`, `failed`, ...).
@@ -92,4 +155,20 @@ pub(super) async fn active_state(
         .unwrap_or_default()
         .trim()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Verb, already_done};
+
+    #[test]
+    fn only_stop_of_inactive_and_start_of_active_are_no_ops() {
+        assert!(already_done(Verb::Stop, "inactive"));
+        assert!(!already_done(Verb::Stop, "failed"));
+        assert!(!already_done(Verb::Stop, "active"));
+        assert!(already_done(Verb::Start, "active"));
+        assert!(!already_done(Verb::Start, "activating"));
+        assert!(!already_done(Verb::Restart, "active"));
+        assert!(!already_done(Verb::Restart, "inactive"));
+    }
 }
