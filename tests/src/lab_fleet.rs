@@ -134,6 +134,37 @@ impl<'a> LabFleet<'a> {
         Ok(())
     }
 
+    /// `kill -9` the coordinator (no shutdown at all: a crash at whatever instruction it was
+    /// at); returns once it is gone.
+    pub fn kill_coordinator(&mut self) -> Result<()> {
+        if let Some(mut child) = self.coordinator.take() {
+            child.kill().context("SIGKILL to the coordinator")?;
+            child.wait().context("reaping the coordinator")?;
+        }
+        Ok(())
+    }
+
+    /// `kill -9` the agent's main process on `host` (systemd then stops what is left of its
+    /// cgroup and restarts it, as it would after a crash).
+    pub fn kill_agent(&self, host: &str) -> Result<()> {
+        let pid = self.lab.run(
+            host,
+            &[
+                "systemctl",
+                "show",
+                "--property=MainPID",
+                "--value",
+                AGENT_UNIT,
+            ],
+        )?;
+        let pid = pid.trim();
+        if pid.is_empty() || pid == "0" {
+            bail!("{host}: {AGENT_UNIT} has no main process to kill");
+        }
+        self.lab.run(host, &["kill", "-KILL", pid])?;
+        Ok(())
+    }
+
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
     }
@@ -372,6 +403,58 @@ impl<'a> LabFleet<'a> {
         Ok(doc)
     }
 
+    /// `rollbackctl job show ID --output json`.
+    pub fn job(&self, id: &str) -> Result<serde_json::Value> {
+        let out = self.rollbackctl(&["job", "show", id, "--output", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "rollbackctl job show {id}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing rollbackctl job show output")
+    }
+
+    /// The newest job's whole record.
+    pub fn latest_job(&self) -> Result<serde_json::Value> {
+        let out = self.rollbackctl(&["jobs", "--output", "json", "--limit", "1"])?;
+        if !out.status.success() {
+            bail!("rollbackctl jobs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let jobs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        let id = jobs
+            .first()
+            .and_then(|j| j["job_id"].as_str())
+            .context("no job")?
+            .to_string();
+        self.job(&id)
+    }
+
+    /// `rollbackctl report ID` (Markdown).
+    pub fn report(&self, id: &str) -> Result<String> {
+        let out = self.rollbackctl(&["report", id])?;
+        if !out.status.success() {
+            bail!(
+                "rollbackctl report: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `rollbackctl rollback --yes --select role=web ARGS`: (succeeded, stdout + stderr).
+    pub fn rollback_web(&self, args: &[&str]) -> Result<(bool, String)> {
+        let mut all = vec!["rollback", "--yes", "--select", "role=web"];
+        all.extend(args);
+        let out = self.rollbackctl(&all)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+
     /// The agent's log on `host`.
     pub fn agent_log(&self, host: &str) -> String {
         self.lab
@@ -384,6 +467,47 @@ impl<'a> LabFleet<'a> {
     pub fn eventually<T>(&self, what: &str, f: impl FnMut() -> Result<T>) -> T {
         eventually(what, Duration::from_secs(60), f)
     }
+}
+
+/// Every app host back on the deployed release (v2), its unit active and `/readyz` 200, and
+/// the database at `schema`.
+pub fn assert_healthy(lab: &Lab, schema: &str) -> Result<()> {
+    let good = lab.release_commit("v2")?;
+    for host in lab.app_host_ids() {
+        anyhow::ensure!(
+            lab.unit_state(&host, "app")? == "active",
+            "{host}: app unit not active"
+        );
+        anyhow::ensure!(
+            lab.app_head(&host)? == good,
+            "{host}: git HEAD is not v2 ({good})"
+        );
+        let ready = lab.readyz(&host)?.status;
+        anyhow::ensure!(ready == 200, "{host}: /readyz {ready}");
+    }
+    let at = lab.schema_revision()?;
+    anyhow::ensure!(
+        at.as_deref() == Some(schema),
+        "alembic_version in the database is {at:?}, expected {schema}"
+    );
+    Ok(())
+}
+
+/// (host, outcome) of every host of a job record, in job order.
+pub fn outcomes(job: &serde_json::Value) -> Vec<(String, String)> {
+    job["hosts"]
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h["host_id"].as_str().unwrap_or_default().into(),
+                        h["outcome"].as_str().unwrap_or_default().into(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Drop for LabFleet<'_> {

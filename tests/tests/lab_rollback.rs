@@ -5,89 +5,29 @@
 //! and the record survives a coordinator restart.
 //! Without root this prints one skip line and passes (unless `ROLLBACK_LAB_REQUIRED=1`).
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use rollback_tests::lab::{self, APP_DIR, Lab, LabSpec};
-use rollback_tests::lab_fleet::LabFleet;
+use rollback_tests::lab_fleet::{LabFleet, outcomes};
 use serde_json::Value;
 
 fn rollback(fleet: &LabFleet, args: &[&str]) -> Result<(bool, String)> {
-    let mut all = vec!["rollback", "--yes", "--select", "role=web"];
-    all.extend(args);
-    let out = fleet.rollbackctl(&all)?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.success(), text))
+    fleet.rollback_web(args)
 }
 
 fn latest_job(fleet: &LabFleet) -> Result<Value> {
-    let out = fleet.rollbackctl(&["jobs", "--output", "json", "--limit", "1"])?;
-    ensure!(
-        out.status.success(),
-        "rollbackctl jobs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let jobs: Vec<Value> = serde_json::from_slice(&out.stdout)?;
-    let id = jobs
-        .first()
-        .and_then(|j| j["job_id"].as_str())
-        .context("no job")?
-        .to_string();
-    job(fleet, &id)
+    fleet.latest_job()
 }
 
 fn job(fleet: &LabFleet, id: &str) -> Result<Value> {
-    let out = fleet.rollbackctl(&["job", "show", id, "--output", "json"])?;
-    ensure!(
-        out.status.success(),
-        "rollbackctl job show: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    fleet.job(id)
 }
 
 fn report(fleet: &LabFleet, id: &str) -> Result<String> {
-    let out = fleet.rollbackctl(&["report", id])?;
-    ensure!(
-        out.status.success(),
-        "rollbackctl report: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    fleet.report(id)
 }
 
-fn outcomes(job: &Value) -> Vec<(String, String)> {
-    job["hosts"]
-        .as_array()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| {
-                    (
-                        h["host_id"].as_str().unwrap_or_default().into(),
-                        h["outcome"].as_str().unwrap_or_default().into(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Every app host back to the deployed release, schema, env and health.
 fn assert_healthy(lab: &Lab, schema: &str) -> Result<()> {
-    let good = lab.release_commit("v2")?;
-    for host in lab.app_host_ids() {
-        assert_eq!(lab.unit_state(&host, "app")?, "active", "{host} unit");
-        assert_eq!(lab.app_head(&host)?, good, "{host} git HEAD");
-        assert_eq!(lab.readyz(&host)?.status, 200, "{host} /readyz");
-    }
-    assert_eq!(
-        lab.schema_revision()?.as_deref(),
-        Some(schema),
-        "alembic_version in the database"
-    );
-    Ok(())
+    rollback_tests::lab_fleet::assert_healthy(lab, schema)
 }
 
 /// The report lists every host of the job and every step it ran.
