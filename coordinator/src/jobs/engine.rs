@@ -135,7 +135,7 @@ fn already_note(result: &RunFinished) -> String {
     notes.join("; ")
 }
 
-fn host_row(job_id: &str, host: &str, ord: usize, once_only: bool) -> JobHostRow {
+pub(super) fn host_row(job_id: &str, host: &str, ord: usize, once_only: bool) -> JobHostRow {
     JobHostRow {
         job_id: job_id.to_string(),
         host_id: host.to_string(),
@@ -412,45 +412,8 @@ impl Jobs {
         let plan = plan_from_proto(&plan_proto);
         let mut tracks: BTreeMap<String, JobHostRow> =
             hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect();
-        let mut inflight: HashMap<(String, String), RunRow> = HashMap::new();
-        // Runs are oldest first: the latest run of a (phase, host) decides.
-        let mut latest: HashMap<(String, String), RunRow> = HashMap::new();
-        for run in self.store.job_runs(job_id).await? {
-            latest.insert((run.phase.clone(), run.host_id.clone()), run);
-        }
-        for ((phase, host), run) in latest {
-            let Some(track) = tracks.get_mut(&host) else {
-                continue;
-            };
-            match run.result.as_deref().map(RunFinished::decode) {
-                None => {
-                    inflight.insert((phase, host), run);
-                }
-                Some(Ok(result)) if result.status == StepStatus::Succeeded as i32 => {
-                    // The result was stored but the crash came before the phase was.
-                    if !track.done_phases.contains(&phase) {
-                        track.done_phases.push(phase);
-                    }
-                }
-                Some(Ok(result)) => {
-                    if keep_failures
-                        && parse_outcome(track) == Outcome::Pending
-                        && !nothing_ran(&result)
-                        && let Err(f) = self.outcome_of(result)
-                    {
-                        apply_failure(track, &phase, &f);
-                    }
-                }
-                Some(Err(e)) => {
-                    warn!(job = %job_id, run = %run.run_id, error = %e, "stored run result is unreadable");
-                }
-            }
-        }
-        // Keep the plan's phase order in done_phases.
-        for t in tracks.values_mut() {
-            t.done_phases
-                .sort_by_key(|p| plan.phases.iter().position(|ph| &ph.name == p));
-        }
+        let runs = self.store.job_runs(job_id).await?;
+        let inflight = rebuild_progress(&plan, &mut tracks, runs, keep_failures);
         let reason = row.reason.clone();
         Ok((
             row,
@@ -1105,7 +1068,12 @@ impl Jobs {
             0,
             0,
         );
-        with_step(self.follow(job_id, phase, host, live, &procedure, rx).await)
+        with_step(
+            match self.follow(job_id, phase, host, live, &procedure, rx).await {
+                Ok(result) => self.end_of(result),
+                Err(end) => end,
+            },
+        )
     }
 
     /// Re-attaches a run stored without a result. `None` when it is certain nothing ran (the
@@ -1160,8 +1128,12 @@ impl Jobs {
         );
         // If the host is connected, ask again now; otherwise its reconnect re-sends it.
         let _ = dispatch::resend(&self.registry, host, &procedure).await;
-        let end = self.follow(job_id, phase, host, live, &procedure, rx).await;
-        Some(end)
+        match self.follow(job_id, phase, host, live, &procedure, rx).await {
+            // Never received before its deadline: it did not run, and never will.
+            Ok(result) if nothing_ran(&result) => None,
+            Ok(result) => Some(self.end_of(result)),
+            Err(end) => Some(end),
+        }
     }
 
     /// Follows a dispatched run to its end: step events become job events, a cancel is passed
@@ -1175,7 +1147,7 @@ impl Jobs {
         live: &LiveJob,
         procedure: &RunProcedure,
         mut rx: mpsc::Receiver<Result<ExecEvent, Status>>,
-    ) -> RunEnd {
+    ) -> Result<RunFinished, RunEnd> {
         let run_id = procedure.run_id.clone();
         let mut cancel_sent = false;
         let mut busy_since: Option<Instant> = None;
@@ -1187,12 +1159,12 @@ impl Jobs {
                             let since = *busy_since.get_or_insert_with(Instant::now);
                             if since.elapsed() > BUSY_WAIT {
                                 self.hub.resolved(&run_id);
-                                return RunEnd::Failed(HostFailure {
+                                return Err(RunEnd::Failed(HostFailure {
                                     outcome: Outcome::Failed,
                                     step: String::new(),
                                     exit_code: -1,
                                     detail: format!("agent {host} stayed busy with another run for {BUSY_WAIT:?}"),
-                                });
+                                }));
                             }
                             if since.elapsed() < Duration::from_millis(1500) {
                                 let why = result.steps.first().map(|s| s.error.clone()).unwrap_or_default();
@@ -1205,12 +1177,12 @@ impl Jobs {
                             self.hub.dispatched(&run_id, job_id);
                             tokio::select! {
                                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                () = self.shutdown.cancelled() => return RunEnd::Stopping,
+                                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
                             }
                             let _ = dispatch::resend(&self.registry, host, procedure).await;
                             continue;
                         }
-                        return self.end_of(result);
+                        return Ok(result);
                     }
                     Some(Ok(ExecEvent { kind: Some(exec_event::Kind::StepEvent(se)) })) => {
                         if let Some(step_event::Kind::Finished(f)) = se.kind {
@@ -1231,7 +1203,7 @@ impl Jobs {
                     cancel_sent = true;
                     self.send_cancel(host, &run_id, "job cancelled").await;
                 }
-                () = self.shutdown.cancelled() => return RunEnd::Stopping,
+                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
             }
         }
     }
@@ -1251,12 +1223,17 @@ impl Jobs {
     /// The host's session dropped mid-run: its result arrives (from its journal) when it
     /// reconnects; wait for it in the store until the unreachable deadline. Given up, the run
     /// is cancelled on the agent (and its deadline keeps it from ever starting late).
-    async fn await_result_after_drop(&self, host: &str, run_id: &str, live: &LiveJob) -> RunEnd {
+    async fn await_result_after_drop(
+        &self,
+        host: &str,
+        run_id: &str,
+        live: &LiveJob,
+    ) -> Result<RunFinished, RunEnd> {
         let started = Instant::now();
         while started.elapsed() < self.unreachable_after {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                () = self.shutdown.cancelled() => return RunEnd::Stopping,
+                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
                 () = live.cancel.cancelled() => {
                     self.send_cancel(host, run_id, "job cancelled").await;
                 }
@@ -1265,13 +1242,13 @@ impl Jobs {
                 && let Some(bytes) = row.result
                 && let Ok(result) = RunFinished::decode(bytes.as_slice())
             {
-                return self.end_of(result);
+                return Ok(result);
             }
         }
         self.hub.resolved(run_id);
         self.send_cancel(host, run_id, "given up as unreachable")
             .await;
-        RunEnd::Failed(HostFailure {
+        Err(RunEnd::Failed(HostFailure {
             outcome: Outcome::Unreachable,
             step: String::new(),
             exit_code: -1,
@@ -1279,45 +1256,97 @@ impl Jobs {
                 "agent {host} was lost during the run and did not report back within {:?}",
                 self.unreachable_after
             ),
-        })
+        }))
     }
 
     fn end_of(&self, result: RunFinished) -> RunEnd {
         let note = already_note(&result);
-        match self.outcome_of(result) {
+        match failure_of(result) {
             Ok(duration_ms) => RunEnd::Done { duration_ms, note },
             Err(f) => RunEnd::Failed(f),
         }
     }
+}
 
-    fn outcome_of(&self, result: RunFinished) -> Result<u64, HostFailure> {
-        let duration: u64 = result.steps.iter().map(|s| s.duration_ms).sum();
-        if result.status == StepStatus::Succeeded as i32 {
-            return Ok(duration);
-        }
-        let failed = result
-            .steps
-            .iter()
-            .find(|s| s.status != StepStatus::Succeeded as i32)
-            .cloned()
-            .unwrap_or_default();
-        let o = match StepStatus::try_from(failed.status) {
-            Ok(StepStatus::TimedOut) => Outcome::TimedOut,
-            Ok(StepStatus::Cancelled) => Outcome::Cancelled,
-            Ok(StepStatus::Interrupted) => Outcome::Interrupted,
-            _ => Outcome::Failed,
-        };
-        Err(HostFailure {
-            outcome: o,
-            step: failed.action.clone(),
-            exit_code: failed.exit_code,
-            detail: if failed.error.is_empty() {
-                step_status_name(failed.status).to_string()
-            } else {
-                failed.error
-            },
-        })
+/// What the store says about a job's progress, from its host rows and its runs (oldest
+/// first): the latest run of each (phase, host) decides. A succeeded run marks the phase done
+/// even if the crash came before the host row said so; a run without a result is in flight
+/// and is returned to be re-attached (never dispatched again); with `keep_failures`, a failed
+/// run fails a host whose row was not saved yet. Pure, so it is tested without a fleet.
+pub(super) fn rebuild_progress(
+    plan: &Plan,
+    tracks: &mut BTreeMap<String, JobHostRow>,
+    runs: Vec<RunRow>,
+    keep_failures: bool,
+) -> HashMap<(String, String), RunRow> {
+    let mut inflight = HashMap::new();
+    let mut latest: HashMap<(String, String), RunRow> = HashMap::new();
+    for run in runs {
+        latest.insert((run.phase.clone(), run.host_id.clone()), run);
     }
+    for ((phase, host), run) in latest {
+        let Some(track) = tracks.get_mut(&host) else {
+            continue;
+        };
+        match run.result.as_deref().map(RunFinished::decode) {
+            None => {
+                inflight.insert((phase, host), run);
+            }
+            Some(Ok(result)) if result.status == StepStatus::Succeeded as i32 => {
+                if !track.done_phases.contains(&phase) {
+                    track.done_phases.push(phase);
+                }
+            }
+            Some(Ok(result)) => {
+                if keep_failures
+                    && parse_outcome(track) == Outcome::Pending
+                    && !nothing_ran(&result)
+                    && let Err(f) = failure_of(result)
+                {
+                    apply_failure(track, &phase, &f);
+                }
+            }
+            Some(Err(e)) => {
+                warn!(run = %run.run_id, error = %e, "stored run result is unreadable");
+            }
+        }
+    }
+    // Keep the plan's phase order in done_phases.
+    for t in tracks.values_mut() {
+        t.done_phases
+            .sort_by_key(|p| plan.phases.iter().position(|ph| &ph.name == p));
+    }
+    inflight
+}
+
+/// A run's duration when it succeeded, else how the host failed.
+fn failure_of(result: RunFinished) -> Result<u64, HostFailure> {
+    let duration: u64 = result.steps.iter().map(|s| s.duration_ms).sum();
+    if result.status == StepStatus::Succeeded as i32 {
+        return Ok(duration);
+    }
+    let failed = result
+        .steps
+        .iter()
+        .find(|s| s.status != StepStatus::Succeeded as i32)
+        .cloned()
+        .unwrap_or_default();
+    let o = match StepStatus::try_from(failed.status) {
+        Ok(StepStatus::TimedOut) => Outcome::TimedOut,
+        Ok(StepStatus::Cancelled) => Outcome::Cancelled,
+        Ok(StepStatus::Interrupted) => Outcome::Interrupted,
+        _ => Outcome::Failed,
+    };
+    Err(HostFailure {
+        outcome: o,
+        step: failed.action.clone(),
+        exit_code: failed.exit_code,
+        detail: if failed.error.is_empty() {
+            step_status_name(failed.status).to_string()
+        } else {
+            failed.error
+        },
+    })
 }
 
 fn apply_failure(track: &mut JobHostRow, phase: &str, f: &HostFailure) {

@@ -11,6 +11,8 @@ pub use engine::leased_status;
 mod pins;
 mod planning;
 pub mod report;
+#[cfg(test)]
+mod resume_model;
 mod settle;
 mod snapshots;
 mod watch;

@@ -110,12 +110,7 @@ pub fn render(job: &Job) -> String {
         let _ = writeln!(md, "\n## Timeline\n");
         for line in &job.history {
             let (at, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-            let _ = writeln!(
-                md,
-                "- {} {}",
-                time(at.parse().unwrap_or(0)),
-                cell(rest)
-            );
+            let _ = writeln!(md, "- {} {}", time(at.parse().unwrap_or(0)), cell(rest));
         }
     }
 

@@ -546,7 +546,7 @@ impl Store for SqliteStore {
 
     async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE job_id = ?1 ORDER BY created_at_ms"
+            "SELECT {RUN_COLUMNS} FROM runs WHERE job_id = ?1 ORDER BY created_at_ms, rowid"
         ))
         .bind(job_id)
         .fetch_all(&self.pool)
