@@ -11,7 +11,9 @@ use rollback_common::proto::console_client::ConsoleClient;
 use rollback_common::proto::{
     AgentMessage, Hello, ListAgentsRequest, agent_message, service_methods,
 };
-use rollback_tests::support::{Agent, CertFiles, Coordinator, Pki, agents_json, eventually};
+use rollback_tests::support::{
+    Agent, CertFiles, Coordinator, Pki, agents_json, eventually, rollbackctl,
+};
 use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -404,5 +406,99 @@ fn coordinator_restart_brings_agents_back_and_shows_stopped_ones_disconnected() 
     assert!(
         !db["last_seen"].as_str().unwrap_or_default().is_empty(),
         "{db}"
+    );
+}
+
+#[test]
+fn offline_targets_are_shown_refused_unless_skipped_and_a_forgotten_host_is_gone() {
+    let f = fleet();
+    // Issued by fleet() (role admin).
+    let ada = CertFiles {
+        cert: f.pki.dir.join("operator/ada.pem"),
+        key: f.pki.dir.join("operator/ada.key"),
+    };
+    let ctl = |op: &CertFiles, args: &[&str]| {
+        let out = rollbackctl(&f.coordinator.url(), &f.pki.ca(), op, args).expect("rollbackctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let _web1 = f.agent("web-1", &[("role", "web")]);
+    let mut web2 = f.agent("web-2", &[("role", "web")]);
+    f.wait_status("web-1", "online");
+    f.wait_status("web-2", "online");
+    assert!(web2.proc.terminate(Duration::from_secs(10)).expect("stops"));
+    f.wait_status("web-2", "disconnected");
+
+    let args = [
+        "--procedure",
+        "configuration",
+        "--select",
+        "role=web",
+        "--reason",
+        "offline test",
+    ];
+    let (code, out, err) = ctl(&ada, &[&["plan"][..], &args].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("OFFLINE: web-2"),
+        "plan marks the offline host:\n{out}"
+    );
+
+    let (code, _, err) = ctl(&ada, &[&["rollback", "--yes"][..], &args].concat());
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("web-2 is offline")
+            && err.contains("--skip-offline")
+            && err.contains("agents forget"),
+        "refused, naming the host and the ways out: {err}"
+    );
+    let (_, jobs, _) = ctl(&ada, &["jobs", "--output", "json"]);
+    assert_eq!(jobs.trim(), "[]", "nothing was started");
+
+    // Leaving it out: the job targets web-1 alone (whatever its steps do on this bare host).
+    let (_, out, err) = ctl(
+        &ada,
+        &[
+            &["--output", "json", "rollback", "--yes", "--skip-offline"][..],
+            &args,
+        ]
+        .concat(),
+    );
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert_eq!(
+        job["plan"]["targets"],
+        serde_json::json!(["web-1"]),
+        "{job}"
+    );
+    assert_eq!(
+        job["plan"]["offline"],
+        serde_json::json!(["web-2"]),
+        "{job}"
+    );
+
+    // Forgetting: admin only, never a connected host; then it is gone.
+    let (code, _, err) = ctl(&ada, &["agents", "forget", "web-1"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("is connected"), "{err}");
+    let (code, _, err) = ctl(&f.viewer, &["agents", "forget", "web-2"]);
+    assert_eq!(code, Some(4), "a viewer is denied: {err}");
+    let (code, out, err) = ctl(&ada, &["agents", "forget", "web-2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("web-2 forgotten"), "{out}");
+    assert!(
+        f.agents(None).iter().all(|a| a["host_id"] != "web-2"),
+        "web-2 is no longer listed"
+    );
+    let (code, _, err) = ctl(&ada, &["agents", "forget", "web-2"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no agent web-2"), "{err}");
+    let (code, out, err) = ctl(&ada, &[&["plan"][..], &args].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !out.contains("web-2"),
+        "a forgotten host is no target:\n{out}"
     );
 }
