@@ -6,6 +6,7 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
+use rollback_common::jobs::{EventKind, JobState, Outcome};
 use rollback_common::proto::{
     CancelJobRequest, GetJobRequest, GetReportRequest, GetRunbookRequest, Job, JobEvent,
     ListJobsRequest, PlanResponse, RollbackRequest, WatchJobRequest, step_status_name,
@@ -251,22 +252,27 @@ fn clock(ms: i64) -> String {
 /// One line per event, as an operator wants to read it.
 pub fn render_event(ev: &JobEvent) -> String {
     let t = clock(ev.at_unix_ms);
-    match ev.kind.as_str() {
-        "job.started" => format!("{t} job started: {}", ev.message),
-        "job.resumed" => format!("{t} job resumed: {}", ev.message),
-        "host.waiting" => format!("{t}    … {}", ev.message),
-        "phase.started" => format!("{t} ── {}", ev.message),
-        "batch.started" => format!("{t}    {} {}", ev.phase, ev.message),
-        "host.dispatched" => format!("{t}    → {}", ev.message),
-        "step.finished" => format!("{t}      {}", ev.message),
-        "host.phase_done" => format!("{t}    ✓ {}{}", ev.message, bar(ev.done, ev.total)),
-        "host.finished" if ev.message.contains(" succeeded") => format!("{t}    ✓ {}", ev.message),
-        "host.finished" => format!("{t}    ✗ {}{}", ev.message, bar(ev.done, ev.total)),
-        "phase.finished" => format!("{t}    {}{}", ev.message, bar(ev.done, ev.total)),
-        "job.halted" => format!("{t} !! halted: {}", ev.message),
-        "job.cancelling" => format!("{t} !! {}", ev.message),
-        "job.finished" => format!("{t} job {}", ev.message),
-        _ => format!("{t} {}: {}", ev.kind, ev.message),
+    let Ok(kind) = ev.kind.parse::<EventKind>() else {
+        // An event kind from a newer coordinator: shown as it is.
+        return format!("{t} {}: {}", ev.kind, ev.message);
+    };
+    match kind {
+        EventKind::JobStarted => format!("{t} job started: {}", ev.message),
+        EventKind::JobResumed => format!("{t} job resumed: {}", ev.message),
+        EventKind::PhaseStarted => format!("{t} ── {}", ev.message),
+        EventKind::BatchStarted => format!("{t}    {} {}", ev.phase, ev.message),
+        EventKind::HostDispatched => format!("{t}    → {}", ev.message),
+        EventKind::HostWaiting => format!("{t}    … {}", ev.message),
+        EventKind::StepFinished => format!("{t}      {}", ev.message),
+        EventKind::HostPhaseDone => format!("{t}    ✓ {}{}", ev.message, bar(ev.done, ev.total)),
+        EventKind::HostFinished if ev.message.contains(&format!(" {}", Outcome::Succeeded)) => {
+            format!("{t}    ✓ {}", ev.message)
+        }
+        EventKind::HostFinished => format!("{t}    ✗ {}{}", ev.message, bar(ev.done, ev.total)),
+        EventKind::PhaseFinished => format!("{t}    {}{}", ev.message, bar(ev.done, ev.total)),
+        EventKind::JobHalted => format!("{t} !! halted: {}", ev.message),
+        EventKind::JobCancelling => format!("{t} !! {}", ev.message),
+        EventKind::JobFinished => format!("{t} job {}", ev.message),
     }
 }
 
@@ -432,13 +438,13 @@ async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
 
 /// Exit status for a finished job: success only when every targeted host succeeded.
 fn job_result(j: &Job) -> Result<()> {
-    if j.state == "succeeded" {
+    if j.state == JobState::Succeeded.as_str() {
         return Ok(());
     }
     let failed: Vec<String> = j
         .hosts
         .iter()
-        .filter(|h| h.outcome != "succeeded")
+        .filter(|h| h.outcome != Outcome::Succeeded.as_str())
         .map(|h| format!("{} {}", h.host_id, h.outcome))
         .collect();
     bail!(
@@ -565,7 +571,11 @@ pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()
             let rows: Vec<[String; 6]> = jobs
                 .iter()
                 .map(|j| {
-                    let ok = j.hosts.iter().filter(|h| h.outcome == "succeeded").count();
+                    let ok = j
+                        .hosts
+                        .iter()
+                        .filter(|h| h.outcome == Outcome::Succeeded.as_str())
+                        .count();
                     [
                         j.job_id.clone(),
                         j.procedure.clone(),
