@@ -590,14 +590,7 @@ mod tests {
     }
 
     fn step(action: &str, params: &[(&str, &str)]) -> Step {
-        Step {
-            action: action.into(),
-            params: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }
+        Step::new(action, params)
     }
 
     fn run_of(id: &str, steps: Vec<Step>, deadline_unix_ms: i64) -> RunProcedure {

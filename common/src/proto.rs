@@ -8,6 +8,20 @@ tonic::include_proto!("fleet.rollback.v1");
 pub const DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/rollback_descriptor.bin"));
 
+impl Step {
+    /// A step of `action` with `params` and the host's default timeout.
+    pub fn new(action: &str, params: &[(&str, &str)]) -> Self {
+        Self {
+            action: action.to_string(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            timeout_secs: 0,
+        }
+    }
+}
+
 /// Protobuf package of every service.
 pub const PACKAGE: &str = "fleet.rollback.v1";
 

@@ -234,15 +234,7 @@ async fn record_run_result(
     if finished.status == rollback_common::proto::StepStatus::Busy as i32 {
         // Not a result: the agent journaled nothing and the same run will be sent again.
         info!(run = %run_id, "agent busy with another run; the run is not recorded as finished");
-        hub.publish(
-            host,
-            &run_id,
-            &ExecEvent {
-                kind: Some(exec_event::Kind::Finished(finished)),
-            },
-        );
-        hub.close(&run_id);
-        return;
+        return hand_over(hub, host, &run_id, finished);
     }
     let now = now_unix_ms();
     let audit = AuditEvent {
@@ -284,14 +276,19 @@ async fn record_run_result(
             warn!(run = %run_id, error = %e, "store failed recording run result; not acknowledging")
         }
     }
+    hand_over(hub, host, &run_id, finished);
+}
+
+/// Gives a run's end to whoever waits for it, then drops its watchers.
+fn hand_over(hub: &RunHub, host: &str, run_id: &str, finished: RunFinished) {
     hub.publish(
         host,
-        &run_id,
+        run_id,
         &ExecEvent {
             kind: Some(exec_event::Kind::Finished(finished)),
         },
     );
-    hub.close(&run_id);
+    hub.close(run_id);
 }
 
 fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {

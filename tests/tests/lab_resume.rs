@@ -26,6 +26,28 @@ fn spawn(fleet: &LabFleet, args: &[&str]) -> Result<Child> {
         .context("starting rollbackctl")
 }
 
+/// Starts `rollbackctl rollback --yes --procedure configuration --select SELECT --reason
+/// REASON [EXTRA...]` in the background.
+fn spawn_configuration(
+    fleet: &LabFleet,
+    select: &str,
+    reason: &str,
+    extra: &[&str],
+) -> Result<Child> {
+    let mut args = vec![
+        "rollback",
+        "--yes",
+        "--select",
+        select,
+        "--procedure",
+        "configuration",
+        "--reason",
+        reason,
+    ];
+    args.extend(extra);
+    spawn(fleet, &args)
+}
+
 /// Waits for a background `rollbackctl`: (succeeded, stdout + stderr).
 fn finish(child: Child) -> Result<(bool, String)> {
     let out = child.wait_with_output()?;
@@ -324,32 +346,8 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
     // Acceptance 4: two rollbacks on the same hosts at the same moment: exactly one runs.
     lab.bad_config(&refs)?;
     let both = [
-        spawn(
-            &fleet,
-            &[
-                "rollback",
-                "--yes",
-                "--select",
-                "role=web",
-                "--procedure",
-                "configuration",
-                "--reason",
-                "operator A",
-            ],
-        )?,
-        spawn(
-            &fleet,
-            &[
-                "rollback",
-                "--yes",
-                "--select",
-                "role=web",
-                "--procedure",
-                "configuration",
-                "--reason",
-                "operator B",
-            ],
-        )?,
+        spawn_configuration(&fleet, "role=web", "operator A", &[])?,
+        spawn_configuration(&fleet, "role=web", "operator B", &[])?,
     ];
     let results: Vec<(bool, String)> = both.into_iter().map(finish).collect::<Result<_>>()?;
     let winners = results.iter().filter(|(ok, _)| *ok).count();
@@ -378,19 +376,7 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
     let broken = lab.read_file("app2", &format!("{APP_DIR}/.env"))?;
     let good_env = lab.read_file("app2", &format!("{APP_DIR}/.env.backup"))?;
     lab.write_file("app2", &format!("{APP_DIR}/.env.backup"), &broken, 0o600)?;
-    let first = spawn(
-        &fleet,
-        &[
-            "rollback",
-            "--yes",
-            "--select",
-            "host=app2",
-            "--procedure",
-            "configuration",
-            "--reason",
-            "holder",
-        ],
-    )?;
+    let first = spawn_configuration(&fleet, "host=app2", "holder", &[])?;
     let holder = running_job(&fleet, "holder");
     let out = fleet.rollbackctl(&["exec", "app2", "service.restart"])?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -398,20 +384,7 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
         !out.status.success() && err.contains(&format!("leased to job {holder}")),
         "a mutating exec on a leased host is refused, naming the holder: {err}"
     );
-    let waiter = spawn(
-        &fleet,
-        &[
-            "rollback",
-            "--yes",
-            "--wait",
-            "--select",
-            "role=web",
-            "--procedure",
-            "configuration",
-            "--reason",
-            "waiter",
-        ],
-    )?;
+    let waiter = spawn_configuration(&fleet, "role=web", "waiter", &["--wait"])?;
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         fleet.latest_job()?["job_id"].as_str(),
@@ -438,19 +411,7 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
     // Acceptance 5: an agent killed mid-step.
     lab.bad_config(&["app2"])?;
     lab.write_file("app2", &format!("{APP_DIR}/.env.backup"), &broken, 0o600)?;
-    let crash = spawn(
-        &fleet,
-        &[
-            "rollback",
-            "--yes",
-            "--select",
-            "host=app2",
-            "--procedure",
-            "configuration",
-            "--reason",
-            "agent crash",
-        ],
-    )?;
+    let crash = spawn_configuration(&fleet, "host=app2", "agent crash", &[])?;
     let id = running_job(&fleet, "agent crash");
     // file.restore has run; http.check is retrying when the agent dies.
     let ev = wait_for_event(&fleet, &id, "step.finished", "rollback")?;

@@ -146,6 +146,18 @@ fn backup_param(p: &mut Params<'_>, config: &Config) -> Result<PathBuf, Refusal>
         })
 }
 
+/// The required `revision` parameter of a git action (needs `[app]`).
+fn revision_param(p: &mut Params<'_>, config: &Config, what: &str) -> Result<String, Refusal> {
+    config
+        .app
+        .as_ref()
+        .ok_or_else(|| missing_section(p.action, "[app]"))?;
+    p.check("revision", |v| {
+        validate::revision(v).map(|()| v.to_string())
+    })?
+    .ok_or_else(|| p.refuse(Some("revision"), format!("is required: {what}")))
+}
+
 /// Checks a step against the allowlist and this host's profile. Spawns nothing.
 pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
     let name = step.action.as_str();
@@ -205,32 +217,12 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                 .ok_or_else(|| missing_section(name, "[postgres]"))?;
             Action::PostgresBackup
         }
-        "git.checkout" => {
-            config
-                .app
-                .as_ref()
-                .ok_or_else(|| missing_section(name, "[app]"))?;
-            let revision = p
-                .check("revision", |v| {
-                    validate::revision(v).map(|()| v.to_string())
-                })?
-                .ok_or_else(|| {
-                    p.refuse(Some("revision"), "is required: the commit to check out")
-                })?;
-            Action::GitCheckout { revision }
-        }
-        "git.resolve" => {
-            config
-                .app
-                .as_ref()
-                .ok_or_else(|| missing_section(name, "[app]"))?;
-            let revision = p
-                .check("revision", |v| {
-                    validate::revision(v).map(|()| v.to_string())
-                })?
-                .ok_or_else(|| p.refuse(Some("revision"), "is required: the commit to resolve"))?;
-            Action::GitResolve { revision }
-        }
+        "git.checkout" => Action::GitCheckout {
+            revision: revision_param(&mut p, config, "the commit to check out")?,
+        },
+        "git.resolve" => Action::GitResolve {
+            revision: revision_param(&mut p, config, "the commit to resolve")?,
+        },
         "git.log" => {
             config
                 .app
@@ -560,14 +552,7 @@ mod tests {
     }
 
     fn step(action: &str, params: &[(&str, &str)]) -> Step {
-        Step {
-            action: action.into(),
-            params: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }
+        Step::new(action, params)
     }
 
     #[test]

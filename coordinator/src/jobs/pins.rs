@@ -38,14 +38,6 @@ fn facts(host: &str, action: &str, r: &RunFinished) -> Result<HashMap<String, St
     Ok(step.facts.into_iter().collect())
 }
 
-fn step(action: &str, key: &str, value: &str) -> Step {
-    Step {
-        action: action.into(),
-        params: [(key.to_string(), value.to_string())].into_iter().collect(),
-        timeout_secs: 0,
-    }
-}
-
 /// Whether a previous job's pin may be reused: same parameter and request, and every host
 /// is at the pinned target or where that job started from.
 pub(super) fn reusable(
@@ -147,7 +139,7 @@ impl Jobs {
             return Ok(None);
         };
         let r = self
-            .preflight(host, step("alembic.resolve", "steps", n))
+            .preflight(host, Step::new("alembic.resolve", &[("steps", n)]))
             .await?;
         let f = facts(host, "alembic.resolve", &r)?;
         let current = f.get("current").cloned().unwrap_or_default();
@@ -211,7 +203,7 @@ impl Jobs {
         let answers = futures::future::join_all(
             hosts
                 .iter()
-                .map(|h| self.preflight(h, step("git.resolve", "revision", revision))),
+                .map(|h| self.preflight(h, Step::new("git.resolve", &[("revision", revision)]))),
         )
         .await;
         let mut heads: HashMap<String, String> = HashMap::new();

@@ -500,16 +500,7 @@ impl Jobs {
                 {
                     let backup = s.params.get("backup").cloned().unwrap_or_default();
                     let result = self
-                        .preflight(
-                            host,
-                            Step {
-                                action: "postgres.verify".into(),
-                                params: [("backup".to_string(), backup.clone())]
-                                    .into_iter()
-                                    .collect(),
-                                timeout_secs: 0,
-                            },
-                        )
+                        .preflight(host, Step::new("postgres.verify", &[("backup", &backup)]))
                         .await?;
                     if result.status != StepStatus::Succeeded as i32 {
                         let why = result
