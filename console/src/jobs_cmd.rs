@@ -330,15 +330,21 @@ async fn follow(
                     let _ = std::io::stdout().flush();
                 }
                 Ok(None) => break true,
+                // A refusal is final; anything else is the connection going away (the
+                // coordinator restarting): reconnect.
                 Err(s)
                     if matches!(
                         s.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                        tonic::Code::NotFound
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::FailedPrecondition
                     ) =>
                 {
-                    break false;
+                    return Err(status_error(&format!("watching job {job_id}"), s));
                 }
-                Err(s) => return Err(status_error(&format!("watching job {job_id}"), s)),
+                Err(_) => break false,
             }
         };
         if ended {

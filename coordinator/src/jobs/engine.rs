@@ -1058,16 +1058,7 @@ impl Jobs {
                 detail: e.to_string(),
             }));
         }
-        self.emit(
-            live,
-            job_id,
-            EventKind::HostDispatched,
-            host,
-            &phase.name,
-            &format!("{host}: {}", host_steps_text(phase, host)),
-            0,
-            0,
-        );
+        self.emit_dispatched(live, job_id, phase, host, &host_steps_text(phase, host));
         with_step(
             match self.follow(job_id, phase, host, live, &procedure, rx).await {
                 Ok(result) => self.end_of(result),
@@ -1112,19 +1103,16 @@ impl Jobs {
             }
             return Some(self.end_of(result));
         }
-        self.emit(
+        self.emit_dispatched(
             live,
             job_id,
-            EventKind::HostDispatched,
+            phase,
             host,
-            &phase.name,
             &format!(
-                "{host}: re-attached run {} ({}) dispatched before the restart; the agent's journal returns its result or runs it once",
+                "re-attached run {} ({}) dispatched before the restart; the agent's journal returns its result or runs it once",
                 row.run_id,
                 host_steps_text(phase, host)
             ),
-            0,
-            0,
         );
         // If the host is connected, ask again now; otherwise its reconnect re-sends it.
         let _ = dispatch::resend(&self.registry, host, &procedure).await;
@@ -1206,6 +1194,26 @@ impl Jobs {
                 () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
             }
         }
+    }
+
+    fn emit_dispatched(
+        &self,
+        live: &LiveJob,
+        job_id: &str,
+        phase: &PlannedPhase,
+        host: &str,
+        what: &str,
+    ) {
+        self.emit(
+            live,
+            job_id,
+            EventKind::HostDispatched,
+            host,
+            &phase.name,
+            &format!("{host}: {what}"),
+            0,
+            0,
+        );
     }
 
     async fn send_cancel(&self, host: &str, run_id: &str, reason: &str) {
