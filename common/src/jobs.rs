@@ -107,6 +107,39 @@ named_enum!(
     }
 );
 
+/// Keys of the facts a step reports (`StepFinished.facts`) that the coordinator reads: one
+/// list for the agent that writes them and the coordinator that reads them.
+pub mod fact {
+    /// "true" when the step changed the host, "false" when it found the end state in place.
+    pub const CHANGED: &str = "changed";
+    /// An alembic revision: where the database is after the step.
+    pub const REVISION: &str = "revision";
+    pub const FROM_REVISION: &str = "from_revision";
+    /// A full commit sha: what HEAD is after the step (or what a revision resolves to).
+    pub const SHA: &str = "sha";
+    pub const FROM_SHA: &str = "from_sha";
+    pub const SUBJECT: &str = "subject";
+    /// `alembic.resolve`: the revision now and the one N steps down.
+    pub const CURRENT: &str = "current";
+    pub const TARGET: &str = "target";
+    /// `git.resolve`: HEAD's full sha.
+    pub const HEAD: &str = "head";
+    /// The unit's active state before the step.
+    pub const WAS: &str = "was";
+    pub const ACTIVE_STATE: &str = "active_state";
+    /// `http.check`: the endpoint and the last status seen.
+    pub const ENDPOINT: &str = "endpoint";
+    pub const STATUS: &str = "status";
+    /// `postgres.backup` / `postgres.restore`: the backup's file name.
+    pub const BACKUP: &str = "backup";
+    /// `snapshot.take` / `state.read`: the recorded state.
+    pub const GIT_SHA: &str = "git_sha";
+    pub const GIT_SUBJECT: &str = "git_subject";
+    pub const ALEMBIC_REVISION: &str = "alembic_revision";
+    pub const ENV_SHA256: &str = "env_sha256";
+    pub const UNIT_STATE: &str = "unit_state";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

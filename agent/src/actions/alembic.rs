@@ -4,6 +4,7 @@
 //! runs nothing; `alembic.resolve` is read-only (it walks `alembic history` down from the
 //! current revision, so a coordinator can pin an exact target at plan time).
 
+use rollback_common::jobs::fact;
 use std::collections::{HashMap, HashSet};
 
 use super::{Failure, StepCtx};
@@ -108,7 +109,7 @@ async fn read_current(ctx: &mut StepCtx<'_>) -> Result<String, Failure> {
 /// Runs `alembic current`, records it as fact `revision` and returns it ("" at base).
 pub(super) async fn current(ctx: &mut StepCtx<'_>) -> Result<String, Failure> {
     let revision = read_current(ctx).await?;
-    ctx.fact("revision", revision.clone());
+    ctx.fact(fact::REVISION, revision.clone());
     Ok(revision)
 }
 
@@ -280,7 +281,7 @@ impl History {
 /// `alembic.resolve {steps}`: read-only; which revision `steps` downgrades would reach.
 pub(super) async fn resolve(steps: u32, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let current = read_current(ctx).await?;
-    ctx.fact("current", current.clone());
+    ctx.fact(fact::CURRENT, current.clone());
     let history = read_history(ctx).await?;
     let (target, path) = history
         .walk_down(&current, steps)
@@ -290,7 +291,7 @@ pub(super) async fn resolve(steps: u32, ctx: &mut StepCtx<'_>) -> Result<(), Fai
         "{steps} step(s) below {} is {target} ({path}); nothing was changed",
         shown(&current)
     ));
-    ctx.fact("target", target);
+    ctx.fact(fact::TARGET, target);
     ctx.fact("path", path);
     Ok(())
 }
@@ -349,7 +350,7 @@ async fn check_target(current: &str, rev: &str, ctx: &mut StepCtx<'_>) -> Result
 
 pub(super) async fn downgrade(target: &Target, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let before = read_current(ctx).await?;
-    ctx.fact("from_revision", before.clone());
+    ctx.fact(fact::FROM_REVISION, before.clone());
     let arg = match target {
         Target::Steps(n) => format!("-{n}"),
         Target::Revision(rev) => {
@@ -358,8 +359,8 @@ pub(super) async fn downgrade(target: &Target, ctx: &mut StepCtx<'_>) -> Result<
                 || check_target(&before, rev, ctx).await?;
             if already {
                 ctx.say(&format!("already at {rev}; nothing to downgrade"));
-                ctx.fact("revision", before);
-                ctx.fact("changed", "false");
+                ctx.fact(fact::REVISION, before);
+                ctx.fact(fact::CHANGED, "false");
                 return Ok(());
             }
             rev.clone()
@@ -380,8 +381,8 @@ pub(super) async fn downgrade(target: &Target, ctx: &mut StepCtx<'_>) -> Result<
         shown(&before),
         shown(&after)
     ));
-    ctx.fact("revision", after);
-    ctx.fact("changed", "true");
+    ctx.fact(fact::REVISION, after);
+    ctx.fact(fact::CHANGED, "true");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! file beside it, fsync, rename over, fsync the directory). An env file that is already a
 //! regular file identical to its source is left alone (fact `changed=false`).
 
+use rollback_common::jobs::fact;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -81,8 +82,8 @@ pub(super) async fn restore_env(
             target.display(),
             source.display()
         ));
-        ctx.fact("env_sha256", sha);
-        ctx.fact("changed", "false");
+        ctx.fact(fact::ENV_SHA256, sha);
+        ctx.fact(fact::CHANGED, "false");
         return Ok(());
     }
     let mode = std::fs::metadata(&source)
@@ -116,7 +117,7 @@ pub(super) async fn restore_env(
             source.display()
         )),
     }
-    ctx.fact("env_sha256", sha);
-    ctx.fact("changed", "true");
+    ctx.fact(fact::ENV_SHA256, sha);
+    ctx.fact(fact::CHANGED, "true");
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! and checked out by its full sha; a checkout of the commit HEAD already is runs nothing.
 //! `git.resolve` is read-only: it pins a revision to its full sha at plan time.
 
+use rollback_common::jobs::fact;
 use rollback_common::proto::StepStatus;
 
 use super::{Failure, StepCtx};
@@ -135,9 +136,9 @@ pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<()
         && from == sha
     {
         ctx.say(&format!("already at {sha}; nothing to check out"));
-        ctx.fact("sha", sha);
-        ctx.fact("subject", subject);
-        ctx.fact("changed", "false");
+        ctx.fact(fact::SHA, sha);
+        ctx.fact(fact::SUBJECT, subject);
+        ctx.fact(fact::CHANGED, "false");
         return Ok(());
     }
     let (spec, dir) = git(ctx)?;
@@ -160,9 +161,9 @@ pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<()
         ));
     }
     ctx.say(&format!("HEAD is now {sha} {subject}"));
-    ctx.fact("sha", sha);
-    ctx.fact("subject", subject);
-    ctx.fact("changed", "true");
+    ctx.fact(fact::SHA, sha);
+    ctx.fact(fact::SUBJECT, subject);
+    ctx.fact(fact::CHANGED, "true");
     Ok(())
 }
 
@@ -173,8 +174,8 @@ pub(super) async fn resolve_only(revision: &str, ctx: &mut StepCtx<'_>) -> Resul
     ctx.say(&format!(
         "{revision} is commit {sha}; HEAD is {head_sha} {head_subject}; nothing was changed"
     ));
-    ctx.fact("sha", sha);
-    ctx.fact("head", head_sha);
+    ctx.fact(fact::SHA, sha);
+    ctx.fact(fact::HEAD, head_sha);
     ctx.fact("head_subject", head_subject);
     Ok(())
 }
@@ -193,8 +194,8 @@ pub(super) async fn log(count: u32, ctx: &mut StepCtx<'_>) -> Result<(), Failure
         return Err(Failure::exited(&outcome, "git log", explained));
     }
     let (sha, subject) = head(ctx).await?;
-    ctx.fact("sha", sha);
-    ctx.fact("subject", subject);
+    ctx.fact(fact::SHA, sha);
+    ctx.fact(fact::SUBJECT, subject);
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! A small HTTP/1.1 client: the agent talks to exactly one configured base URL. Retrying stops
 //! at the step's timeout (`TimedOut`) and at once on cancel (`Cancelled`), also mid-request.
 
+use rollback_common::jobs::fact;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -104,7 +105,7 @@ pub(super) async fn run(check: &Check, ctx: &mut StepCtx<'_>) -> Result<(), Fail
     let (host, port) = valid_health_base(&base)
         .map_err(|e| Failure::new(-1, format!("app.health_base_url: {e}")))?;
     let url = format!("{}{}", base.trim_end_matches('/'), check.endpoint);
-    ctx.fact("endpoint", check.endpoint.clone());
+    ctx.fact(fact::ENDPOINT, check.endpoint.clone());
     let deadline = tokio::time::Instant::now() + ctx.timeout;
     let cancel = ctx.cancel.clone();
     let timeout = ctx.timeout;
@@ -156,16 +157,16 @@ pub(super) async fn run(check: &Check, ctx: &mut StepCtx<'_>) -> Result<(), Fail
                     "GET {url} -> {status} {body} (attempt {})",
                     attempt + 1
                 ));
-                ctx.fact("status", status.to_string());
+                ctx.fact(fact::STATUS, status.to_string());
                 return Ok(());
             }
             Ok((status, body)) => {
                 last = format!("status {status} {body}").trim().to_string();
-                ctx.fact("status", status.to_string());
+                ctx.fact(fact::STATUS, status.to_string());
             }
             Err(e) => {
                 last = e;
-                ctx.fact("status", "none");
+                ctx.fact(fact::STATUS, "none");
             }
         }
         ctx.say(&format!(

@@ -1,6 +1,7 @@
 //! `postgres.restore {backup}` (`pg_restore -c --if-exists`, after `pg_restore --list` proves
 //! the archive readable) and `postgres.backup` (`pg_dump -Fc` into the backup dir, verified).
 
+use rollback_common::jobs::fact;
 use std::path::Path;
 
 use super::{Failure, StepCtx};
@@ -80,8 +81,39 @@ pub(super) async fn verify(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), F
     Ok(())
 }
 
+/// The sha256 of a file, read in chunks (a dump can be large).
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Restores `backup` over the database. Safe to run twice: `--clean --if-exists` drops what
+/// the archive holds before recreating it, so a repeat ends in the same database. Says which
+/// archive (by sha256) it restored.
 pub(super) async fn restore(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     verify(backup, ctx).await?;
+    let sha = file_sha256(backup)
+        .map_err(|e| Failure::new(-1, format!("reading {}: {e}", backup.display())))?;
+    ctx.say(&format!(
+        "archive {} has sha256 {sha}; --clean --if-exists replaces what it holds, so a repeat restore ends in the same database",
+        backup.display()
+    ));
+    ctx.fact("backup_sha256", sha);
     let (spec, p) = pg(ctx, |p| &p.pg_restore)?;
     let spec = spec
         .args(["--clean", "--if-exists", "--no-owner", "--exit-on-error"])
@@ -103,6 +135,7 @@ pub(super) async fn restore(backup: &Path, ctx: &mut StepCtx<'_>) -> Result<(), 
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
+    ctx.fact(fact::CHANGED, "true");
     ctx.say(&format!(
         "restored {} into database {} on {}:{}",
         backup.display(),
@@ -154,7 +187,7 @@ pub(super) async fn backup(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     std::fs::rename(&partial, &path)
         .map_err(|e| Failure::new(-1, format!("moving {} into place: {e}", partial.display())))?;
     verify(&path, ctx).await?;
-    ctx.fact("backup", name.clone());
+    ctx.fact(fact::BACKUP, name.clone());
     ctx.say(&format!("backup written: {}", path.display()));
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! Stop, start and restart read the unit's active state first (fact `was`); stopping an
 //! inactive unit or starting an active one runs nothing and says so (fact `changed=false`).
 
+use rollback_common::jobs::fact;
 use rollback_common::proto::StepStatus;
 
 use super::{Failure, StepCtx};
@@ -68,7 +69,7 @@ pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure
     };
     if verb != Verb::Status {
         let was = active_state(&svc, ctx).await?;
-        ctx.fact("was", was.clone());
+        ctx.fact(fact::WAS, was.clone());
         // `is-active` says `inactive` for a unit that does not exist: only skip the stop when
         // systemd knows the unit (otherwise systemctl runs and explains).
         let skip = already_done(verb, &was)
@@ -82,8 +83,8 @@ pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure
                 svc.unit,
                 verb.as_str()
             ));
-            ctx.fact("active_state", was);
-            ctx.fact("changed", "false");
+            ctx.fact(fact::ACTIVE_STATE, was);
+            ctx.fact(fact::CHANGED, "false");
             return Ok(());
         }
     }
@@ -106,9 +107,9 @@ pub(super) async fn run(verb: Verb, ctx: &mut StepCtx<'_>) -> Result<(), Failure
     }
     let active = active_state(&svc, ctx).await?;
     ctx.say(&format!("{} is {active}", svc.unit));
-    ctx.fact("active_state", active);
+    ctx.fact(fact::ACTIVE_STATE, active);
     if verb != Verb::Status {
-        ctx.fact("changed", "true");
+        ctx.fact(fact::CHANGED, "true");
     }
     Ok(())
 }

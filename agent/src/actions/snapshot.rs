@@ -2,6 +2,7 @@
 //! /readyz). `snapshot.take {id, label}`: records that state as last known good in
 //! `<state_dir>/snapshots/<id>/` with a copy of the env file, which also becomes the env backup.
 
+use rollback_common::jobs::fact;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -87,11 +88,11 @@ pub(super) async fn read_state(ctx: &mut StepCtx<'_>) -> HostSnapshot {
         ctx.fact("readyz_status", status);
     }
     for (k, v) in [
-        ("git_sha", snap.git_sha.clone()),
-        ("git_subject", snap.git_subject.clone()),
-        ("alembic_revision", snap.alembic_revision.clone()),
-        ("env_sha256", snap.env_sha256.clone()),
-        ("unit_state", snap.unit_state.clone()),
+        (fact::GIT_SHA, snap.git_sha.clone()),
+        (fact::GIT_SUBJECT, snap.git_subject.clone()),
+        (fact::ALEMBIC_REVISION, snap.alembic_revision.clone()),
+        (fact::ENV_SHA256, snap.env_sha256.clone()),
+        (fact::UNIT_STATE, snap.unit_state.clone()),
     ] {
         ctx.fact(k, v);
     }

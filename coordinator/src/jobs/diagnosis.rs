@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use rollback_common::jobs::fact;
 use rollback_common::proto::{Change, HostDiagnosis};
 
 use crate::store::SnapshotRow;
@@ -33,11 +34,11 @@ pub fn diagnose_host(
     snapshot: Option<&SnapshotRow>,
     facts: &HashMap<String, String>,
 ) -> HostDiagnosis {
-    let fact = |k: &str| facts.get(k).cloned().unwrap_or_default();
+    let get = |k: &str| facts.get(k).cloned().unwrap_or_default();
     let mut d = HostDiagnosis {
         host_id: host.to_string(),
-        readyz_status: fact("readyz_status"),
-        readyz_body: fact("readyz_body"),
+        readyz_status: get("readyz_status"),
+        readyz_body: get("readyz_body"),
         ..Default::default()
     };
     let Some(snap) = snapshot else {
@@ -55,10 +56,10 @@ pub fn diagnose_host(
         });
     };
     let (rev_now, sha_now, env_now, unit_now) = (
-        fact("alembic_revision"),
-        fact("git_sha"),
-        fact("env_sha256"),
-        fact("unit_state"),
+        get(fact::ALEMBIC_REVISION),
+        get(fact::GIT_SHA),
+        get(fact::ENV_SHA256),
+        get(fact::UNIT_STATE),
     );
     if !snap.alembic_revision.is_empty()
         && facts.contains_key("alembic_revision")

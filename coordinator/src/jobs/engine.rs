@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use rollback_common::jobs::{EventKind, JobState, Outcome};
+use rollback_common::jobs::{EventKind, JobState, Outcome, fact};
 use rollback_common::now_unix_ms;
 use rollback_common::proto::{
     Cancel, CoordinatorMessage, ExecEvent, JobEvent, PlanResponse, ResumeJobResponse,
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::batch::{PhaseWork, phase_work};
 use super::settle::{HostSoFar, Stop, settle};
 use super::{Jobs, LiveJob, outcome};
 use crate::authz::Principal;
@@ -117,12 +118,12 @@ fn already_note(result: &RunFinished) -> String {
     let notes: Vec<String> = result
         .steps
         .iter()
-        .filter(|s| s.facts.get("changed").is_some_and(|c| c == "false"))
+        .filter(|s| s.facts.get(fact::CHANGED).is_some_and(|c| c == "false"))
         .map(|s| {
             let at = s
                 .facts
-                .get("revision")
-                .or_else(|| s.facts.get("sha"))
+                .get(fact::REVISION)
+                .or_else(|| s.facts.get(fact::SHA))
                 .cloned()
                 .unwrap_or_default();
             if at.is_empty() {
@@ -677,30 +678,18 @@ impl Jobs {
         let canary_batches = plan.phases.first().is_some_and(|p| p.batches.len() > 1);
 
         'phases: for phase in &plan.phases {
-            let phase_hosts: Vec<&String> = phase.batches.iter().flatten().collect();
-            let total = u32::try_from(phase_hosts.len()).unwrap_or(u32::MAX);
-            let todo = |tracks: &BTreeMap<String, JobHostRow>, h: &String| {
-                tracks.get(h).is_some_and(|t| {
-                    parse_outcome(t) == Outcome::Pending && !t.done_phases.contains(&phase.name)
-                })
+            let (batches, mut done, total) = match phase_work(phase, canary_batches, &d.tracks) {
+                PhaseWork::Nothing => continue,
+                PhaseWork::Blocked(reason) => {
+                    halt = Some(reason);
+                    break 'phases;
+                }
+                PhaseWork::Run {
+                    batches,
+                    done,
+                    total,
+                } => (batches, done, total),
             };
-            if phase.scope == Scope::Once
-                && let Some(h) = phase_hosts.first()
-                && let Some(t) = d.tracks.get(*h)
-                && !t.done_phases.contains(&phase.name)
-                && parse_outcome(t) != Outcome::Pending
-            {
-                halt = Some(format!(
-                    "phase `{}` must run on {h}, which already failed",
-                    phase.name
-                ));
-                break 'phases;
-            }
-            let remaining = phase_hosts.iter().filter(|h| todo(&d.tracks, h)).count();
-            if remaining == 0 {
-                continue;
-            }
-            let mut done = total - u32::try_from(remaining).unwrap_or(total);
             self.emit(
                 live,
                 &job_id,
@@ -711,24 +700,10 @@ impl Jobs {
                 done,
                 total,
             );
-            let batches = phase.batches.len();
-            for (bi, batch) in phase.batches.iter().enumerate() {
+            for (label, runnable) in batches {
                 if live.cancel.is_cancelled() {
                     break 'phases;
                 }
-                let runnable: Vec<String> = batch
-                    .iter()
-                    .filter(|h| todo(&d.tracks, h))
-                    .cloned()
-                    .collect();
-                if runnable.is_empty() {
-                    continue;
-                }
-                let label = match (phase.scope, bi) {
-                    (Scope::Once, _) => "once".to_string(),
-                    (Scope::Each, 0) if canary_batches => format!("batch 1/{batches} (canary)"),
-                    _ => format!("batch {}/{batches}", bi + 1),
-                };
                 self.emit(
                     live,
                     &job_id,

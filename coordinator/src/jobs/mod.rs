@@ -5,6 +5,7 @@
 //! stored before it is broadcast, so any number of watchers can replay and follow a job, and
 //! a slow watcher never slows the rollback.
 
+mod batch;
 mod diagnosis;
 mod engine;
 pub use engine::leased_status;

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use prost::Message;
+use rollback_common::jobs::fact;
 use rollback_common::proto::{Pin, PlanResponse, RollbackRequest, RunFinished, Step, StepStatus};
 use rollback_common::runbook::Plan;
 use tonic::Status;
@@ -142,8 +143,8 @@ impl Jobs {
             .preflight(host, Step::new("alembic.resolve", &[("steps", n)]))
             .await?;
         let f = facts(host, "alembic.resolve", &r)?;
-        let current = f.get("current").cloned().unwrap_or_default();
-        let target = f.get("target").cloned().unwrap_or_default();
+        let current = f.get(fact::CURRENT).cloned().unwrap_or_default();
+        let target = f.get(fact::TARGET).cloned().unwrap_or_default();
         if target.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "cannot pin the target: alembic.resolve on {host} named no target revision"
@@ -210,13 +211,13 @@ impl Jobs {
         let mut shas: Vec<(String, String)> = Vec::new();
         for (host, answer) in hosts.iter().zip(answers) {
             let f = facts(host, "git.resolve", &answer?)?;
-            let sha = f.get("sha").cloned().unwrap_or_default();
+            let sha = f.get(fact::SHA).cloned().unwrap_or_default();
             if !is_full_sha(&sha) {
                 return Err(Status::failed_precondition(format!(
                     "cannot pin the target: git.resolve on {host} answered `{sha}`, not a commit sha"
                 )));
             }
-            heads.insert(host.clone(), f.get("head").cloned().unwrap_or_default());
+            heads.insert(host.clone(), f.get(fact::HEAD).cloned().unwrap_or_default());
             shas.push((host.clone(), sha));
         }
         let requested = revision.to_string();

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use rollback_common::jobs::fact;
 use rollback_common::proto::{Job, JobHost, StepStatus, step_status_name};
 
 use super::outcome;
@@ -40,8 +41,8 @@ fn health(host: &JobHost) -> Vec<(String, String, bool)> {
         .filter(|s| s.action == "http.check")
         .map(|s| {
             (
-                s.facts.get("endpoint").cloned().unwrap_or_default(),
-                s.facts.get("status").cloned().unwrap_or_default(),
+                s.facts.get(fact::ENDPOINT).cloned().unwrap_or_default(),
+                s.facts.get(fact::STATUS).cloned().unwrap_or_default(),
                 s.status == StepStatus::Succeeded as i32,
             )
         })

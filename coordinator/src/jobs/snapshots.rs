@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use rollback_common::jobs::fact;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::{
     DiagnoseRequest, DiagnoseResponse, ExecEvent, HostSnapshotInfo, ListSnapshotsResponse,
@@ -198,14 +199,14 @@ impl Jobs {
                 job_id: job_id.clone(),
                 label: label.clone(),
                 taken_at_ms: now_unix_ms(),
-                git_sha: get("git_sha"),
-                git_subject: get("git_subject"),
-                alembic_revision: get("alembic_revision"),
-                env_sha256: get("env_sha256"),
-                unit_state: get("unit_state"),
+                git_sha: get(fact::GIT_SHA),
+                git_subject: get(fact::GIT_SUBJECT),
+                alembic_revision: get(fact::ALEMBIC_REVISION),
+                env_sha256: get(fact::ENV_SHA256),
+                unit_state: get(fact::UNIT_STATE),
                 db_backup: backups
                     .get(host)
-                    .and_then(|b| b.get("backup").cloned())
+                    .and_then(|b| b.get(fact::BACKUP).cloned())
                     .unwrap_or_default(),
             };
             self.store.insert_snapshot(&row).await?;
