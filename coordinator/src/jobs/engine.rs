@@ -440,7 +440,31 @@ impl Jobs {
     /// At start-up: every job a previous process left running is resumed from the store.
     pub async fn resume_after_restart(self: &Arc<Self>) -> Result<(), Status> {
         for job_id in self.store.running_jobs().await? {
-            let (_, drive) = self.load_drive(&job_id, true).await?;
+            let drive = match self.load_drive(&job_id, true).await {
+                Ok((_, drive)) => drive,
+                Err(e) => {
+                    // One unreadable job must not keep the coordinator (and every other
+                    // job) down: it ends `interrupted`, saying why, and can be looked at.
+                    warn!(job = %job_id, error = %e.message(), "cannot resume job; marking it interrupted");
+                    let why = format!(
+                        "could not be resumed after a coordinator restart: {}",
+                        e.message()
+                    );
+                    if let Err(e) = self
+                        .store
+                        .update_job_state(
+                            &job_id,
+                            JobState::Interrupted.as_str(),
+                            Some(now_unix_ms()),
+                            &why,
+                        )
+                        .await
+                    {
+                        warn!(job = %job_id, error = %e, "store failed recording the interruption");
+                    }
+                    continue;
+                }
+            };
             let live = self.new_live(&job_id, self.next_seq(&job_id).await?);
             let done: Vec<String> = drive
                 .plan
