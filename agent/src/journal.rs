@@ -118,11 +118,7 @@ pub enum JournalError {
 
 /// Run ids become file names: letters, digits, `-` and `_`, 1–64 characters.
 pub fn valid_run_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    rollback_common::valid_id(id)
 }
 
 #[derive(Debug)]

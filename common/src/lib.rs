@@ -19,6 +19,16 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// An id a client or agent chose (run id, request id): 1-64 of `[A-Za-z0-9_-]`, so it is safe
+/// as a file name and in logs.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
 /// The version every binary reports (agent in Hello, coordinator in Ack).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

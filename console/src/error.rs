@@ -64,6 +64,24 @@ impl fmt::Display for StatusError {
 impl std::error::Error for StatusError {}
 
 /// The exit code for an error: denied, unreachable, or failed.
+/// The call failed because the connection went away mid-call (not a refusal): `Some(true)`
+/// when it got as far as the coordinator, `Some(false)` when it could not connect at all.
+pub fn connection_broke(err: &anyhow::Error) -> Option<bool> {
+    for cause in err.chain() {
+        if let Some(s) = cause.downcast_ref::<StatusError>() {
+            return matches!(
+                s.status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            )
+            .then_some(true);
+        }
+        if cause.downcast_ref::<ConnectFailed>().is_some() {
+            return Some(false);
+        }
+    }
+    None
+}
+
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(s) = cause.downcast_ref::<StatusError>() {

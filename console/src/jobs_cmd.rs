@@ -94,6 +94,7 @@ impl RollbackArgs {
             reason: self.reason.clone(),
             wait: self.wait,
             skip_offline: self.skip_offline,
+            request_id: String::new(),
         }
     }
 }
@@ -494,11 +495,8 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
             bail!("not started");
         }
     }
-    let started = client
-        .start_rollback(req)
-        .await
-        .map_err(|s| status_error("starting the rollback", s))?
-        .into_inner();
+    drop(client);
+    let started = start_once(flags, req, output).await?;
     if output == Output::Table {
         println!(
             "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)\n",
@@ -519,6 +517,53 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&job))?),
     }
     job_result(&job)
+}
+
+/// Starts the rollback exactly once, whatever happens to the connection: the request carries
+/// a fresh idempotency key, and a start whose connection broke (the coordinator restarting) is
+/// sent again with the same key for up to `RECONNECT_FOR`; the coordinator answers a repeat
+/// with the job the first one made.
+async fn start_once(
+    flags: &ConnectFlags,
+    mut req: RollbackRequest,
+    output: Output,
+) -> Result<rollback_common::proto::StartRollbackResponse> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    req.request_id = format!("{:016x}{:016x}", rng.random::<u64>(), rng.random::<u64>());
+    let mut lost_at: Option<std::time::Instant> = None;
+    loop {
+        let attempt = async {
+            let mut client = connect::console(flags).await?;
+            client
+                .start_rollback(req.clone())
+                .await
+                .map_err(|s| status_error("starting the rollback", s))
+        };
+        match attempt.await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) => {
+                // Before the first break, only a broken call is retried (a coordinator that
+                // was never reachable is reported at once); after it, reconnecting is too.
+                let retriable = match crate::error::connection_broke(&e) {
+                    Some(true) => true,
+                    Some(false) => lost_at.is_some(),
+                    None => false,
+                };
+                let within = lost_at.is_none_or(|t| t.elapsed() < RECONNECT_FOR);
+                if !retriable || !within {
+                    return Err(e);
+                }
+                if lost_at.is_none() && output == Output::Table {
+                    eprintln!(
+                        "(lost the coordinator while starting the rollback; sending the same request again — it cannot start twice)"
+                    );
+                }
+                lost_at.get_or_insert_with(std::time::Instant::now);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 pub async fn plan(args: RollbackArgs, flags: &ConnectFlags, output: Output) -> Result<()> {

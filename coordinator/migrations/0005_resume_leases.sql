@@ -9,3 +9,7 @@ CREATE TABLE host_leases (
     acquired_at_ms  INTEGER NOT NULL
 );
 CREATE INDEX host_leases_by_job ON host_leases (job_id);
+
+-- The client's idempotency key for StartRollback: a retried start returns the job it made.
+ALTER TABLE jobs ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX jobs_by_request_id ON jobs (request_id) WHERE request_id <> '';

@@ -502,3 +502,59 @@ fn offline_targets_are_shown_refused_unless_skipped_and_a_forgotten_host_is_gone
         "a forgotten host is no target:\n{out}"
     );
 }
+
+/// A StartRollback sent again with the same idempotency key (the client's connection broke)
+/// returns the job the first one made; it never starts a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_retried_with_the_same_request_id_never_starts_twice() {
+    let f = fleet();
+    let _web = f.agent("web-1", &[("role", "web")]);
+    f.wait_status("web-1", "online");
+    let admin = CertFiles {
+        cert: f.pki.dir.join("operator/ada.pem"),
+        key: f.pki.dir.join("operator/ada.key"),
+    };
+    let ch = f.channel(Some(&admin), &f.pki.ca()).await.expect("channel");
+    let mut console = ConsoleClient::new(ch);
+    let req = rollback_common::proto::RollbackRequest {
+        procedure: "configuration".into(),
+        selector: "role=web".into(),
+        reason: "retry test".into(),
+        request_id: "retry-0123456789abcdef".into(),
+        ..Default::default()
+    };
+    // Both at once (a retry racing the first) and once more afterwards.
+    let (mut c1, mut c2) = (console.clone(), console.clone());
+    let (a, b) = tokio::join!(
+        c1.start_rollback(req.clone()),
+        c2.start_rollback(req.clone())
+    );
+    let a = a.expect("first start").into_inner().job_id;
+    let b = b.expect("racing retry").into_inner().job_id;
+    let c = console
+        .start_rollback(req.clone())
+        .await
+        .expect("later retry")
+        .into_inner()
+        .job_id;
+    assert_eq!(a, b, "the racing retry got the same job");
+    assert_eq!(a, c, "the later retry got the same job");
+    let jobs = console
+        .list_jobs(rollback_common::proto::ListJobsRequest { limit: 50 })
+        .await
+        .expect("jobs")
+        .into_inner()
+        .jobs;
+    let started: Vec<&str> = jobs
+        .iter()
+        .filter(|j| j.reason == "retry test")
+        .map(|j| j.job_id.as_str())
+        .collect();
+    assert_eq!(started, [a.as_str()], "exactly one job was started");
+    let bad = rollback_common::proto::RollbackRequest {
+        request_id: "../../etc".into(),
+        ..req
+    };
+    let err = console.start_rollback(bad).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+}

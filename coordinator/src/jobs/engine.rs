@@ -204,6 +204,45 @@ impl Jobs {
                 "--reason is required: say why you are rolling back (it goes in the audit trail and the report)",
             ));
         }
+        if !req.request_id.is_empty() && !rollback_common::valid_id(&req.request_id) {
+            return Err(Status::invalid_argument(
+                "request id must be 1-64 of [A-Za-z0-9_-]",
+            ));
+        }
+        // A retried start (the connection broke) gets the job the first one made, before and
+        // after trying: a retry racing the first is refused by the first's leases.
+        if let Some(started) = self.started_for(&req).await? {
+            return Ok(started);
+        }
+        match self.start_new(principal, &req).await {
+            Err(e) => match self.started_for(&req).await? {
+                Some(started) => Ok(started),
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// The job a start with `req`'s idempotency key made, if any.
+    async fn started_for(
+        &self,
+        req: &RollbackRequest,
+    ) -> Result<Option<StartRollbackResponse>, Status> {
+        Ok(self
+            .store
+            .job_for_request(&req.request_id)
+            .await?
+            .map(|job| StartRollbackResponse {
+                job_id: job.job_id,
+                plan: PlanResponse::decode(job.plan.as_slice()).ok(),
+            }))
+    }
+
+    async fn start_new(
+        self: &Arc<Self>,
+        principal: &Principal,
+        req: &RollbackRequest,
+    ) -> Result<StartRollbackResponse, Status> {
         loop {
             // Leases first: never resolve targets on hosts another job is changing.
             let selected = self.selected_hosts(&req.selector).await?;
@@ -215,7 +254,7 @@ impl Jobs {
                 }
                 return Err(leased_status(&holders));
             }
-            let (plan, plan_proto) = self.plan(principal, &req).await?;
+            let (plan, plan_proto) = self.plan(principal, req).await?;
             if !plan_proto.offline.is_empty() && !req.skip_offline {
                 return Err(Status::failed_precondition(format!(
                     "refused, nothing was started: {} {} offline. Bring the agent back, pass --skip-offline to roll back the others, or remove a decommissioned host with `rollbackctl agents forget HOST`",
@@ -288,6 +327,7 @@ impl Jobs {
             created_at_ms: now,
             finished_at_ms: None,
             halt_reason: String::new(),
+            request_id: req.request_id.clone(),
         };
         let leased: Vec<String> = if lease {
             hosts.iter().map(|h| h.host_id.clone()).collect()

@@ -86,6 +86,8 @@ pub struct JobRow {
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
     pub halt_reason: String,
+    /// The client's idempotency key ("" when none was given).
+    pub request_id: String,
 }
 
 /// One host's outcome in a job.
@@ -221,6 +223,8 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError>;
+    /// The job a StartRollback with this idempotency key created, if any.
+    async fn job_for_request(&self, request_id: &str) -> Result<Option<JobRow>, StoreError>;
     /// Newest first.
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError>;
     async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError>;

@@ -15,7 +15,7 @@ use super::{
 };
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
-const JOB_COLUMNS: &str = "job_id, procedure, request, plan, state, reason, requested_by, created_at_ms, finished_at_ms, halt_reason";
+const JOB_COLUMNS: &str = "job_id, procedure, request, plan, state, reason, requested_by, created_at_ms, finished_at_ms, halt_reason, request_id";
 
 fn run_row(row: &sqlx::sqlite::SqliteRow) -> RunRow {
     RunRow {
@@ -45,6 +45,7 @@ fn job_row(row: &sqlx::sqlite::SqliteRow) -> JobRow {
         created_at_ms: row.get("created_at_ms"),
         finished_at_ms: row.get("finished_at_ms"),
         halt_reason: row.get("halt_reason"),
+        request_id: row.get("request_id"),
     }
 }
 
@@ -352,7 +353,7 @@ impl Store for SqliteStore {
         }
         insert_leases(&mut tx, leased, &job.job_id).await?;
         sqlx::query(&format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         ))
         .bind(&job.job_id)
         .bind(&job.procedure)
@@ -364,6 +365,7 @@ impl Store for SqliteStore {
         .bind(job.created_at_ms)
         .bind(job.finished_at_ms)
         .bind(&job.halt_reason)
+        .bind(&job.request_id)
         .execute(&mut *tx)
         .await
         .map_err(query_err("create_job"))?;
@@ -511,6 +513,20 @@ impl Store for SqliteStore {
                 )
             })
             .collect())
+    }
+
+    async fn job_for_request(&self, request_id: &str) -> Result<Option<JobRow>, StoreError> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
+        ))
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("job_for_request"))?;
+        Ok(row.as_ref().map(job_row))
     }
 
     async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError> {
