@@ -408,6 +408,50 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
     );
     assert_healthy(&lab, "0002")?;
 
+    // A host busy with another run (an operator's read-only check, which takes no lease): the
+    // job waits for it and goes on; busy is never a host failure.
+    lab.bad_config(&["app1"])?;
+    let checks_started = || {
+        fleet
+            .agent_log("app1")
+            .lines()
+            .filter(|l| l.contains("step started") && l.contains("http.check"))
+            .count()
+    };
+    let before = checks_started();
+    let check = spawn(
+        &fleet,
+        &[
+            "exec",
+            "app1",
+            "http.check",
+            "endpoint=/no-such-page",
+            "retries=8",
+            "interval_ms=500",
+        ],
+    )?;
+    fleet.eventually("the check runs on app1", || {
+        ensure!(checks_started() > before, "not yet");
+        Ok(())
+    });
+    let (ok, out) = fleet.rollback_web(&[
+        "--procedure",
+        "configuration",
+        "--reason",
+        "while app1 is busy",
+    ])?;
+    assert!(ok, "the job waited for the busy host: {out}");
+    assert!(
+        out.contains("app1 is busy") && out.contains("busy is not a failure"),
+        "the wait is shown: {out}"
+    );
+    let (check_ok, check_out) = finish(check)?;
+    assert!(
+        !check_ok && check_out.contains("no-such-page") && !check_out.contains("busy"),
+        "the operator's check ran to its end (a 404), undisturbed: {check_out}"
+    );
+    assert_healthy(&lab, "0002")?;
+
     // Acceptance 5: an agent killed mid-step.
     lab.bad_config(&["app2"])?;
     lab.write_file("app2", &format!("{APP_DIR}/.env.backup"), &broken, 0o600)?;
