@@ -88,6 +88,20 @@ impl Footprint {
     /// its network namespaces or its hosts' pid namespaces.
     pub fn live_processes(&self) -> Vec<i32> {
         let marker = format!("/{}", self.names.prefix());
+        // Namespace inodes are recycled: once this lab's namespaces are gone, another lab
+        // booting at the same time can get the same inode numbers. A network namespace inode
+        // that another (named) namespace now has is no longer this lab's; a pid namespace is
+        // this lab's only while its recorded systemd runs (when it dies, the kernel kills the
+        // rest of that namespace).
+        let reused = other_netns_inodes(&self.names.prefix());
+        let net_inodes: BTreeSet<u64> = self.net_inodes.difference(&reused).copied().collect();
+        let pid_inodes: BTreeSet<u64> = self
+            .processes
+            .iter()
+            .filter(|p| p.is_running())
+            .filter_map(|p| procfs::ns_inode(p.pid, "pid"))
+            .filter(|i| self.pid_inodes.contains(i))
+            .collect();
         let mut pids: BTreeSet<i32> = self
             .processes
             .iter()
@@ -101,11 +115,19 @@ impl Footprint {
             if stat.state == 'Z' || pid == std::process::id() as i32 {
                 continue;
             }
-            let in_cgroup = procfs::cgroup_lines(pid)
-                .iter()
-                .any(|l| l.contains(&marker));
-            let in_net = procfs::ns_inode(pid, "net").is_some_and(|i| self.net_inodes.contains(&i));
-            let in_pid = procfs::ns_inode(pid, "pid").is_some_and(|i| self.pid_inodes.contains(&i));
+            let cgroups = procfs::cgroup_lines(pid);
+            let in_cgroup = cgroups.iter().any(|l| l.contains(&marker));
+            // A process in another lab's cgroup is that lab's, whatever namespace inode it
+            // shares with a namespace this lab once had.
+            let other_lab = !in_cgroup
+                && cgroups
+                    .iter()
+                    .any(|l| l.contains(&format!("/{}", super::spec::NAME_PREFIX)));
+            if other_lab {
+                continue;
+            }
+            let in_net = procfs::ns_inode(pid, "net").is_some_and(|i| net_inodes.contains(&i));
+            let in_pid = procfs::ns_inode(pid, "pid").is_some_and(|i| pid_inodes.contains(&i));
             if in_cgroup || in_net || in_pid {
                 pids.insert(pid);
             }
@@ -171,6 +193,18 @@ impl Footprint {
         }
         left
     }
+}
+
+/// Inodes of the named network namespaces that are not this lab's (`prefix`).
+fn other_netns_inodes(prefix: &str) -> BTreeSet<u64> {
+    let Ok(entries) = fs::read_dir("/run/netns") else {
+        return BTreeSet::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
+        .filter(|n| !n.starts_with(prefix))
+        .filter_map(|n| procfs::ns_file_inode(&net::netns_path(&n)))
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.

@@ -9,6 +9,8 @@ use anyhow::{Result, bail};
 
 /// Where lab state lives on the machine (one directory per lab, plus the allocation lock).
 pub const STATE_ROOT: &str = "/run/rollback-lab";
+/// Every lab's names (namespaces, cgroups) start with this, then the lab's name and a '.'.
+pub const NAME_PREFIX: &str = "rbl-";
 
 /// Host id of the database host.
 pub const DB_HOST: &str = "db";
@@ -115,7 +117,7 @@ impl Names {
 
     /// Prefix of this lab's network namespaces and cgroups.
     pub fn prefix(&self) -> String {
-        format!("rbl-{}.", self.lab)
+        format!("{NAME_PREFIX}{}.", self.lab)
     }
 
     /// Network namespace (and cgroup leaf) name of a host or of the coordinator.
