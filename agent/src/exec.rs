@@ -34,6 +34,9 @@ pub struct ProcessSpec {
     pub env: Vec<(String, String)>,
     pub timeout: Duration,
     pub kill_grace: Duration,
+    /// Run as this (uid, gid) instead of the agent's own user, supplementary groups dropped
+    /// (e.g. git as the repository's owner, so nothing the repository configures runs as root).
+    pub run_as: Option<(u32, u32)>,
 }
 
 impl ProcessSpec {
@@ -54,7 +57,14 @@ impl ProcessSpec {
             ],
             timeout,
             kill_grace,
+            run_as: None,
         }
+    }
+
+    /// Runs the process as `uid`:`gid` (no supplementary groups).
+    pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        self.run_as = Some((uid, gid));
+        self
     }
 
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
@@ -72,12 +82,15 @@ impl ProcessSpec {
         self
     }
 
-    /// How the command reads in a message: program and arguments.
+    /// How the command reads in a message: program and arguments (and the user it runs as).
     pub fn display(&self) -> String {
         let mut s = self.program.display().to_string();
         for a in &self.args {
             s.push(' ');
             s.push_str(&a.to_string_lossy());
+        }
+        if let Some((uid, gid)) = self.run_as {
+            s.push_str(&format!("  (as uid {uid}, gid {gid})"));
         }
         s
     }
@@ -187,6 +200,10 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some((uid, gid)) = spec.run_as {
+        // std drops the supplementary groups when root sets a uid without explicit groups.
+        cmd.uid(uid).gid(gid);
+    }
     let program = spec.program.display().to_string();
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
         program: program.clone(),

@@ -24,6 +24,8 @@ struct Host {
     agent: Option<Agent>,
     repo: PathBuf,
     backups: PathBuf,
+    /// What the profile's `app.git` points at.
+    git: PathBuf,
 }
 
 fn git(repo: &Path, args: &[&str]) -> String {
@@ -65,6 +67,9 @@ fn host() -> Host {
     std::fs::write(repo.join(".env"), "GOOD=0\n").expect("write");
     let backups = dir.join("backups");
     std::fs::create_dir(&backups).expect("mkdir");
+    // The host's git: /usr/bin/git until a test wraps it (`slow_checkout`).
+    let git_bin = dir.join("git");
+    std::os::unix::fs::symlink("/usr/bin/git", &git_bin).expect("symlink git");
     std::fs::write(
         backups.join("backup_20260101_000000.dump"),
         b"not really a dump",
@@ -83,6 +88,7 @@ fn host() -> Host {
         agent: None,
         repo,
         backups,
+        git: git_bin,
     };
     h.start_agent();
     h
@@ -95,10 +101,11 @@ impl Host {
             key: self.pki.dir.join("agent/web-1.key"),
         });
         let profile = format!(
-            "[app]\ndir = \"{repo}\"\nenv_file = \"{repo}/.env\"\nenv_backup = \"{repo}/.env.backup\"\n\
+            "[app]\ndir = \"{repo}\"\ngit = \"{git}\"\nenv_file = \"{repo}/.env\"\nenv_backup = \"{repo}/.env.backup\"\n\
              [postgres]\nhost = \"127.0.0.1\"\nuser = \"postgres\"\ndatabase = \"app\"\nbackup_dir = \"{backups}\"\n\
              [timeouts]\nkill_grace_secs = 1\n",
             repo = self.repo.display(),
+            git = self.git.display(),
             backups = self.backups.display()
         );
         let agent = Agent::start_with_profile(
@@ -156,12 +163,23 @@ impl Host {
     }
 }
 
-fn install_hook(repo: &Path, body: &str) {
-    let hook = repo.join(".git/hooks/post-checkout");
-    std::fs::write(&hook, format!("#!/bin/bash\n{body}\n")).expect("write hook");
-    let mut perm = std::fs::metadata(&hook).expect("hook").permissions();
+/// Makes the host's git (`app.git` in the profile) run `body` before every `git checkout`: a
+/// slow, stubborn or counted step for the process-group and journal tests. (Repository hooks
+/// cannot serve: the agent runs git with hooks off.) Written to a temporary file and renamed,
+/// so a git invocation never sees it half-written.
+fn slow_checkout(h: &Host, body: &str) {
+    let tmp = h.git.with_extension("new");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/bash\ncase \" $* \" in *\" checkout \"*)\n{body}\n;;\nesac\nexec /usr/bin/git \"$@\"\n"
+        ),
+    )
+    .expect("write git wrapper");
+    let mut perm = std::fs::metadata(&tmp).expect("wrapper").permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&hook, perm).expect("chmod");
+    std::fs::set_permissions(&tmp, perm).expect("chmod");
+    std::fs::rename(&tmp, &h.git).expect("install git wrapper");
 }
 
 #[test]
@@ -247,8 +265,8 @@ fn timed_out_step_has_its_whole_process_group_killed() {
     let h = host();
     let pgid_file = h.tmp.path().join("hook.pgid");
     // A hook that ignores SIGTERM and leaves a grandchild that ignores it too.
-    install_hook(
-        &h.repo,
+    slow_checkout(
+        &h,
         &format!(
             "trap '' TERM\nps -o pgid= -p $$ | tr -d ' ' > {pgid}\n( trap '' TERM; sleep 300 ) &\nsleep 300",
             pgid = pgid_file.display()
@@ -283,10 +301,7 @@ fn timed_out_step_has_its_whole_process_group_killed() {
 fn agent_killed_mid_step_reports_interrupted_and_never_runs_it_again() {
     let mut h = host();
     let counter = h.tmp.path().join("hook.count");
-    install_hook(
-        &h.repo,
-        &format!("echo run >> {}\nsleep 20", counter.display()),
-    );
+    slow_checkout(&h, &format!("echo run >> {}\nsleep 20", counter.display()));
 
     let mut exec = Command::new(rollback_tests::support::bin("rollbackctl"));
     exec.args(["--coordinator", &h.coordinator.url()])
@@ -431,25 +446,93 @@ fn git_failures_are_explained() {
             .contains("is not a commit"),
         "{doc}"
     );
+}
 
+/// A repository its (unprivileged) owner has armed: a post-checkout hook and an fsmonitor
+/// command that would write a file as root. The agent runs git as the repository's owner
+/// with hooks and fsmonitor off: neither runs, and checked-out files stay the owner's.
+#[test]
+fn a_hostile_repository_runs_nothing_as_root() {
     if !is_root() {
-        eprintln!("skipping the dubious-ownership case: it needs root to chown the repository");
+        eprintln!("skipping: it needs root to give the repository to another user");
         return;
     }
-    let status = Command::new("chown")
-        .args(["-R", "nobody"])
-        .arg(&h.repo)
-        .status()
-        .expect("chown");
-    assert!(status.success());
-    let (ok, doc, _) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
-    assert!(!ok);
+    let h = host();
+    let armed = h.tmp.path().join("armed");
+    std::fs::create_dir(&armed).expect("mkdir");
+    let hook = h.repo.join(".git/hooks/post-checkout");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nid -u > {}/hook\n", armed.display()),
+    )
+    .expect("hook");
+    let monitor = h.tmp.path().join("fsmonitor.sh");
+    std::fs::write(
+        &monitor,
+        format!("#!/bin/sh\nid -u > {}/fsmonitor\n", armed.display()),
+    )
+    .expect("fsmonitor");
+    for f in [&hook, &monitor] {
+        let mut perm = std::fs::metadata(f).expect("script").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(f, perm).expect("chmod");
+    }
+    git(
+        &h.repo,
+        &["config", "core.fsmonitor", &monitor.display().to_string()],
+    );
+    let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
+    // The owner can reach its repository (the test's temporary dir is root's 0700).
+    let mut perm = std::fs::metadata(h.tmp.path()).expect("tmp").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(h.tmp.path(), perm).expect("chmod");
+    for (path, recursive) in [(&h.repo, true), (&armed, false)] {
+        let mut chown = Command::new("chown");
+        if recursive {
+            chown.arg("-R");
+        }
+        assert!(
+            chown
+                .arg("nobody")
+                .arg(path)
+                .status()
+                .expect("chown")
+                .success()
+        );
+    }
+    let nobody = Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .expect("id");
+    let nobody: u32 = String::from_utf8_lossy(&nobody.stdout)
+        .trim()
+        .parse()
+        .expect("uid");
+
+    let (ok, doc, stderr) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(ok, "checked out as the repository's owner: {doc} {stderr}");
+    // The test reads as root, which git refuses in another user's repository unless told.
+    assert_eq!(
+        git(&h.repo, &["-c", "safe.directory=*", "rev-parse", "HEAD"]),
+        previous
+    );
     assert!(
-        doc["error"]
+        doc["output"]
             .as_str()
-            .unwrap_or_default()
-            .contains("dubious ownership"),
-        "{doc}"
+            .is_some_and(|o| o.contains(&format!("(as uid {nobody}"))),
+        "the step says whom git ran as: {doc}"
+    );
+    assert!(
+        !armed.join("hook").exists() && !armed.join("fsmonitor").exists(),
+        "neither the hook nor the fsmonitor command ran: {:?}",
+        std::fs::read_dir(&armed).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    use std::os::unix::fs::MetadataExt;
+    let version = std::fs::metadata(h.repo.join("VERSION")).expect("VERSION");
+    assert_eq!(
+        version.uid(),
+        nobody,
+        "the checked-out file is the owner's, not root's"
     );
 }
 
@@ -457,7 +540,7 @@ fn git_failures_are_explained() {
 fn a_run_left_by_an_earlier_coordinator_is_never_started_late() {
     let mut h = host();
     let counter = h.tmp.path().join("hook.count");
-    install_hook(&h.repo, &format!("echo run >> {}", counter.display()));
+    slow_checkout(&h, &format!("echo run >> {}", counter.display()));
     // A run an earlier coordinator process stored but never delivered (it crashed between
     // persisting and sending): written into the store while the coordinator is down.
     assert!(h.coordinator.stop().expect("stops"));
@@ -519,7 +602,7 @@ fn steps_are_idempotent_and_git_resolve_only_reads() {
     let subject = git(&h.repo, &["log", "-1", "--format=%s"]);
     let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
     let counter = h.tmp.path().join("hook.count");
-    install_hook(&h.repo, &format!("echo run >> {}", counter.display()));
+    slow_checkout(&h, &format!("echo run >> {}", counter.display()));
 
     // git.resolve: read-only, full shas of the revision and of HEAD.
     let (ok, doc, stderr) = h.exec("git.resolve", &["revision=HEAD~1"], &[]);

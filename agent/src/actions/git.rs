@@ -12,7 +12,7 @@ use crate::exec::ProcessSpec;
 fn explain(stderr: &str, dir: &str) -> Option<String> {
     if stderr.contains("dubious ownership") {
         return Some(format!(
-            "git refuses {dir}: \"dubious ownership\" — the repository belongs to another user; fix its owner or add it to safe.directory for the agent's user"
+            "git refuses {dir}: \"dubious ownership\" — the working tree and its .git belong to different users; give them one owner (the agent runs git as the owner of app.dir)"
         ));
     }
     if stderr.contains("would be overwritten by checkout")
@@ -40,20 +40,40 @@ fn explain(stderr: &str, dir: &str) -> Option<String> {
     None
 }
 
+/// `git` in the app's working tree, made safe to run from a root agent: the repository's hooks
+/// and fsmonitor are off (`-c core.hooksPath=/dev/null -c core.fsmonitor=false`), and when the
+/// tree belongs to another user git runs as that user (owner and group of `app.dir`), so
+/// anything the repository configures (filters, hooks it re-enables) runs with no more rights
+/// than its owner already has, and checked-out files keep their owner.
 fn git(ctx: &StepCtx<'_>) -> Result<(ProcessSpec, String), Failure> {
+    use std::os::unix::fs::MetadataExt;
     let app = ctx
         .config
         .app
         .as_ref()
         .ok_or_else(|| Failure::new(-1, "no [app] in agent.toml"))?;
+    let dir = app.dir.display().to_string();
+    let owner =
+        std::fs::metadata(&app.dir).map_err(|e| Failure::new(-1, format!("app.dir {dir}: {e}")))?;
     let mut spec = ctx
         .spec(&app.git, &app.dir)
         .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_OPTIONAL_LOCKS", "0");
-    if let Some(home) = &ctx.home {
-        spec = spec.env("HOME", home.clone());
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+        ]);
+    if owner.uid() == nix::unistd::geteuid().as_raw() {
+        if let Some(home) = &ctx.home {
+            spec = spec.env("HOME", home.clone());
+        }
+    } else {
+        // No HOME: the owner's global config is theirs to read, not the agent's to pass on.
+        spec = spec.run_as(owner.uid(), owner.gid());
     }
-    Ok((spec, app.dir.display().to_string()))
+    Ok((spec, dir))
 }
 
 /// Resolves `revision` to a full commit sha.
