@@ -583,41 +583,34 @@ impl Jobs {
             )));
         }
         let all: Vec<String> = drive.tracks.keys().cloned().collect();
-        self.store
-            .acquire_leases(job_id, &all)
-            .await
-            .map_err(|e| match e {
-                StoreError::Leased { holders } => leased_status(&holders),
-                other => other.into(),
-            })?;
+        let mut reset = Vec::with_capacity(retry.len());
         for h in &retry {
             if let Some(t) = drive.tracks.get_mut(h) {
                 t.outcome = outcome::PENDING.into();
                 t.failed_step.clear();
                 t.exit_code = 0;
                 t.detail = format!("retried by job resume: {reason}");
-                if let Err(e) = self.store.update_job_host(t).await {
-                    // Leases are held but nothing was changed yet: release them.
-                    let _ = self
-                        .store
-                        .update_job_state(job_id, &row.state, row.finished_at_ms, &row.halt_reason)
-                        .await;
-                    return Err(e.into());
-                }
+                reset.push(t.clone());
             }
         }
-        self.store
-            .update_job_state(job_id, JobState::Running.as_str(), None, "")
-            .await?;
+        // Audited before anything changes: a resume the trail does not show never happens.
         self.store
             .append_audit(&AuditEvent {
                 at_ms: now_unix_ms(),
                 actor: principal.identity.to_string(),
-                action: "rollback.resumed".into(),
+                action: "rollback.resume".into(),
                 target: format!("job/{job_id}"),
                 detail: format!("was={state} hosts={} reason={reason}", retry.join(",")),
             })
             .await?;
+        // Leases, host resets and the state in one transaction: all or nothing.
+        self.store
+            .reopen_job(job_id, &all, &reset)
+            .await
+            .map_err(|e| match e {
+                StoreError::Leased { holders } => leased_status(&holders),
+                other => other.into(),
+            })?;
         let seq = self.next_seq(job_id).await?;
         let live = self.new_live(job_id, seq);
         self.emit(

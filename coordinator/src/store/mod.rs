@@ -185,9 +185,15 @@ pub trait Store: Send + Sync + 'static {
         hosts: &[JobHostRow],
         leased: &[String],
     ) -> Result<(), StoreError>;
-    /// Leases `hosts` to `job_id` (a resumed job); fails with `StoreError::Leased` when another
-    /// job holds any of them.
-    async fn acquire_leases(&self, job_id: &str, hosts: &[String]) -> Result<(), StoreError>;
+    /// Reopens an ended job (`job resume`), atomically: leases `leased` to it (failing with
+    /// `StoreError::Leased`, writing nothing, when another job holds any), stores the `reset`
+    /// host rows and sets the job `running` again.
+    async fn reopen_job(
+        &self,
+        job_id: &str,
+        leased: &[String],
+        reset: &[JobHostRow],
+    ) -> Result<(), StoreError>;
     /// Which of `hosts` are leased, and to which job.
     async fn lease_holders(&self, hosts: &[String]) -> Result<Vec<LeaseHolder>, StoreError>;
     /// Ids of jobs stored as `running` (at start-up: the jobs to resume).

@@ -379,20 +379,36 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn acquire_leases(&self, job_id: &str, hosts: &[String]) -> Result<(), StoreError> {
+    async fn reopen_job(
+        &self,
+        job_id: &str,
+        leased: &[String],
+        reset: &[JobHostRow],
+    ) -> Result<(), StoreError> {
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(query_err("acquire_leases"))?;
-        let holders = holders_in(&mut tx, hosts, job_id).await?;
+            .map_err(query_err("reopen_job"))?;
+        let holders = holders_in(&mut tx, leased, job_id).await?;
         if !holders.is_empty() {
             return Err(StoreError::Leased { holders });
         }
-        insert_leases(&mut tx, hosts, job_id).await?;
-        tx.commit()
-            .await
-            .map_err(query_err("acquire_leases commit"))?;
+        insert_leases(&mut tx, leased, job_id).await?;
+        for h in reset {
+            bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("reopen_job hosts"))?;
+        }
+        sqlx::query(
+            "UPDATE jobs SET state = 'running', finished_at_ms = NULL, halt_reason = '' WHERE job_id = ?1",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("reopen_job state"))?;
+        tx.commit().await.map_err(query_err("reopen_job commit"))?;
         Ok(())
     }
 
@@ -632,4 +648,95 @@ pub(super) fn bind_job_host<'q>(
         .bind(h.duration_ms)
         .bind(i64::from(h.once_only))
         .bind(h.done_phases.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, state: &str) -> JobRow {
+        JobRow {
+            job_id: id.into(),
+            procedure: "configuration".into(),
+            request: Vec::new(),
+            plan: Vec::new(),
+            state: state.into(),
+            reason: "test".into(),
+            requested_by: "test".into(),
+            created_at_ms: 1,
+            finished_at_ms: None,
+            halt_reason: String::new(),
+            request_id: String::new(),
+        }
+    }
+
+    fn host(job: &str, outcome: &str) -> JobHostRow {
+        JobHostRow {
+            job_id: job.into(),
+            host_id: "h1".into(),
+            ord: 0,
+            outcome: outcome.into(),
+            phase: "rollback".into(),
+            failed_step: "http.check".into(),
+            exit_code: 1,
+            detail: "failed".into(),
+            duration_ms: 0,
+            once_only: false,
+            done_phases: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reopen_refused_by_a_lease_writes_nothing_and_one_allowed_writes_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite"))
+            .await
+            .expect("store");
+        let hosts = ["h1".to_string()];
+        store
+            .create_job(&job("old", "running"), &[host("old", "failed")], &hosts)
+            .await
+            .expect("old job");
+        store
+            .update_job_state("old", "halted", Some(2), "halted")
+            .await
+            .expect("old job halts");
+        store
+            .create_job(
+                &job("holder", "running"),
+                &[host("holder", "pending")],
+                &hosts,
+            )
+            .await
+            .expect("holder takes h1");
+
+        let mut reset = host("old", "pending");
+        reset.detail = "retried".into();
+        let refused = store.reopen_job("old", &hosts, &[reset.clone()]).await;
+        assert!(
+            matches!(refused, Err(StoreError::Leased { ref holders }) if holders[0].job_id == "holder")
+        );
+        let (row, rows) = store.get_job("old").await.expect("read").expect("old");
+        assert_eq!(row.state, "halted", "nothing written");
+        assert_eq!(rows[0].outcome, "failed", "nothing written");
+
+        store
+            .update_job_state("holder", "succeeded", Some(3), "")
+            .await
+            .expect("holder ends, releasing h1");
+        store
+            .reopen_job("old", &hosts, &[reset])
+            .await
+            .expect("reopened");
+        let (row, rows) = store.get_job("old").await.expect("read").expect("old");
+        assert_eq!((row.state.as_str(), row.finished_at_ms), ("running", None));
+        assert_eq!(
+            (rows[0].outcome.as_str(), rows[0].detail.as_str()),
+            ("pending", "retried")
+        );
+        assert_eq!(
+            store.lease_holders(&hosts).await.expect("leases")[0].job_id,
+            "old"
+        );
+    }
 }
