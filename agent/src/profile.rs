@@ -29,6 +29,21 @@ pub struct AppProfile {
     pub log_file: Option<PathBuf>,
     /// Base URL of the health endpoints, e.g. `http://127.0.0.1:8000` (no path).
     pub health_base_url: Option<String>,
+    /// Whether `env_file` and `env_backup` may be symlinks (e.g. to `/etc/app/env`). Off by
+    /// default: the app dir's owner could point them at any file on the host.
+    #[serde(default)]
+    pub allow_env_symlinks: bool,
+}
+
+impl AppProfile {
+    /// How the env file and its backup treat a symlink.
+    pub fn symlinks(&self) -> crate::actions::Symlinks {
+        if self.allow_env_symlinks {
+            crate::actions::Symlinks::Follow
+        } else {
+            crate::actions::Symlinks::Refuse
+        }
+    }
 }
 
 /// `[alembic]`: how to run migrations for this app.

@@ -39,8 +39,9 @@ pub async fn gather(config: &Config) -> HostState {
             .cloned()
             .unwrap_or_default();
     }
-    if let Some(env) = config.app.as_ref().and_then(|a| a.env_file.as_ref())
-        && let Ok(bytes) = std::fs::read(env)
+    if let Some(app) = &config.app
+        && let Some(env) = &app.env_file
+        && let Ok((bytes, _)) = actions::read_regular(env, app.symlinks())
     {
         state.env_sha256 = actions::sha256_hex(&bytes);
     }

@@ -662,3 +662,138 @@ fn steps_are_idempotent_and_git_resolve_only_reads() {
         "the identical env file was not rewritten"
     );
 }
+
+fn uid_of(user: &str) -> u32 {
+    let out = Command::new("id").args(["-u", user]).output().expect("id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("uid")
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    let mut perm = std::fs::metadata(path).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, mode);
+    std::fs::set_permissions(path, perm).expect("chmod");
+}
+
+/// The app dir's (unprivileged) owner attacks `file.restore`: symlinks planted at every
+/// temporary name the agent ever used, then the env file and its backup swapped for a
+/// symlink, a hard link and a FIFO pointing at root's files. Nothing outside the app dir is
+/// read or written, the restored env file keeps its owner, group and mode, and each refusal
+/// names its cause.
+#[test]
+fn a_hostile_app_dir_cannot_turn_file_restore_against_the_host() {
+    if !is_root() {
+        eprintln!("skipping: it needs root to give the app dir to another user");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let h = host();
+    let nobody = uid_of("nobody");
+    let outside = h.tmp.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    let victim = outside.join("victim");
+    std::fs::write(&victim, "ROOT ONLY\n").expect("victim");
+    set_mode(&victim, 0o600);
+    let env = h.repo.join(".env");
+    let backup = h.repo.join(".env.backup");
+    // The app's own env file: its owner's, group-readable for the app's group.
+    std::os::unix::fs::chown(&env, Some(nobody), Some(4242)).expect("chown env");
+    set_mode(&env, 0o640);
+    // Every temporary name the agent used before (`.{name}.restore-<pid>`), for any pid.
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768)
+        .min(70_000);
+    for pid in 1..=pid_max {
+        std::os::unix::fs::symlink(&victim, h.repo.join(format!("..env.restore-{pid}")))
+            .expect("plant symlink");
+    }
+    let agent_pid = h.agent.as_ref().and_then(|a| a.proc.pid()).expect("pid");
+    let _ = std::fs::remove_file(h.repo.join(format!("..env.restore-{agent_pid}")));
+    std::os::unix::fs::symlink(&victim, h.repo.join(format!("..env.restore-{agent_pid}")))
+        .expect("plant symlink");
+
+    let (ok, doc, stderr) = h.exec("file.restore", &["file=env"], &[]);
+    assert!(ok, "{doc} {stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "ROOT ONLY\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&victim).expect("victim").mode() & 0o7777,
+        0o600
+    );
+    assert_eq!(std::fs::read_to_string(&env).expect("env"), "GOOD=1\n");
+    let meta = std::fs::symlink_metadata(&env).expect("env");
+    assert!(meta.file_type().is_file(), "env is a regular file");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (nobody, 4242, 0o640),
+        "the restored env file keeps its owner, group and mode"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&h.repo)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("..env.") && !n.starts_with("..env.restore-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no temporary file is left: {leftovers:?}"
+    );
+
+    let refused = |what: &str, expect: &str| {
+        let before = std::fs::read(&env).ok();
+        let (ok, doc, _) = h.exec("file.restore", &["file=env"], &[]);
+        assert!(!ok, "{what}: refused: {doc}");
+        let error = doc["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            error.contains(expect),
+            "{what}: the error names the cause: {doc}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "ROOT ONLY\n",
+            "{what}: the file outside the app dir is untouched"
+        );
+        if std::fs::symlink_metadata(&env).is_ok_and(|m| m.file_type().is_file()) {
+            assert_eq!(std::fs::read(&env).ok(), before, "{what}: env untouched");
+        }
+    };
+
+    // The env file becomes a symlink to a root file: not replaced, not followed.
+    std::fs::write(&env, "BROKEN=1\n").expect("env");
+    std::fs::remove_file(&env).expect("rm env");
+    std::os::unix::fs::symlink(&victim, &env).expect("symlink env");
+    refused("symlinked env file", "allow_env_symlinks");
+    std::fs::remove_file(&env).expect("rm env");
+    std::fs::write(&env, "BROKEN=1\n").expect("env");
+
+    // The backup becomes a symlink to a root secret: its bytes never reach the env file.
+    std::fs::rename(&backup, h.repo.join("kept")).expect("keep backup");
+    std::os::unix::fs::symlink(&victim, &backup).expect("symlink backup");
+    refused("symlinked backup", "is a symlink");
+    std::fs::remove_file(&backup).expect("rm backup");
+
+    // A hard link to a root secret (possible where protected_hardlinks is off).
+    std::fs::hard_link(&victim, &backup).expect("hard link");
+    refused("hard-linked backup", "hard links");
+    std::fs::remove_file(&backup).expect("rm backup");
+
+    // A FIFO would block a reader forever: refused at once.
+    assert!(
+        Command::new("mkfifo")
+            .arg(&backup)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    refused("FIFO backup", "not a regular file");
+    std::fs::remove_file(&backup).expect("rm backup");
+    std::fs::rename(h.repo.join("kept"), &backup).expect("restore backup");
+    let (ok, doc, _) = h.exec("file.restore", &["file=env"], &[]);
+    assert!(ok, "with the attacks gone, the restore works: {doc}");
+}

@@ -1,16 +1,30 @@
 //! `file.restore {file=env [, snapshot=ID]}`: puts the last known good env file back — from
-//! `app.env_backup`, or from the copy a snapshot kept — byte for byte, atomically (temporary
-//! file beside it, fsync, rename over, fsync the directory). An env file that is already a
-//! regular file identical to its source is left alone (fact `changed=false`).
+//! `app.env_backup`, or from the copy a snapshot kept — byte for byte, atomically, keeping the
+//! env file's owner, group and mode (the backup's when the env file is missing). An env file
+//! that is already a regular file identical to its source is left alone (`changed=false`).
+//!
+//! Everything here treats the app directory as hostile (its owner may be the attacker):
+//! files are opened relative to an opened directory with `O_NOFOLLOW`, a symlinked env file or
+//! backup is refused unless `app.allow_env_symlinks` says otherwise, sources must be regular
+//! files with one link, and the temporary file gets a random name and `O_CREAT | O_EXCL`, so a
+//! planted symlink or file at any name is never written through.
 
 use rollback_common::jobs::fact;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
 use sha2::{Digest, Sha256};
 
 use super::{Failure, StepCtx};
+
+/// The largest env file or snapshot record read into memory.
+pub const MAX_SMALL_FILE: u64 = 1024 * 1024;
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -19,38 +33,234 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Writes `bytes` to `target` atomically, keeping `target`'s mode (or `fallback_mode`).
-pub(super) fn write_atomically(
+/// Why a file the agent was asked to read or replace is refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error(
+        "{0} is a symlink; the agent does not follow symlinks in the app dir (set app.allow_env_symlinks = true in agent.toml if this one is intended)"
+    )]
+    Symlink(PathBuf),
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
+    #[error(
+        "{path} has {links} hard links; a file the agent reads as root must have exactly one (another name for it could be a file outside the app dir)"
+    )]
+    HardLinked { path: PathBuf, links: u64 },
+    #[error("{path} is larger than {max} bytes")]
+    TooLarge { path: PathBuf, max: u64 },
+    #[error("{path} has no parent directory and file name")]
+    NoParent { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FileError {
+    fn io(path: &Path, source: impl Into<std::io::Error>) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source: source.into(),
+        }
+    }
+
+    /// True when the file does not exist.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// How to treat a symlink at the final component of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Symlinks {
+    Refuse,
+    Follow,
+}
+
+/// Owner, group and permission bits to give a written file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl Ownership {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+
+    /// Root-owned, `mode`: for the agent's own files.
+    pub fn agent(mode: u32) -> Self {
+        Self {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            mode,
+        }
+    }
+}
+
+/// Splits `path` into its directory (opened `O_DIRECTORY | O_NOFOLLOW`) and final name.
+fn open_parent(path: &Path) -> Result<(OwnedFd, PathBuf), FileError> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(FileError::NoParent {
+            path: path.to_path_buf(),
+        });
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let fd = nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| FileError::io(dir, e))?;
+    Ok((fd, PathBuf::from(name)))
+}
+
+/// Resolves a symlinked final component when symlinks are allowed.
+fn resolve(path: &Path, symlinks: Symlinks) -> Result<PathBuf, FileError> {
+    match symlinks {
+        Symlinks::Refuse => Ok(path.to_path_buf()),
+        Symlinks::Follow => match std::fs::canonicalize(path) {
+            Ok(real) => Ok(real),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path.to_path_buf()),
+            Err(e) => Err(FileError::io(path, e)),
+        },
+    }
+}
+
+/// Opens `path` for reading: never through a symlink (unless allowed), never a FIFO, device or
+/// directory, never a file with more than one link.
+pub fn open_regular(path: &Path, symlinks: Symlinks) -> Result<std::fs::File, FileError> {
+    let path = resolve(path, symlinks)?;
+    let (dir, name) = open_parent(&path)?;
+    let fd = openat(
+        dir.as_fd(),
+        &name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ELOOP => FileError::Symlink(path.clone()),
+        e => FileError::io(&path, e),
+    })?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| FileError::io(&path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(FileError::NotRegular(path));
+    }
+    if meta.nlink() > 1 {
+        return Err(FileError::HardLinked {
+            path,
+            links: meta.nlink(),
+        });
+    }
+    Ok(file)
+}
+
+/// Reads a small regular file (see `open_regular`) with its ownership.
+pub fn read_regular(path: &Path, symlinks: Symlinks) -> Result<(Vec<u8>, Ownership), FileError> {
+    let file = open_regular(path, symlinks)?;
+    let meta = file.metadata().map_err(|e| FileError::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SMALL_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| FileError::io(path, e))?;
+    if bytes.len() as u64 > MAX_SMALL_FILE {
+        return Err(FileError::TooLarge {
+            path: path.to_path_buf(),
+            max: MAX_SMALL_FILE,
+        });
+    }
+    Ok((bytes, Ownership::of(&meta)))
+}
+
+/// The ownership of an existing file at `path` (not following a refused symlink), or `None`
+/// when there is none.
+pub fn ownership(path: &Path, symlinks: Symlinks) -> Result<Option<Ownership>, FileError> {
+    match read_regular(path, symlinks) {
+        Ok((_, own)) => Ok(Some(own)),
+        Err(e) if e.is_missing() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `bytes` to `target` atomically with `own`: a temporary file with a random name,
+/// created `O_CREAT | O_EXCL | O_NOFOLLOW` relative to the opened directory, given its owner
+/// and mode before any byte is written, fsynced, renamed over `target`; then the directory is
+/// fsynced. A symlink at `target` is refused unless `symlinks` is `Follow` (then its target is
+/// replaced).
+pub fn write_atomically(
     target: &Path,
     bytes: &[u8],
-    fallback_mode: u32,
-) -> std::io::Result<()> {
-    let dir = target
-        .parent()
-        .ok_or_else(|| std::io::Error::other(format!("{} has no parent dir", target.display())))?;
-    let mode = std::fs::metadata(target)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(fallback_mode);
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.restore-{}", std::process::id()));
+    own: Ownership,
+    symlinks: Symlinks,
+) -> Result<(), FileError> {
+    let target = resolve(target, symlinks)?;
+    let (dir, name) = open_parent(&target)?;
+    match nix::sys::stat::fstatat(dir.as_fd(), &name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits() => {
+            return Err(FileError::Symlink(target));
+        }
+        Ok(st) if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFREG.bits() => {
+            return Err(FileError::NotRegular(target));
+        }
+        Ok(_) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(FileError::io(&target, e)),
+    }
+    let (tmp_name, fd) = create_temporary(&dir, &name).map_err(|e| FileError::io(&target, e))?;
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, target)?;
-        std::fs::File::open(dir)?.sync_all()
+        fchown(
+            &fd,
+            Some(Uid::from_raw(own.uid)),
+            Some(Gid::from_raw(own.gid)),
+        )?;
+        nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(own.mode))?;
+        let mut file = std::fs::File::from(fd.try_clone()?);
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        renameat(dir.as_fd(), &tmp_name, dir.as_fd(), &name)?;
+        nix::unistd::fsync(&dir)?;
+        Ok(())
     };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+    write().map_err(|e| {
+        let _ = unlinkat(dir.as_fd(), &tmp_name, UnlinkatFlags::NoRemoveDir);
+        FileError::io(&target, e)
     })
+}
+
+/// Creates `.<name>.rollback-<random>` in `dir`, exclusively and without following symlinks,
+/// mode 0600; a name that exists (planted or left over) is skipped for another random one.
+fn create_temporary(dir: &OwnedFd, name: &Path) -> std::io::Result<(PathBuf, OwnedFd)> {
+    use rand::Rng;
+    let base = name.to_string_lossy();
+    for _ in 0..16 {
+        let suffix: u64 = rand::rng().random();
+        let tmp = PathBuf::from(format!(".{base}.rollback-{suffix:016x}"));
+        match openat(
+            dir.as_fd(),
+            &tmp,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(fd) => return Ok((tmp, fd)),
+            Err(Errno::EEXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::other(
+        "could not create a temporary file with a fresh random name in 16 tries",
+    ))
 }
 
 /// Restores the env file from `source` (default: `app.env_backup`).
@@ -63,20 +273,37 @@ pub(super) async fn restore_env(
         .app
         .clone()
         .ok_or_else(|| Failure::new(-1, "no [app] in agent.toml"))?;
-    let (Some(target), Some(backup)) = (app.env_file, app.env_backup) else {
+    let (Some(target), Some(backup)) = (app.env_file.clone(), app.env_backup.clone()) else {
         return Err(Failure::new(
             -1,
             "app.env_file and app.env_backup are not set in agent.toml",
         ));
     };
+    let symlinks = app.symlinks();
+    let from_snapshot = source.is_some();
     let source = source.unwrap_or(backup);
-    let bytes = std::fs::read(&source)
-        .map_err(|e| Failure::new(-1, format!("reading {}: {e}", source.display())))?;
+    // A snapshot's copy lives in the agent's own state dir: never a symlink.
+    let source_links = if from_snapshot {
+        Symlinks::Refuse
+    } else {
+        symlinks
+    };
+    let (bytes, source_own) = read_regular(&source, source_links)
+        .map_err(|e| Failure::new(-1, format!("cannot use the env backup: {e}")))?;
     let sha = sha256_hex(&bytes);
-    let before = std::fs::read(&target).ok();
-    // Only a regular file counts as already restored: a symlink is replaced as before.
-    let regular = std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_file());
-    if regular && before.as_deref() == Some(bytes.as_slice()) {
+    let before = match read_regular(&target, symlinks) {
+        Ok((b, own)) => Some((b, own)),
+        Err(e) if e.is_missing() => None,
+        Err(e) => {
+            return Err(Failure::new(
+                -1,
+                format!("refusing to replace the env file: {e}"),
+            ));
+        }
+    };
+    if let Some((b, _)) = &before
+        && b == &bytes
+    {
         ctx.say(&format!(
             "{} is already identical to {}; nothing to restore (sha256 {sha})",
             target.display(),
@@ -86,10 +313,14 @@ pub(super) async fn restore_env(
         ctx.fact(fact::CHANGED, "false");
         return Ok(());
     }
-    let mode = std::fs::metadata(&source)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o600);
-    write_atomically(&target, &bytes, mode).map_err(|e| {
+    // Keep the env file's owner, group and mode; a missing one gets the backup's (a snapshot
+    // copy is root's, so then the app dir's owner and 0600).
+    let own = match &before {
+        Some((_, own)) => *own,
+        None if from_snapshot => app_dir_ownership(&app.dir, 0o600)?,
+        None => source_own,
+    };
+    write_atomically(&target, &bytes, own, symlinks).map_err(|e| {
         Failure::new(
             -1,
             format!(
@@ -100,24 +331,83 @@ pub(super) async fn restore_env(
         )
     })?;
     match before {
-        Some(b) if b == bytes => ctx.say(&format!(
-            "{} was not a regular file; replaced by a copy of {} (sha256 {sha})",
-            target.display(),
-            source.display()
-        )),
-        Some(b) => ctx.say(&format!(
-            "{}: sha256 {} -> {sha} (from {})",
+        Some((b, _)) => ctx.say(&format!(
+            "{}: sha256 {} -> {sha} (from {}), owner {}:{} mode {:04o} kept",
             target.display(),
             sha256_hex(&b),
-            source.display()
+            source.display(),
+            own.uid,
+            own.gid,
+            own.mode
         )),
         None => ctx.say(&format!(
-            "{} was missing; restored from {} (sha256 {sha})",
+            "{} was missing; restored from {} (sha256 {sha}), owner {}:{} mode {:04o}",
             target.display(),
-            source.display()
+            source.display(),
+            own.uid,
+            own.gid,
+            own.mode
         )),
     }
     ctx.fact(fact::ENV_SHA256, sha);
     ctx.fact(fact::CHANGED, "true");
     Ok(())
+}
+
+/// The owner and group of the app dir, with `mode`.
+pub(super) fn app_dir_ownership(dir: &Path, mode: u32) -> Result<Ownership, Failure> {
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Failure::new(-1, format!("app dir {}: {e}", dir.display())))?;
+    Ok(Ownership {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permitted_symlink_has_its_target_replaced_and_stays_a_link() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let real = tmp.path().join("etc-env");
+        std::fs::write(&real, "OLD=1\n").expect("write");
+        let link = tmp.path().join(".env");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let own = Ownership::agent(0o640);
+        assert!(matches!(
+            write_atomically(&link, b"NEW=1\n", own, Symlinks::Refuse),
+            Err(FileError::Symlink(_))
+        ));
+        write_atomically(&link, b"NEW=1\n", own, Symlinks::Follow).expect("follow");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .expect("link")
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&real).expect("real"), b"NEW=1\n");
+        let (bytes, got) = read_regular(&link, Symlinks::Follow).expect("read");
+        assert_eq!((bytes.as_slice(), got.mode), (&b"NEW=1\n"[..], 0o640));
+    }
+
+    #[test]
+    fn oversized_and_missing_files_are_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let big = tmp.path().join("big");
+        std::fs::write(&big, vec![b'x'; (MAX_SMALL_FILE + 1) as usize]).expect("write");
+        assert!(matches!(
+            read_regular(&big, Symlinks::Refuse),
+            Err(FileError::TooLarge { .. })
+        ));
+        let missing = read_regular(&tmp.path().join("nope"), Symlinks::Refuse).unwrap_err();
+        assert!(missing.is_missing(), "{missing}");
+        assert!(
+            ownership(&tmp.path().join("nope"), Symlinks::Refuse)
+                .expect("no error")
+                .is_none()
+        );
+    }
 }

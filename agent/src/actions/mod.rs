@@ -14,7 +14,7 @@ mod service;
 pub mod snapshot;
 pub mod validate;
 
-pub use file::sha256_hex;
+pub use file::{FileError, Ownership, Symlinks, read_regular, sha256_hex};
 pub use logscan::log_size;
 
 use std::collections::{BTreeMap, HashMap};

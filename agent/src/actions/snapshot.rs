@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Failure, StepCtx, alembic, file, git, http, service};
+use super::{Failure, Ownership, StepCtx, Symlinks, alembic, file, git, http, service};
 use crate::journal::valid_run_id;
 
 /// What a snapshot records about a host.
@@ -59,10 +59,12 @@ pub(super) async fn read_state(ctx: &mut StepCtx<'_>) -> HostSnapshot {
             Err(f) => ctx.fact("alembic_error", f.error),
         }
     }
-    if let Some(env) = ctx.config.app.as_ref().and_then(|a| a.env_file.clone()) {
-        match std::fs::read(&env) {
-            Ok(bytes) => snap.env_sha256 = file::sha256_hex(&bytes),
-            Err(e) => ctx.fact("env_error", format!("{}: {e}", env.display())),
+    if let Some(app) = ctx.config.app.clone()
+        && let Some(env) = &app.env_file
+    {
+        match file::read_regular(env, app.symlinks()) {
+            Ok((bytes, _)) => snap.env_sha256 = file::sha256_hex(&bytes),
+            Err(e) => ctx.fact("env_error", e.to_string()),
         }
     }
     if let Some(svc) = ctx.config.service.clone()
@@ -131,16 +133,25 @@ pub(super) async fn take(id: &str, label: &str, ctx: &mut StepCtx<'_>) -> Result
     let dir = snapshot_dir(&ctx.config.state_dir, id);
     let io = |what: &str, e: std::io::Error| Failure::new(-1, format!("{what}: {e}"));
     std::fs::create_dir_all(&dir).map_err(|e| io(&format!("creating {}", dir.display()), e))?;
+    let refused = |e: file::FileError| Failure::new(-1, e.to_string());
     if let Some(app) = ctx.config.app.clone()
-        && let (Some(env), Some(backup)) = (app.env_file, app.env_backup)
+        && let (Some(env), Some(backup)) = (&app.env_file, &app.env_backup)
     {
-        let bytes =
-            std::fs::read(&env).map_err(|e| io(&format!("reading {}", env.display()), e))?;
-        file::write_atomically(&dir.join("env"), &bytes, 0o600)
-            .map_err(|e| io("keeping the env copy", e))?;
-        // The snapshot's copy becomes the env backup the runbook's Option 3 restores.
-        file::write_atomically(&backup, &bytes, 0o600)
-            .map_err(|e| io(&format!("writing {}", backup.display()), e))?;
+        let links = app.symlinks();
+        let (bytes, env_own) = file::read_regular(env, links).map_err(refused)?;
+        file::write_atomically(
+            &dir.join("env"),
+            &bytes,
+            Ownership::agent(0o600),
+            Symlinks::Refuse,
+        )
+        .map_err(refused)?;
+        // The snapshot's copy becomes the env backup the runbook's Option 3 restores: it
+        // keeps the backup's owner and mode, or takes the env file's.
+        let own = file::ownership(backup, links)
+            .map_err(refused)?
+            .unwrap_or(env_own);
+        file::write_atomically(backup, &bytes, own, links).map_err(refused)?;
         ctx.say(&format!(
             "kept {} as {} and in the snapshot",
             env.display(),
@@ -148,8 +159,13 @@ pub(super) async fn take(id: &str, label: &str, ctx: &mut StepCtx<'_>) -> Result
         ));
     }
     let json = serde_json::to_vec_pretty(&snap).map_err(|e| Failure::new(-1, e.to_string()))?;
-    file::write_atomically(&dir.join("snapshot.json"), &json, 0o600)
-        .map_err(|e| io("writing snapshot.json", e))?;
+    file::write_atomically(
+        &dir.join("snapshot.json"),
+        &json,
+        Ownership::agent(0o600),
+        Symlinks::Refuse,
+    )
+    .map_err(refused)?;
     ctx.fact("snapshot_id", id);
     ctx.say(&format!(
         "snapshot {id} ({label}) recorded in {}",
