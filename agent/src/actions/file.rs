@@ -402,7 +402,8 @@ mod tests {
             read_regular(&big, Symlinks::Refuse),
             Err(FileError::TooLarge { .. })
         ));
-        let missing = read_regular(&tmp.path().join("nope"), Symlinks::Refuse).unwrap_err();
+        let missing =
+            read_regular(&tmp.path().join("nope"), Symlinks::Refuse).expect_err("missing");
         assert!(missing.is_missing(), "{missing}");
         assert!(
             ownership(&tmp.path().join("nope"), Symlinks::Refuse)
