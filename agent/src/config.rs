@@ -63,12 +63,68 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    #[error("{what} {path} {problem}; {fix}")]
+    Exposed {
+        what: &'static str,
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
     #[error("agent config {path}: key `{key}`: {reason}")]
     Invalid {
         path: PathBuf,
         key: String,
         reason: String,
     },
+}
+
+/// Refuses a secret file another user could read or replace: it must be a regular file owned
+/// by the agent's user with no group or other permission bits.
+pub fn check_private(
+    meta: &std::fs::Metadata,
+    path: &Path,
+    what: &'static str,
+) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let exposed = |problem: String, fix: String| ConfigError::Exposed {
+        what,
+        path: path.to_path_buf(),
+        problem,
+        fix,
+    };
+    if !meta.file_type().is_file() {
+        return Err(exposed(
+            "is not a regular file".into(),
+            "point the agent at a regular file".into(),
+        ));
+    }
+    if meta.uid() != me {
+        return Err(exposed(
+            format!(
+                "is owned by uid {}, not by the agent's user (uid {me}), who could be replaced by its owner",
+                meta.uid()
+            ),
+            format!("run `chown {me} {}`", path.display()),
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(exposed(
+            format!("is readable or writable by group or others (mode {mode:04o})"),
+            format!("run `chmod 600 {}`", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// `check_private` for a file by path (following symlinks, as the reader will).
+pub fn check_private_path(path: &Path, what: &'static str) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    check_private(&meta, path, what)
 }
 
 fn valid_label_part(s: &str) -> bool {
@@ -80,10 +136,19 @@ fn valid_label_part(s: &str) -> bool {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // Checked on the open file, then read from it: no swap in between.
+        let mut file = std::fs::File::open(path).map_err(read)?;
+        check_private(
+            &file.metadata().map_err(read)?,
+            path,
+            "agent config (it holds database secrets)",
+        )?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(read)?;
         let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,

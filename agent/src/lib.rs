@@ -41,6 +41,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("creating state dir {path}: {source}")]
     StateDir {
         path: String,
@@ -71,6 +73,7 @@ pub async fn run_with(
             host_id: config.host_id.clone(),
         });
     }
+    config::check_private_path(&config.tls.key, "agent private key")?;
     create_state_dir(&config)?;
     let tls = config.tls.client_config(config.server_name.as_deref())?;
     let config = Arc::new(config);
@@ -140,6 +143,21 @@ fn create_state_dir(config: &Config) -> Result<(), AgentError> {
             .mode(0o700)
             .create(path)
             .map_err(err)?;
+    }
+    // The journal and snapshots (with env copies) are the agent's alone: a state dir another
+    // user owns is refused, and its mode is forced to 0700.
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(err(std::io::Error::other(format!(
+            "must be a directory owned by the agent's user (uid {me}), not a symlink or another user's; fix it with `chown {me} {0}` or choose another state_dir",
+            path.display()
+        ))));
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        warn!(path = %path.display(), was = format!("{:04o}", meta.mode() & 0o777), "state dir mode forced to 0700");
     }
     Ok(())
 }

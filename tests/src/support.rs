@@ -327,7 +327,7 @@ impl Agent {
             label_lines.push_str(&format!("{k} = \"{v}\"\n"));
         }
         let config = dir.join("agent.toml");
-        std::fs::write(
+        write_private(
             &config,
             format!(
                 "host_id = \"{host_id}\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"state\"\n\
@@ -449,6 +449,20 @@ pub fn pids_in_group(pgid: i32) -> Vec<i32> {
 }
 
 /// Whether the current process runs as root.
+/// Writes a file only its owner may read (mode 0600 from creation), as the agent requires of
+/// its agent.toml.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(contents.as_ref())
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -797,3 +797,97 @@ fn a_hostile_app_dir_cannot_turn_file_restore_against_the_host() {
     let (ok, doc, _) = h.exec("file.restore", &["file=env"], &[]);
     assert!(ok, "with the attacks gone, the restore works: {doc}");
 }
+
+/// The agent's secrets are checked before it starts: a config or key that another user can
+/// read (or that another user owns) stops it with the file and the fix named; a state dir
+/// left open is closed to 0700.
+#[test]
+fn the_agent_refuses_to_start_with_exposed_secrets() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::init(&tmp.path().join("pki"), "fleet.test").expect("pki");
+    let certs = pki.agent("web-9").expect("agent cert");
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    set_mode(&state, 0o755);
+    let config = tmp.path().join("agent.toml");
+    rollback_tests::support::write_private(
+        &config,
+        format!(
+            "host_id = \"web-9\"\ncoordinator = \"https://127.0.0.1:9\"\nstate_dir = \"{}\"\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            state.display(),
+            pki.ca().display(),
+            certs.cert.display(),
+            certs.key.display()
+        ),
+    )
+    .expect("config");
+    let start = || {
+        let mut child = Command::new(rollback_tests::support::bin("rollback-agent"))
+            .arg("--config")
+            .arg(&config)
+            .env("ROLLBACK_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("agent spawns");
+        // A healthy agent keeps retrying the (absent) coordinator: give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let running = child.try_wait().expect("wait").is_none();
+        if running {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().expect("output");
+        (running, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let refused = |what: &str, expect: &[&str]| {
+        let (running, stderr) = start();
+        assert!(!running, "{what}: the agent must not start:\n{stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{what}: names `{e}`:\n{stderr}");
+        }
+    };
+
+    set_mode(&config, 0o644);
+    refused(
+        "world-readable config",
+        &[&config.display().to_string(), "mode 0644", "chmod 600"],
+    );
+    set_mode(&config, 0o600);
+    set_mode(&certs.key, 0o640);
+    refused(
+        "group-readable key",
+        &[&certs.key.display().to_string(), "chmod 600"],
+    );
+    set_mode(&certs.key, 0o600);
+    if is_root() {
+        let nobody = uid_of("nobody");
+        std::os::unix::fs::chown(&config, Some(nobody), None).expect("chown");
+        refused(
+            "config owned by another user",
+            &[
+                &config.display().to_string(),
+                &format!("uid {nobody}"),
+                "chown",
+            ],
+        );
+        std::os::unix::fs::chown(&config, Some(0), None).expect("chown");
+    }
+    let (running, stderr) = start();
+    assert!(
+        running,
+        "with the secrets private, the agent runs:\n{stderr}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&state).expect("state").mode() & 0o777,
+        0o700,
+        "the state dir is forced to 0700"
+    );
+}

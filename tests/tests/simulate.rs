@@ -34,7 +34,7 @@ impl Drop for Simulator {
 fn start_simulator(dir: &Path, url: &str, pki: &Pki) -> Result<Simulator> {
     let state = dir.join("sim-state");
     let config = dir.join("sim.toml");
-    std::fs::write(
+    rollback_tests::support::write_private(
         &config,
         format!(
             "host_id = \"sim\"\ncoordinator = \"{url}\"\nstate_dir = \"{}\"\n\

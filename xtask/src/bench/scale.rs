@@ -86,7 +86,7 @@ fn run_once(
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let template = dir.join("sim.toml");
-    std::fs::write(
+    rollback_tests::support::write_private(
         &template,
         format!(
             "host_id = \"sim\"\ncoordinator = \"{}\"\nstate_dir = \"{}\"\n\
