@@ -42,7 +42,7 @@ pub enum AgentError {
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(Box<config::ConfigError>),
     #[error("creating state dir {path}: {source}")]
     StateDir {
         path: String,
@@ -73,7 +73,8 @@ pub async fn run_with(
             host_id: config.host_id.clone(),
         });
     }
-    config::check_private_path(&config.tls.key, "agent private key")?;
+    config::check_private_path(&config.tls.key, "agent private key")
+        .map_err(|e| AgentError::Config(Box::new(e)))?;
     create_state_dir(&config)?;
     let tls = config.tls.client_config(config.server_name.as_deref())?;
     let config = Arc::new(config);
