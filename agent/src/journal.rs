@@ -222,6 +222,7 @@ impl Journal {
         Ok(recovered)
     }
 
+    /// Marks a run acknowledged (the coordinator stored its result), then prunes the journal.
     pub fn ack(&self, run_id: &str) -> Result<(), JournalError> {
         if let Some(mut run) = self.load(run_id)?
             && !run.acked
@@ -229,10 +230,23 @@ impl Journal {
             run.acked = true;
             self.save(&run)?;
         }
-        Ok(())
+        self.prune()
     }
 
+    /// Removes the oldest finished and acknowledged runs beyond `KEPT_RUNS`. Cheap when there
+    /// is nothing to prune (counts names only).
     fn prune(&self) -> Result<(), JournalError> {
+        let count = std::fs::read_dir(&self.dir)
+            .map_err(|source| JournalError::Io {
+                path: self.dir.clone(),
+                source,
+            })?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .count();
+        if count <= KEPT_RUNS {
+            return Ok(());
+        }
         let runs = self.all()?;
         let excess = runs.len().saturating_sub(KEPT_RUNS);
         for run in runs.iter().filter(|r| r.finished && r.acked).take(excess) {
@@ -283,6 +297,46 @@ mod tests {
         assert!(
             j.recover().expect("again").is_empty(),
             "recovery happens once"
+        );
+    }
+
+    #[test]
+    fn acknowledged_runs_are_pruned_as_they_are_acknowledged() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        let unacked = RunRecord {
+            run_id: "keep-me".into(),
+            job_id: "j".into(),
+            received_at_ms: 0,
+            steps: vec![],
+            finished: true,
+            status: StepStatus::Succeeded as i32,
+            acked: false,
+        };
+        j.save(&unacked).expect("save");
+        for i in 0..KEPT_RUNS + 20 {
+            let run = RunRecord {
+                run_id: format!("r{i}"),
+                received_at_ms: 1 + i as i64,
+                ..unacked.clone()
+            };
+            j.save(&run).expect("save");
+            j.ack(&run.run_id).expect("ack");
+        }
+        let left = j.all().expect("all");
+        assert!(left.len() <= KEPT_RUNS, "{} runs kept", left.len());
+        assert!(
+            left.iter().any(|r| r.run_id == "keep-me"),
+            "an unacknowledged result is never pruned"
+        );
+        assert!(
+            left.iter()
+                .any(|r| r.run_id == format!("r{}", KEPT_RUNS + 19)),
+            "the newest are kept"
+        );
+        assert!(
+            !left.iter().any(|r| r.run_id == "r0"),
+            "the oldest go first"
         );
     }
 

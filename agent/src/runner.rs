@@ -1,7 +1,10 @@
 //! Runs a `RunProcedure` on this host: every step validated before anything is spawned, the
 //! run journaled before it starts and at each step boundary, events streamed on the uplink,
-//! stop at the first step that does not succeed, cancel on request. One run at a time: a run
-//! arriving while another runs is answered `Busy` and not journaled, so it may be sent again.
+//! stop at the first step that does not succeed, cancel on request. A run is journaled before
+//! anything of it runs, and each step before it starts: when the journal cannot be written,
+//! nothing more runs (refused). One run at a time: a run arriving while another runs is
+//! answered `Busy` and not journaled, so it may be sent again; a duplicate of the run being
+//! accepted is ignored.
 //! A run's deadline (`deadline_unix_ms`, 0 = none) caps every step's timeout; a run arriving
 //! after it runs nothing and is journaled `TimedOut`.
 
@@ -289,6 +292,12 @@ impl Runner {
         let busy = {
             let mut active = self.lock_active();
             match active.as_ref() {
+                // Accepted, not journaled yet: this is a duplicate of a running run, whose
+                // result will come; a busy answer would contradict it.
+                Some(a) if a.run_id == run.run_id => {
+                    info!(host = %host, run = %run.run_id, "run delivered again while it is being accepted; ignoring the duplicate");
+                    return;
+                }
                 Some(a) => Some(format!(
                     "agent {host}: busy with run {}; one run at a time per host",
                     a.run_id
@@ -342,6 +351,21 @@ impl Runner {
                 .refuse(&run, format!("agent {host}: the run has no steps"))
                 .await;
         }
+        // Exactly once rests on the journal: a run is recorded before anything of it runs,
+        // or it does not run at all.
+        if let Err(e) = self.journal.save(&record) {
+            *self.lock_active() = None;
+            error!(host = %host, run = %run.run_id, error = %e, "journal write failed; run refused");
+            return self
+                .refuse(
+                    &run,
+                    format!(
+                        "agent {host}: cannot record the run in the journal ({e}); nothing was run, because a step that is not journaled could run twice after a crash. Free space or fix permissions in {}, then retry",
+                        self.config.state_dir.display()
+                    ),
+                )
+                .await;
+        }
         let this = self.clone();
         let span = info_span!("run", host = %host, run = %run.run_id, job = %run.job_id);
         tokio::spawn(
@@ -390,7 +414,6 @@ impl Runner {
         cancel: CancellationToken,
     ) {
         let refused = actions.len() < record.steps.len();
-        self.save(&record);
         let log_offset = self
             .config
             .app
@@ -415,7 +438,20 @@ impl Runner {
                     break;
                 }
                 record.steps[i].phase = Phase::Running;
-                self.save(&record);
+                if let Err(e) = self.journal.save(&record) {
+                    error!(step = i, error = %e, "journal write failed; step not started");
+                    let action = record.steps[i].action.clone();
+                    record.steps[i].finish(
+                        StepStatus::Refused,
+                        format!(
+                            "agent {}: {}: cannot record the step in the journal ({e}); it was not started, because a step that is not journaled could run twice after a crash. Free space or fix permissions in {}, then retry",
+                            self.host(),
+                            action,
+                            self.config.state_dir.display()
+                        ),
+                    );
+                    break;
+                }
                 info!(step = i, action = %record.steps[i].action, "step started");
                 self.uplink
                     .send(step_event(
@@ -835,5 +871,76 @@ mod tests {
         assert_eq!(r.steps[0].status, StepStatus::Cancelled as i32, "{r:?}");
         assert_eq!(r.steps[1].status, StepStatus::Cancelled as i32, "{r:?}");
         silent.abort();
+    }
+
+    /// The journal cannot be written (here: its temporary name is taken by a directory, which
+    /// even root cannot replace with a file): the run is refused and nothing of it runs.
+    #[tokio::test]
+    async fn a_run_whose_journal_entry_cannot_be_written_runs_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let app = tmp.path().join("app");
+        std::fs::create_dir(&app).expect("mkdir");
+        std::fs::write(app.join(".env"), "BROKEN=1\n").expect("env");
+        std::fs::write(app.join(".env.backup"), "GOOD=1\n").expect("backup");
+        let (runner, mut rx) = runner_with(
+            tmp.path(),
+            &format!(
+                "[app]\ndir = \"{0}\"\nenv_file = \"{0}/.env\"\nenv_backup = \"{0}/.env.backup\"\n",
+                app.display()
+            ),
+        );
+        std::fs::create_dir(tmp.path().join("runs/.unjournaled.tmp")).expect("block journal");
+        let run = run_of(
+            "unjournaled",
+            vec![step("file.restore", &[("file", "env")])],
+            0,
+        );
+        runner.submit(run.clone()).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Refused as i32, "{r:?}");
+        let error = &r.steps[0].error;
+        assert!(
+            error.contains("journal") && error.contains("nothing was run"),
+            "{error}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(app.join(".env")).expect("env"),
+            "BROKEN=1\n",
+            "the step did not run"
+        );
+        assert!(runner.lock_active().is_none(), "the host is free again");
+
+        // With the journal writable again, the same run id runs (it was never recorded).
+        std::fs::remove_dir(tmp.path().join("runs/.unjournaled.tmp")).expect("unblock");
+        runner.submit(run).await;
+        let r = result(&mut rx).await;
+        assert_eq!(r.status, StepStatus::Succeeded as i32, "{r:?}");
+        assert_eq!(
+            std::fs::read_to_string(app.join(".env")).expect("env"),
+            "GOOD=1\n"
+        );
+    }
+
+    /// A duplicate of the run being accepted is not answered busy: only its result comes.
+    #[tokio::test]
+    async fn a_duplicate_of_the_run_being_accepted_is_not_answered_busy() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner(tmp.path());
+        *runner.lock_active() = Some(Active {
+            run_id: "same".into(),
+            cancel: CancellationToken::new(),
+        });
+        runner
+            .submit(run_of("same", vec![step("state.read", &[])], 0))
+            .await;
+        *runner.lock_active() = None;
+        runner
+            .submit(run_of("next", vec![step("state.read", &[])], 0))
+            .await;
+        let r = result(&mut rx).await;
+        assert_eq!(
+            r.run_id, "next",
+            "nothing was answered for the duplicate: {r:?}"
+        );
     }
 }
