@@ -84,14 +84,21 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The result as sent: cut to `MAX_RUN_RESULT_BYTES` (with markers) whatever the steps
+    /// printed, so it always fits a message; the journal keeps the whole record.
     pub fn to_proto(&self, from_journal: bool) -> RunFinished {
-        RunFinished {
+        let mut run = RunFinished {
             run_id: self.run_id.clone(),
             status: self.status,
             steps: self.steps.iter().map(StepRecord::to_proto).collect(),
             from_journal,
             job_id: self.job_id.clone(),
-        }
+        };
+        rollback_common::output_cap::fit_run_finished(
+            &mut run,
+            rollback_common::output_cap::MAX_RUN_RESULT_BYTES,
+        );
+        run
     }
 
     /// The run's status: the first step that did not succeed decides it.

@@ -34,8 +34,26 @@ impl Uplink {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
+    /// A message over the limit would end the session (and, resent, end every later one):
+    /// it is dropped and logged instead. Results are cut to fit before they get here.
+    fn fits(msg: &AgentMessage) -> bool {
+        use prost::Message;
+        let len = msg.encoded_len();
+        let fits = len <= rollback_common::MAX_MESSAGE_BYTES - 1024;
+        if !fits {
+            tracing::error!(
+                bytes = len,
+                "message over the gRPC limit dropped; this is a bug"
+            );
+        }
+        fits
+    }
+
     /// For events that matter (step started/finished, run finished): waits for room.
     pub async fn send(&self, msg: AgentMessage) -> bool {
+        if !Self::fits(&msg) {
+            return false;
+        }
         match self.sender() {
             Some(tx) => tx.send(msg).await.is_ok(),
             None => false,
@@ -44,6 +62,6 @@ impl Uplink {
 
     /// For output chunks: never waits, so a slow coordinator never slows a step.
     pub fn try_send(&self, msg: AgentMessage) -> bool {
-        self.sender().is_some_and(|tx| tx.try_send(msg).is_ok())
+        Self::fits(&msg) && self.sender().is_some_and(|tx| tx.try_send(msg).is_ok())
     }
 }

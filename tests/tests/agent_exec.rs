@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rollback_tests::support::{
     Agent, CertFiles, Coordinator, Pki, agents_json, eventually, exec_json, is_root, peak_rss_kib,
-    pids_in_group,
+    pids_in_group, rollbackctl,
 };
 use serde_json::Value;
 
@@ -890,4 +890,96 @@ fn the_agent_refuses_to_start_with_exposed_secrets() {
         0o700,
         "the state dir is forced to 0700"
     );
+}
+
+/// A run whose 80 steps each print 100 KB (8 MB in all, twice the message limit): the result
+/// arrives cut to size with the truncation marker, each step keeping the end of its output,
+/// and the agent's session stays up for the next step.
+#[test]
+fn a_run_printing_far_more_than_the_message_limit_arrives_cut_and_the_session_stays_up() {
+    let mut h = host();
+    let tmp = h.git.with_extension("new");
+    std::fs::write(
+        &tmp,
+        "#!/bin/bash\nhead -c 100000 /dev/zero | tr '\\0' x >&2\necho ' end of noise' >&2\nexec /usr/bin/git \"$@\"\n",
+    )
+    .expect("write git wrapper");
+    set_mode(&tmp, 0o755);
+    std::fs::rename(&tmp, &h.git).expect("install git wrapper");
+    const STEPS: usize = 80;
+    let runbook = h.tmp.path().join("flood.toml");
+    let steps = vec!["{ action = \"git.log\", params = { count = \"1\" } }"; STEPS].join(", ");
+    std::fs::write(
+        &runbook,
+        format!(
+            "[procedures.flood]\ndescription = \"every step prints 100 KB\"\n\
+             [[procedures.flood.phases]]\nname = \"noise\"\nscope = \"each\"\nsteps = [{steps}]\n"
+        ),
+    )
+    .expect("runbook");
+    let config = std::fs::read_to_string(&h.coordinator.config).expect("config");
+    std::fs::write(
+        &h.coordinator.config,
+        format!("runbook = \"{}\"\n{config}", runbook.display()),
+    )
+    .expect("config");
+    h.coordinator.restart().expect("restart");
+    eventually("web-1 back online", DEADLINE, || {
+        let agents = agents_json(&h.coordinator.url(), &h.pki.ca(), &h.op, None)?;
+        agents
+            .iter()
+            .any(|a| a["host_id"] == "web-1" && a["status"] == "online")
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("not online"))
+    });
+
+    let out = rollbackctl(
+        &h.coordinator.url(),
+        &h.pki.ca(),
+        &h.op,
+        &[
+            "--output",
+            "json",
+            "rollback",
+            "--procedure",
+            "flood",
+            "--select",
+            "host=web-1",
+            "--reason",
+            "flood test",
+            "--yes",
+            "--canary",
+            "0",
+        ],
+    )
+    .expect("rollbackctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the job finished: {stderr}\nagent log:\n{}",
+        h.agent_log()
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).expect("job json");
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let steps = job["hosts"][0]["runs"][0]["steps"]
+        .as_array()
+        .expect("steps")
+        .clone();
+    assert_eq!(steps.len(), STEPS);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["status"], "succeeded", "step {i}");
+        let tail = s["output_tail"].as_str().unwrap_or_default();
+        assert!(
+            tail.contains("cut to fit the run result") && tail.contains("end of noise"),
+            "step {i}: cut with a marker, keeping its end: {}…",
+            tail.chars().take(200).collect::<String>()
+        );
+    }
+    let log = h.agent_log();
+    assert!(
+        !log.contains("session failed"),
+        "the session never broke:\n{log}"
+    );
+    let (ok, doc, _) = h.exec("git.log", &["count=1"], &[]);
+    assert!(ok, "the same session runs the next step: {doc}");
 }
