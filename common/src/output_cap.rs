@@ -118,9 +118,8 @@ pub fn fit_run_finished(run: &mut crate::proto::RunFinished, budget: usize) {
         .iter()
         .filter(|s| !s.output_tail.is_empty())
         .count();
-    if noisy > 0 {
+    if let Some(share) = budget.saturating_sub(fixed).checked_div(noisy) {
         // Each cut adds a marker (~120 bytes) and tag/length bytes.
-        let share = budget.saturating_sub(fixed) / noisy;
         let share = share.saturating_sub(160);
         for s in &mut run.steps {
             if s.output_tail.len() > share {
