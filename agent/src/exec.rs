@@ -1,6 +1,6 @@
 //! The only place the agent spawns processes. Every step's process runs by absolute path, with
 //! a cleared environment plus only what it needs, a fixed working directory, stdin from
-//! /dev/null, in its own process group. Output streams to a sink while it runs and is kept in a
+//! /dev/null (or a file the agent opened itself), in its own process group. Output streams to a sink while it runs and is kept in a
 //! bounded capture. At the timeout, or on cancel, the whole group gets SIGTERM, then SIGKILL
 //! after the grace period.
 
@@ -37,6 +37,10 @@ pub struct ProcessSpec {
     /// Run as this (uid, gid) instead of the agent's own user, supplementary groups dropped
     /// (e.g. git as the repository's owner, so nothing the repository configures runs as root).
     pub run_as: Option<(u32, u32)>,
+    /// A file the agent opened (and checked) itself, given as stdin, so the process reads
+    /// exactly what was checked, never a path that could be swapped in between. It is
+    /// shared with the agent: seek it before handing it over again.
+    pub stdin: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl ProcessSpec {
@@ -58,7 +62,14 @@ impl ProcessSpec {
             timeout,
             kill_grace,
             run_as: None,
+            stdin: None,
         }
+    }
+
+    /// Gives the process `file` as its stdin (see `stdin`).
+    pub fn stdin(mut self, file: std::sync::Arc<std::fs::File>) -> Self {
+        self.stdin = Some(file);
+        self
     }
 
     /// Runs the process as `uid`:`gid` (no supplementary groups).
@@ -195,7 +206,13 @@ pub async fn run(
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(match &spec.stdin {
+            Some(file) => Stdio::from(file.try_clone().map_err(|source| ExecError::Spawn {
+                program: spec.program.display().to_string(),
+                source,
+            })?),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
