@@ -10,11 +10,67 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
+
+use crate::contain::StepCgroup;
 use nix::unistd::Pid;
 use rollback_common::output_cap::OutputCap;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+/// The first argument that makes the agent binary the cgroup shim (see `shim_main`).
+pub const SHIM_FLAG: &str = "--internal-exec-in-cgroup";
+/// The running agent binary, even if its file was replaced by an upgrade.
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// The cgroup shim: `rollback-agent --internal-exec-in-cgroup PROCS UID GID -- PROGRAM ARGS…`
+/// moves itself into the cgroup whose `cgroup.procs` is PROCS, drops to UID:GID (`-` keeps
+/// the user), then execs PROGRAM in place (same pid, process group, pipes and environment).
+/// Returns `None` when the agent was not started as the shim; otherwise the exit code of a
+/// failure (the exec replaced the process on success). Nothing runs outside the cgroup: if
+/// it cannot be joined, the program is not run.
+pub fn shim_main() -> Option<i32> {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != SHIM_FLAG {
+        return None;
+    }
+    let (Some(procs), Some(uid), Some(gid), Some(_), Some(program)) = (
+        args.next(),
+        args.next(),
+        args.next(),
+        args.next(),
+        args.next(),
+    ) else {
+        eprintln!("rollback-agent: {SHIM_FLAG} PROCS UID GID -- PROGRAM [ARGS...]");
+        return Some(126);
+    };
+    let joined = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .and_then(|mut f| f.write_all(b"0"));
+    if let Err(e) = joined {
+        eprintln!(
+            "rollback-agent: cannot move the step into its cgroup ({}): {e}; nothing was run",
+            std::path::Path::new(&procs).display()
+        );
+        return Some(126);
+    }
+    let mut cmd = std::process::Command::new(&program);
+    cmd.args(args);
+    let id = |v: &std::ffi::OsStr| v.to_str().and_then(|s| s.parse::<u32>().ok());
+    if let (Some(uid), Some(gid)) = (id(&uid), id(&gid)) {
+        // std drops the supplementary groups when root sets a uid without explicit groups.
+        cmd.uid(uid).gid(gid);
+    }
+    let e = cmd.exec();
+    eprintln!(
+        "rollback-agent: cannot start `{}`: {e}",
+        std::path::Path::new(&program).display()
+    );
+    Some(127)
+}
 
 /// Bytes of a step's combined output the agent keeps (head and tail).
 pub const KEPT_OUTPUT_BYTES: usize = 64 * 1024;
@@ -201,9 +257,47 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<ProcessOutcome, ExecError> {
     let started = Instant::now();
-    let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .current_dir(&spec.cwd)
+    let program = spec.program.display().to_string();
+    let spawn_error = |source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    };
+    // Checked here so a missing binary reads the same with or without the shim.
+    std::fs::metadata(&spec.program).map_err(spawn_error)?;
+    let cgroup = StepCgroup::create().map_err(|e| {
+        spawn_error(std::io::Error::other(format!(
+            "creating the step's cgroup: {e}"
+        )))
+    })?;
+    let mut cmd = match &cgroup {
+        // The shim (this binary) joins the cgroup, drops to `run_as`, then execs the program:
+        // nothing of the process ever runs outside the cgroup.
+        Some(cg) => {
+            let mut cmd = tokio::process::Command::new(SELF_EXE);
+            let (uid, gid) = spec
+                .run_as
+                .map_or(("-".to_string(), "-".to_string()), |(u, g)| {
+                    (u.to_string(), g.to_string())
+                });
+            cmd.arg(SHIM_FLAG)
+                .arg(cg.procs_file())
+                .args([uid, gid])
+                .arg("--")
+                .arg(&spec.program)
+                .args(&spec.args);
+            cmd
+        }
+        None => {
+            let mut cmd = tokio::process::Command::new(&spec.program);
+            cmd.args(&spec.args);
+            if let Some((uid, gid)) = spec.run_as {
+                // std drops the supplementary groups when root sets a uid without groups.
+                cmd.uid(uid).gid(gid);
+            }
+            cmd
+        }
+    };
+    cmd.current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(match &spec.stdin {
@@ -217,15 +311,15 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some((uid, gid)) = spec.run_as {
-        // std drops the supplementary groups when root sets a uid without explicit groups.
-        cmd.uid(uid).gid(gid);
-    }
-    let program = spec.program.display().to_string();
-    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(source) => {
+            if let Some(cg) = &cgroup {
+                cg.remove();
+            }
+            return Err(spawn_error(source));
+        }
+    };
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
@@ -267,20 +361,34 @@ pub async fn run(
             },
             s = child.wait(), if status.is_none() => {
                 status = Some(s.map_err(|source| ExecError::Wait { program: program.clone(), source })?);
+                // The process is gone: whatever it left in its cgroup (a background child, a
+                // setsid daemon) dies with it, and the pipes close.
+                if let Some(cg) = &cgroup && cg.kill() > 0 {
+                    killed_leftovers = true;
+                }
                 drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
             }
             () = &mut timeout, if stopping.is_none() => {
                 stopping = Some(Ending::TimedOut);
                 signal_group(pgid, Signal::SIGTERM);
+                if let Some(cg) = &cgroup {
+                    cg.signal(Signal::SIGTERM);
+                }
                 kill_at.as_mut().reset(tokio::time::Instant::now() + spec.kill_grace);
             }
             () = cancel.cancelled(), if stopping.is_none() => {
                 stopping = Some(Ending::Cancelled);
                 signal_group(pgid, Signal::SIGTERM);
+                if let Some(cg) = &cgroup {
+                    cg.signal(Signal::SIGTERM);
+                }
                 kill_at.as_mut().reset(tokio::time::Instant::now() + spec.kill_grace);
             }
             () = &mut kill_at => {
                 signal_group(pgid, Signal::SIGKILL);
+                if let Some(cg) = &cgroup {
+                    cg.kill();
+                }
                 kill_at.as_mut().reset(tokio::time::Instant::now() + far);
             }
             () = &mut drain, if status.is_some() => {
@@ -292,9 +400,16 @@ pub async fn run(
             }
         }
     }
-    // Whatever the ending, nothing of the step's group may outlive it.
+    // Whatever the ending, nothing of the step's group or cgroup may outlive it.
     if stopping.is_some() || killed_leftovers {
         signal_group(pgid, Signal::SIGKILL);
+    }
+    if let Some(cg) = &cgroup {
+        cg.kill();
+        if !cg.wait_empty().await {
+            warn!(program = %program, "a step's cgroup did not empty after SIGKILL");
+        }
+        cg.remove();
     }
 
     let ending = match (stopping, status) {

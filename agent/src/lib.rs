@@ -5,6 +5,7 @@
 pub mod actions;
 mod backoff;
 pub mod config;
+pub mod contain;
 pub mod exec;
 pub mod journal;
 pub mod profile;
@@ -86,6 +87,9 @@ pub async fn run_with(
         uplink.clone(),
         execution,
     ));
+    for (cgroup, killed) in contain::init(&config.state_dir) {
+        warn!(host = %config.host_id, cgroup = %cgroup, killed, "a step of a crashed agent left processes: killed and removed");
+    }
     runner.recover();
 
     let cancel = CancellationToken::new();
@@ -127,6 +131,7 @@ pub async fn run_with(
             () = tokio::time::sleep(delay) => {}
         }
     }
+    contain::shutdown();
     info!("agent stopped");
     Ok(())
 }

@@ -29,8 +29,16 @@ struct Args {
     simulate_interval_ms: u64,
 }
 
+fn main() -> Result<()> {
+    // A step's process starting in its cgroup: exec before any runtime or logging exists.
+    if let Some(code) = rollback_agent::exec::shim_main() {
+        std::process::exit(code);
+    }
+    agent_main()
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn agent_main() -> Result<()> {
     let args = Args::parse();
     rollback_common::daemon::init_logging();
     let config = rollback_agent::Config::load(&args.config)?;

@@ -237,7 +237,7 @@ impl<'a> LabFleet<'a> {
         let unit = format!(
             "[Unit]\nDescription=fleet-rollback agent\nAfter=network.target\n\n[Service]\n\
              ExecStart={} --config {AGENT_CONFIG}\nEnvironment=ROLLBACK_LOG=info\nEnvironment=HOME=/root\n\
-             Restart=on-failure\nRestartSec=1\nStandardError=append:{AGENT_LOG}\n\n[Install]\nWantedBy=multi-user.target\n",
+             Restart=on-failure\nRestartSec=1\nDelegate=yes\nStandardError=append:{AGENT_LOG}\n\n[Install]\nWantedBy=multi-user.target\n",
             bin("rollback-agent").display()
         );
         lab.install_unit(host, AGENT_UNIT, &unit)?;

@@ -176,12 +176,19 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -294,6 +301,32 @@ impl Coordinator {
 pub struct Agent {
     pub host_id: String,
     pub proc: Proc,
+    /// The agent's state dir (its cgroup subtree is named after it).
+    pub state_dir: PathBuf,
+    /// Whether dropping removes the cgroup subtree (not after `crash`).
+    clean_up: bool,
+}
+
+impl Agent {
+    /// SIGKILLs the agent and leaves everything as a crash would: its steps' processes and
+    /// cgroups stay for the next agent start to find.
+    pub fn crash(mut self) {
+        self.proc.kill();
+        self.clean_up = false;
+    }
+}
+
+impl Drop for Agent {
+    /// SIGKILLs the agent (as before) and removes the cgroup subtree it ran steps in, which
+    /// only a clean stop removes itself.
+    fn drop(&mut self) {
+        self.proc.kill();
+        if self.clean_up
+            && let Some(subtree) = rollback_agent::contain::subtree_of(&self.state_dir)
+        {
+            rollback_agent::contain::remove_subtree(&subtree);
+        }
+    }
 }
 
 impl Agent {
@@ -345,6 +378,8 @@ impl Agent {
         Ok(Self {
             host_id: host_id.to_string(),
             proc,
+            state_dir: dir.join("state"),
+            clean_up: true,
         })
     }
 }

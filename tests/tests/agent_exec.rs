@@ -301,7 +301,14 @@ fn timed_out_step_has_its_whole_process_group_killed() {
 fn agent_killed_mid_step_reports_interrupted_and_never_runs_it_again() {
     let mut h = host();
     let counter = h.tmp.path().join("hook.count");
-    slow_checkout(&h, &format!("echo run >> {}\nsleep 20", counter.display()));
+    // The step leaves a daemon of its own (in a new session) before it is cut off.
+    slow_checkout(
+        &h,
+        &format!(
+            "echo run >> {}\nsetsid -f sleep 3109 >/dev/null 2>&1\nsleep 3110",
+            counter.display()
+        ),
+    );
 
     let mut exec = Command::new(rollback_tests::support::bin("rollbackctl"));
     exec.args(["--coordinator", &h.coordinator.url()])
@@ -321,8 +328,13 @@ fn agent_killed_mid_step_reports_interrupted_and_never_runs_it_again() {
             .filter(|c| c.lines().count() == 1)
             .ok_or_else(|| anyhow::anyhow!("hook not started"))
     });
-    // SIGKILL the agent mid-step (dropping the process handle kills it).
-    drop(h.agent.take());
+    eventually("the step's daemon started", DEADLINE, || {
+        (!pids_running("sleep 3109").is_empty())
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("not yet"))
+    });
+    // SIGKILL the agent mid-step: its step's processes are orphaned, as in a real crash.
+    h.agent.take().expect("agent").crash();
     let out = exec.wait_with_output().expect("rollbackctl ends");
     assert!(
         !out.status.success(),
@@ -342,7 +354,24 @@ fn agent_killed_mid_step_reports_interrupted_and_never_runs_it_again() {
         .next()
         .expect("the run is in the journal");
 
+    assert!(
+        !pids_running("sleep 3110").is_empty(),
+        "the crash left the step running (the agent is gone, not the step)"
+    );
     h.start_agent();
+    // The restarted agent kills what the crashed run left, daemon included.
+    eventually("the crashed step's processes are gone", DEADLINE, || {
+        let left = [pids_running("sleep 3109"), pids_running("sleep 3110")].concat();
+        left.is_empty()
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("still running: {left:?}"))
+    });
+    assert!(
+        h.agent_log()
+            .contains("a step of a crashed agent left processes"),
+        "the agent says what it killed:\n{}",
+        h.agent_log()
+    );
     let record = eventually(
         "the coordinator acknowledged the interrupted result",
         DEADLINE,
@@ -660,6 +689,44 @@ fn steps_are_idempotent_and_git_resolve_only_reads() {
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&env).expect("env")),
         inode,
         "the identical env file was not rewritten"
+    );
+}
+
+/// Pids whose command line (arguments joined by spaces) is exactly `cmdline`.
+fn pids_running(cmdline: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let args: Vec<String> = raw
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.join(" ") == cmdline
+            })
+        })
+        .collect()
+}
+
+/// Nothing of a step survives it: neither a background child that let go of the step's
+/// output nor a grandchild that left the process group with `setsid`.
+#[test]
+fn nothing_of_a_step_survives_it() {
+    let h = host();
+    slow_checkout(
+        &h,
+        "sleep 3107 >/dev/null 2>&1 &\nsetsid -f sleep 3108 >/dev/null 2>&1\nsleep 0.2",
+    );
+    let (ok, doc, stderr) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(ok, "{doc} {stderr}");
+    let left = [pids_running("sleep 3107"), pids_running("sleep 3108")].concat();
+    assert!(
+        left.is_empty(),
+        "the step's leftovers are killed before its result is reported: {left:?}"
     );
 }
 

@@ -36,6 +36,14 @@ fn every_action_changes_the_real_host() -> Result<()> {
         return Ok(());
     };
     let fleet = LabFleet::start(&lab)?;
+    // Under the host's systemd (Delegate=yes), every step runs in a cgroup of its own.
+    for host in ["app1", "db"] {
+        let log = fleet.agent_log(host);
+        assert!(
+            log.contains("each step runs in its own cgroup"),
+            "{host}: step containment is on:\n{log}"
+        );
+    }
 
     // Hello carried the host's real state.
     let agents = fleet.agents()?;

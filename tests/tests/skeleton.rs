@@ -267,15 +267,21 @@ async fn hello_with_another_host_id_is_refused_and_logged_with_both_ids() {
         &certs,
     )
     .expect("spawns");
-    let mut proc = agent.proc;
+    let mut agent = agent;
     let status = eventually("mismatched agent exits", DEADLINE, || {
-        proc.exited()?.ok_or_else(|| anyhow::anyhow!("running"))
+        agent
+            .proc
+            .exited()?
+            .ok_or_else(|| anyhow::anyhow!("running"))
     });
     assert!(!status.success());
     assert!(
-        proc.log_text().contains("rollbackctl pki issue agent db-9"),
+        agent
+            .proc
+            .log_text()
+            .contains("rollbackctl pki issue agent db-9"),
         "{}",
-        proc.log_text()
+        agent.proc.log_text()
     );
 }
 
