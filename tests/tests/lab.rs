@@ -129,7 +129,7 @@ fn fleet_lab_boots_serves_and_breaks_each_runbook_way() -> Result<()> {
             ("app3".into(), 200)
         ]
     );
-    lab.run("app2", &["git", "-C", APP_DIR, "checkout", "-q", "v2"])?;
+    lab.run_as_app("app2", &["git", "-C", APP_DIR, "checkout", "-q", "v2"])?;
     lab.restart_unit("app2", APP_UNIT)?;
     lab.wait_ready("app2")?;
 

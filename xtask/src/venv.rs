@@ -22,7 +22,13 @@ pub fn venv_dir() -> PathBuf {
 pub fn ensure() -> Result<PathBuf> {
     let dir = venv_dir();
     let marker = dir.join(".installed");
-    let wanted = PACKAGES.join("\n");
+    // The system interpreter when there is one: the lab's app runs as an unprivileged user,
+    // who cannot reach an interpreter under /root (e.g. pyenv's).
+    let python = ["/usr/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("python3");
+    let wanted = format!("{python}\n{}", PACKAGES.join("\n"));
     if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
         return Ok(dir);
     }
@@ -30,7 +36,7 @@ pub fn ensure() -> Result<PathBuf> {
         "xtask: creating python venv with alembic at {}",
         dir.display()
     );
-    run(Command::new("python3")
+    run(Command::new(python)
         .args(["-m", "venv", "--clear"])
         .arg(&dir))?;
     run(Command::new(dir.join("bin/pip"))

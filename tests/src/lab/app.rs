@@ -1,6 +1,7 @@
 //! The sample application (the runbook's quality-governance-platform in miniature): an origin
 //! git repository with one commit per release, a clone per app host at [`APP_DIR`] run as
-//! `app.service`, its `.env`, and its alembic migrations.
+//! `app.service`, its `.env`, and its alembic migrations. As in a real deployment, the app dir
+//! belongs to an unprivileged user ([`APP_USER`]) and the app runs as that user.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,11 @@ use super::{COORDINATOR, SHARED_MOUNT, cmd, enter};
 
 /// Where each app host has its clone.
 pub const APP_DIR: &str = "/srv/app";
+/// The unprivileged user that owns [`APP_DIR`] and runs the app.
+pub const APP_USER: &str = "app";
+/// Where each app host sees the lab venv (bind-mounted in the host's own mount namespace), so
+/// the app user reaches it whatever the permissions of the workspace's parent directories.
+pub const APP_VENV: &str = "/opt/lab-venv";
 /// The app's systemd unit on each app host.
 pub const APP_UNIT: &str = "app.service";
 pub const APP_PORT: u16 = 8000;
@@ -147,13 +153,12 @@ pub fn good_env(lab: &Lab) -> Result<String> {
     ))
 }
 
-fn unit(lab: &Lab) -> String {
+fn unit() -> String {
     format!(
         "[Unit]\nDescription=quality-governance-platform (fleet lab sample app)\nAfter=network.target\n\n\
-         [Service]\nType=simple\nWorkingDirectory={APP_DIR}\nEnvironment=PYTHONUNBUFFERED=1\n\
-         ExecStart={}/bin/python {APP_DIR}/app.py\nRestart=on-failure\nRestartSec=1\n\n\
-         [Install]\nWantedBy=multi-user.target\n",
-        lab.venv().display()
+         [Service]\nType=simple\nUser={APP_USER}\nGroup={APP_USER}\nWorkingDirectory={APP_DIR}\nEnvironment=PYTHONUNBUFFERED=1\n\
+         ExecStart={APP_VENV}/bin/python {APP_DIR}/app.py\nRestart=on-failure\nRestartSec=1\n\n\
+         [Install]\nWantedBy=multi-user.target\n"
     )
 }
 
@@ -162,13 +167,44 @@ fn unit(lab: &Lab) -> String {
 pub fn deploy(lab: &Lab) -> Result<()> {
     let hosts = lab.app_host_ids();
     let env = good_env(lab)?;
-    let unit = unit(lab);
+    let unit = unit();
+    let venv = lab.venv().display().to_string();
     let origin = origin_in_hosts();
     let install = |host: &str| -> Result<()> {
+        if lab.run(host, &["id", "-u", APP_USER]).is_err() {
+            lab.run(
+                host,
+                &[
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    APP_DIR,
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    APP_USER,
+                ],
+            )?;
+        }
+        lab.run(host, &["mkdir", "-p", APP_VENV])?;
+        lab.run(host, &["mount", "--bind", "-o", "ro", &venv, APP_VENV])?;
         lab.run(host, &["git", "clone", "-q", &origin, APP_DIR])?;
         lab.run(
             host,
             &["git", "-C", APP_DIR, "checkout", "-q", DEPLOYED_RELEASE],
+        )?;
+        let owner = format!("{APP_USER}:{APP_USER}");
+        lab.run(host, &["chown", "-R", &owner, APP_DIR])?;
+        let log_dir = Path::new(APP_LOG)
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        lab.run(
+            host,
+            &[
+                "install", "-d", "-o", APP_USER, "-g", APP_USER, "-m", "755", &log_dir,
+            ],
         )?;
         lab.write_file(host, &format!("{APP_DIR}/.env"), env.as_bytes(), 0o600)?;
         lab.install_unit(host, APP_UNIT, &unit)
@@ -193,6 +229,14 @@ pub fn deploy(lab: &Lab) -> Result<()> {
 }
 
 impl Lab {
+    /// Runs `argv` inside `host` as the app user (as a deploy would: git refuses root in a
+    /// repository another user owns), requiring success; returns stdout.
+    pub fn run_as_app(&self, host: &str, argv: &[&str]) -> Result<String> {
+        let mut full = vec!["runuser", "-u", APP_USER, "--"];
+        full.extend_from_slice(argv);
+        self.run(host, &full)
+    }
+
     /// `http://ADDR:8000PATH` of an app host.
     pub fn app_url(&self, host: &str, path: &str) -> Result<String> {
         Ok(format!(
@@ -214,6 +258,14 @@ impl Lab {
     /// Waits until the app host's /readyz answers 200.
     pub fn wait_ready(&self, host: &str) -> Result<HttpResponse> {
         self.wait_http_status(COORDINATOR, &self.app_url(host, "/readyz")?, 200)
+            .with_context(|| {
+                let journal = self
+                    .command(host, "journalctl")
+                    .and_then(|c| c.args(["-u", APP_UNIT, "--no-pager", "-n", "30"]).output())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                format!("host {host}: {APP_UNIT} journal:\n{journal}")
+            })
     }
 
     /// Waits until the app host's /readyz answers 503 (the app serves but is not ready).
@@ -226,6 +278,8 @@ impl Lab {
         let alembic = self.venv().join("bin/alembic");
         self.command(host, &alembic.to_string_lossy())?
             .current_dir(APP_DIR)
+            // Root leaves no bytecode in the app user's directory.
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .args(args)
             .output()
     }
@@ -251,7 +305,7 @@ impl Lab {
     /// `git rev-parse HEAD` of the app directory of `host`.
     pub fn app_head(&self, host: &str) -> Result<String> {
         Ok(self
-            .run(host, &["git", "-C", APP_DIR, "rev-parse", "HEAD"])?
+            .run_as_app(host, &["git", "-C", APP_DIR, "rev-parse", "HEAD"])?
             .trim()
             .to_string())
     }

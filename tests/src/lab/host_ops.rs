@@ -145,9 +145,17 @@ impl Lab {
     }
 
     /// Writes `contents` to `path` inside `host` (parents created, file replaced) with `mode`.
+    /// A file in the app dir belongs to the app user, as a deploy would leave it.
     pub fn write_file(&self, host: &str, path: &str, contents: &[u8], mode: u32) -> Result<()> {
+        let mut args = vec!["-D".to_string(), "-m".to_string(), format!("{mode:o}")];
+        if path.starts_with(&format!("{}/", super::APP_DIR)) {
+            for flag in ["-o", "-g"] {
+                args.extend([flag.to_string(), super::APP_USER.to_string()]);
+            }
+        }
         self.command(host, "install")?
-            .args(["-D", "-m", &format!("{mode:o}"), "/dev/stdin", path])
+            .args(args.iter().map(String::as_str))
+            .args(["/dev/stdin", path])
             .stdin(contents)
             .run()
             .with_context(|| format!("host {host}: writing {path}"))?;

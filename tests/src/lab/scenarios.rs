@@ -92,7 +92,7 @@ impl Lab {
     pub fn bad_release(&self, hosts: &[&str]) -> Result<Breakage> {
         let next = release(NEXT_RELEASE)?;
         for host in hosts {
-            self.run(host, &["git", "-C", APP_DIR, "checkout", "-q", next.tag])?;
+            self.run_as_app(host, &["git", "-C", APP_DIR, "checkout", "-q", next.tag])?;
             self.restart_unit(host, APP_UNIT)?;
         }
         for host in hosts {
