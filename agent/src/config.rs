@@ -178,10 +178,34 @@ impl Config {
                 ),
             ));
         }
-        if self.coordinator.parse::<tonic::transport::Uri>().is_err() {
+        let uri = self
+            .coordinator
+            .parse::<tonic::transport::Uri>()
+            .map_err(|_| {
+                invalid(
+                    "coordinator",
+                    format!("`{}` is not a valid URL", self.coordinator),
+                )
+            })?;
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        // The port as written (http::Uri keeps digits it cannot use as a u16).
+        let port_ok = match authority.rsplit_once(':') {
+            Some((_, p)) if !authority.ends_with(']') => p.parse::<u16>().is_ok_and(|p| p != 0),
+            _ => true,
+        };
+        if uri.host().is_none_or(str::is_empty)
+            || authority.contains('@')
+            || !port_ok
+            || authority.ends_with(':')
+            || !matches!(uri.path(), "" | "/")
+            || uri.query().is_some()
+        {
             return Err(invalid(
                 "coordinator",
-                format!("`{}` is not a valid URL", self.coordinator),
+                format!(
+                    "`{}` must be https://HOST[:PORT] with a host, a port of 1-65535, and no credentials, path or query",
+                    self.coordinator
+                ),
             ));
         }
         for (k, v) in &self.labels {
@@ -198,6 +222,23 @@ impl Config {
                 "need 0 < reconnect_initial_ms <= reconnect_max_ms".into(),
             ));
         }
+        // The host profile: every section present is checked before the agent starts.
+        let profile = |r: Result<(), crate::profile::ProfileProblem>| {
+            r.map_err(|p| invalid(&p.key, p.reason))
+        };
+        if let Some(s) = &self.service {
+            profile(s.validate())?;
+        }
+        if let Some(a) = &self.app {
+            profile(a.validate())?;
+        }
+        if let Some(a) = &self.alembic {
+            profile(a.validate())?;
+        }
+        if let Some(p) = &self.postgres {
+            profile(p.validate())?;
+        }
+        profile(self.timeouts.validate())?;
         Ok(())
     }
 

@@ -269,8 +269,8 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                     validate::endpoint(v).map(|()| v.to_string())
                 })?
                 .unwrap_or_else(|| "/healthz".into());
-            let expect = p.check("expect", |v| match v.parse::<u16>() {
-                Ok(code) if (100..=599).contains(&code) => Ok(code),
+            let expect = p.check("expect", |v| match validate::number(v) {
+                Ok(code) if (100..=599).contains(&code) => Ok(code as u16),
                 _ => Err("must be an HTTP status code (100-599)".into()),
             })?;
             let retries = p.check("retries", |v| {
@@ -280,7 +280,7 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                     validate::count(v, 600)
                 }
             })?;
-            let interval = p.check("interval_ms", |v| match v.parse::<u64>() {
+            let interval = p.check("interval_ms", |v| match validate::number(v) {
                 Ok(ms) if (50..=60_000).contains(&ms) => Ok(ms),
                 _ => Err("must be between 50 and 60000 milliseconds".into()),
             })?;

@@ -49,11 +49,21 @@ pub fn alembic_revision(rev: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A whole number written in decimal digits only (no sign, no spaces), at most 10 digits.
+pub fn number(text: &str) -> Result<u64, String> {
+    if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "`{}` is not a whole number (decimal digits only)",
+            text.escape_default()
+        ));
+    }
+    text.parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))
+}
+
 /// A count within `1..=max`.
 pub fn count(text: &str, max: u32) -> Result<u32, String> {
-    let n: u32 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    let n = u32::try_from(number(text)?).map_err(|_| format!("must be between 1 and {max}"))?;
     if n == 0 || n > max {
         return Err(format!("must be between 1 and {max}"));
     }
@@ -143,7 +153,7 @@ pub fn patterns(text: &str) -> Result<Vec<String>, String> {
 
 /// Whether `p` is a plain relative path with no `..` (for config-relative names).
 pub fn is_plain_relative(p: &Path) -> bool {
-    p.components().all(|c| matches!(c, Component::Normal(_)))
+    p.components().next().is_some() && p.components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 #[cfg(test)]
