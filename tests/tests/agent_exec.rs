@@ -26,6 +26,9 @@ struct Host {
     backups: PathBuf,
     /// What the profile's `app.git` points at.
     git: PathBuf,
+    /// What the profile's `postgres.pg_restore` points at (the real one until a test swaps
+    /// in a stand-in).
+    pg_restore: PathBuf,
 }
 
 fn git(repo: &Path, args: &[&str]) -> String {
@@ -70,6 +73,9 @@ fn host() -> Host {
     // The host's git: /usr/bin/git until a test wraps it (`slow_checkout`).
     let git_bin = dir.join("git");
     std::os::unix::fs::symlink("/usr/bin/git", &git_bin).expect("symlink git");
+    let pg_restore = dir.join("pg_restore");
+    std::os::unix::fs::symlink("/usr/lib/postgresql/15/bin/pg_restore", &pg_restore)
+        .expect("symlink pg_restore");
     std::fs::write(
         backups.join("backup_20260101_000000.dump"),
         b"not really a dump",
@@ -89,6 +95,7 @@ fn host() -> Host {
         repo,
         backups,
         git: git_bin,
+        pg_restore,
     };
     h.start_agent();
     h
@@ -102,10 +109,11 @@ impl Host {
         });
         let profile = format!(
             "[app]\ndir = \"{repo}\"\ngit = \"{git}\"\nenv_file = \"{repo}/.env\"\nenv_backup = \"{repo}/.env.backup\"\n\
-             [postgres]\nhost = \"127.0.0.1\"\nuser = \"postgres\"\ndatabase = \"app\"\nbackup_dir = \"{backups}\"\n\
+             [postgres]\npg_restore = \"{pg_restore}\"\nhost = \"127.0.0.1\"\nuser = \"postgres\"\ndatabase = \"app\"\nbackup_dir = \"{backups}\"\n\
              [timeouts]\nkill_grace_secs = 1\n",
             repo = self.repo.display(),
             git = self.git.display(),
+            pg_restore = self.pg_restore.display(),
             backups = self.backups.display()
         );
         let agent = Agent::start_with_profile(
@@ -723,6 +731,12 @@ fn nothing_of_a_step_survives_it() {
     );
     let (ok, doc, stderr) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
     assert!(ok, "{doc} {stderr}");
+    assert!(
+        doc["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("left processes behind")),
+        "the step says what it killed: {doc}"
+    );
     let left = [pids_running("sleep 3107"), pids_running("sleep 3108")].concat();
     assert!(
         left.is_empty(),
@@ -1049,4 +1063,74 @@ fn a_run_printing_far_more_than_the_message_limit_arrives_cut_and_the_session_st
     );
     let (ok, doc, _) = h.exec("git.log", &["count=1"], &[]);
     assert!(ok, "the same session runs the next step: {doc}");
+}
+
+/// A backup swapped for a symlink to a root secret after the agent checked it (here: while
+/// `pg_restore --list` runs): the restore still reads the archive that was checked, through the
+/// descriptor the agent opened, and the secret is never read. `pg_restore` is a stand-in (test
+/// double: there is no database here, and what matters is which bytes the agent hands over):
+/// it swaps the file on `--list`, then reports the sha256 of what it was given.
+#[test]
+fn a_backup_swapped_after_its_check_is_not_what_gets_restored() {
+    let h = host();
+    let backup = h.backups.join("backup_20260101_000000.dump");
+    let original = std::fs::read(&backup).expect("backup");
+    let secret = h.tmp.path().join("secret");
+    std::fs::write(&secret, "ROOT SECRET\n").expect("secret");
+    let sha = rollback_agent::actions::sha256_hex;
+    let tmp = h.pg_restore.with_extension("new");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/bash\ncase \" $* \" in *\" --list \"*) rm -f {b}; ln -s {s} {b};; esac\n\
+             echo \"stand-in read sha256 $(sha256sum | cut -d' ' -f1)\"\n",
+            b = backup.display(),
+            s = secret.display()
+        ),
+    )
+    .expect("stand-in");
+    set_mode(&tmp, 0o755);
+    std::fs::rename(&tmp, &h.pg_restore).expect("install stand-in");
+
+    let (ok, doc, stderr) = h.exec(
+        "postgres.restore",
+        &["backup=backup_20260101_000000.dump"],
+        &[],
+    );
+    assert!(ok, "{doc} {stderr}");
+    assert_eq!(
+        doc["facts"]["backup_sha256"],
+        sha(&original),
+        "the checked archive is the one hashed: {doc}"
+    );
+    let output = doc["output"].as_str().unwrap_or_default();
+    let read = format!("stand-in read sha256 {}", sha(&original));
+    assert_eq!(
+        output.matches(&read).count(),
+        2,
+        "both the listing and the restore read the checked archive: {output}"
+    );
+    assert!(
+        !output.contains(&sha(b"ROOT SECRET\n")),
+        "the secret was never read: {output}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&backup)
+            .expect("swapped")
+            .file_type()
+            .is_symlink(),
+        "the swap happened"
+    );
+    // Asked again, the swapped backup is refused by name.
+    let (ok, doc, _) = h.exec(
+        "postgres.restore",
+        &["backup=backup_20260101_000000.dump"],
+        &[],
+    );
+    assert!(!ok, "{doc}");
+    let error = doc["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("outside the backup dir") || error.contains("symlink"),
+        "{doc}"
+    );
 }

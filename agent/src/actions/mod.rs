@@ -429,6 +429,12 @@ impl<'a> StepCtx<'a> {
             .await
             .map_err(|e| Failure::new(-1, e.to_string()))?;
         self.output.push(&outcome.output.render());
+        if outcome.killed_leftovers {
+            self.say(&format!(
+                "`{}` left processes behind (a background or setsid child); they were killed: nothing of a step outlives it",
+                spec.program.display()
+            ));
+        }
         match outcome.ending {
             Ending::TimedOut => Err(Failure {
                 status: StepStatus::TimedOut,
