@@ -40,8 +40,8 @@ mod venv;
 pub const SHARED_MOUNT: &str = "/lab";
 
 pub use app::{
-    APP_DIR, APP_LOG, APP_PORT, APP_UNIT, APP_USER, DEPLOYED_RELEASE, NEXT_RELEASE, RELEASES,
-    Release, assets_dir, release,
+    APP_DIR, APP_LOG, APP_PORT, APP_UNIT, APP_USER, APP_VENV, DEPLOYED_RELEASE, NEXT_RELEASE,
+    RELEASES, Release, assets_dir, release,
 };
 pub use fleet::Lab;
 pub use footprint::Footprint;
