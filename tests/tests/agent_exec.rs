@@ -73,6 +73,15 @@ fn host() -> Host {
     // The host's git: /usr/bin/git until a test wraps it (`slow_checkout`).
     let git_bin = dir.join("git");
     std::os::unix::fs::symlink("/usr/bin/git", &git_bin).expect("symlink git");
+    // A stand-in for alembic (test double: there is no database on loopback); it says which
+    // user ran it.
+    let alembic = dir.join("alembic");
+    std::fs::write(
+        &alembic,
+        "#!/bin/sh\necho \"stand-in alembic run by uid $(id -u)\"\necho '0002 (head)'\n",
+    )
+    .expect("alembic stand-in");
+    set_mode(&alembic, 0o755);
     let pg_restore = dir.join("pg_restore");
     std::os::unix::fs::symlink("/usr/lib/postgresql/15/bin/pg_restore", &pg_restore)
         .expect("symlink pg_restore");
@@ -110,10 +119,12 @@ impl Host {
         let profile = format!(
             "[app]\ndir = \"{repo}\"\ngit = \"{git}\"\nenv_file = \"{repo}/.env\"\nenv_backup = \"{repo}/.env.backup\"\n\
              [postgres]\npg_restore = \"{pg_restore}\"\nhost = \"127.0.0.1\"\nuser = \"postgres\"\ndatabase = \"app\"\nbackup_dir = \"{backups}\"\n\
+             [alembic]\nbinary = \"{alembic}\"\nworkdir = \"{repo}\"\n\
              [timeouts]\nkill_grace_secs = 1\n",
             repo = self.repo.display(),
             git = self.git.display(),
             pg_restore = self.pg_restore.display(),
+            alembic = self.tmp.path().join("alembic").display(),
             backups = self.backups.display()
         );
         let agent = Agent::start_with_profile(
@@ -519,7 +530,8 @@ fn a_hostile_repository_runs_nothing_as_root() {
         &["config", "core.fsmonitor", &monitor.display().to_string()],
     );
     let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
-    // The owner can reach its repository (the test's temporary dir is root's 0700).
+    // The owner can reach its repository and the alembic stand-in (the test's temporary dir
+    // is root's 0700).
     let mut perm = std::fs::metadata(h.tmp.path()).expect("tmp").permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
     std::fs::set_permissions(h.tmp.path(), perm).expect("chmod");
@@ -570,6 +582,15 @@ fn a_hostile_repository_runs_nothing_as_root() {
         version.uid(),
         nobody,
         "the checked-out file is the owner's, not root's"
+    );
+    // alembic runs the workdir's Python (env.py, migrations): as the workdir's owner too.
+    let (ok, doc, stderr) = h.exec("alembic.current", &[], &[]);
+    assert!(ok, "{doc} {stderr}");
+    assert!(
+        doc["output"]
+            .as_str()
+            .is_some_and(|o| o.contains(&format!("stand-in alembic run by uid {nobody}"))),
+        "alembic ran as the workdir's owner: {doc}"
     );
 }
 

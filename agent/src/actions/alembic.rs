@@ -53,6 +53,7 @@ fn explain(output: &str) -> Option<String> {
     None
 }
 
+/// `alembic -c CONFIG` in the workdir with the profile's environment.
 fn alembic(ctx: &StepCtx<'_>) -> Result<ProcessSpec, Failure> {
     let a = ctx
         .config
@@ -63,7 +64,12 @@ fn alembic(ctx: &StepCtx<'_>) -> Result<ProcessSpec, Failure> {
     for (k, v) in &a.env {
         spec = spec.env(k.clone(), v.clone());
     }
-    Ok(spec.env("PYTHONUNBUFFERED", "1"))
+    // alembic runs the workdir's Python (env.py, the migrations): as the workdir's owner when
+    // that is not the agent's user, so editing them gains that owner nothing.
+    let (spec, _) = super::as_owner_of(spec, &a.workdir, "alembic.workdir")?;
+    Ok(spec
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1"))
 }
 
 fn shown(revision: &str) -> &str {

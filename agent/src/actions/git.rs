@@ -46,16 +46,13 @@ fn explain(stderr: &str, dir: &str) -> Option<String> {
 /// anything the repository configures (filters, hooks it re-enables) runs with no more rights
 /// than its owner already has, and checked-out files keep their owner.
 fn git(ctx: &StepCtx<'_>) -> Result<(ProcessSpec, String), Failure> {
-    use std::os::unix::fs::MetadataExt;
     let app = ctx
         .config
         .app
         .as_ref()
         .ok_or_else(|| Failure::new(-1, "no [app] in agent.toml"))?;
     let dir = app.dir.display().to_string();
-    let owner =
-        std::fs::metadata(&app.dir).map_err(|e| Failure::new(-1, format!("app.dir {dir}: {e}")))?;
-    let mut spec = ctx
+    let spec = ctx
         .spec(&app.git, &app.dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_OPTIONAL_LOCKS", "0")
@@ -65,13 +62,10 @@ fn git(ctx: &StepCtx<'_>) -> Result<(ProcessSpec, String), Failure> {
             "-c",
             "core.fsmonitor=false",
         ]);
-    if owner.uid() == nix::unistd::geteuid().as_raw() {
-        if let Some(home) = &ctx.home {
-            spec = spec.env("HOME", home.clone());
-        }
-    } else {
-        // No HOME: the owner's global config is theirs to read, not the agent's to pass on.
-        spec = spec.run_as(owner.uid(), owner.gid());
+    // As another user, no HOME: the owner's global config is theirs, not the agent's to pass.
+    let (mut spec, as_owner) = super::as_owner_of(spec, &app.dir, "app.dir")?;
+    if !as_owner && let Some(home) = &ctx.home {
+        spec = spec.env("HOME", home.clone());
     }
     Ok((spec, dir))
 }

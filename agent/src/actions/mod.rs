@@ -158,6 +158,24 @@ fn revision_param(p: &mut Params<'_>, config: &Config, what: &str) -> Result<Str
     .ok_or_else(|| p.refuse(Some("revision"), format!("is required: {what}")))
 }
 
+/// Makes `spec` run as the owner (and group) of `dir` when that is not the agent's user, so
+/// code the directory's owner controls (a repository's filters, alembic's env.py) runs with no
+/// more rights than that owner already has. Returns whether it will run as that owner.
+fn as_owner_of(
+    spec: ProcessSpec,
+    dir: &std::path::Path,
+    key: &str,
+) -> Result<(ProcessSpec, bool), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir)
+        .map_err(|e| Failure::new(-1, format!("{key} {}: {e}", dir.display())))?;
+    if owner.uid() == nix::unistd::geteuid().as_raw() {
+        Ok((spec, false))
+    } else {
+        Ok((spec.run_as(owner.uid(), owner.gid()), true))
+    }
+}
+
 /// Checks a step against the allowlist and this host's profile. Spawns nothing.
 pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
     let name = step.action.as_str();
