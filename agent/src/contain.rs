@@ -139,7 +139,7 @@ fn reap(root: &Path) -> Vec<(String, usize)> {
         if !name.starts_with(STEP_PREFIX) || !e.path().is_dir() {
             continue;
         }
-        let cg = StepCgroup { dir: e.path() };
+        let cg = StepCgroup::at(e.path());
         let killed = cg.kill();
         cg.wait_empty_blocking();
         cg.remove();
@@ -148,10 +148,21 @@ fn reap(root: &Path) -> Vec<(String, usize)> {
     reaped
 }
 
-/// A step process's cgroup.
+/// A step process's cgroup. Dropped without `remove` (an error path), it is killed and
+/// removed then, or left for the next start if it cannot be.
 #[derive(Debug)]
 pub struct StepCgroup {
     dir: PathBuf,
+    removed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for StepCgroup {
+    fn drop(&mut self) {
+        if !self.removed.load(Ordering::Relaxed) {
+            self.kill();
+            self.remove();
+        }
+    }
 }
 
 impl StepCgroup {
@@ -167,7 +178,14 @@ impl StepCgroup {
         );
         let dir = root.join(name);
         std::fs::create_dir(&dir)?;
-        Ok(Some(Self { dir }))
+        Ok(Some(Self::at(dir)))
+    }
+
+    fn at(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            removed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// The file a process writes `0` into to join.
@@ -236,6 +254,7 @@ impl StepCgroup {
 
     /// Removes the (empty) cgroup; one that cannot be removed is left for the next start.
     pub fn remove(&self) {
+        self.removed.store(true, Ordering::Relaxed);
         if let Err(e) = std::fs::remove_dir(&self.dir) {
             warn!(cgroup = %self.dir.display(), error = %e, "step cgroup not removed; the next agent start removes it");
         }

@@ -36,16 +36,29 @@ pub fn shim_main() -> Option<i32> {
     if args.next()? != SHIM_FLAG {
         return None;
     }
-    let (Some(procs), Some(uid), Some(gid), Some(_), Some(program)) = (
+    let usage = || {
+        eprintln!("rollback-agent: {SHIM_FLAG} PROCS UID GID -- PROGRAM [ARGS...]");
+        Some(126)
+    };
+    let (Some(procs), Some(uid), Some(gid), Some(dashes), Some(program)) = (
         args.next(),
         args.next(),
         args.next(),
         args.next(),
         args.next(),
     ) else {
-        eprintln!("rollback-agent: {SHIM_FLAG} PROCS UID GID -- PROGRAM [ARGS...]");
-        return Some(126);
+        return usage();
     };
+    // Fail closed: `-` (keep the agent's user) or two numbers; anything else runs nothing.
+    let id = |v: &std::ffi::OsStr| v.to_str().and_then(|s| s.parse::<u32>().ok());
+    let run_as = match (uid.to_str(), gid.to_str(), id(&uid), id(&gid)) {
+        (Some("-"), Some("-"), _, _) => None,
+        (_, _, Some(u), Some(g)) => Some((u, g)),
+        _ => return usage(),
+    };
+    if dashes != "--" {
+        return usage();
+    }
     let joined = std::fs::OpenOptions::new()
         .write(true)
         .open(&procs)
@@ -59,8 +72,7 @@ pub fn shim_main() -> Option<i32> {
     }
     let mut cmd = std::process::Command::new(&program);
     cmd.args(args);
-    let id = |v: &std::ffi::OsStr| v.to_str().and_then(|s| s.parse::<u32>().ok());
-    if let (Some(uid), Some(gid)) = (id(&uid), id(&gid)) {
+    if let Some((uid, gid)) = run_as {
         // std drops the supplementary groups when root sets a uid without explicit groups.
         cmd.uid(uid).gid(gid);
     }
@@ -313,12 +325,8 @@ pub async fn run(
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
-        Err(source) => {
-            if let Some(cg) = &cgroup {
-                cg.remove();
-            }
-            return Err(spawn_error(source));
-        }
+        // The cgroup guard removes the (empty) cgroup on this and every other early return.
+        Err(source) => return Err(spawn_error(source)),
     };
     let pgid = child
         .id()

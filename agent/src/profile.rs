@@ -29,19 +29,19 @@ pub struct AppProfile {
     pub log_file: Option<PathBuf>,
     /// Base URL of the health endpoints, e.g. `http://127.0.0.1:8000` (no path).
     pub health_base_url: Option<String>,
-    /// Whether `env_file` and `env_backup` may be symlinks (e.g. to `/etc/app/env`). Off by
-    /// default: the app dir's owner could point them at any file on the host.
-    #[serde(default)]
-    pub allow_env_symlinks: bool,
+    /// When `env_file` is a symlink (e.g. to `/etc/app/env`), the one absolute path it may
+    /// point to, in a directory only the agent's user can change; the agent then reads and
+    /// replaces that file. Unset, a symlinked env file is refused (the app dir's owner could
+    /// point it at any file on the host). The backup and the log are never followed.
+    pub env_symlink_target: Option<PathBuf>,
 }
 
 impl AppProfile {
-    /// How the env file and its backup treat a symlink.
-    pub fn symlinks(&self) -> crate::actions::Symlinks {
-        if self.allow_env_symlinks {
-            crate::actions::Symlinks::Follow
-        } else {
-            crate::actions::Symlinks::Refuse
+    /// How the env file treats a symlink.
+    pub fn env_symlinks(&self) -> crate::actions::Symlinks<'_> {
+        match &self.env_symlink_target {
+            Some(t) => crate::actions::Symlinks::Pinned(t),
+            None => crate::actions::Symlinks::Refuse,
         }
     }
 }
@@ -229,6 +229,7 @@ impl AppProfile {
             ("app.env_file", &self.env_file),
             ("app.env_backup", &self.env_backup),
             ("app.log_file", &self.log_file),
+            ("app.env_symlink_target", &self.env_symlink_target),
         ] {
             if let Some(p) = p {
                 absolute(key, p)?;

@@ -25,6 +25,9 @@ use crate::exec::OutputSink;
 use crate::journal::{Journal, Phase, RunRecord, StepRecord, valid_run_id};
 use crate::uplink::Uplink;
 
+/// Steps in one run: bounds the journal record and keeps every result within the message
+/// limit once cut (`output_cap::fit_run_finished`).
+pub const MAX_STEPS_PER_RUN: usize = 256;
 /// Cancels for not-yet-arrived runs that are remembered.
 const EARLY_CANCELS_KEPT: usize = 64;
 /// Output chunks larger than this are split (keeps gRPC messages small).
@@ -283,6 +286,17 @@ impl Runner {
                     .await;
             }
         }
+        if run.steps.len() > MAX_STEPS_PER_RUN {
+            return self
+                .refuse(
+                    &run,
+                    format!(
+                        "agent {host}: the run has {} steps; at most {MAX_STEPS_PER_RUN} are accepted (split the procedure into phases)",
+                        run.steps.len()
+                    ),
+                )
+                .await;
+        }
         if !run.steps.is_empty()
             && let Some(Err(ago)) = time_left(run.deadline_unix_ms, rollback_common::now_unix_ms())
         {
@@ -302,6 +316,9 @@ impl Runner {
                     "agent {host}: busy with run {}; one run at a time per host",
                     a.run_id
                 )),
+                // Checked again under the lock: a concurrent delivery of the same run may
+                // have been journaled, run and finished since the check above.
+                None if !matches!(self.journal.load(&run.run_id), Ok(None)) => Some(String::new()),
                 None => {
                     *active = Some(Active {
                         run_id: run.run_id.clone(),
@@ -311,13 +328,20 @@ impl Runner {
                 }
             }
         };
-        if let Some(busy) = busy {
-            return self.answer_unjournaled(&run, StepStatus::Busy, busy).await;
-        }
-        // Taken only once the run is accepted: a busy answer leaves it for the redelivery.
-        if self.take_early_cancel(&run.run_id) {
-            info!(host = %host, run = %run.run_id, "run was cancelled before it arrived; nothing will run");
-            cancel.cancel();
+        match busy {
+            Some(b) if b.is_empty() => {
+                info!(host = %host, run = %run.run_id, "run journaled by a concurrent delivery; answering from the journal");
+                if let Ok(Some(done)) = self.journal.load(&run.run_id)
+                    && done.finished
+                {
+                    self.uplink
+                        .send(msg(agent_message::Kind::RunFinished(done.to_proto(true))))
+                        .await;
+                }
+                return;
+            }
+            Some(busy) => return self.answer_unjournaled(&run, StepStatus::Busy, busy).await,
+            None => {}
         }
 
         let mut record = new_record(&run);
@@ -365,6 +389,12 @@ impl Runner {
                     ),
                 )
                 .await;
+        }
+        // Taken only once the run is accepted and journaled: a busy answer or a journal
+        // failure leaves it for the redelivery.
+        if self.take_early_cancel(&run.run_id) {
+            info!(host = %host, run = %run.run_id, "run was cancelled before it arrived; nothing will run");
+            cancel.cancel();
         }
         let this = self.clone();
         let span = info_span!("run", host = %host, run = %run.run_id, job = %run.job_id);

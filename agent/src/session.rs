@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tracing::{debug, info};
 
+/// Unacknowledged run ids listed in Hello (64 bytes each at most).
+const MAX_RUNS_IN_HELLO: usize = 1024;
+
 use crate::config::Config;
 use crate::runner::Runner;
 use crate::uplink::Uplink;
@@ -85,9 +88,11 @@ pub async fn run_session(
             .map(|a| a.to_string())
             .collect(),
         state: Some(crate::state::gather(config).await),
+        // Bounded so Hello always fits a message; the rest follow as results are acknowledged.
         journaled_runs: runner
             .unacked_runs()
             .into_iter()
+            .take(MAX_RUNS_IN_HELLO)
             .map(|r| r.run_id)
             .collect(),
     };

@@ -41,7 +41,7 @@ pub async fn gather(config: &Config) -> HostState {
     }
     if let Some(app) = &config.app
         && let Some(env) = &app.env_file
-        && let Ok((bytes, _)) = actions::read_regular(env, app.symlinks())
+        && let Ok((bytes, _)) = actions::read_regular(env, app.env_symlinks())
     {
         state.env_sha256 = actions::sha256_hex(&bytes);
     }

@@ -1984,7 +1984,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "env_backup",
             "log_file",
             "health_base_url",
-            "allow_env_symlinks",
+            "env_symlink_target",
         ],
     ),
     ("alembic", &["binary", "workdir", "config", "env"]),

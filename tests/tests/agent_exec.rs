@@ -870,7 +870,7 @@ fn a_hostile_app_dir_cannot_turn_file_restore_against_the_host() {
     std::fs::write(&env, "BROKEN=1\n").expect("env");
     std::fs::remove_file(&env).expect("rm env");
     std::os::unix::fs::symlink(&victim, &env).expect("symlink env");
-    refused("symlinked env file", "allow_env_symlinks");
+    refused("symlinked env file", "env_symlink_target");
     std::fs::remove_file(&env).expect("rm env");
     std::fs::write(&env, "BROKEN=1\n").expect("env");
 

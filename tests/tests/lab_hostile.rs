@@ -101,11 +101,11 @@ fn the_app_user_cannot_turn_the_root_agent_against_the_host() -> Result<()> {
     )?;
     lab.wait_ready(HOST)
         .context("the app, running as the app user, reads the restored env file")?;
-    // snapshot.take rewrites the backup the same way, keeping its owner and mode.
-    let backup_stat = stat(&lab, &backup)?;
-    ensure!(backup_stat.starts_with(&format!("{APP_USER}:{APP_USER}:")));
+    // snapshot.take rewrites the backup the same way, with the env file's owner and mode
+    // (the attacker left it world-readable: 0644).
+    ensure!(stat(&lab, &backup)? == format!("{APP_USER}:{APP_USER}:644"));
     fleet.exec_ok(HOST, "snapshot.take", &["id=hostile-1", "label=hostile"])?;
-    ensure!(stat(&lab, &backup)? == backup_stat);
+    ensure!(stat(&lab, &backup)? == stat(&lab, &env)?);
     ensure!(
         lab.read_file(HOST, VICTIM)? == b"ROOT ONLY\n",
         "{VICTIM} untouched"
@@ -132,7 +132,7 @@ fn the_app_user_cannot_turn_the_root_agent_against_the_host() -> Result<()> {
     let (ok, doc) = fleet.exec(HOST, "file.restore", &["file=env"])?;
     ensure!(!ok, "a symlinked env file is refused: {doc}");
     ensure!(
-        error_of(&doc).contains("is a symlink") && error_of(&doc).contains("allow_env_symlinks"),
+        error_of(&doc).contains("is a symlink") && error_of(&doc).contains("env_symlink_target"),
         "the refusal names the cause and the setting: {doc}"
     );
     ensure!(lab.run(HOST, &["sha256sum", "/etc/shadow"])? == shadow_before);

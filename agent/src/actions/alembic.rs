@@ -64,9 +64,18 @@ fn alembic(ctx: &StepCtx<'_>) -> Result<ProcessSpec, Failure> {
     for (k, v) in &a.env {
         spec = spec.env(k.clone(), v.clone());
     }
-    // alembic runs the workdir's Python (env.py, the migrations): as the workdir's owner when
-    // that is not the agent's user, so editing them gains that owner nothing.
-    let (spec, _) = super::as_owner_of(spec, &a.workdir, "alembic.workdir")?;
+    // alembic runs the workdir's Python (env.py, the migrations) with its own binary: as the
+    // user who controls them when that is not the agent's, so editing them gains nothing.
+    let config = a.workdir.join(&a.config);
+    let mut paths = vec![
+        (a.workdir.as_path(), "alembic.workdir"),
+        (a.binary.as_path(), "alembic.binary"),
+    ];
+    // A missing config is alembic's to report.
+    if config.exists() {
+        paths.push((config.as_path(), "alembic.config"));
+    }
+    let (spec, _) = super::as_controller_of(spec, &paths)?;
     Ok(spec
         .env("PYTHONUNBUFFERED", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1"))

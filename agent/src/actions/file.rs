@@ -5,7 +5,7 @@
 //!
 //! Everything here treats the app directory as hostile (its owner may be the attacker):
 //! files are opened relative to an opened directory with `O_NOFOLLOW`, a symlinked env file or
-//! backup is refused unless `app.allow_env_symlinks` says otherwise, sources must be regular
+//! backup is refused unless `app.env_symlink_target` pins where the env file may point, sources must be regular
 //! files with one link, and the temporary file gets a random name and `O_CREAT | O_EXCL`, so a
 //! planted symlink or file at any name is never written through.
 
@@ -13,7 +13,7 @@ use rollback_common::jobs::fact;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat, renameat};
@@ -37,18 +37,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error(
-        "{0} is a symlink; the agent does not follow symlinks in the app dir (set app.allow_env_symlinks = true in agent.toml if this one is intended)"
+        "{0} is a symlink; the agent does not follow symlinks in the app dir: replace it with the file (for the env file only, app.env_symlink_target in agent.toml names the one path it may point to)"
     )]
     Symlink(PathBuf),
-    #[error("{0} is not a regular file")]
+    #[error(
+        "{path} is a symlink to {dest}, not to {pinned} (app.env_symlink_target); point it there or replace it with the file"
+    )]
+    SymlinkElsewhere {
+        path: PathBuf,
+        dest: PathBuf,
+        pinned: PathBuf,
+    },
+    #[error(
+        "app.env_symlink_target {pinned} must be in a directory only the agent's user can change: {reason}"
+    )]
+    UntrustedTarget { pinned: PathBuf, reason: String },
+    #[error("{0} is not a regular file (a FIFO, device or directory); replace it with the file")]
     NotRegular(PathBuf),
     #[error(
-        "{path} has {links} hard links; a file the agent reads as root must have exactly one (another name for it could be a file outside the app dir)"
+        "{path} has {links} hard links; a file the agent reads as root must have exactly one (another name for it could be a file outside the app dir): replace it with a copy"
     )]
     HardLinked { path: PathBuf, links: u64 },
-    #[error("{path} is larger than {max} bytes")]
+    #[error("{path} is larger than {max} bytes; an env file or snapshot record is never that big")]
     TooLarge { path: PathBuf, max: u64 },
-    #[error("{path} has no parent directory and file name")]
+    #[error(
+        "{path}: {dir} is a symlink or not a directory; the agent follows no link on the way to a file it reads or writes as root: configure the real path"
+    )]
+    DirSymlink { path: PathBuf, dir: PathBuf },
+    #[error("{path} is not an absolute path with a parent directory and file name")]
     NoParent { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
@@ -74,9 +90,11 @@ impl FileError {
 
 /// How to treat a symlink at the final component of a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Symlinks {
+pub enum Symlinks<'a> {
     Refuse,
-    Follow,
+    /// A symlink is accepted only if it points at exactly this absolute path (in a directory
+    /// only the agent's user can write); that path is then used, never the link.
+    Pinned(&'a Path),
 }
 
 /// Owner, group and permission bits to give a written file.
@@ -92,7 +110,8 @@ impl Ownership {
         Self {
             uid: meta.uid(),
             gid: meta.gid(),
-            mode: meta.mode() & 0o7777,
+            // Permission bits only: a setuid or sticky bit is never carried over.
+            mode: meta.mode() & 0o777,
         }
     }
 
@@ -106,42 +125,92 @@ impl Ownership {
     }
 }
 
-/// Splits `path` into its directory (opened `O_DIRECTORY | O_NOFOLLOW`) and final name.
+/// Splits `path` into its directory and final name, opening the directory one component at
+/// a time from `/` with `O_DIRECTORY | O_NOFOLLOW`: no symlink anywhere in the path is
+/// followed, so a directory the app dir's owner swaps for a link (`config -> /etc`) never
+/// redirects a root read or write.
 fn open_parent(path: &Path) -> Result<(OwnedFd, PathBuf), FileError> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(FileError::NoParent {
             path: path.to_path_buf(),
         });
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let fd = nix::fcntl::open(
-        dir,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| FileError::io(dir, e))?;
+    if !dir.is_absolute() {
+        return Err(FileError::NoParent {
+            path: path.to_path_buf(),
+        });
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut fd = nix::fcntl::open("/", flags, Mode::empty())
+        .map_err(|e| FileError::io(Path::new("/"), e))?;
+    let mut at = PathBuf::from("/");
+    for part in dir.components() {
+        match part {
+            Component::RootDir | Component::CurDir => continue,
+            Component::Normal(c) => {
+                at.push(c);
+                fd = openat(fd.as_fd(), c, flags, Mode::empty()).map_err(|e| match e {
+                    Errno::ELOOP | Errno::ENOTDIR => FileError::DirSymlink {
+                        path: path.to_path_buf(),
+                        dir: at.clone(),
+                    },
+                    e => FileError::io(&at, e),
+                })?;
+            }
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(FileError::DirSymlink {
+                    path: path.to_path_buf(),
+                    dir: at,
+                });
+            }
+        }
+    }
     Ok((fd, PathBuf::from(name)))
 }
 
-/// Resolves a symlinked final component when symlinks are allowed.
-fn resolve(path: &Path, symlinks: Symlinks) -> Result<PathBuf, FileError> {
-    match symlinks {
-        Symlinks::Refuse => Ok(path.to_path_buf()),
-        Symlinks::Follow => match std::fs::canonicalize(path) {
-            Ok(real) => Ok(real),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path.to_path_buf()),
-            Err(e) => Err(FileError::io(path, e)),
-        },
+/// The path to operate on: `path` itself, or, when it is a symlink to the pinned target,
+/// that target. Whatever is then opened is opened without following a final symlink.
+fn resolve(path: &Path, symlinks: Symlinks<'_>) -> Result<PathBuf, FileError> {
+    let Symlinks::Pinned(pinned) = symlinks else {
+        return Ok(path.to_path_buf());
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {}
+        _ => return Ok(path.to_path_buf()),
+    }
+    let dest = std::fs::read_link(path).map_err(|e| FileError::io(path, e))?;
+    let absolute = match path.parent() {
+        Some(parent) if dest.is_relative() => parent.join(&dest),
+        _ => dest.clone(),
+    };
+    let normal = absolute
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !normal || absolute.components().collect::<PathBuf>() != pinned {
+        return Err(FileError::SymlinkElsewhere {
+            path: path.to_path_buf(),
+            dest,
+            pinned: pinned.to_path_buf(),
+        });
+    }
+    // The target's directory must be one nobody but the agent's user can change.
+    let dir = pinned.parent().unwrap_or(Path::new("/"));
+    match super::trust::controller(dir, "app.env_symlink_target") {
+        Ok((None, _)) => Ok(pinned.to_path_buf()),
+        Ok((Some((uid, _)), _)) => Err(FileError::UntrustedTarget {
+            pinned: pinned.to_path_buf(),
+            reason: format!("uid {uid} controls {}", dir.display()),
+        }),
+        Err(reason) => Err(FileError::UntrustedTarget {
+            pinned: pinned.to_path_buf(),
+            reason,
+        }),
     }
 }
 
 /// Opens `path` for reading: never through a symlink (unless allowed), never a FIFO, device or
 /// directory, never a file with more than one link.
-pub fn open_regular(path: &Path, symlinks: Symlinks) -> Result<std::fs::File, FileError> {
+pub fn open_regular(path: &Path, symlinks: Symlinks<'_>) -> Result<std::fs::File, FileError> {
     let path = resolve(path, symlinks)?;
     let (dir, name) = open_parent(&path)?;
     let fd = openat(
@@ -169,7 +238,10 @@ pub fn open_regular(path: &Path, symlinks: Symlinks) -> Result<std::fs::File, Fi
 }
 
 /// Reads a small regular file (see `open_regular`) with its ownership.
-pub fn read_regular(path: &Path, symlinks: Symlinks) -> Result<(Vec<u8>, Ownership), FileError> {
+pub fn read_regular(
+    path: &Path,
+    symlinks: Symlinks<'_>,
+) -> Result<(Vec<u8>, Ownership), FileError> {
     let file = open_regular(path, symlinks)?;
     let meta = file.metadata().map_err(|e| FileError::io(path, e))?;
     let mut bytes = Vec::new();
@@ -185,16 +257,6 @@ pub fn read_regular(path: &Path, symlinks: Symlinks) -> Result<(Vec<u8>, Ownersh
     Ok((bytes, Ownership::of(&meta)))
 }
 
-/// The ownership of an existing file at `path` (not following a refused symlink), or `None`
-/// when there is none.
-pub fn ownership(path: &Path, symlinks: Symlinks) -> Result<Option<Ownership>, FileError> {
-    match read_regular(path, symlinks) {
-        Ok((_, own)) => Ok(Some(own)),
-        Err(e) if e.is_missing() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Writes `bytes` to `target` atomically with `own`: a temporary file with a random name,
 /// created `O_CREAT | O_EXCL | O_NOFOLLOW` relative to the opened directory, given its owner
 /// and mode before any byte is written, fsynced, renamed over `target`; then the directory is
@@ -204,7 +266,7 @@ pub fn write_atomically(
     target: &Path,
     bytes: &[u8],
     own: Ownership,
-    symlinks: Symlinks,
+    symlinks: Symlinks<'_>,
 ) -> Result<(), FileError> {
     let target = resolve(target, symlinks)?;
     let (dir, name) = open_parent(&target)?;
@@ -279,17 +341,17 @@ pub(super) async fn restore_env(
             "app.env_file and app.env_backup are not set in agent.toml",
         ));
     };
-    let symlinks = app.symlinks();
+    let symlinks = app.env_symlinks();
     let from_snapshot = source.is_some();
     let source = source.unwrap_or(backup);
-    // A snapshot's copy lives in the agent's own state dir: never a symlink.
-    let source_links = if from_snapshot {
-        Symlinks::Refuse
+    // The backup (or a snapshot's copy) is never read through a symlink.
+    let what = if from_snapshot {
+        "the snapshot's env copy"
     } else {
-        symlinks
+        "the env backup"
     };
-    let (bytes, source_own) = read_regular(&source, source_links)
-        .map_err(|e| Failure::new(-1, format!("cannot use the env backup: {e}")))?;
+    let (bytes, source_own) = read_regular(&source, Symlinks::Refuse)
+        .map_err(|e| Failure::new(-1, format!("cannot use {what}: {e}")))?;
     let sha = sha256_hex(&bytes);
     let before = match read_regular(&target, symlinks) {
         Ok((b, own)) => Some((b, own)),
@@ -370,10 +432,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_permitted_symlink_has_its_target_replaced_and_stays_a_link() {
+    fn only_a_link_to_the_pinned_target_is_used_and_the_target_is_written() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let real = tmp.path().join("etc-env");
+        let etc = tmp.path().join("etc");
+        std::fs::create_dir(&etc).expect("mkdir");
+        let real = etc.join("app-env");
         std::fs::write(&real, "OLD=1\n").expect("write");
+        let elsewhere = etc.join("shadow");
+        std::fs::write(&elsewhere, "SECRET\n").expect("write");
         let link = tmp.path().join(".env");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
         let own = Ownership::agent(0o640);
@@ -381,7 +447,8 @@ mod tests {
             write_atomically(&link, b"NEW=1\n", own, Symlinks::Refuse),
             Err(FileError::Symlink(_))
         ));
-        write_atomically(&link, b"NEW=1\n", own, Symlinks::Follow).expect("follow");
+        let pinned = Symlinks::Pinned(&real);
+        write_atomically(&link, b"NEW=1\n", own, pinned).expect("pinned");
         assert!(
             std::fs::symlink_metadata(&link)
                 .expect("link")
@@ -389,8 +456,47 @@ mod tests {
                 .is_symlink()
         );
         assert_eq!(std::fs::read(&real).expect("real"), b"NEW=1\n");
-        let (bytes, got) = read_regular(&link, Symlinks::Follow).expect("read");
+        let (bytes, got) = read_regular(&link, pinned).expect("read");
         assert_eq!((bytes.as_slice(), got.mode), (&b"NEW=1\n"[..], 0o640));
+
+        // Pointed anywhere else (directly or with `..`), the link is refused and not followed.
+        for dest in [elsewhere.clone(), etc.join("../etc/shadow")] {
+            std::fs::remove_file(&link).expect("rm");
+            std::os::unix::fs::symlink(&dest, &link).expect("symlink");
+            assert!(matches!(
+                write_atomically(&link, b"X\n", own, pinned),
+                Err(FileError::SymlinkElsewhere { .. })
+            ));
+            assert!(matches!(
+                read_regular(&link, pinned),
+                Err(FileError::SymlinkElsewhere { .. })
+            ));
+        }
+        assert_eq!(std::fs::read(&elsewhere).expect("secret"), b"SECRET\n");
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_link_is_not_followed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        std::fs::write(outside.join(".env"), "VICTIM\n").expect("write");
+        let app = tmp.path().join("app");
+        std::fs::create_dir(&app).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, app.join("config")).expect("symlink");
+        let env = app.join("config/.env");
+        assert!(matches!(
+            write_atomically(&env, b"X\n", Ownership::agent(0o600), Symlinks::Refuse),
+            Err(FileError::DirSymlink { .. })
+        ));
+        assert!(matches!(
+            read_regular(&env, Symlinks::Refuse),
+            Err(FileError::DirSymlink { .. })
+        ));
+        assert_eq!(
+            std::fs::read(outside.join(".env")).expect("victim"),
+            b"VICTIM\n"
+        );
     }
 
     #[test]
@@ -405,10 +511,5 @@ mod tests {
         let missing =
             read_regular(&tmp.path().join("nope"), Symlinks::Refuse).expect_err("missing");
         assert!(missing.is_missing(), "{missing}");
-        assert!(
-            ownership(&tmp.path().join("nope"), Symlinks::Refuse)
-                .expect("no error")
-                .is_none()
-        );
     }
 }

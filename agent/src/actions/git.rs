@@ -41,8 +41,8 @@ fn explain(stderr: &str, dir: &str) -> Option<String> {
 }
 
 /// `git` in the app's working tree, made safe to run from a root agent: the repository's hooks
-/// and fsmonitor are off (`-c core.hooksPath=/dev/null -c core.fsmonitor=false`), and when the
-/// tree belongs to another user git runs as that user (owner and group of `app.dir`), so
+/// and fsmonitor are off (`-c core.hooksPath=/dev/null -c core.fsmonitor=false`), and when
+/// another user controls the tree (owns it or a directory above it) git runs as that user, so
 /// anything the repository configures (filters, hooks it re-enables) runs with no more rights
 /// than its owner already has, and checked-out files keep their owner.
 fn git(ctx: &StepCtx<'_>) -> Result<(ProcessSpec, String), Failure> {
@@ -63,7 +63,8 @@ fn git(ctx: &StepCtx<'_>) -> Result<(ProcessSpec, String), Failure> {
             "core.fsmonitor=false",
         ]);
     // As another user, no HOME: the owner's global config is theirs, not the agent's to pass.
-    let (mut spec, as_owner) = super::as_owner_of(spec, &app.dir, "app.dir")?;
+    let (mut spec, as_owner) =
+        super::as_controller_of(spec, &[(&app.dir, "app.dir"), (&app.git, "app.git")])?;
     if !as_owner && let Some(home) = &ctx.home {
         spec = spec.env("HOME", home.clone());
     }

@@ -68,11 +68,8 @@ pub(super) async fn run(patterns: &[String], ctx: &mut StepCtx<'_>) -> Result<()
         .and_then(|a| a.log_file.clone())
         .ok_or_else(|| Failure::new(-1, "app.log_file is not set"))?;
     let offset = ctx.log_offset.unwrap_or(0);
-    let links = ctx
-        .config
-        .app
-        .as_ref()
-        .map_or(super::Symlinks::Refuse, |a| a.symlinks());
+    // The log is never read through a symlink: configure its real path.
+    let links = super::Symlinks::Refuse;
     let scan_path = path.clone();
     let patterns_owned = patterns.to_vec();
     // Tells the blocking scan to give up once the step is cancelled or timed out.

@@ -12,6 +12,7 @@ mod logscan;
 mod postgres;
 mod service;
 pub mod snapshot;
+pub mod trust;
 pub mod validate;
 
 pub use file::{FileError, Ownership, Symlinks, read_regular, sha256_hex};
@@ -158,21 +159,25 @@ fn revision_param(p: &mut Params<'_>, config: &Config, what: &str) -> Result<Str
     .ok_or_else(|| p.refuse(Some("revision"), format!("is required: {what}")))
 }
 
-/// Makes `spec` run as the owner (and group) of `dir` when that is not the agent's user, so
-/// code the directory's owner controls (a repository's filters, alembic's env.py) runs with no
-/// more rights than that owner already has. Returns whether it will run as that owner.
-fn as_owner_of(
-    spec: ProcessSpec,
-    dir: &std::path::Path,
-    key: &str,
+/// Makes `spec` run as the one user who controls `paths` (see `trust::controller`): the
+/// program's code and directory. Its working directory becomes the real path that was checked
+/// (a link on the way could be changed after the check). Returns whether it runs as another
+/// user than the agent's.
+fn as_controller_of(
+    mut spec: ProcessSpec,
+    paths: &[(&std::path::Path, &str)],
 ) -> Result<(ProcessSpec, bool), Failure> {
-    use std::os::unix::fs::MetadataExt;
-    let owner = std::fs::metadata(dir)
-        .map_err(|e| Failure::new(-1, format!("{key} {}: {e}", dir.display())))?;
-    if owner.uid() == nix::unistd::geteuid().as_raw() {
-        Ok((spec, false))
-    } else {
-        Ok((spec.run_as(owner.uid(), owner.gid()), true))
+    let (who, reals) = trust::controller_of_all(paths).map_err(|e| Failure::new(-1, e))?;
+    if let Some(real) = paths
+        .iter()
+        .zip(&reals)
+        .find_map(|((p, _), real)| (*p == spec.cwd).then_some(real))
+    {
+        spec.cwd = real.clone();
+    }
+    match who {
+        Some((uid, gid)) => Ok((spec.run_as(uid, gid), true)),
+        None => Ok((spec, false)),
     }
 }
 

@@ -62,7 +62,7 @@ pub(super) async fn read_state(ctx: &mut StepCtx<'_>) -> HostSnapshot {
     if let Some(app) = ctx.config.app.clone()
         && let Some(env) = &app.env_file
     {
-        match file::read_regular(env, app.symlinks()) {
+        match file::read_regular(env, app.env_symlinks()) {
             Ok((bytes, _)) => snap.env_sha256 = file::sha256_hex(&bytes),
             Err(e) => ctx.fact("env_error", e.to_string()),
         }
@@ -137,8 +137,7 @@ pub(super) async fn take(id: &str, label: &str, ctx: &mut StepCtx<'_>) -> Result
     if let Some(app) = ctx.config.app.clone()
         && let (Some(env), Some(backup)) = (&app.env_file, &app.env_backup)
     {
-        let links = app.symlinks();
-        let (bytes, env_own) = file::read_regular(env, links).map_err(refused)?;
+        let (bytes, env_own) = file::read_regular(env, app.env_symlinks()).map_err(refused)?;
         file::write_atomically(
             &dir.join("env"),
             &bytes,
@@ -146,12 +145,9 @@ pub(super) async fn take(id: &str, label: &str, ctx: &mut StepCtx<'_>) -> Result
             Symlinks::Refuse,
         )
         .map_err(refused)?;
-        // The snapshot's copy becomes the env backup the runbook's Option 3 restores: it
-        // keeps the backup's owner and mode, or takes the env file's.
-        let own = file::ownership(backup, links)
-            .map_err(refused)?
-            .unwrap_or(env_own);
-        file::write_atomically(backup, &bytes, own, links).map_err(refused)?;
+        // The snapshot's copy becomes the env backup the runbook's Option 3 restores, with
+        // the env file's owner and mode (the secrets in it are the env file's).
+        file::write_atomically(backup, &bytes, env_own, Symlinks::Refuse).map_err(refused)?;
         ctx.say(&format!(
             "kept {} as {} and in the snapshot",
             env.display(),
