@@ -521,9 +521,7 @@ fn a_hostile_repository_runs_nothing_as_root() {
     )
     .expect("fsmonitor");
     for f in [&hook, &monitor] {
-        let mut perm = std::fs::metadata(f).expect("script").permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-        std::fs::set_permissions(f, perm).expect("chmod");
+        set_mode(f, 0o755);
     }
     git(
         &h.repo,
@@ -532,9 +530,7 @@ fn a_hostile_repository_runs_nothing_as_root() {
     let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
     // The owner can reach its repository and the alembic stand-in (the test's temporary dir
     // is root's 0700).
-    let mut perm = std::fs::metadata(h.tmp.path()).expect("tmp").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(h.tmp.path(), perm).expect("chmod");
+    set_mode(h.tmp.path(), 0o755);
     for (path, recursive) in [(&h.repo, true), (&armed, false)] {
         let mut chown = Command::new("chown");
         if recursive {
@@ -549,14 +545,7 @@ fn a_hostile_repository_runs_nothing_as_root() {
                 .success()
         );
     }
-    let nobody = Command::new("id")
-        .args(["-u", "nobody"])
-        .output()
-        .expect("id");
-    let nobody: u32 = String::from_utf8_lossy(&nobody.stdout)
-        .trim()
-        .parse()
-        .expect("uid");
+    let nobody = uid_of("nobody");
 
     let (ok, doc, stderr) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
     assert!(ok, "checked out as the repository's owner: {doc} {stderr}");
