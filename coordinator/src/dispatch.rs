@@ -78,7 +78,7 @@ pub async fn dispatch(
         kind: Some(coordinator_message::Kind::RunProcedure(d.procedure)),
     };
     if session.sender.send(Ok(msg)).await.is_err() {
-        hub.close(&run_id);
+        hub.close(d.host, &run_id);
         hub.resolved(&run_id);
         return Err(DispatchError::Disconnected {
             host: d.host.to_string(),

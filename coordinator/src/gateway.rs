@@ -22,7 +22,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::authz::Principal;
 use crate::registry::{AgentSender, Registry};
 use crate::runs::RunHub;
-use crate::store::{AgentRecord, AuditEvent, Store};
+use crate::store::{AgentRecord, AuditEvent, ResultTaken, Store};
 
 /// How long an agent has to send Hello after opening its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,7 +151,10 @@ impl AgentGateway for Gateway {
                         Ok(Some(AgentMessage { kind: Some(agent_message::Kind::RunFinished(finished)) })) => {
                             last_seen = now_unix_ms();
                             registry.touch(&cert_host, session_id, last_seen);
-                            record_run_result(&*store, &hub, &session_tx, &cert_host, finished).await;
+                            if let Err(refused) = record_run_result(&*store, &hub, &session_tx, &cert_host, finished).await {
+                                let _ = session_tx.send(Err(refused)).await;
+                                break;
+                            }
                         }
                         Ok(Some(other)) => {
                             last_seen = now_unix_ms();
@@ -223,18 +226,22 @@ async fn redeliver_unfinished_runs(
 
 /// Persists a run's result, then acknowledges it to the agent (which stops re-sending it),
 /// then tells watchers. Without a durable write there is no ack: the agent re-sends later.
+/// A result for a run that was sent to another host ends the session (`PermissionDenied`):
+/// nothing is recorded or released.
 async fn record_run_result(
     store: &dyn Store,
     hub: &RunHub,
     session: &AgentSender,
     host: &str,
     finished: RunFinished,
-) {
+) -> Result<(), Status> {
     let run_id = finished.run_id.clone();
     if finished.status == rollback_common::proto::StepStatus::Busy as i32 {
         // Not a result: the agent journaled nothing and the same run will be sent again.
+        // (Watchers are per host: a busy answer from another host reaches and ends nobody's.)
         info!(run = %run_id, "agent busy with another run; the run is not recorded as finished");
-        return hand_over(hub, host, &run_id, finished);
+        hand_over(hub, host, &run_id, finished);
+        return Ok(());
     }
     let now = now_unix_ms();
     let audit = AuditEvent {
@@ -248,19 +255,27 @@ async fn record_run_result(
         ),
     };
     let encoded = finished.encode_to_vec();
-    // Issued together so the store commits them in one transaction.
-    let (stored, audited) = tokio::join!(
-        store.finish_run(&run_id, finished.status, now, &encoded),
-        store.append_audit(&audit)
-    );
-    if let Err(e) = audited {
-        warn!(run = %run_id, error = %e, "audit write failed");
-    }
+    // The result and its audit record are one transaction.
+    let stored = store
+        .finish_run(&run_id, host, finished.status, now, &encoded, &audit)
+        .await;
     match stored {
-        Ok(known) => {
+        Ok(ResultTaken::OtherHost(owner)) => {
+            warn!(run = %run_id, owner = %owner, "refused a result for a run that was sent to another host; session closed");
+            return Err(Status::permission_denied(format!(
+                "run {run_id} was sent to {owner}, not to {host}: a result speaks only for its own host"
+            )));
+        }
+        Ok(taken) => {
             hub.resolved(&run_id);
-            if !known {
-                warn!(run = %run_id, "result for a run this coordinator has no record of; acknowledging so the agent stops re-sending");
+            match taken {
+                ResultTaken::UnknownRun => {
+                    warn!(run = %run_id, "result for a run this coordinator has no record of; acknowledging so the agent stops re-sending")
+                }
+                ResultTaken::AlreadyRecorded => {
+                    info!(run = %run_id, "result already recorded; the first one stands")
+                }
+                _ => {}
             }
             let ack = CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::RunResultAck(RunResultAck {
@@ -277,6 +292,7 @@ async fn record_run_result(
         }
     }
     hand_over(hub, host, &run_id, finished);
+    Ok(())
 }
 
 /// Gives a run's end to whoever waits for it, then drops its watchers.
@@ -288,7 +304,7 @@ fn hand_over(hub: &RunHub, host: &str, run_id: &str, finished: RunFinished) {
             kind: Some(exec_event::Kind::Finished(finished)),
         },
     );
-    hub.close(run_id);
+    hub.close(host, run_id);
 }
 
 fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {

@@ -53,9 +53,16 @@ impl RunHub {
         }
     }
 
-    /// The run is over: drop its watchers (their streams end).
-    pub fn close(&self, run_id: &str) {
-        self.lock().remove(run_id);
+    /// The run reported by `host_id` is over: drop its watchers of that host (their streams
+    /// end). Another host cannot end a run it was not sent.
+    pub fn close(&self, host_id: &str, run_id: &str) {
+        let mut watches = self.lock();
+        if let Some(list) = watches.get_mut(run_id) {
+            list.retain(|w| w.host_id != host_id);
+            if list.is_empty() {
+                watches.remove(run_id);
+            }
+        }
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {

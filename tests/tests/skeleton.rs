@@ -564,3 +564,140 @@ async fn a_start_retried_with_the_same_request_id_never_starts_twice() {
     let err = console.start_rollback(bad).await.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 }
+
+/// A protocol-speaking test client standing in for an agent (a test double: the real agent
+/// never reports another host's run, so the test plays the compromised host itself).
+struct RawAgent {
+    tx: tokio::sync::mpsc::Sender<AgentMessage>,
+    inbound: tonic::Streaming<rollback_common::proto::CoordinatorMessage>,
+}
+
+impl RawAgent {
+    async fn connect(f: &Fleet, host: &str) -> RawAgent {
+        let certs = f.pki.agent(host).expect("cert");
+        let ch = f
+            .channel(Some(&certs), &f.pki.ca())
+            .await
+            .expect("connects");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello {
+                host_id: host.into(),
+                supported_actions: rollback_common::runbook::ACTIONS
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("hello");
+        let inbound = AgentGatewayClient::new(ch)
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("session accepted")
+            .into_inner();
+        RawAgent { tx, inbound }
+    }
+
+    async fn finished(
+        &self,
+        run_id: &str,
+        status: rollback_common::proto::StepStatus,
+        error: &str,
+    ) {
+        use rollback_common::proto::{RunFinished, StepFinished};
+        self.tx
+            .send(AgentMessage {
+                kind: Some(agent_message::Kind::RunFinished(RunFinished {
+                    run_id: run_id.into(),
+                    status: status as i32,
+                    steps: vec![StepFinished {
+                        status: status as i32,
+                        action: "git.log".into(),
+                        error: error.into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+            })
+            .await
+            .expect("send result");
+    }
+}
+
+/// Acceptance: a result speaks only for its own host. A host that reports a result for a run
+/// sent to another host has its session closed with PermissionDenied; nothing is recorded, and
+/// the run's watcher is neither released nor fed the forged result — the genuine one counts.
+#[tokio::test]
+async fn a_result_for_another_hosts_run_is_refused_and_changes_nothing() {
+    use rollback_common::proto::{StepStatus, coordinator_message};
+    let f = fleet();
+    let ada = f.pki.dir.join("operator/ada.pem");
+    let ada = CertFiles {
+        key: ada.with_extension("key"),
+        cert: ada,
+    };
+    let mut web1 = RawAgent::connect(&f, "web-1").await;
+    let mut web2 = RawAgent::connect(&f, "web-2").await;
+    let url = f.coordinator.url();
+    let ca = f.pki.ca();
+    let exec = {
+        let ada = ada.clone();
+        tokio::task::spawn_blocking(move || {
+            rollbackctl(
+                &url,
+                &ca,
+                &ada,
+                &["--output", "json", "exec", "web-1", "git.log"],
+            )
+        })
+    };
+    // web-1 receives the run.
+    let run_id = loop {
+        let msg = tokio::time::timeout(DEADLINE, web1.inbound.message())
+            .await
+            .expect("a run within the deadline")
+            .expect("stream")
+            .expect("message");
+        if let Some(coordinator_message::Kind::RunProcedure(run)) = msg.kind {
+            break run.run_id;
+        }
+    };
+    // web-2 claims it succeeded.
+    web2.finished(&run_id, StepStatus::Succeeded, "forged by web-2")
+        .await;
+    let refused = loop {
+        match tokio::time::timeout(DEADLINE, web2.inbound.message())
+            .await
+            .expect("an answer within the deadline")
+        {
+            Err(status) => break status,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("session ended without a status"),
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("web-1") && refused.message().contains(&run_id),
+        "{refused:?}"
+    );
+    // The watcher is still waiting: the genuine result decides.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!exec.is_finished(), "the forged result released nobody");
+    web1.finished(&run_id, StepStatus::Failed, "genuine failure")
+        .await;
+    let out = exec.await.expect("join").expect("rollbackctl");
+    assert!(!out.status.success(), "the genuine (failed) result counts");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["status"], "failed", "{doc}");
+    assert!(
+        doc["error"].as_str().is_some_and(|e| e.contains("genuine")),
+        "{doc}"
+    );
+    let log = f.coordinator.proc.log_text();
+    assert!(
+        log.contains("refused a result for a run that was sent to another host"),
+        "{log}"
+    );
+}

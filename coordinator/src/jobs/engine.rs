@@ -1128,7 +1128,7 @@ impl Jobs {
             && let Some(bytes) = stored.result
             && let Ok(result) = RunFinished::decode(bytes.as_slice())
         {
-            self.hub.close(&row.run_id);
+            self.hub.close(host, &row.run_id);
             self.hub.resolved(&row.run_id);
             if nothing_ran(&result) {
                 return None;

@@ -52,6 +52,18 @@ pub enum StoreError {
     Leased { holders: Vec<LeaseHolder> },
 }
 
+/// What became of a reported run result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultTaken {
+    Recorded,
+    /// No such run (e.g. an exec of an earlier store): nothing recorded.
+    UnknownRun,
+    /// The run was sent to another host: nothing recorded.
+    OtherHost(String),
+    /// The run already has its result (a resend from the agent's journal): kept as it was.
+    AlreadyRecorded,
+}
+
 /// A run as the coordinator dispatched it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunRow {
@@ -165,14 +177,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Records a run before it is dispatched.
     async fn create_run(&self, run: &RunRow) -> Result<(), StoreError>;
-    /// Records a run's result; returns false if the run is unknown.
+    /// Records a run's result as reported by `host_id`, with its audit record, in one
+    /// transaction — only if the run was sent to that host and has no result yet (a result
+    /// speaks only for its own host, and only once). The audit record says what was done.
     async fn finish_run(
         &self,
         run_id: &str,
+        host_id: &str,
         status: i32,
         finished_at_ms: i64,
         result: &[u8],
-    ) -> Result<bool, StoreError>;
+        audit: &AuditEvent,
+    ) -> Result<ResultTaken, StoreError>;
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError>;
     /// Runs dispatched to `host_id` whose result has not been recorded, oldest first.
     async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError>;

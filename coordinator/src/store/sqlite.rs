@@ -8,10 +8,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::writer::{Write, Writer};
+use super::writer::{self, Write, Writer};
 use super::{
-    AgentRecord, AuditEvent, JobHostRow, JobRow, LeaseHolder, RunRow, SnapshotRow, Store,
-    StoreError,
+    AgentRecord, AuditEvent, JobHostRow, JobRow, LeaseHolder, ResultTaken, RunRow, SnapshotRow,
+    Store, StoreError,
 };
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
@@ -276,20 +276,34 @@ impl Store for SqliteStore {
     async fn finish_run(
         &self,
         run_id: &str,
+        host_id: &str,
         status: i32,
         finished_at_ms: i64,
         result: &[u8],
-    ) -> Result<bool, StoreError> {
-        let n = self
+        audit: &AuditEvent,
+    ) -> Result<ResultTaken, StoreError> {
+        let code = self
             .writer
             .write(Write::FinishRun {
                 run_id: run_id.to_string(),
+                host_id: host_id.to_string(),
                 status,
                 finished_at_ms,
                 result: result.to_vec(),
+                audit: audit.clone(),
             })
             .await?;
-        Ok(n > 0)
+        Ok(match code {
+            writer::TAKEN_RECORDED => ResultTaken::Recorded,
+            writer::TAKEN_ALREADY => ResultTaken::AlreadyRecorded,
+            writer::TAKEN_OTHER_HOST => ResultTaken::OtherHost(
+                self.get_run(run_id)
+                    .await?
+                    .map(|r| r.host_id)
+                    .unwrap_or_default(),
+            ),
+            _ => ResultTaken::UnknownRun,
+        })
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError> {

@@ -16,11 +16,14 @@ const MAX_BATCH: usize = 1024;
 #[derive(Debug)]
 pub(super) enum Write {
     CreateRun(RunRow),
+    /// Answers one of the `TAKEN_*` codes.
     FinishRun {
         run_id: String,
+        host_id: String,
         status: i32,
         finished_at_ms: i64,
         result: Vec<u8>,
+        audit: AuditEvent,
     },
     Audit(AuditEvent),
     JobEvents {
@@ -96,6 +99,34 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<(Write, Reply)>) {
     }
 }
 
+/// `FinishRun` answers: the result was stored, the run is unknown, it belongs to another
+/// host, or it already had its result.
+pub(super) const TAKEN_UNKNOWN: u64 = 0;
+pub(super) const TAKEN_RECORDED: u64 = 1;
+pub(super) const TAKEN_OTHER_HOST: u64 = 2;
+pub(super) const TAKEN_ALREADY: u64 = 3;
+
+async fn insert_audit(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    e: &AuditEvent,
+) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(e.at_ms)
+    .bind(&e.actor)
+    .bind(&e.action)
+    .bind(&e.target)
+    .bind(&e.detail)
+    .execute(&mut **tx)
+    .await
+    .map_err(|source| StoreError::Query {
+        what: "append_audit",
+        source,
+    })?
+    .rows_affected())
+}
+
 async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
     let q = |what: &'static str| move |source| StoreError::Query { what, source };
     let mut tx = pool.begin().await.map_err(q("begin"))?;
@@ -119,27 +150,33 @@ async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreEr
             .await
             .map_err(q("create_run"))?
             .rows_affected(),
-            Write::FinishRun { run_id, status, finished_at_ms, result } => {
-                sqlx::query("UPDATE runs SET status = ?2, finished_at_ms = ?3, result = ?4 WHERE run_id = ?1")
-                    .bind(run_id)
-                    .bind(status)
-                    .bind(finished_at_ms)
-                    .bind(result)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(q("finish_run"))?
-                    .rows_affected()
+            Write::FinishRun { run_id, host_id, status, finished_at_ms, result, audit } => {
+                let row: Option<(String, bool)> =
+                    sqlx::query_as("SELECT host_id, result IS NOT NULL FROM runs WHERE run_id = ?1")
+                        .bind(run_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(q("finish_run"))?;
+                let (code, action) = match row {
+                    None => (TAKEN_UNKNOWN, "run.result_unknown_run"),
+                    Some((owner, _)) if owner != *host_id => (TAKEN_OTHER_HOST, "run.result_refused"),
+                    Some((_, true)) => (TAKEN_ALREADY, "run.result_repeated"),
+                    Some(_) => {
+                        sqlx::query("UPDATE runs SET status = ?2, finished_at_ms = ?3, result = ?4 WHERE run_id = ?1")
+                            .bind(run_id)
+                            .bind(status)
+                            .bind(finished_at_ms)
+                            .bind(result)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(q("finish_run"))?;
+                        (TAKEN_RECORDED, audit.action.as_str())
+                    }
+                };
+                insert_audit(&mut tx, &AuditEvent { action: action.to_string(), ..audit.clone() }).await?;
+                code
             }
-            Write::Audit(e) => sqlx::query("INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")
-                .bind(e.at_ms)
-                .bind(&e.actor)
-                .bind(&e.action)
-                .bind(&e.target)
-                .bind(&e.detail)
-                .execute(&mut *tx)
-                .await
-                .map_err(q("append_audit"))?
-                .rows_affected(),
+            Write::Audit(e) => insert_audit(&mut tx, e).await?,
             Write::JobEvents { job_id, events } => {
                 let mut n = 0;
                 for (seq, at_ms, event) in events {
