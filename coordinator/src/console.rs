@@ -69,8 +69,9 @@ impl Console for ConsoleService {
         request: Request<RollbackRequest>,
     ) -> Result<Response<PlanResponse>, Status> {
         let principal = principal(&request)?;
-        let (_, plan) = self.jobs.plan(&principal, request.get_ref()).await?;
-        Ok(Response::new(plan))
+        Ok(Response::new(
+            self.jobs.preview(&principal, request.get_ref()).await?,
+        ))
     }
 
     async fn snapshot(

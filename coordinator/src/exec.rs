@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::info;
 
-use crate::authz::Principal;
+use crate::authz::{OperatorRole, Principal};
 use crate::registry::Registry;
 use crate::runs::RunHub;
 use crate::store::{AuditEvent, RunRow, Store};
@@ -47,6 +47,22 @@ pub async fn start(
         )));
     }
     if !rollback_common::runbook::READ_ONLY_ACTIONS.contains(&step.action.as_str()) {
+        // Changing a host by hand is an approver's act, and always says why.
+        let role = principal.operator_role.unwrap_or(OperatorRole::Viewer);
+        if role < OperatorRole::Approver {
+            return Err(Status::permission_denied(format!(
+                "`{}` changes {host}: exec of a mutating action needs the approver role (you are {}); read-only actions ({}) are open to operators",
+                step.action,
+                format!("{role:?}").to_lowercase(),
+                rollback_common::runbook::READ_ONLY_ACTIONS.join(", ")
+            )));
+        }
+        if req.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "`{}` changes {host}: say why with --reason (it goes into the audit trail)",
+                step.action
+            )));
+        }
         let holders = store.lease_holders(std::slice::from_ref(&host)).await?;
         if let Some(h) = holders.first() {
             return Err(Status::failed_precondition(format!(

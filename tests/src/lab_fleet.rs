@@ -380,6 +380,9 @@ impl<'a> LabFleet<'a> {
     ) -> Result<(bool, serde_json::Value)> {
         let mut args = vec!["--output", "json", "exec", host, action];
         args.extend(params);
+        if !params.contains(&"--reason") {
+            args.extend(["--reason", "test"]);
+        }
         let out = self.rollbackctl(&args)?;
         let doc = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(

@@ -443,6 +443,10 @@ pub fn exec_json(
     let mut args = vec!["--output", "json", "exec", host, action];
     args.extend(params);
     args.extend(extra);
+    // A mutating action needs a reason; tests give one unless they test its absence.
+    if !extra.contains(&"--reason") {
+        args.extend(["--reason", "test"]);
+    }
     let out = rollbackctl(coordinator_url, ca, op, &args)?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let doc = serde_json::from_slice(&out.stdout)

@@ -94,7 +94,8 @@ fn host() -> Host {
 
     let pki = Pki::init(&dir.join("pki"), "fleet.test").expect("pki");
     let op = pki.operator("olga").expect("operator");
-    let coordinator = Coordinator::start(dir, &pki, &[("olga", "operator")]).expect("coordinator");
+    // Approver: the tests run mutating actions by hand.
+    let coordinator = Coordinator::start(dir, &pki, &[("olga", "approver")]).expect("coordinator");
     let mut h = Host {
         tmp,
         pki,
@@ -337,7 +338,14 @@ fn agent_killed_mid_step_reports_interrupted_and_never_runs_it_again() {
         .arg(&h.op.cert)
         .arg("--key")
         .arg(&h.op.key)
-        .args(["exec", "web-1", "git.checkout", "revision=HEAD~1"])
+        .args([
+            "exec",
+            "web-1",
+            "git.checkout",
+            "revision=HEAD~1",
+            "--reason",
+            "test",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let exec = exec.spawn().expect("rollbackctl exec starts");

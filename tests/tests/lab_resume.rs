@@ -378,7 +378,7 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
     lab.write_file("app2", &format!("{APP_DIR}/.env.backup"), &broken, 0o600)?;
     let first = spawn_configuration(&fleet, "host=app2", "holder", &[])?;
     let holder = running_job(&fleet, "holder");
-    let out = fleet.rollbackctl(&["exec", "app2", "service.restart"])?;
+    let out = fleet.rollbackctl(&["exec", "app2", "service.restart", "--reason", "test"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains(&format!("leased to job {holder}")),

@@ -33,9 +33,20 @@ fn fleet() -> Fleet {
     let dir = tmp.path().to_path_buf();
     let pki = Pki::init(&dir.join("pki"), "fleet.test").expect("pki init");
     let viewer = pki.operator("vera").expect("operator cert");
-    pki.operator("ada").expect("operator cert");
-    let coordinator = Coordinator::start(&dir, &pki, &[("vera", "viewer"), ("ada", "admin")])
-        .expect("coordinator starts");
+    for name in ["otto", "abe", "ada"] {
+        pki.operator(name).expect("operator cert");
+    }
+    let coordinator = Coordinator::start(
+        &dir,
+        &pki,
+        &[
+            ("vera", "viewer"),
+            ("otto", "operator"),
+            ("abe", "approver"),
+            ("ada", "admin"),
+        ],
+    )
+    .expect("coordinator starts");
     Fleet {
         _tmp: tmp,
         dir,
@@ -285,6 +296,13 @@ async fn hello_with_another_host_id_is_refused_and_logged_with_both_ids() {
     );
 }
 
+fn operator_certs(f: &Fleet, name: &str) -> CertFiles {
+    CertFiles {
+        cert: f.pki.dir.join(format!("operator/{name}.pem")),
+        key: f.pki.dir.join(format!("operator/{name}.key")),
+    }
+}
+
 /// Calls `path` with an empty message (valid for every request type) and returns the status.
 async fn call_raw(channel: Channel, path: &str) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel);
@@ -318,6 +336,24 @@ async fn every_method_is_authorized_by_certificate_role() {
         "Console methods come from the service definition"
     );
 
+    // The table: the least role each Console method needs. A method the service declares but
+    // this table does not name fails the test: every new method gets a row on purpose.
+    const ROLES: [&str; 4] = ["viewer", "operator", "approver", "admin"];
+    let least = |method: &str| -> usize {
+        match method {
+            "ListAgents" | "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs"
+            | "GetReport" | "ListSnapshots" => 0,
+            "Exec" | "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose" => 1,
+            "ForgetAgent" => 3,
+            other => panic!("Console method {other} has no row in the role table"),
+        }
+    };
+    let as_role = [
+        f.viewer.clone(),
+        operator_certs(&f, "otto"),
+        operator_certs(&f, "abe"),
+        admin.clone(),
+    ];
     for method in &console {
         let ch = f
             .channel(Some(&agent_cert), &f.pki.ca())
@@ -330,20 +366,18 @@ async fn every_method_is_authorized_by_certificate_role() {
             "agent calling {}: {status:?}",
             method.path()
         );
-
-        // An admin operator is allowed through authorization: a method added without a rule
-        // would be denied here too and fail this test.
-        let ch = f
-            .channel(Some(&admin), &f.pki.ca())
-            .await
-            .expect("connects");
-        let status = call_raw(ch, &method.path()).await;
-        assert_ne!(
-            status.code(),
-            tonic::Code::PermissionDenied,
-            "admin calling {}: {status:?}",
-            method.path()
-        );
+        for (rank, (role, certs)) in ROLES.iter().zip(&as_role).enumerate() {
+            let ch = f.channel(Some(certs), &f.pki.ca()).await.expect("connects");
+            let status = call_raw(ch, &method.path()).await;
+            let denied = status.code() == tonic::Code::PermissionDenied
+                && status.message().contains("may not call");
+            assert_eq!(
+                denied,
+                rank < least(&method.name),
+                "{role} calling {}: {status:?}",
+                method.path()
+            );
+        }
     }
 
     for method in service_methods("AgentGateway") {
@@ -700,4 +734,94 @@ async fn a_result_for_another_hosts_run_is_refused_and_changes_nothing() {
         log.contains("refused a result for a run that was sent to another host"),
         "{log}"
     );
+}
+
+/// Runs the agent `host` journaled (every run it was sent, run or refused).
+fn runs_on(f: &Fleet, host: &str) -> usize {
+    std::fs::read_dir(f.dir.join(format!("agent-{host}/state/runs")))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Acceptance: a viewer cannot cause any run on any host (a plan never starts anything, not
+/// even a read-only diagnosis or pinning), and changing a host by hand with `exec` needs the
+/// approver role and a reason; read-only exec stays open to operators.
+#[test]
+fn a_viewer_causes_no_run_and_a_mutating_exec_needs_an_approver_with_a_reason() {
+    let f = fleet();
+    let _web = f.agent("web-1", &[("role", "web")]);
+    f.wait_status("web-1", "online");
+    let url = f.coordinator.url();
+    let ca = f.pki.ca();
+    let ctl = |who: &CertFiles, args: &[&str]| {
+        let out = rollbackctl(&url, &ca, who, args).expect("rollbackctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &[
+            "plan",
+            "--procedure",
+            "application",
+            "--revision",
+            "main",
+            "--select",
+            "role=web",
+        ][..],
+        &["plan", "--to-snapshot", "latest", "--select", "role=web"],
+        &["exec", "web-1", "git.log"],
+        &["diagnose", "--select", "role=web"],
+        &["snapshot", "--select", "role=web"],
+        &[
+            "rollback",
+            "--procedure",
+            "application",
+            "--revision",
+            "main",
+            "--select",
+            "role=web",
+            "--reason",
+            "x",
+            "--yes",
+        ],
+    ] {
+        let _ = ctl(&f.viewer, args);
+    }
+    assert_eq!(runs_on(&f, "web-1"), 0, "a viewer caused no run");
+
+    let otto = operator_certs(&f, "otto");
+    let (ok, err) = ctl(&otto, &["exec", "web-1", "git.log"]);
+    assert!(
+        ok || !err.contains("may not"),
+        "read-only exec is open to operators: {err}"
+    );
+    let read_only_runs = runs_on(&f, "web-1");
+    assert_eq!(read_only_runs, 1, "the read-only exec ran");
+
+    let (ok, err) = ctl(&otto, &["exec", "web-1", "service.stop", "--reason", "x"]);
+    assert!(
+        !ok && err.contains("approver"),
+        "operators cannot change a host: {err}"
+    );
+    let abe = operator_certs(&f, "abe");
+    let (ok, err) = ctl(&abe, &["exec", "web-1", "service.stop"]);
+    assert!(
+        !ok && err.contains("--reason"),
+        "a reason is required: {err}"
+    );
+    assert_eq!(
+        runs_on(&f, "web-1"),
+        read_only_runs,
+        "refused before any run"
+    );
+    // With both, the step reaches the agent (which refuses it: this host has no [service]).
+    let (_, err) = ctl(&abe, &["exec", "web-1", "service.stop", "--reason", "test"]);
+    assert!(err.contains("[service]"), "{err}");
+    assert_eq!(runs_on(&f, "web-1"), read_only_runs + 1);
 }

@@ -100,17 +100,34 @@ impl Jobs {
         req: &RollbackRequest,
     ) -> Result<(Plan, PlanResponse), Status> {
         if !req.to_snapshot.is_empty() {
-            return self.start_to_snapshot_plan(principal, req).await;
+            return self.to_snapshot_plan(principal, req, true).await;
         }
         let runbook = self.runbook.clone();
-        self.plan_in(req, &runbook).await
+        self.plan_in(req, &runbook, true).await
     }
 
-    /// The plan for `req` with procedures from `runbook`.
+    /// The plan `rollbackctl plan` shows: like `plan`, but it never starts anything (a
+    /// `--to-snapshot` plan is made from the state the agents last reported).
+    pub async fn preview(
+        self: &Arc<Self>,
+        principal: &Principal,
+        req: &RollbackRequest,
+    ) -> Result<PlanResponse, Status> {
+        if !req.to_snapshot.is_empty() {
+            return Ok(self.to_snapshot_plan(principal, req, false).await?.1);
+        }
+        let runbook = self.runbook.clone();
+        Ok(self.plan_in(req, &runbook, false).await?.1)
+    }
+
+    /// The plan for `req` with procedures from `runbook`. `pin`: resolve relative targets on
+    /// the hosts (read-only runs, for a rollback about to start); a preview leaves them as
+    /// written, to be pinned when the rollback starts.
     pub(super) async fn plan_in(
         &self,
         req: &RollbackRequest,
         runbook: &Runbook,
+        pin: bool,
     ) -> Result<(Plan, PlanResponse), Status> {
         let selector = parse_selector(&req.selector)?;
         let procedure = runbook
@@ -174,7 +191,11 @@ impl Jobs {
             ))
         })?;
         // Resolved on the online hosts; offline ones are refused at start.
-        let pins = self.pin_targets(&mut plan, req).await?;
+        let pins = if pin {
+            self.pin_targets(&mut plan, req).await?
+        } else {
+            Vec::new()
+        };
         let mut proto = to_proto(&plan, &strategy, &procedure.description);
         proto.pins = pins;
         proto.offline = offline;

@@ -89,7 +89,7 @@ impl Jobs {
         req: RollbackRequest,
         runbook: &Runbook,
     ) -> Result<String, Status> {
-        let (plan, proto) = self.plan_in(&req, runbook).await?;
+        let (plan, proto) = self.plan_in(&req, runbook, true).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         // Read-only: takes no lease (a busy host is waited for, never failed).
         let started = match self
@@ -324,18 +324,74 @@ impl Jobs {
         })
     }
 
+    /// The diagnosis against snapshot `snapshot` from the state each agent last reported
+    /// (Hello and heartbeats), without running anything: what `rollbackctl plan` shows.
+    async fn diagnose_reported(
+        &self,
+        selector: &str,
+        snapshot: &str,
+    ) -> Result<DiagnoseResponse, Status> {
+        let selector_parsed = parse_selector(selector)?;
+        let snapshots = self.snapshots_for(snapshot).await?;
+        let mut hosts = Vec::new();
+        for agent in self.store.list_agents().await? {
+            if !selector_parsed.matches(&agent.host_id, &agent.labels) {
+                continue;
+            }
+            let state = rollback_common::proto::HostState::decode(agent.state.as_slice())
+                .unwrap_or_default();
+            let health = state.last_health.unwrap_or_default();
+            let facts: HashMap<String, String> = [
+                (fact::GIT_SHA, state.git_head_sha),
+                (fact::ALEMBIC_REVISION, state.alembic_revision),
+                (fact::ENV_SHA256, state.env_sha256),
+                (fact::UNIT_STATE, state.unit_active_state),
+                (
+                    "readyz_status",
+                    if health.status == 0 {
+                        String::new()
+                    } else {
+                        health.status.to_string()
+                    },
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let mut d = diagnose_host(&agent.host_id, snapshots.get(&agent.host_id), &facts);
+            if d.note.is_empty() {
+                d.note =
+                    "from the state the agent last reported; the rollback reads it afresh".into();
+            }
+            hosts.push(d);
+        }
+        let command = fleet_command(selector, &hosts);
+        Ok(DiagnoseResponse {
+            hosts,
+            command,
+            job_id: String::new(),
+        })
+    }
+
     /// Plans a rollback that brings each host back to its snapshot, composing the procedures
     /// the diagnosis found in a safe order: stop everywhere and downgrade once when the schema
     /// changed, then per host check out the recorded commit and restore the recorded env, start
-    /// (or restart) and verify /readyz. Reads fresh state first (a read-only diagnose job).
-    pub(super) async fn start_to_snapshot_plan(
+    /// (or restart) and verify /readyz. `live`: read fresh state first (a read-only diagnose
+    /// job, for a rollback about to start); otherwise from the agents' reported state (a plan
+    /// preview never starts anything).
+    pub(super) async fn to_snapshot_plan(
         self: &Arc<Self>,
         principal: &Principal,
         req: &RollbackRequest,
+        live: bool,
     ) -> Result<(Plan, PlanResponse), Status> {
-        let diag = self
-            .diagnose_against(principal, &req.selector, &req.to_snapshot)
-            .await?;
+        let diag = if live {
+            self.diagnose_against(principal, &req.selector, &req.to_snapshot)
+                .await?
+        } else {
+            self.diagnose_reported(&req.selector, &req.to_snapshot)
+                .await?
+        };
         let snapshots = self.snapshots_for(&req.to_snapshot).await?;
         let missing: Vec<&str> = diag
             .hosts
