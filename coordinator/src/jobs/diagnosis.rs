@@ -86,23 +86,13 @@ pub fn diagnose_host(
             d.procedures.push(procedure.into());
         }
     }
-    d.command = match d.procedures.as_slice() {
-        [] if has("unit") => format!("rollbackctl exec {host} service.start"),
-        [] => String::new(),
-        [p] if p == "configuration" => {
-            format!(
-                "rollbackctl rollback --procedure configuration --select host={host} --reason 'config changed since snapshot'"
-            )
-        }
-        [p] if p == "application" => format!(
-            "rollbackctl rollback --procedure application --revision {} --select host={host} --reason 'code changed since snapshot'",
-            snap.git_sha
-        ),
-        _ => format!(
-            "rollbackctl rollback --to-snapshot {} --select host={host} --reason 'changed since snapshot'",
-            snap.snapshot_id
-        ),
-    };
+    d.command = command_for(
+        &d.procedures,
+        has("unit"),
+        &format!("host={host}"),
+        &snap.git_sha,
+        &snap.snapshot_id,
+    );
     if d.procedures.is_empty() && !has("unit") {
         let ready = d.readyz_status == "200";
         d.note = if ready {
@@ -133,23 +123,59 @@ fn show(rev: &str) -> &str {
     if rev.is_empty() { "base" } else { rev }
 }
 
+/// The command that applies `procedures` to the hosts `selector` picks. Every interpolated
+/// value is shell-quoted: snapshot ids, shas and host ids come from stored state and agents'
+/// reports, so a hostile value must print as one inert word, never as shell syntax.
+fn command_for(
+    procedures: &[String],
+    unit_stopped: bool,
+    selector: &str,
+    git_sha: &str,
+    snapshot_id: &str,
+) -> String {
+    let select = quote(selector);
+    match procedures {
+        [] if unit_stopped => match selector.strip_prefix("host=") {
+            Some(host) => format!("rollbackctl exec {} service.start", quote(host)),
+            None => String::new(),
+        },
+        [] => String::new(),
+        [p] if p == "configuration" => format!(
+            "rollbackctl rollback --procedure configuration --select {select} --reason 'config changed since snapshot'"
+        ),
+        [p] if p == "application" => format!(
+            "rollbackctl rollback --procedure application --revision {} --select {select} --reason 'code changed since snapshot'",
+            quote(git_sha)
+        ),
+        _ => format!(
+            "rollbackctl rollback --to-snapshot {} --select {select} --reason 'changed since snapshot'",
+            quote(snapshot_id)
+        ),
+    }
+}
+
 /// One command for all diagnosed hosts.
-pub fn fleet_command(selector: &str, hosts: &[HostDiagnosis]) -> String {
+pub fn fleet_command(
+    selector: &str,
+    hosts: &[HostDiagnosis],
+    snapshots: &HashMap<String, SnapshotRow>,
+) -> String {
     let changed: Vec<&HostDiagnosis> = hosts.iter().filter(|h| !h.procedures.is_empty()).collect();
-    if changed.is_empty() {
+    let Some(first) = changed.first() else {
         return String::new();
+    };
+    let same =
+        changed.iter().all(|h| h.procedures == first.procedures) && changed.len() == hosts.len();
+    if same && first.procedures.len() == 1 && first.procedures[0] != "database" {
+        // One revision for every host only when their snapshots agree on it.
+        let sha_of = |h: &HostDiagnosis| snapshots.get(&h.host_id).map(|s| s.git_sha.as_str());
+        let sha = sha_of(first);
+        let shas_agree = changed.iter().all(|h| sha_of(h) == sha);
+        if let Some(sha) = sha.filter(|_| shas_agree) {
+            return command_for(&first.procedures, false, selector, sha, "");
+        }
     }
-    let first = &changed[0].procedures;
-    let same = changed.iter().all(|h| &h.procedures == first) && changed.len() == hosts.len();
-    if same && first.len() == 1 && first[0] != "database" {
-        return changed[0]
-            .command
-            .replace(&format!("host={}", changed[0].host_id), selector);
-    }
-    format!(
-        "rollbackctl rollback --to-snapshot latest --select {} --reason 'changed since snapshot'",
-        quote(selector)
-    )
+    command_for(&["several".into()], false, selector, "", "latest")
 }
 
 #[cfg(test)]
@@ -242,9 +268,81 @@ mod tests {
             diagnose_host("app1", Some(&snap()), &f),
             diagnose_host("app2", Some(&snap()), &f),
         ];
-        let cmd = fleet_command("role=web", &hosts);
+        let snaps = HashMap::from([("app1".to_string(), snap()), ("app2".to_string(), snap())]);
+        let cmd = fleet_command("role=web", &hosts, &snaps);
         assert!(
             cmd.contains("--procedure configuration --select role=web"),
+            "{cmd}"
+        );
+    }
+
+    #[test]
+    fn every_interpolated_value_is_shell_quoted() {
+        // A hostile host reports a sha, and ids reach the command from stored state: each must
+        // print as one inert word.
+        let evil = "x; rm -rf / #";
+        let mut s = snap();
+        s.git_sha = format!("$(reboot){evil}");
+        s.snapshot_id = format!("s1 {evil}");
+        let code_changed = facts(&[
+            ("alembic_revision", "0002"),
+            ("git_sha", &"b".repeat(40)),
+            ("env_sha256", "e1"),
+            ("unit_state", "active"),
+        ]);
+        let d = diagnose_host("app'1", Some(&s), &code_changed);
+        assert_eq!(
+            d.command,
+            "rollbackctl rollback --procedure application --revision '$(reboot)x; rm -rf / #' \
+             --select 'host=app'\\''1' --reason 'code changed since snapshot'"
+        );
+        let snaps = HashMap::from([("app'1".to_string(), s.clone())]);
+        let cmd = fleet_command("role=web app", &[d], &snaps);
+        assert!(
+            cmd.contains("--revision '$(reboot)x; rm -rf / #' --select 'role=web app' "),
+            "{cmd}"
+        );
+        let all = facts(&[
+            ("alembic_revision", "0003"),
+            ("git_sha", &"b".repeat(40)),
+            ("env_sha256", "e2"),
+            ("unit_state", "inactive"),
+        ]);
+        let d = diagnose_host("app1", Some(&s), &all);
+        assert!(
+            d.command
+                .contains("--to-snapshot 's1 x; rm -rf / #' --select host=app1 "),
+            "{}",
+            d.command
+        );
+        let stopped = facts(&[
+            ("alembic_revision", "0002"),
+            ("git_sha", &s.git_sha),
+            ("env_sha256", "e1"),
+            ("unit_state", "inactive"),
+        ]);
+        let d = diagnose_host("a$(b)", Some(&s), &stopped);
+        assert_eq!(d.command, "rollbackctl exec 'a$(b)' service.start");
+    }
+
+    #[test]
+    fn hosts_with_different_snapshot_revisions_get_no_shared_revision() {
+        let code_changed = facts(&[
+            ("alembic_revision", "0002"),
+            ("git_sha", &"c".repeat(40)),
+            ("env_sha256", "e1"),
+            ("unit_state", "active"),
+        ]);
+        let mut other = snap();
+        other.git_sha = "b".repeat(40);
+        let hosts = vec![
+            diagnose_host("app1", Some(&snap()), &code_changed),
+            diagnose_host("app2", Some(&other), &code_changed),
+        ];
+        let snaps = HashMap::from([("app1".to_string(), snap()), ("app2".to_string(), other)]);
+        let cmd = fleet_command("role=web", &hosts, &snaps);
+        assert!(
+            cmd.contains("--to-snapshot latest --select role=web"),
             "{cmd}"
         );
     }

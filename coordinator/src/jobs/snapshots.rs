@@ -316,7 +316,7 @@ impl Jobs {
             }
             hosts.push(d);
         }
-        let command = fleet_command(selector, &hosts);
+        let command = fleet_command(selector, &hosts, &snapshots);
         Ok(DiagnoseResponse {
             hosts,
             command,
@@ -365,7 +365,7 @@ impl Jobs {
             }
             hosts.push(d);
         }
-        let command = fleet_command(selector, &hosts);
+        let command = fleet_command(selector, &hosts, &snapshots);
         Ok(DiagnoseResponse {
             hosts,
             command,
