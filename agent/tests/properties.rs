@@ -227,7 +227,8 @@ fn decimal(text: &str, plus: bool) -> Option<u64> {
     } else {
         text
     };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // At most ten digits (`validate::number` bounds the text, so `00000000001` is refused).
+    if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     digits.bytes().try_fold(0u64, |n, b| {

@@ -75,6 +75,12 @@ named_enum!(
         Halted => "halted",
         Cancelled => "cancelled",
         Interrupted => "interrupted",
+        // awaiting_approval: stored with its plan and leases, nothing runs until a second
+        // person approves; denied: an approver refused it; expired: nobody approved it in
+        // time. Neither of the last two ran anything.
+        AwaitingApproval => "awaiting_approval",
+        Denied => "denied",
+        Expired => "expired",
     }
 );
 
@@ -91,6 +97,8 @@ impl JobState {
 named_enum!(
     /// What a job event reports.
     EventKind {
+        JobAwaitingApproval => "job.awaiting_approval",
+        JobApproved => "job.approved",
         JobStarted => "job.started",
         JobResumed => "job.resumed",
         PhaseStarted => "phase.started",

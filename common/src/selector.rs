@@ -18,6 +18,8 @@ pub enum SelectorError {
         "selector term `{term}`: key and value may only hold letters, digits, `.`, `_`, `-` and `/`"
     )]
     BadCharacter { term: String },
+    #[error("label `{term}`: the key `host` is reserved (`host=ID` selects by host id)")]
+    ReservedKey { term: String },
     #[error("selector names key `{key}` twice")]
     DuplicateKey { key: String },
 }
@@ -27,6 +29,19 @@ fn valid_part(s: &str) -> bool {
         && s.len() <= 128
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+}
+
+/// Checks one inventory label: both parts as a selector term allows, and not the key `host`
+/// (a selector's `host=` always means the host id, so a label of that name could never match).
+pub fn validate_label(key: &str, value: &str) -> Result<(), SelectorError> {
+    let term = format!("{key}={value}");
+    if !valid_part(key) || !valid_part(value) {
+        return Err(SelectorError::BadCharacter { term });
+    }
+    if key == "host" {
+        return Err(SelectorError::ReservedKey { term });
+    }
+    Ok(())
 }
 
 impl Selector {
@@ -134,6 +149,24 @@ mod tests {
             ("a=1,a=2", SelectorError::DuplicateKey { key: "a".into() }),
         ] {
             assert_eq!(Selector::parse(text), Err(want), "input {text:?}");
+        }
+    }
+
+    #[test]
+    fn labels_are_checked_like_selector_terms() {
+        assert_eq!(validate_label("role", "db"), Ok(()));
+        assert!(matches!(
+            validate_label("host", "db-1"),
+            Err(SelectorError::ReservedKey { .. })
+        ));
+        for (k, v) in [
+            ("", "x"),
+            ("k", ""),
+            ("a b", "x"),
+            ("k", "x;y"),
+            ("k", &"v".repeat(129)),
+        ] {
+            assert!(validate_label(k, v).is_err(), "{k}={v}");
         }
     }
 }

@@ -24,10 +24,106 @@ pub enum AgentsCmd {
     /// stays. Refused while the agent is connected or the host is leased to a job; a host that
     /// comes back later is simply registered again.
     Forget { host: String },
+    /// Set or remove inventory labels of a host (admin): the labels `--select` matches.
+    ///
+    /// Labels that choose hosts come from the coordinator's inventory (this command and
+    /// [inventory] in coordinator.toml), never from the agent: what an agent reports is shown
+    /// beside them in `agents`, and a mismatch is flagged there.
+    ///
+    /// Examples: `rollbackctl agents label db-1 role=db`,
+    /// `rollbackctl agents label web-1 migrator=true --reason "new migrator"`,
+    /// `rollbackctl agents label web-2 migrator-` (removes the label).
+    Label {
+        host: String,
+        /// KEY=VALUE sets a label, KEY- removes one.
+        #[arg(required = true, num_args = 1..)]
+        changes: Vec<String>,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// Splits `KEY=VALUE` (set) and `KEY-` (remove) arguments.
+fn parse_label_changes(
+    changes: &[String],
+) -> Result<(std::collections::HashMap<String, String>, Vec<String>)> {
+    let mut set = std::collections::HashMap::new();
+    let mut remove = Vec::new();
+    for change in changes {
+        if let Some((k, v)) = change.split_once('=') {
+            if set.insert(k.to_string(), v.to_string()).is_some() {
+                anyhow::bail!("label `{k}` is given twice");
+            }
+        } else if let Some(k) = change.strip_suffix('-') {
+            remove.push(k.to_string());
+        } else {
+            anyhow::bail!("`{change}` is neither KEY=VALUE (set a label) nor KEY- (remove one)");
+        }
+    }
+    Ok((set, remove))
+}
+
+async fn label(
+    client: &mut rollback_common::proto::console_client::ConsoleClient<tonic::transport::Channel>,
+    host: &str,
+    changes: &[String],
+    reason: &str,
+    output: Output,
+) -> Result<()> {
+    let (set, remove) = parse_label_changes(changes)?;
+    let resp = client
+        .label_agent(rollback_common::proto::LabelAgentRequest {
+            host_id: host.to_string(),
+            set,
+            remove,
+            reason: reason.to_string(),
+        })
+        .await
+        .map_err(|s| status_error(&format!("labelling agent {host}"), s))?
+        .into_inner();
+    let sorted = |m: &std::collections::HashMap<String, String>| {
+        m.iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "host_id": host,
+                "labels": resp.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "reported_labels": resp.reported_labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "label_mismatch": resp.label_mismatch,
+                "note": resp.note,
+            })
+        ),
+        Output::Table => {
+            println!("{host}: inventory labels {}", sorted(&resp.labels));
+            for m in &resp.label_mismatch {
+                println!("warning: {host} reports otherwise — {m}");
+            }
+            if !resp.note.is_empty() {
+                println!("note: {}", resp.note);
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(args: AgentsArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
     let mut client = connect::console(flags).await?;
+    if let Some(AgentsCmd::Label {
+        host,
+        changes,
+        reason,
+    }) = &args.command
+    {
+        return label(&mut client, host, changes, reason, output).await;
+    }
     if let Some(AgentsCmd::Forget { host }) = &args.command {
         client
             .forget_agent(rollback_common::proto::ForgetAgentRequest {
@@ -83,6 +179,8 @@ fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "host_id": a.host_id,
         "status": status_name(a.status),
         "labels": a.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "reported_labels": a.reported_labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "label_mismatch": a.label_mismatch,
         "agent_version": a.agent_version,
         "address": a.address,
         "last_seen": format_time(a.last_seen_unix_ms),
@@ -125,4 +223,19 @@ fn print_table(agents: &[AgentInfo], now: i64, select: &str) {
         .filter(|a| a.status == AgentStatus::Online as i32)
         .count();
     println!("\n{online} of {} online", agents.len());
+    let mismatched: Vec<&AgentInfo> = agents
+        .iter()
+        .filter(|a| !a.label_mismatch.is_empty())
+        .collect();
+    if !mismatched.is_empty() {
+        println!(
+            "\nLABELS are the coordinator's inventory; these agents report otherwise (their claim targets nothing):"
+        );
+        for a in mismatched {
+            println!("  {}: {}", a.host_id, a.label_mismatch.join("; "));
+        }
+        println!(
+            "if the agent is right, `rollbackctl agents label HOST KEY=VALUE` (admin) changes the inventory"
+        );
+    }
 }

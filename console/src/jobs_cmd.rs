@@ -71,6 +71,10 @@ pub struct RollbackArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// When the job needs a second person's approval, print how to approve it and return
+    /// instead of waiting for the decision (the job stays `awaiting_approval`).
+    #[arg(long)]
+    pub no_wait_approval: bool,
 }
 
 impl RollbackArgs {
@@ -200,9 +204,20 @@ fn job_json(j: &Job) -> serde_json::Value {
         "reason": j.reason,
         "requested_by": j.requested_by,
         "created_at": format_time(j.created_at_unix_ms),
+        "created_at_unix_ms": j.created_at_unix_ms,
         "finished_at": format_time(j.finished_at_unix_ms),
+        "finished_at_unix_ms": j.finished_at_unix_ms,
         "halt_reason": j.halt_reason,
         "history": j.history,
+        "approval": j.approval.as_ref().map(|a| json!({
+            "rule": a.rule,
+            "requested_by": a.requested_by,
+            "expires_at": format_time(a.expires_at_unix_ms),
+            "decision": a.decision,
+            "decided_by": a.decided_by,
+            "decided_at": format_time(a.decided_at_unix_ms),
+            "reason": a.reason,
+        })),
         "selector": j.request.as_ref().map(|r| r.selector.clone()).unwrap_or_default(),
         "plan": j.plan.as_ref().map(plan_json),
         "hosts": j.hosts.iter().map(|h| json!({
@@ -258,6 +273,8 @@ pub fn render_event(ev: &JobEvent) -> String {
         return format!("{t} {}: {}", ev.kind, ev.message);
     };
     match kind {
+        EventKind::JobAwaitingApproval => format!("{t} ?? awaiting approval: {}", ev.message),
+        EventKind::JobApproved => format!("{t} job {}", ev.message),
         EventKind::JobStarted => format!("{t} job started: {}", ev.message),
         EventKind::JobResumed => format!("{t} job resumed: {}", ev.message),
         EventKind::PhaseStarted => format!("{t} ── {}", ev.message),
@@ -371,6 +388,24 @@ fn print_job(j: &Job) {
     );
     if !j.halt_reason.is_empty() {
         println!("halted: {}", j.halt_reason);
+    }
+    if let Some(a) = &j.approval {
+        match a.decision.as_str() {
+            "" => println!(
+                "awaiting approval ({}) by an approver other than {}: `rollbackctl approve {} --reason ...`; expires {}",
+                a.rule,
+                a.requested_by,
+                j.job_id,
+                format_time(a.expires_at_unix_ms)
+            ),
+            d => println!(
+                "approval ({}): {d} by {} at {}: {}",
+                a.rule,
+                a.decided_by,
+                format_time(a.decided_at_unix_ms),
+                a.reason
+            ),
+        }
     }
     if let Some(plan) = &j.plan {
         for pin in &plan.pins {
@@ -497,6 +532,26 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
     }
     drop(client);
     let started = start_once(flags, req, output).await?;
+    let first = get_job(flags, &started.job_id).await?;
+    if let Some(a) = first.approval.as_ref().filter(|a| a.decision.is_empty()) {
+        let msg = format!(
+            "job {} needs approval ({}): nothing runs until an approver other than you runs\n  rollbackctl approve {} --reason '...'\n(it expires {}; `rollbackctl deny {}` or `rollbackctl cancel {}` ends it)",
+            started.job_id,
+            a.rule,
+            started.job_id,
+            format_time(a.expires_at_unix_ms),
+            started.job_id,
+            started.job_id
+        );
+        if args.no_wait_approval {
+            match output {
+                Output::Table => println!("{msg}"),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&first))?),
+            }
+            return Ok(());
+        }
+        eprintln!("{msg}\nwaiting for the decision (Ctrl-C stops waiting, not the job)");
+    }
     if output == Output::Table {
         println!(
             "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)\n",
@@ -728,6 +783,46 @@ pub async fn cancel(
             resp.state
         ),
         Output::Json => println!("{}", json!({"job_id": job, "state": resp.state})),
+    }
+    Ok(())
+}
+
+/// `rollbackctl approve|deny JOB --reason`.
+pub async fn decide(
+    job: String,
+    reason: String,
+    approve: bool,
+    flags: &ConnectFlags,
+    output: Output,
+) -> Result<()> {
+    let mut client = connect::console(flags).await?;
+    let state = if approve {
+        client
+            .approve_job(rollback_common::proto::ApproveJobRequest {
+                job_id: job.clone(),
+                reason,
+            })
+            .await
+            .map_err(|s| status_error(&format!("approving job {job}"), s))?
+            .into_inner()
+            .state
+    } else {
+        client
+            .deny_job(rollback_common::proto::DenyJobRequest {
+                job_id: job.clone(),
+                reason,
+            })
+            .await
+            .map_err(|s| status_error(&format!("denying job {job}"), s))?
+            .into_inner()
+            .state
+    };
+    match output {
+        Output::Table if approve => {
+            println!("job {job} approved and {state}: `rollbackctl watch {job}` follows it")
+        }
+        Output::Table => println!("job {job} {state}: nothing of it ran; its hosts are free"),
+        Output::Json => println!("{}", json!({"job_id": job, "state": state})),
     }
     Ok(())
 }

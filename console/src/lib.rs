@@ -79,6 +79,27 @@ pub enum Command {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
+    /// Approve a rollback that waits for a second person (approver role; not the requester).
+    ///
+    /// Jobs the coordinator's [approval] policy names (by default the `database` and
+    /// `database-restore` procedures, any plan that downgrades or restores the database, and
+    /// any job over 50 hosts) are stored `awaiting_approval` with their plan and pinned
+    /// targets, and nothing runs until another approver approves — then it runs exactly as
+    /// planned. Check the plan first: `rollbackctl job show JOB`.
+    Approve {
+        job: String,
+        /// Why it may run (recorded in the audit trail and the report).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Refuse a rollback that waits for approval (approver role): it ends `denied`, nothing
+    /// of it ran, and its hosts are free for other jobs.
+    Deny {
+        job: String,
+        /// Why it must not run (recorded in the audit trail and the report).
+        #[arg(long)]
+        reason: String,
+    },
     /// The job's incident report (Markdown), with the post-rollback checklist.
     Report { job: String },
     /// Record each host's last-known-good state (before a deployment).
@@ -111,6 +132,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Watch { job } => jobs_cmd::watch(job, &cli.connect, cli.output).await,
         Command::Cancel { job, reason } => {
             jobs_cmd::cancel(job, reason, &cli.connect, cli.output).await
+        }
+        Command::Approve { job, reason } => {
+            jobs_cmd::decide(job, reason, true, &cli.connect, cli.output).await
+        }
+        Command::Deny { job, reason } => {
+            jobs_cmd::decide(job, reason, false, &cli.connect, cli.output).await
         }
         Command::Report { job } => jobs_cmd::report(job, &cli.connect, cli.output).await,
         Command::Snapshot(args) => snapshot_cmd::snapshot(args, &cli.connect, cli.output).await,

@@ -57,7 +57,9 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
         ("Console", "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose") => {
             Some(Rule::Console(OperatorRole::Operator))
         }
-        ("Console", "ForgetAgent") => Some(Rule::Console(OperatorRole::Admin)),
+        ("Console", "ApproveJob" | "DenyJob") => Some(Rule::Console(OperatorRole::Approver)),
+        // The inventory decides which hosts destructive steps reach: admin only.
+        ("Console", "ForgetAgent" | "LabelAgent") => Some(Rule::Console(OperatorRole::Admin)),
         _ => None,
     }
 }

@@ -34,9 +34,62 @@ pub struct Config {
     /// A host that drops during a run and has not reported its result by then is `unreachable`.
     #[serde(default = "default_unreachable_secs")]
     pub unreachable_after_secs: u64,
+    /// The labels that target hosts: host id → label → value. Agents' own labels (Hello) are
+    /// shown beside these as reported facts and never target; `rollbackctl agents label`
+    /// adds or overrides labels in the store.
+    #[serde(default)]
+    pub inventory: BTreeMap<String, BTreeMap<String, String>>,
+    /// Which rollbacks need a second person's approval before anything runs.
+    #[serde(default)]
+    pub approval: ApprovalPolicy,
     /// Longest wait for in-flight work when shutting down.
     #[serde(default = "default_grace_secs")]
     pub shutdown_grace_secs: u64,
+}
+
+/// `[approval]`: two-person approval. A rollback that matches is stored `awaiting_approval`
+/// (its hosts leased, its targets pinned) and nothing runs until an approver other than the
+/// requester runs `rollbackctl approve JOB --reason`; `deny` ends it, and it expires.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalPolicy {
+    /// Procedures that always need approval.
+    #[serde(default = "default_approval_procedures")]
+    pub procedures: Vec<String>,
+    /// Any job whose plan runs one of these actions needs approval (covers `--to-snapshot`
+    /// and custom runbooks that change the database).
+    #[serde(default = "default_approval_actions")]
+    pub actions: Vec<String>,
+    /// Any job on more than this many hosts needs approval; 0 turns the host rule off.
+    #[serde(default = "default_approval_max_hosts")]
+    pub max_hosts: u32,
+    /// An approval not given within this many seconds expires; the job never runs.
+    #[serde(default = "default_approval_expire_secs")]
+    pub expire_after_secs: u64,
+}
+
+impl Default for ApprovalPolicy {
+    fn default() -> Self {
+        Self {
+            procedures: default_approval_procedures(),
+            actions: default_approval_actions(),
+            max_hosts: default_approval_max_hosts(),
+            expire_after_secs: default_approval_expire_secs(),
+        }
+    }
+}
+
+fn default_approval_procedures() -> Vec<String> {
+    vec!["database".into(), "database-restore".into()]
+}
+fn default_approval_actions() -> Vec<String> {
+    vec!["alembic.downgrade".into(), "postgres.restore".into()]
+}
+fn default_approval_max_hosts() -> u32 {
+    50
+}
+fn default_approval_expire_secs() -> u64 {
+    3600
 }
 
 fn default_heartbeat_secs() -> u32 {
@@ -68,6 +121,14 @@ pub enum ConfigError {
     },
     #[error("coordinator config {path}: `heartbeat_interval_secs` must be between 1 and 300")]
     Heartbeat { path: PathBuf },
+    #[error("coordinator config {path}: [approval]: {reason}")]
+    Approval { path: PathBuf, reason: String },
+    #[error("coordinator config {path}: [inventory.{host}]: {reason}")]
+    Inventory {
+        path: PathBuf,
+        host: String,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -85,6 +146,35 @@ impl Config {
             return Err(ConfigError::Heartbeat {
                 path: path.to_path_buf(),
             });
+        }
+        if !(1..=7 * 24 * 3600).contains(&config.approval.expire_after_secs) {
+            return Err(ConfigError::Approval {
+                path: path.to_path_buf(),
+                reason: "`expire_after_secs` must be between 1 and 604800 (a week)".into(),
+            });
+        }
+        if let Some(a) = config
+            .approval
+            .actions
+            .iter()
+            .find(|a| !rollback_common::runbook::ACTIONS.contains(&a.as_str()))
+        {
+            return Err(ConfigError::Approval {
+                path: path.to_path_buf(),
+                reason: format!("`actions`: `{a}` is not an action agents know"),
+            });
+        }
+        for (host, labels) in &config.inventory {
+            let bad = |reason: String| ConfigError::Inventory {
+                path: path.to_path_buf(),
+                host: host.clone(),
+                reason,
+            };
+            rollback_common::identity::validate_name("host id", host)
+                .map_err(|e| bad(e.to_string()))?;
+            for (k, v) in labels {
+                rollback_common::selector::validate_label(k, v).map_err(|e| bad(e.to_string()))?;
+            }
         }
         let base = path.parent().unwrap_or(Path::new("."));
         config.tls.resolve_relative_to(base);

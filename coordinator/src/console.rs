@@ -7,12 +7,14 @@ use prost::Message;
 use rollback_common::now_unix_ms;
 use rollback_common::proto::console_server::Console;
 use rollback_common::proto::{
-    AgentInfo, AgentStatus, CancelJobRequest, CancelJobResponse, DiagnoseRequest, DiagnoseResponse,
+    AgentInfo, AgentStatus, ApproveJobRequest, ApproveJobResponse, CancelJobRequest,
+    CancelJobResponse, DenyJobRequest, DenyJobResponse, DiagnoseRequest, DiagnoseResponse,
     ExecEvent, ExecRequest, ForgetAgentRequest, ForgetAgentResponse, GetJobRequest,
     GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse, HostState, Job,
-    JobEvent, ListAgentsRequest, ListAgentsResponse, ListJobsRequest, ListJobsResponse,
-    ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse, ResumeJobRequest, ResumeJobResponse,
-    RollbackRequest, SnapshotRequest, SnapshotResponse, StartRollbackResponse, WatchJobRequest,
+    JobEvent, LabelAgentRequest, LabelAgentResponse, ListAgentsRequest, ListAgentsResponse,
+    ListJobsRequest, ListJobsResponse, ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse,
+    ResumeJobRequest, ResumeJobResponse, RollbackRequest, SnapshotRequest, SnapshotResponse,
+    StartRollbackResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
@@ -213,6 +215,45 @@ impl Console for ConsoleService {
         Ok(Response::new(ForgetAgentResponse { forgotten }))
     }
 
+    async fn approve_job(
+        &self,
+        request: Request<ApproveJobRequest>,
+    ) -> Result<Response<ApproveJobResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.into_inner();
+        let state = self
+            .jobs
+            .approve(&principal, &req.job_id, &req.reason)
+            .await?;
+        Ok(Response::new(ApproveJobResponse {
+            job_id: req.job_id,
+            state,
+        }))
+    }
+
+    async fn deny_job(
+        &self,
+        request: Request<DenyJobRequest>,
+    ) -> Result<Response<DenyJobResponse>, Status> {
+        let principal = principal(&request)?;
+        let req = request.into_inner();
+        let state = self.jobs.deny(&principal, &req.job_id, &req.reason).await?;
+        Ok(Response::new(DenyJobResponse {
+            job_id: req.job_id,
+            state,
+        }))
+    }
+
+    async fn label_agent(
+        &self,
+        request: Request<LabelAgentRequest>,
+    ) -> Result<Response<LabelAgentResponse>, Status> {
+        let principal = principal(&request)?;
+        Ok(Response::new(
+            crate::inventory::label(self.store.as_ref(), &principal, request.into_inner()).await?,
+        ))
+    }
+
     async fn get_report(
         &self,
         request: Request<GetReportRequest>,
@@ -273,6 +314,8 @@ impl ConsoleService {
             (None, _) => AgentStatus::Disconnected,
         };
         AgentInfo {
+            label_mismatch: crate::store::label_mismatch(&a.labels, &a.reported_labels),
+            reported_labels: a.reported_labels.into_iter().collect(),
             host_id: a.host_id,
             labels: a.labels.into_iter().collect(),
             agent_version: a.agent_version,

@@ -22,7 +22,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::authz::Principal;
 use crate::registry::{AgentSender, Registry};
 use crate::runs::RunHub;
-use crate::store::{AgentRecord, AuditEvent, ResultTaken, Store};
+use crate::store::{AgentRecord, AuditEvent, ResultTaken, Store, label_mismatch};
 
 /// How long an agent has to send Hello after opening its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,6 +97,18 @@ impl AgentGateway for Gateway {
             warn!(host = %cert_host, error = %e, "store failed recording agent");
             Status::unavailable(format!("coordinator store unavailable: {e}"))
         })?;
+        let inventory = self.store.inventory(&cert_host).await.map_err(|e| {
+            warn!(host = %cert_host, error = %e, "store failed reading the inventory");
+            Status::unavailable(format!("coordinator store unavailable: {e}"))
+        })?;
+        let mismatch = label_mismatch(&inventory.effective(), &record.reported_labels);
+        if !mismatch.is_empty() {
+            warn!(
+                host = %cert_host,
+                mismatch = %mismatch.join("; "),
+                "agent reports labels that differ from the inventory; targeting uses the inventory (`rollbackctl agents label` changes it)"
+            );
+        }
 
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let ack = CoordinatorMessage {
@@ -310,7 +322,9 @@ fn hand_over(hub: &RunHub, host: &str, run_id: &str, finished: RunFinished) {
 fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {
     AgentRecord {
         host_id: hello.host_id.clone(),
-        labels: hello.labels.clone().into_iter().collect(),
+        // What the agent claims is kept as a reported fact; targeting uses the inventory.
+        labels: Default::default(),
+        reported_labels: hello.labels.clone().into_iter().collect(),
         agent_version: hello.agent_version.clone(),
         address,
         online: true,

@@ -8,6 +8,7 @@ mod console;
 mod dispatch;
 mod exec;
 mod gateway;
+mod inventory;
 pub mod jobs;
 pub mod registry;
 mod runs;
@@ -74,6 +75,24 @@ pub async fn run(
         );
     }
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let synced = store
+        .sync_config_inventory(
+            &config.inventory,
+            &store::AuditEvent {
+                at_ms: rollback_common::now_unix_ms(),
+                actor: "coordinator.toml".into(),
+                action: "inventory.config_loaded".into(),
+                target: format!("{} hosts", config.inventory.len()),
+                detail: inventory_summary(&config.inventory),
+            },
+        )
+        .await?;
+    if synced {
+        info!(
+            hosts = config.inventory.len(),
+            "inventory labels from coordinator.toml changed; recorded in the audit trail"
+        );
+    }
     let registry = Arc::new(Registry::default());
     let hub = Arc::new(runs::RunHub::default());
     let policy = Arc::new(Policy::new(
@@ -93,8 +112,12 @@ pub async fn run(
         Duration::from_secs(config.unreachable_after_secs),
         tasks.clone(),
         cancel.clone(),
+        config.approval.clone(),
     ));
     jobs.resume_after_restart()
+        .await
+        .map_err(|s| CoordinatorError::Recover(s.message().to_string()))?;
+    jobs.watch_approvals()
         .await
         .map_err(|s| CoordinatorError::Recover(s.message().to_string()))?;
     let gateway = gateway::Gateway {
@@ -162,6 +185,20 @@ pub async fn run(
     sqlite.close().await;
     info!("coordinator stopped");
     served
+}
+
+/// `app1: migrator=true,role=web; db1: role=db` for the audit record of a config inventory.
+fn inventory_summary(
+    inventory: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+) -> String {
+    inventory
+        .iter()
+        .map(|(host, labels)| {
+            let kv: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{host}: {}", kv.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The runbook from `runbook = "..."` in the config, or the built-in seed runbook.

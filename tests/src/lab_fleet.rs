@@ -28,6 +28,10 @@ pub const AGENT_CONFIG: &str = "/etc/rollback/agent.toml";
 pub const AGENT_LOG: &str = "/var/log/rollback-agent.log";
 /// The operator the fleet's `rollbackctl` acts as (role admin).
 pub const OPERATOR: &str = "oncall";
+/// The second person (role approver) who approves what the coordinator's default approval
+/// policy holds (database rollbacks): `rollbackctl rollback` run through the fleet is approved
+/// by this identity, through the real `ApproveJob` call, once the job waits for it.
+pub const APPROVER: &str = "lead";
 
 /// A running fleet-rollback installation on a lab.
 pub struct LabFleet<'a> {
@@ -36,6 +40,8 @@ pub struct LabFleet<'a> {
     pub dir: PathBuf,
     pub pki: Pki,
     pub operator: CertFiles,
+    /// `lead`, role approver: the second person for two-person approval.
+    pub approver: CertFiles,
     coordinator: Option<Child>,
     pub url: String,
 }
@@ -57,6 +63,20 @@ fn in_hosts(lab: &Lab, p: &std::path::Path) -> Result<String> {
     Ok(format!("{SHARED_MOUNT}/{}", rel.display()))
 }
 
+/// A host's labels: `role=db` on the database host, `role=web` on app hosts, and
+/// `migrator=true` on the first app host.
+fn host_labels(lab: &Lab, host: &str) -> Vec<(&'static str, &'static str)> {
+    if lab.db_host().is_ok_and(|h| h.id() == host) {
+        return vec![("role", "db")];
+    }
+    let first_app = lab.app_host_ids().into_iter().next();
+    if first_app.as_deref() == Some(host) {
+        vec![("role", "web"), ("migrator", "true")]
+    } else {
+        vec![("role", "web")]
+    }
+}
+
 impl<'a> LabFleet<'a> {
     /// Issues certificates, starts the coordinator and an agent on every host, and waits until
     /// every agent is online.
@@ -67,13 +87,26 @@ impl<'a> LabFleet<'a> {
         let addr = lab.coordinator_addr().to_string();
         let coord = pki.coordinator("coordinator", &[&addr])?;
         let operator = pki.operator(OPERATOR)?;
+        let approver = pki.operator(APPROVER)?;
         let url = format!("https://{addr}:{COORDINATOR_PORT}");
         let config = dir.join("coordinator.toml");
+        // The inventory (what targets each host) says what each host's agent reports too.
+        let inventory: String = lab
+            .hosts()
+            .iter()
+            .map(|h| {
+                let labels: String = host_labels(lab, h.id())
+                    .iter()
+                    .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+                    .collect();
+                format!("[inventory.\"{}\"]\n{labels}", h.id())
+            })
+            .collect();
         std::fs::write(
             &config,
             format!(
                 "listen = \"{addr}:{COORDINATOR_PORT}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 2\n\
-                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n",
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n{APPROVER} = \"approver\"\n{inventory}",
                 pki.ca().display(),
                 coord.cert.display(),
                 coord.key.display()
@@ -85,6 +118,7 @@ impl<'a> LabFleet<'a> {
             dir,
             pki,
             operator,
+            approver,
             coordinator: None,
             url,
         };
@@ -176,7 +210,10 @@ impl<'a> LabFleet<'a> {
             .db_host()
             .map(|h| h.id().to_string())
             .unwrap_or_default();
-        let first_app = lab.app_host_ids().into_iter().next().unwrap_or_default();
+        let labels: String = host_labels(lab, host)
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+            .collect();
         let mut toml = format!(
             "host_id = \"{host}\"\ncoordinator = \"{}\"\nstate_dir = \"/var/lib/rollback-agent\"\n\
              reconnect_initial_ms = 100\nreconnect_max_ms = 1000\n\
@@ -186,20 +223,16 @@ impl<'a> LabFleet<'a> {
             in_hosts(lab, &certs.cert)?,
             in_hosts(lab, &certs.key)?,
         );
+        toml += &format!("[labels]\n{labels}");
         if host == db {
             toml += &format!(
-                "[labels]\nrole = \"db\"\n[service]\nunit = \"{PG_UNIT}\"\n\
+                "[service]\nunit = \"{PG_UNIT}\"\n\
                  [postgres]\npg_dump = \"{PG_BIN}/pg_dump\"\npg_restore = \"{PG_BIN}/pg_restore\"\nhost = \"127.0.0.1\"\n\
                  port = {PG_PORT}\nuser = \"postgres\"\ndatabase = \"{APP_DB}\"\nbackup_dir = \"{BACKUP_DIR}\"\n"
             );
         } else {
-            let migrator = if host == first_app {
-                "migrator = \"true\"\n"
-            } else {
-                ""
-            };
             toml += &format!(
-                "[labels]\nrole = \"web\"\n{migrator}[service]\nunit = \"{APP_UNIT}\"\n\
+                "[service]\nunit = \"{APP_UNIT}\"\n\
                  [app]\ndir = \"{APP_DIR}\"\nenv_file = \"{APP_DIR}/.env\"\nenv_backup = \"{APP_DIR}/.env.backup\"\n\
                  log_file = \"{APP_LOG}\"\nhealth_base_url = \"http://127.0.0.1:{APP_PORT}\"\n\
                  [alembic]\nbinary = \"{}\"\nworkdir = \"{MIGRATIONS_DIR}\"\n[alembic.env]\nDATABASE_URL = \"{}\"\n",
@@ -274,15 +307,20 @@ impl<'a> LabFleet<'a> {
     /// `rollbackctl ARGS` as the operator, to be run in the coordinator namespace (stdin
     /// from /dev/null; the caller decides what happens to its output).
     pub fn rollbackctl_command(&self, args: &[&str]) -> std::process::Command {
+        self.rollbackctl_command_as(&self.operator, args)
+    }
+
+    /// `rollbackctl ARGS` as `who`, from the coordinator namespace.
+    pub fn rollbackctl_command_as(&self, who: &CertFiles, args: &[&str]) -> std::process::Command {
         let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
         cmd.arg("--coordinator")
             .arg(&self.url)
             .arg("--ca")
             .arg(self.pki.ca())
             .arg("--cert")
-            .arg(&self.operator.cert)
+            .arg(&who.cert)
             .arg("--key")
-            .arg(&self.operator.key)
+            .arg(&who.key)
             .args(args)
             .env("HOME", "/nonexistent")
             .env_remove("ROLLBACK_CONFIG")
@@ -290,11 +328,56 @@ impl<'a> LabFleet<'a> {
         cmd
     }
 
-    /// Runs `rollbackctl ARGS` as the operator, from the coordinator namespace.
+    /// Runs `rollbackctl ARGS` as the operator, from the coordinator namespace. A
+    /// `rollback` that waits for approval is approved by [`APPROVER`] meanwhile.
     pub fn rollbackctl(&self, args: &[&str]) -> Result<Output> {
-        self.rollbackctl_command(args)
+        let what = format!("running rollbackctl {}", args.join(" "));
+        if !args.contains(&"rollback") {
+            return self.rollbackctl_command(args).output().context(what);
+        }
+        let mut cmd = self.rollbackctl_command(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd.spawn().with_context(|| what.clone())?;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                let out = child.wait_with_output();
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                out
+            });
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                self.approve_waiting();
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            waiter
+                .join()
+                .map_err(|_| anyhow::anyhow!("{what}: the waiting thread panicked"))?
+                .context(what)
+        })
+    }
+
+    /// Approves, as [`APPROVER`], every job that waits for approval.
+    pub fn approve_waiting(&self) {
+        let Ok(out) = self
+            .rollbackctl_command_as(
+                &self.approver,
+                &["--output", "json", "jobs", "--limit", "5"],
+            )
             .output()
-            .with_context(|| format!("running rollbackctl {}", args.join(" ")))
+        else {
+            return;
+        };
+        let jobs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for job in jobs.iter().filter(|j| j["state"] == "awaiting_approval") {
+            if let Some(id) = job["job_id"].as_str() {
+                let _ = self
+                    .rollbackctl_command_as(
+                        &self.approver,
+                        &["approve", id, "--reason", "lab: the second person agrees"],
+                    )
+                    .output();
+            }
+        }
     }
 
     /// Runs `rollbackctl ARGS` like [`LabFleet::rollbackctl`], but passes its output on to

@@ -512,3 +512,51 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The simulator process, killed when dropped.
+pub struct Simulator(Child);
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `rollback-agent --simulate k` (hosts `sim-00001`...) against `url`, with its state
+/// (each host's journal) under `dir/sim-state`, logging to `dir/simulator.log`.
+pub fn start_simulator(dir: &Path, url: &str, pki: &Pki, k: usize) -> Result<Simulator> {
+    let state = dir.join("sim-state");
+    let config = dir.join("sim.toml");
+    write_private(
+        &config,
+        format!(
+            "host_id = \"sim\"\ncoordinator = \"{url}\"\nstate_dir = \"{}\"\n\
+             [labels]\nsim = \"yes\"\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
+             [service]\nunit = \"app.service\"\n\
+             [app]\ndir = \"{}\"\nhealth_base_url = \"http://127.0.0.1:9\"\n\
+             [postgres]\npg_dump = \"/bin/true\"\npg_restore = \"/bin/true\"\nhost = \"127.0.0.1\"\n\
+             user = \"sim\"\ndatabase = \"sim\"\nbackup_dir = \"{}\"\n",
+            state.display(),
+            state.display(),
+            state.display(),
+            ca = pki.ca().display(),
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("simulator.log"))?;
+    let child = Command::new(bin("rollback-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--simulate")
+        .arg(k.to_string())
+        .arg("--simulate-pki")
+        .arg(&pki.dir)
+        .env("ROLLBACK_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting rollback-agent --simulate")?;
+    Ok(Simulator(child))
+}

@@ -61,9 +61,11 @@ fn finish(child: Child) -> Result<(bool, String)> {
     ))
 }
 
-/// The id of the newest job with `reason`, once it is running.
+/// The id of the newest job with `reason`, once it is running (a job that waits for the
+/// second person's approval is approved by the fleet's approver meanwhile).
 fn running_job(fleet: &LabFleet, reason: &str) -> String {
     fleet.eventually(&format!("a running job `{reason}`"), || {
+        fleet.approve_waiting();
         let j = fleet.latest_job()?;
         ensure!(j["reason"] == reason && j["state"] == "running", "not yet");
         Ok(j["job_id"].as_str().unwrap_or_default().to_string())
@@ -401,7 +403,7 @@ fn one_commit_everywhere_one_job_per_host_and_an_agent_killed_mid_step_resumes()
     assert_eq!(waited["reason"], "waiter");
     let holder_record = fleet.job(&holder)?;
     assert!(
-        waited["created_at"].as_str() >= holder_record["finished_at"].as_str(),
+        waited["created_at_unix_ms"].as_i64() >= holder_record["finished_at_unix_ms"].as_i64(),
         "started after the holder ended: {} vs {}",
         waited["created_at"],
         holder_record["finished_at"]

@@ -2,12 +2,12 @@
 //! coordinator over mTLS with certificates the simulator issues itself, and a one-step job
 //! reaches every one of them and completes, with each host's run journaled like a real agent's.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rollback_tests::support::{Coordinator, Pki, agents_json, bin, eventually, rollbackctl};
+use rollback_tests::support::{
+    Coordinator, Pki, agents_json, eventually, rollbackctl, start_simulator,
+};
 
 const K: usize = 50;
 
@@ -20,49 +20,6 @@ name = "noop"
 scope = "each"
 steps = [{ action = "postgres.backup" }]
 "#;
-
-/// The simulator process, killed when dropped.
-struct Simulator(Child);
-
-impl Drop for Simulator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_simulator(dir: &Path, url: &str, pki: &Pki) -> Result<Simulator> {
-    let state = dir.join("sim-state");
-    let config = dir.join("sim.toml");
-    rollback_tests::support::write_private(
-        &config,
-        format!(
-            "host_id = \"sim\"\ncoordinator = \"{url}\"\nstate_dir = \"{}\"\n\
-             [labels]\nsim = \"yes\"\n\
-             [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
-             [postgres]\npg_dump = \"/bin/true\"\npg_restore = \"/bin/true\"\nhost = \"127.0.0.1\"\n\
-             user = \"sim\"\ndatabase = \"sim\"\nbackup_dir = \"{}\"\n",
-            state.display(),
-            state.display(),
-            ca = pki.ca().display(),
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("simulator.log"))?;
-    let child = Command::new(bin("rollback-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--simulate")
-        .arg(K.to_string())
-        .arg("--simulate-pki")
-        .arg(&pki.dir)
-        .env("ROLLBACK_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting rollback-agent --simulate")?;
-    Ok(Simulator(child))
-}
 
 #[test]
 fn simulated_agents_connect_over_mtls_and_complete_a_job() -> Result<()> {
@@ -77,14 +34,18 @@ fn simulated_agents_connect_over_mtls_and_complete_a_job() -> Result<()> {
     let runbook = dir.join("runbook.toml");
     std::fs::write(&runbook, RUNBOOK)?;
     let config = std::fs::read_to_string(&coord.config)?;
+    // Labels that target hosts come from the coordinator's inventory, not the agents' claim.
+    let inventory: String = (1..=K)
+        .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
+        .collect();
     std::fs::write(
         &coord.config,
-        format!("runbook = \"{}\"\n{config}", runbook.display()),
+        format!("runbook = \"{}\"\n{config}{inventory}", runbook.display()),
     )?;
     coord.restart()?;
     let url = coord.url();
 
-    let _sim = start_simulator(dir, &url, &pki)?;
+    let _sim = start_simulator(dir, &url, &pki, K)?;
     eventually(
         "all simulated agents online",
         Duration::from_secs(60),

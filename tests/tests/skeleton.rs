@@ -26,6 +26,8 @@ struct Fleet {
     coordinator: Coordinator,
     /// An operator with the viewer role.
     viewer: CertFiles,
+    /// `ada`, an operator with the admin role.
+    admin: CertFiles,
 }
 
 fn fleet() -> Fleet {
@@ -33,9 +35,10 @@ fn fleet() -> Fleet {
     let dir = tmp.path().to_path_buf();
     let pki = Pki::init(&dir.join("pki"), "fleet.test").expect("pki init");
     let viewer = pki.operator("vera").expect("operator cert");
-    for name in ["otto", "abe", "ada"] {
+    for name in ["otto", "abe"] {
         pki.operator(name).expect("operator cert");
     }
+    let admin = pki.operator("ada").expect("operator cert");
     let coordinator = Coordinator::start(
         &dir,
         &pki,
@@ -53,11 +56,35 @@ fn fleet() -> Fleet {
         pki,
         coordinator,
         viewer,
+        admin,
     }
 }
 
 impl Fleet {
+    /// Starts an agent that reports `labels`, and puts the same labels in the coordinator's
+    /// inventory (as admin `ada`): only the inventory targets hosts.
     fn agent(&self, host: &str, labels: &[(&str, &str)]) -> Agent {
+        if !labels.is_empty() {
+            self.label(host, labels);
+        }
+        self.agent_claiming(host, labels)
+    }
+
+    fn label(&self, host: &str, labels: &[(&str, &str)]) {
+        let mut args = vec!["agents".to_string(), "label".to_string(), host.to_string()];
+        args.extend(labels.iter().map(|(k, v)| format!("{k}={v}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = rollbackctl(&self.coordinator.url(), &self.pki.ca(), &self.admin, &args)
+            .expect("rollbackctl agents label");
+        assert!(
+            out.status.success(),
+            "agents label {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts an agent that reports `labels` in its Hello, without touching the inventory.
+    fn agent_claiming(&self, host: &str, labels: &[(&str, &str)]) -> Agent {
         let certs = self.pki.agent(host).expect("agent cert");
         Agent::start(
             &self.dir,
@@ -344,7 +371,8 @@ async fn every_method_is_authorized_by_certificate_role() {
             "ListAgents" | "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs"
             | "GetReport" | "ListSnapshots" => 0,
             "Exec" | "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose" => 1,
-            "ForgetAgent" => 3,
+            "ApproveJob" | "DenyJob" => 2,
+            "ForgetAgent" | "LabelAgent" => 3,
             other => panic!("Console method {other} has no row in the role table"),
         }
     };
@@ -824,4 +852,114 @@ fn a_viewer_causes_no_run_and_a_mutating_exec_needs_an_approver_with_a_reason() 
     let (_, err) = ctl(&abe, &["exec", "web-1", "service.stop", "--reason", "test"]);
     assert!(err.contains("[service]"), "{err}");
     assert_eq!(runs_on(&f, "web-1"), read_only_runs + 1);
+}
+
+/// Acceptance (#12): labels that choose hosts come from the coordinator's inventory. An agent
+/// whose Hello claims `role=db` and `migrator=true` is shown with the mismatch and is never
+/// picked: not by `--select`, not as the once-host of a downgrade or a restore.
+#[test]
+fn a_host_claiming_role_db_is_not_picked_and_the_mismatch_is_shown() {
+    let f = fleet();
+    let _web1 = f.agent("web-1", &[("role", "web"), ("migrator", "true")]);
+    let _db = f.agent("db-1", &[("role", "db")]);
+    f.label("web-2", &[("role", "web")]);
+    let _rogue = f.agent_claiming("web-2", &[("role", "db"), ("migrator", "true")]);
+    for h in ["web-1", "db-1", "web-2"] {
+        f.wait_status(h, "online");
+    }
+
+    assert_eq!(hosts(&f.agents(Some("role=db"))), ["db-1"]);
+    assert_eq!(hosts(&f.agents(Some("migrator=true"))), ["web-1"]);
+    assert_eq!(hosts(&f.agents(Some("role=web"))), ["web-1", "web-2"]);
+    let all = f.agents(None);
+    let rogue = all
+        .iter()
+        .find(|a| a["host_id"] == "web-2")
+        .expect("web-2 listed");
+    assert_eq!(rogue["labels"]["role"], "web", "{rogue}");
+    assert_eq!(rogue["reported_labels"]["role"], "db", "{rogue}");
+    assert_eq!(
+        rogue["label_mismatch"],
+        serde_json::json!([
+            "migrator: reported true, not in the inventory",
+            "role: reported db, inventory web"
+        ]),
+        "{rogue}"
+    );
+    let honest = all.iter().find(|a| a["host_id"] == "web-1").expect("web-1");
+    assert_eq!(honest["label_mismatch"], serde_json::json!([]), "{honest}");
+    let table = rollbackctl(&f.coordinator.url(), &f.pki.ca(), &f.viewer, &["agents"])
+        .expect("rollbackctl agents");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains(
+            "web-2: migrator: reported true, not in the inventory; role: reported db, inventory web"
+        ),
+        "{text}"
+    );
+
+    let ctl = |who: &CertFiles, args: &[&str]| {
+        rollbackctl(&f.coordinator.url(), &f.pki.ca(), who, args).expect("rollbackctl")
+    };
+    let plan = |args: &[&str]| -> Value {
+        let mut all = vec!["--output", "json", "plan", "--reason", "test"];
+        all.extend_from_slice(args);
+        let out = ctl(&f.viewer, &all);
+        assert!(
+            out.status.success(),
+            "plan {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("plan json")
+    };
+    let downgrade = plan(&["--procedure", "database", "--select", "role=web"]);
+    assert_eq!(downgrade["once_host"], "web-1", "{downgrade:#}");
+    let restore = plan(&[
+        "--procedure",
+        "database-restore",
+        "--backup",
+        "/var/backups/app.dump",
+        "--select",
+        "role=web",
+    ]);
+    assert_eq!(restore["once_host"], "db-1", "{restore:#}");
+
+    // Only an admin changes the inventory; bad labels are refused before anything is written.
+    let otto = operator_certs(&f, "otto");
+    let out = ctl(&otto, &["agents", "label", "web-2", "role=db"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in [&["host=db-1"][..], &["role=d b"], &["nosuch-"], &["role"]] {
+        let mut args = vec!["agents", "label", "web-2"];
+        args.extend_from_slice(bad);
+        let out = ctl(&f.admin, &args);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+    }
+    assert_eq!(hosts(&f.agents(Some("role=db"))), ["db-1"]);
+
+    // The admin's change is what moves a host, and it is audited.
+    let out = ctl(
+        &f.admin,
+        &[
+            "agents",
+            "label",
+            "web-2",
+            "role=db",
+            "--reason",
+            "rebuilt as a db",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(hosts(&f.agents(Some("role=db"))), ["db-1", "web-2"]);
+    let out = ctl(&f.admin, &["agents", "label", "web-2", "role=web"]);
+    assert!(out.status.success());
+    assert_eq!(hosts(&f.agents(Some("role=db"))), ["db-1"]);
 }

@@ -57,13 +57,78 @@ enum RunEnd {
 }
 
 /// Everything `drive` needs, rebuilt from the store on resume.
-struct Drive {
+pub(super) struct Drive {
     job_id: String,
-    plan: Plan,
+    pub(super) plan: Plan,
     reason: String,
     tracks: BTreeMap<String, JobHostRow>,
     /// Runs dispatched but without a result: (phase, host) → run.
     inflight: HashMap<(String, String), RunRow>,
+}
+
+/// The stored rows of a new job: the job in `state` and its hosts (the once-host too, when
+/// it is not a target).
+pub(super) fn job_rows(
+    job_id: &str,
+    actor: &str,
+    now: i64,
+    req: &RollbackRequest,
+    plan: &Plan,
+    plan_proto: &PlanResponse,
+    state: JobState,
+) -> (JobRow, Vec<JobHostRow>) {
+    let mut hosts: Vec<JobHostRow> = plan
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, h)| host_row(job_id, h, i, false))
+        .collect();
+    if let Some(once) = plan
+        .once_host
+        .as_ref()
+        .filter(|h| !plan.targets.contains(h))
+    {
+        hosts.push(host_row(job_id, once, hosts.len(), true));
+    }
+    let job = JobRow {
+        job_id: job_id.to_string(),
+        procedure: plan.procedure.clone(),
+        request: req.encode_to_vec(),
+        plan: plan_proto.encode_to_vec(),
+        state: state.as_str().into(),
+        reason: req.reason.clone(),
+        requested_by: actor.to_string(),
+        created_at_ms: now,
+        finished_at_ms: None,
+        halt_reason: String::new(),
+        request_id: req.request_id.clone(),
+    };
+    (job, hosts)
+}
+
+/// `param=to` for each pinned target.
+pub(super) fn pins_text(plan_proto: &PlanResponse) -> Vec<String> {
+    plan_proto
+        .pins
+        .iter()
+        .map(|p| format!("{}={}", p.param, p.to))
+        .collect()
+}
+
+/// What a rollback request asked for, for its audit record.
+pub(super) fn request_detail(
+    req: &RollbackRequest,
+    plan: &Plan,
+    plan_proto: &PlanResponse,
+) -> String {
+    format!(
+        "procedure={} select={} hosts={} pinned=[{}] reason={}",
+        plan.procedure,
+        req.selector,
+        plan.targets.join(","),
+        pins_text(plan_proto).join(" "),
+        req.reason
+    )
 }
 
 /// Why a launch did not happen.
@@ -267,10 +332,17 @@ impl Jobs {
                 )));
             }
             self.backup_gate(&plan).await?;
-            match self
-                .launch(principal, req.clone(), plan, plan_proto, true, None)
-                .await
-            {
+            let launched = match self.approval_rule(&plan) {
+                Some(rule) => {
+                    self.request_approval(principal, req, &plan, plan_proto, rule)
+                        .await
+                }
+                None => {
+                    self.launch(principal, req.clone(), plan, plan_proto, true, None)
+                        .await
+                }
+            };
+            match launched {
                 Ok(started) => return Ok(started),
                 Err(LaunchError::Leased(_)) if req.wait => {
                     self.pause(Duration::from_secs(1)).await?;
@@ -303,57 +375,29 @@ impl Jobs {
         let job_id = new_id();
         let now = now_unix_ms();
         let actor = principal.identity.to_string();
-        let mut hosts: Vec<JobHostRow> = plan
-            .targets
-            .iter()
-            .enumerate()
-            .map(|(i, h)| host_row(&job_id, h, i, false))
-            .collect();
-        if let Some(once) = plan
-            .once_host
-            .as_ref()
-            .filter(|h| !plan.targets.contains(h))
-        {
-            hosts.push(host_row(&job_id, once, hosts.len(), true));
-        }
-        let job = JobRow {
-            job_id: job_id.clone(),
-            procedure: plan.procedure.clone(),
-            request: req.encode_to_vec(),
-            plan: plan_proto.encode_to_vec(),
-            state: JobState::Running.as_str().into(),
-            reason: req.reason.clone(),
-            requested_by: actor.clone(),
-            created_at_ms: now,
-            finished_at_ms: None,
-            halt_reason: String::new(),
-            request_id: req.request_id.clone(),
-        };
+        let (job, hosts) = job_rows(
+            &job_id,
+            &actor,
+            now,
+            &req,
+            &plan,
+            &plan_proto,
+            JobState::Running,
+        );
         let leased: Vec<String> = if lease {
             hosts.iter().map(|h| h.host_id.clone()).collect()
         } else {
             Vec::new()
         };
         self.store.create_job(&job, &hosts, &leased).await?;
-        let pins: Vec<String> = plan_proto
-            .pins
-            .iter()
-            .map(|p| format!("{}={}", p.param, p.to))
-            .collect();
+        let pins = pins_text(&plan_proto);
         self.store
             .append_audit(&AuditEvent {
                 at_ms: now,
                 actor: actor.clone(),
                 action: "rollback.started".into(),
                 target: format!("job/{job_id}"),
-                detail: format!(
-                    "procedure={} select={} hosts={} pinned=[{}] reason={}",
-                    plan.procedure,
-                    req.selector,
-                    plan.targets.join(","),
-                    pins.join(" "),
-                    req.reason
-                ),
+                detail: request_detail(&req, &plan, &plan_proto),
             })
             .await?;
         let live = self.new_live(&job_id, 1);
@@ -394,7 +438,12 @@ impl Jobs {
     }
 
     /// Registers a live job whose next event has `next_seq`, with its event pipeline.
-    fn new_live(&self, job_id: &str, next_seq: u64) -> Arc<LiveJob> {
+    pub(super) fn new_live(&self, job_id: &str, next_seq: u64) -> Arc<LiveJob> {
+        self.new_live_in(job_id, next_seq, JobState::Running)
+    }
+
+    /// Registers a live job in `state`, with its event pipeline.
+    pub(super) fn new_live_in(&self, job_id: &str, next_seq: u64, state: JobState) -> Arc<LiveJob> {
         let (events, _) = broadcast::channel(4096);
         let (queue, queued) = mpsc::unbounded_channel();
         self.tasks.spawn(event_pipeline(
@@ -407,13 +456,13 @@ impl Jobs {
             cancel: CancellationToken::new(),
             events,
             pipeline: std::sync::Mutex::new((next_seq, queue)),
-            state: std::sync::Mutex::new(JobState::Running.as_str().into()),
+            state: std::sync::Mutex::new(state.as_str().into()),
         });
         self.live_jobs().insert(job_id.to_string(), live.clone());
         live
     }
 
-    fn spawn_drive(
+    pub(super) fn spawn_drive(
         self: &Arc<Self>,
         drive: Drive,
         live: Arc<LiveJob>,
@@ -437,7 +486,7 @@ impl Jobs {
 
     /// Rebuilds a job's progress from the store: hosts with their completed phases, the runs
     /// still in flight, and (with `keep_failures`) failures whose host row was not yet saved.
-    async fn load_drive(
+    pub(super) async fn load_drive(
         &self,
         job_id: &str,
         keep_failures: bool,
@@ -468,7 +517,7 @@ impl Jobs {
         ))
     }
 
-    async fn next_seq(&self, job_id: &str) -> Result<u64, Status> {
+    pub(super) async fn next_seq(&self, job_id: &str) -> Result<u64, Status> {
         Ok(self
             .store
             .job_events(job_id, 0)
@@ -571,6 +620,24 @@ impl Jobs {
                 "job {job_id} is {state}; only a halted, cancelled, failed or interrupted job can be resumed"
             )));
         }
+        // A job withdrawn before its approval was never approved: resuming it would run it
+        // without the second person.
+        if let Some(a) = self
+            .store
+            .job_approval(job_id)
+            .await?
+            .filter(|a| a.decision != "approved")
+        {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} needed approval ({}) and was {} before it ran; start the rollback again, which asks for approval",
+                a.rule,
+                if a.decision.is_empty() {
+                    "not approved"
+                } else {
+                    &a.decision
+                }
+            )));
+        }
         let retry: Vec<String> = drive
             .tracks
             .values()
@@ -643,6 +710,13 @@ impl Jobs {
         job_id: &str,
         reason: &str,
     ) -> Result<String, Status> {
+        // A request still waiting for approval is withdrawn: nothing of it ever ran.
+        if self
+            .end_unapproved(job_id, "cancelled", &principal.identity.to_string(), reason)
+            .await?
+        {
+            return Ok(JobState::Cancelled.as_str().into());
+        }
         let Some(live) = self.live_job(job_id) else {
             let (job, _) = self
                 .store
@@ -680,7 +754,7 @@ impl Jobs {
 
     /// Queues a job event; the pipeline stores it, then broadcasts it.
     #[allow(clippy::too_many_arguments)]
-    fn emit(
+    pub(super) fn emit(
         &self,
         live: &LiveJob,
         job_id: &str,

@@ -5,6 +5,7 @@
 //! stored before it is broadcast, so any number of watchers can replay and follow a job, and
 //! a slow watcher never slows the rollback.
 
+mod approval;
 mod batch;
 mod diagnosis;
 mod engine;
@@ -70,6 +71,8 @@ pub struct Jobs {
     /// The coordinator is stopping: jobs stop driving and stay `running` in the store, to be
     /// resumed by the next process.
     shutdown: CancellationToken,
+    /// Which jobs need a second person's approval.
+    approval: crate::config::ApprovalPolicy,
 }
 
 impl Jobs {
@@ -83,6 +86,7 @@ impl Jobs {
         unreachable_after: Duration,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        approval: crate::config::ApprovalPolicy,
     ) -> Self {
         Self {
             store,
@@ -94,6 +98,7 @@ impl Jobs {
             unreachable_after,
             tasks,
             shutdown,
+            approval,
         }
     }
 

@@ -80,6 +80,21 @@ pub fn render(job: &Job) -> String {
     let _ = writeln!(md, "| Outcome | **{}** |", job.state);
     let _ = writeln!(md, "| Requested by | `{}` |", job.requested_by);
     let _ = writeln!(md, "| Reason | {} |", cell(&job.reason));
+    if let Some(a) = &job.approval {
+        let decided = match a.decision.as_str() {
+            "" => format!(
+                "**pending** — needs an approver other than the requester; expires {}",
+                time(a.expires_at_unix_ms)
+            ),
+            d => format!(
+                "**{d}** by `{}` at {} — {}",
+                a.decided_by,
+                time(a.decided_at_unix_ms),
+                cell(&a.reason)
+            ),
+        };
+        let _ = writeln!(md, "| Approval | required ({}); {decided} |", cell(&a.rule));
+    }
     let _ = writeln!(md, "| Started | {} |", time(job.created_at_unix_ms));
     let _ = writeln!(md, "| Finished | {} |", time(job.finished_at_unix_ms));
     if job.finished_at_unix_ms > 0 {

@@ -39,6 +39,7 @@ fn job_proto(row: JobRow, hosts: Vec<JobHostRow>) -> Job {
             .collect(),
         halt_reason: row.halt_reason,
         history: Vec::new(),
+        approval: None,
     }
 }
 
@@ -51,7 +52,9 @@ fn history_line(ev: &JobEvent) -> Option<String> {
     let kind: EventKind = ev.kind.parse().ok()?;
     matches!(
         kind,
-        EventKind::JobStarted
+        EventKind::JobAwaitingApproval
+            | EventKind::JobApproved
+            | EventKind::JobStarted
             | EventKind::JobResumed
             | EventKind::JobHalted
             | EventKind::JobCancelling
@@ -69,6 +72,20 @@ impl Jobs {
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         let mut job = job_proto(row, hosts);
+        job.approval =
+            self.store
+                .job_approval(job_id)
+                .await?
+                .map(|a| rollback_common::proto::Approval {
+                    rule: a.rule,
+                    requested_by: a.requested_by,
+                    requested_at_unix_ms: a.requested_at_ms,
+                    expires_at_unix_ms: a.expires_at_ms,
+                    decision: a.decision,
+                    decided_by: a.decided_by,
+                    decided_at_unix_ms: a.decided_at_ms.unwrap_or(0),
+                    reason: a.reason,
+                });
         job.history = self
             .store
             .job_events(job_id, 0)

@@ -4,7 +4,7 @@
 mod sqlite;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub use sqlite::SqliteStore;
 
@@ -12,7 +12,11 @@ pub use sqlite::SqliteStore;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
     pub host_id: String,
+    /// The labels that target this host: the coordinator's inventory (config, then what
+    /// operators set with `agents label`). Never what the agent claims.
     pub labels: HashMap<String, String>,
+    /// The labels the agent reported in its Hello: facts for people, never used to target.
+    pub reported_labels: HashMap<String, String>,
     pub agent_version: String,
     pub address: String,
     pub online: bool,
@@ -119,6 +123,22 @@ pub struct JobHostRow {
     pub done_phases: Vec<String>,
 }
 
+/// A job's two-person approval.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApprovalRow {
+    pub job_id: String,
+    /// Why approval is needed, e.g. "procedure database".
+    pub rule: String,
+    pub requested_by: String,
+    pub requested_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// "" while pending; then approved, denied, expired or cancelled.
+    pub decision: String,
+    pub decided_by: String,
+    pub decided_at_ms: Option<i64>,
+    pub reason: String,
+}
+
 /// A host held by another job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseHolder {
@@ -130,6 +150,43 @@ impl std::fmt::Display for LeaseHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} (held by job {})", self.host_id, self.job_id)
     }
+}
+
+/// A host's inventory labels by where they come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// From coordinator.toml `[inventory]`.
+    pub config: HashMap<String, String>,
+    /// Set with `rollbackctl agents label`; wins over `config`.
+    pub operator: HashMap<String, String>,
+}
+
+impl Inventory {
+    /// The labels that target the host.
+    pub fn effective(&self) -> HashMap<String, String> {
+        let mut out = self.config.clone();
+        out.extend(self.operator.clone());
+        out
+    }
+}
+
+/// Where the agent's claim differs from the inventory: `key: reported X, inventory Y` for each
+/// key the agent reports with another value or that the inventory does not have. A key only
+/// the inventory has is no mismatch (agents need not report every label).
+pub fn label_mismatch(
+    inventory: &HashMap<String, String>,
+    reported: &HashMap<String, String>,
+) -> Vec<String> {
+    let mut out: Vec<String> = reported
+        .iter()
+        .filter(|(k, v)| inventory.get(*k) != Some(*v))
+        .map(|(k, v)| match inventory.get(k) {
+            Some(inv) => format!("{k}: reported {v}, inventory {inv}"),
+            None => format!("{k}: reported {v}, not in the inventory"),
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// One audit trail entry.
@@ -254,4 +311,49 @@ pub trait Store: Send + Sync + 'static {
     /// Every snapshot row, newest first.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError>;
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Replaces the inventory labels that come from coordinator.toml with `labels` (host →
+    /// key → value), with `audit` in the same transaction when anything changed; returns
+    /// whether anything did.
+    async fn sync_config_inventory(
+        &self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// One host's inventory labels.
+    async fn inventory(&self, host_id: &str) -> Result<Inventory, StoreError>;
+    /// Records a job that waits for approval: the job (state `awaiting_approval`), its hosts,
+    /// its leases (as `create_job`), its approval row and `audit`, atomically.
+    async fn create_job_awaiting(
+        &self,
+        job: &JobRow,
+        hosts: &[JobHostRow],
+        leased: &[String],
+        approval: &ApprovalRow,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Decides a pending approval, atomically and only once: `approved` sets the job
+    /// `running`; `denied`, `expired` and `cancelled` end it in that state (`cancelled` for
+    /// a withdrawn request) and release its leases. Writes `audit` with it. Returns false
+    /// (writing nothing) when the job was not awaiting approval any more.
+    async fn decide_approval(
+        &self,
+        job_id: &str,
+        decision: &str,
+        by: &str,
+        at_ms: i64,
+        reason: &str,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+    async fn job_approval(&self, job_id: &str) -> Result<Option<ApprovalRow>, StoreError>;
+    /// Approvals still pending, oldest first.
+    async fn pending_approvals(&self) -> Result<Vec<ApprovalRow>, StoreError>;
+    /// Sets and removes operator inventory labels of `host_id`, with `audit`, in one
+    /// transaction.
+    async fn label_host(
+        &self,
+        host_id: &str,
+        set: &[(String, String)],
+        remove: &[String],
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
 }

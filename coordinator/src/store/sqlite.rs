@@ -1,5 +1,6 @@
 //! The SQLite store: one file, WAL journal, schema from embedded migrations.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -10,8 +11,8 @@ use sqlx::sqlite::{
 
 use super::writer::{self, Write, Writer};
 use super::{
-    AgentRecord, AuditEvent, JobHostRow, JobRow, LeaseHolder, ResultTaken, RunRow, SnapshotRow,
-    Store, StoreError,
+    AgentRecord, ApprovalRow, AuditEvent, Inventory, JobHostRow, JobRow, LeaseHolder, ResultTaken,
+    RunRow, SnapshotRow, Store, StoreError,
 };
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
@@ -47,6 +48,61 @@ fn job_row(row: &sqlx::sqlite::SqliteRow) -> JobRow {
         halt_reason: row.get("halt_reason"),
         request_id: row.get("request_id"),
     }
+}
+
+const APPROVAL_COLUMNS: &str = "job_id, rule, requested_by, requested_at_ms, expires_at_ms, decision, decided_by, decided_at_ms, reason";
+
+fn approval_row(row: &sqlx::sqlite::SqliteRow) -> ApprovalRow {
+    ApprovalRow {
+        job_id: row.get("job_id"),
+        rule: row.get("rule"),
+        requested_by: row.get("requested_by"),
+        requested_at_ms: row.get("requested_at_ms"),
+        expires_at_ms: row.get("expires_at_ms"),
+        decision: row.get("decision"),
+        decided_by: row.get("decided_by"),
+        decided_at_ms: row.get("decided_at_ms"),
+        reason: row.get("reason"),
+    }
+}
+
+/// Inserts a job, its hosts and its leases in `tx`; fails with `StoreError::Leased` when
+/// another job holds any of `leased`.
+async fn insert_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    job: &JobRow,
+    hosts: &[JobHostRow],
+    leased: &[String],
+) -> Result<(), StoreError> {
+    let holders = holders_in(tx, leased, &job.job_id).await?;
+    if !holders.is_empty() {
+        return Err(StoreError::Leased { holders });
+    }
+    insert_leases(tx, leased, &job.job_id).await?;
+    sqlx::query(&format!(
+        "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))
+    .bind(&job.job_id)
+    .bind(&job.procedure)
+    .bind(&job.request)
+    .bind(&job.plan)
+    .bind(&job.state)
+    .bind(&job.reason)
+    .bind(&job.requested_by)
+    .bind(job.created_at_ms)
+    .bind(job.finished_at_ms)
+    .bind(&job.halt_reason)
+    .bind(&job.request_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_err("create_job"))?;
+    for h in hosts {
+        bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
+            .execute(&mut **tx)
+            .await
+            .map_err(query_err("create_job hosts"))?;
+    }
+    Ok(())
 }
 
 fn job_host_row(row: &sqlx::sqlite::SqliteRow) -> JobHostRow {
@@ -168,6 +224,33 @@ impl SqliteStore {
         Ok(Self { pool, writer })
     }
 
+    /// Every host's inventory labels.
+    async fn inventories(&self) -> Result<HashMap<String, Inventory>, StoreError> {
+        self.inventory_rows(None).await
+    }
+
+    async fn inventory_rows(
+        &self,
+        host_id: Option<&str>,
+    ) -> Result<HashMap<String, Inventory>, StoreError> {
+        let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT host_id, key, value, source FROM inventory_labels WHERE ?1 IS NULL OR host_id = ?1",
+        )
+        .bind(host_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("inventory"))?;
+        let mut out: HashMap<String, Inventory> = HashMap::new();
+        for (host, key, value, source) in rows {
+            let inv = out.entry(host).or_default();
+            match source.as_str() {
+                "config" => inv.config.insert(key, value),
+                _ => inv.operator.insert(key, value),
+            };
+        }
+        Ok(out)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -176,10 +259,11 @@ impl SqliteStore {
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn agent_connected(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        let labels = serde_json::to_string(&a.labels).map_err(|e| StoreError::Corrupt {
-            key: a.host_id.clone(),
-            reason: e.to_string(),
-        })?;
+        let labels =
+            serde_json::to_string(&a.reported_labels).map_err(|e| StoreError::Corrupt {
+                key: a.host_id.clone(),
+                reason: e.to_string(),
+            })?;
         sqlx::query(
             "INSERT INTO agents (host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state)
              VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7)
@@ -243,17 +327,19 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err("list_agents"))?;
+        let mut inventory = self.inventories().await?;
         rows.into_iter()
             .map(|row| {
                 let host_id: String = row.get("host_id");
                 let labels_json: String = row.get("labels_json");
-                let labels =
+                let reported_labels =
                     serde_json::from_str(&labels_json).map_err(|e| StoreError::Corrupt {
                         key: host_id.clone(),
                         reason: format!("labels: {e}"),
                     })?;
                 Ok(AgentRecord {
-                    labels,
+                    labels: inventory.remove(&host_id).unwrap_or_default().effective(),
+                    reported_labels,
                     agent_version: row.get("agent_version"),
                     address: row.get("address"),
                     online: row.get::<i64, _>("online") != 0,
@@ -361,36 +447,134 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(query_err("create_job"))?;
-        let holders = holders_in(&mut tx, leased, &job.job_id).await?;
-        if !holders.is_empty() {
-            return Err(StoreError::Leased { holders });
-        }
-        insert_leases(&mut tx, leased, &job.job_id).await?;
-        sqlx::query(&format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-        ))
-        .bind(&job.job_id)
-        .bind(&job.procedure)
-        .bind(&job.request)
-        .bind(&job.plan)
-        .bind(&job.state)
-        .bind(&job.reason)
-        .bind(&job.requested_by)
-        .bind(job.created_at_ms)
-        .bind(job.finished_at_ms)
-        .bind(&job.halt_reason)
-        .bind(&job.request_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("create_job"))?;
-        for h in hosts {
-            bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("create_job hosts"))?;
-        }
+        insert_job(&mut tx, job, hosts, leased).await?;
         tx.commit().await.map_err(query_err("create_job commit"))?;
         Ok(())
+    }
+
+    async fn create_job_awaiting(
+        &self,
+        job: &JobRow,
+        hosts: &[JobHostRow],
+        leased: &[String],
+        approval: &ApprovalRow,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("create_job_awaiting"))?;
+        insert_job(&mut tx, job, hosts, leased).await?;
+        sqlx::query(
+            "INSERT INTO job_approvals (job_id, rule, requested_by, requested_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&approval.job_id)
+        .bind(&approval.rule)
+        .bind(&approval.requested_by)
+        .bind(approval.requested_at_ms)
+        .bind(approval.expires_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("create_job_awaiting"))?;
+        writer::insert_audit(&mut tx, audit).await?;
+        tx.commit()
+            .await
+            .map_err(query_err("create_job_awaiting commit"))?;
+        Ok(())
+    }
+
+    async fn decide_approval(
+        &self,
+        job_id: &str,
+        decision: &str,
+        by: &str,
+        at_ms: i64,
+        reason: &str,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let state = match decision {
+            "approved" => "running",
+            "denied" | "expired" | "cancelled" => decision,
+            other => {
+                return Err(StoreError::Corrupt {
+                    key: job_id.to_string(),
+                    reason: format!("`{other}` is not an approval decision"),
+                });
+            }
+        };
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("decide_approval"))?;
+        let changed = sqlx::query(
+            "UPDATE jobs SET state = ?2, finished_at_ms = ?3, halt_reason = ?4
+             WHERE job_id = ?1 AND state = 'awaiting_approval'",
+        )
+        .bind(job_id)
+        .bind(state)
+        .bind((state != "running").then_some(at_ms))
+        .bind(if state == "running" {
+            String::new()
+        } else {
+            format!("{decision} by {by}: {reason}")
+        })
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("decide_approval"))?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE job_approvals SET decision = ?2, decided_by = ?3, decided_at_ms = ?4, reason = ?5
+             WHERE job_id = ?1 AND decision = ''",
+        )
+        .bind(job_id)
+        .bind(decision)
+        .bind(by)
+        .bind(at_ms)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("decide_approval"))?;
+        if state != "running" {
+            sqlx::query("DELETE FROM host_leases WHERE job_id = ?1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("decide_approval"))?;
+        }
+        writer::insert_audit(&mut tx, audit).await?;
+        tx.commit()
+            .await
+            .map_err(query_err("decide_approval commit"))?;
+        Ok(true)
+    }
+
+    async fn job_approval(&self, job_id: &str) -> Result<Option<ApprovalRow>, StoreError> {
+        Ok(sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM job_approvals WHERE job_id = ?1"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("job_approval"))?
+        .map(|row| approval_row(&row)))
+    }
+
+    async fn pending_approvals(&self) -> Result<Vec<ApprovalRow>, StoreError> {
+        Ok(sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM job_approvals WHERE decision = '' ORDER BY requested_at_ms"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("pending_approvals"))?
+        .iter()
+        .map(approval_row)
+        .collect())
     }
 
     async fn reopen_job(
@@ -445,13 +629,70 @@ impl Store for SqliteStore {
     }
 
     async fn forget_agent(&self, host_id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(query_err("forget_agent"))?;
         let n = sqlx::query("DELETE FROM agents WHERE host_id = ?1")
             .bind(host_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(query_err("forget_agent"))?
             .rows_affected();
+        // A decommissioned host's labels go with it (the config's stay: they are the file's).
+        sqlx::query("DELETE FROM inventory_labels WHERE host_id = ?1 AND source = 'operator'")
+            .bind(host_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("forget_agent"))?;
+        tx.commit().await.map_err(query_err("forget_agent"))?;
         Ok(n > 0)
+    }
+
+    async fn sync_config_inventory(
+        &self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let labels = labels
+            .iter()
+            .flat_map(|(host, kv)| {
+                kv.iter()
+                    .map(move |(k, v)| (host.clone(), k.clone(), v.clone()))
+            })
+            .collect();
+        let changed = self
+            .writer
+            .write(Write::ConfigInventory {
+                labels,
+                audit: audit.clone(),
+            })
+            .await?;
+        Ok(changed > 0)
+    }
+
+    async fn inventory(&self, host_id: &str) -> Result<Inventory, StoreError> {
+        Ok(self
+            .inventory_rows(Some(host_id))
+            .await?
+            .remove(host_id)
+            .unwrap_or_default())
+    }
+
+    async fn label_host(
+        &self,
+        host_id: &str,
+        set: &[(String, String)],
+        remove: &[String],
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .write(Write::Labels {
+                host_id: host_id.to_string(),
+                set: set.to_vec(),
+                remove: remove.to_vec(),
+                at_ms: audit.at_ms,
+                audit: audit.clone(),
+            })
+            .await
+            .map(|_| ())
     }
 
     async fn update_job_state(
@@ -698,6 +939,55 @@ mod tests {
             once_only: false,
             done_phases: Vec::new(),
         }
+    }
+
+    /// Upgrading to the inventory keeps targeting as it was (the labels reported before become
+    /// the inventory, once); after that a host's claim changes nothing.
+    #[tokio::test]
+    async fn the_inventory_migration_adopts_earlier_labels_once_and_claims_then_change_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sqlite");
+        {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(
+                    SqliteConnectOptions::from_str("sqlite://")
+                        .expect("options")
+                        .filename(&path)
+                        .create_if_missing(true),
+                )
+                .await
+                .expect("pool");
+            let mut before = sqlx::migrate!("./migrations");
+            before.migrations = before
+                .migrations
+                .iter()
+                .filter(|m| m.version < 6)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            before.run(&pool).await.expect("migrations 1-5");
+            sqlx::query(
+                "INSERT INTO agents (host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms)
+                 VALUES ('db-1', '{\"role\":\"db\"}', '0', '', 0, 0, 0)",
+            )
+            .execute(&pool)
+            .await
+            .expect("old agent row");
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.expect("upgraded store");
+        let agents = store.list_agents().await.expect("agents");
+        let (inventory, reported) = (agents[0].labels.clone(), agents[0].reported_labels.clone());
+        assert_eq!(inventory.get("role").map(String::as_str), Some("db"));
+        assert_eq!(reported, inventory);
+
+        let mut claim = store.list_agents().await.expect("agents")[0].clone();
+        claim.reported_labels = HashMap::from([("role".to_string(), "web".to_string())]);
+        store.agent_connected(&claim).await.expect("reconnect");
+        let agents = store.list_agents().await.expect("agents");
+        let (inventory, reported) = (agents[0].labels.clone(), agents[0].reported_labels.clone());
+        assert_eq!(inventory.get("role").map(String::as_str), Some("db"));
+        assert_eq!(reported.get("role").map(String::as_str), Some("web"));
     }
 
     #[tokio::test]

@@ -36,6 +36,19 @@ pub(super) enum Write {
         last_seen_ms: i64,
         state: Option<Vec<u8>>,
     },
+    /// Operator inventory labels of one host, with their audit record.
+    Labels {
+        host_id: String,
+        set: Vec<(String, String)>,
+        remove: Vec<String>,
+        at_ms: i64,
+        audit: AuditEvent,
+    },
+    /// The inventory from coordinator.toml replaces the previous one; audited when it changed.
+    ConfigInventory {
+        labels: Vec<(String, String, String)>,
+        audit: AuditEvent,
+    },
 }
 
 type Reply = oneshot::Sender<Result<u64, StoreError>>;
@@ -106,7 +119,9 @@ pub(super) const TAKEN_RECORDED: u64 = 1;
 pub(super) const TAKEN_OTHER_HOST: u64 = 2;
 pub(super) const TAKEN_ALREADY: u64 = 3;
 
-async fn insert_audit(
+/// Appends one audit record inside `tx` (used by the writer's batches and by the store's own
+/// `BEGIN IMMEDIATE` transactions, which SQLite serializes with them).
+pub(super) async fn insert_audit(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     e: &AuditEvent,
 ) -> Result<u64, StoreError> {
@@ -206,6 +221,68 @@ async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreEr
                     .await
                     .map_err(q("agent_seen"))?
                     .rows_affected()
+            }
+            Write::Labels { host_id, set, remove, at_ms, audit } => {
+                let mut n = 0;
+                for key in remove {
+                    n += sqlx::query("DELETE FROM inventory_labels WHERE host_id = ?1 AND key = ?2 AND source = 'operator'")
+                        .bind(host_id)
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q("label_host"))?
+                        .rows_affected();
+                }
+                for (key, value) in set {
+                    n += sqlx::query(
+                        "INSERT INTO inventory_labels (host_id, key, value, source, set_by, set_at_ms)
+                         VALUES (?1, ?2, ?3, 'operator', ?4, ?5)
+                         ON CONFLICT(host_id, key, source) DO UPDATE SET value = ?3, set_by = ?4, set_at_ms = ?5",
+                    )
+                    .bind(host_id)
+                    .bind(key)
+                    .bind(value)
+                    .bind(&audit.actor)
+                    .bind(at_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("label_host"))?
+                    .rows_affected();
+                }
+                insert_audit(&mut tx, audit).await?;
+                n
+            }
+            Write::ConfigInventory { labels, audit } => {
+                let before: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT host_id, key, value FROM inventory_labels WHERE source = 'config' ORDER BY host_id, key",
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("sync_config_inventory"))?;
+                if before == *labels {
+                    0
+                } else {
+                    sqlx::query("DELETE FROM inventory_labels WHERE source = 'config'")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q("sync_config_inventory"))?;
+                    for (host_id, key, value) in labels {
+                        sqlx::query(
+                            "INSERT INTO inventory_labels (host_id, key, value, source, set_by, set_at_ms)
+                             VALUES (?1, ?2, ?3, 'config', ?4, ?5)",
+                        )
+                        .bind(host_id)
+                        .bind(key)
+                        .bind(value)
+                        .bind(&audit.actor)
+                        .bind(audit.at_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q("sync_config_inventory"))?;
+                    }
+                    insert_audit(&mut tx, audit).await?;
+                    1
+                }
             }
         };
         counts.push(n);

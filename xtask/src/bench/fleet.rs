@@ -104,7 +104,11 @@ fn fleet_rollback(
     let dir = root.join(format!("fleet-rollback-{n}"));
     let runbook = root.join("fleet-runbook.toml");
     std::fs::write(&runbook, RUNBOOK).context("writing fleet runbook")?;
-    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook)?;
+    // Labels that target hosts come from the coordinator's inventory.
+    let inventory: String = (1..=n)
+        .map(|i| format!("[inventory.\"{}\"]\nbench = \"fleet\"\n", hosts::name(i)))
+        .collect();
+    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, &inventory)?;
     let mut agents = Vec::with_capacity(n);
     for (i, d) in hosts.dirs[..n].iter().enumerate() {
         let id = hosts::name(i + 1);

@@ -66,7 +66,9 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Starts with a fresh store, the product's defaults (heartbeat 10 s) and `runbook`.
-    pub fn start(dir: &Path, pki: &Pki, runbook: &Path) -> Result<Self> {
+    /// `inventory` is appended to coordinator.toml as is (`[inventory."HOST"]` tables: the
+    /// labels that target hosts).
+    pub fn start(dir: &Path, pki: &Pki, runbook: &Path, inventory: &str) -> Result<Self> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let certs = cert(pki, "coordinator", "coordinator")?;
@@ -76,7 +78,7 @@ impl Coordinator {
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.sqlite\"\nrunbook = \"{}\"\n\
-                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n",
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n{inventory}",
                 runbook.display(),
                 pki.ca().display(),
                 certs.cert.display(),

@@ -77,7 +77,11 @@ fn run_once(
     let dir = root.join(format!("scale-{k}")).join(format!("run-{run}"));
     let runbook = root.join("scale-runbook.toml");
     std::fs::write(&runbook, RUNBOOK).context("writing scale runbook")?;
-    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook)?;
+    // Labels that target hosts come from the coordinator's inventory.
+    let inventory: String = (1..=k)
+        .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
+        .collect();
+    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, &inventory)?;
     let cpid = coord.daemon.pid()?;
     std::thread::sleep(Duration::from_secs(3));
     let coord_idle0_kib = sys::rss_kib(cpid)?;
