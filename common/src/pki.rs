@@ -1,7 +1,9 @@
 //! A small private CA for a fleet: `rollbackctl pki init` and `rollbackctl pki issue`.
 //!
 //! Layout of a PKI directory:
-//! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`.
+//! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`
+//! (after `pki renew`, the replaced pair as `<name>.pem.prev` + `<name>.key.prev`; renewal and
+//! listing live in `pki_lifecycle`).
 //! Private keys are created with mode 0600 and are never printed.
 
 use std::fs;

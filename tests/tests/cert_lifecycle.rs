@@ -99,6 +99,16 @@ impl Fleet {
             .filter(|l| l.contains("agent online") && l.contains(&format!("host={host}")))
             .count()
     }
+
+    /// Waits until the coordinator has logged at least `n` sessions of `host` (it logs one
+    /// just after storing it) and returns how many.
+    fn at_least_sessions(&self, host: &str, n: usize) -> usize {
+        eventually(&format!("{n} sessions of {host}"), DEADLINE, || {
+            let seen = self.sessions_of(host);
+            ensure!(seen >= n, "{seen} sessions");
+            Ok(seen)
+        })
+    }
 }
 
 fn wait_for_log(agent: &Agent, what: &str) {
@@ -331,7 +341,7 @@ fn a_running_agent_takes_a_renewed_certificate_without_a_restart() {
     f.online_with_days_left("web-1", 10);
     assert!(f.agents_table().contains("warning: web-1's certificate"));
     let pid = agent.proc.pid();
-    let sessions = f.sessions_of("web-1");
+    let sessions = f.at_least_sessions("web-1", 1);
 
     f.pki
         .renew("agent", "web-1", &["--days", "365"])
@@ -340,7 +350,7 @@ fn a_running_agent_takes_a_renewed_certificate_without_a_restart() {
 
     assert_eq!(agent.proc.pid(), pid);
     assert!(agent.proc.exited().expect("wait").is_none(), "agent exited");
-    assert!(f.sessions_of("web-1") > sessions, "a new session");
+    f.at_least_sessions("web-1", sessions + 1);
     let log = agent.proc.log_text();
     assert!(log.contains("renewed certificate accepted"), "{log}");
     assert!(
@@ -452,7 +462,7 @@ fn a_renewal_waits_for_the_run_in_progress() {
     let agent = f.agent("web-1", &certs, &profile);
     f.online_with_days_left("web-1", 10);
     let pid = agent.proc.pid();
-    let sessions = f.sessions_of("web-1");
+    let sessions = f.at_least_sessions("web-1", 1);
 
     // A run that lasts until the endpoint is released.
     let (url, ca, op) = (f.coordinator.url(), f.pki.ca(), f.op.clone());
