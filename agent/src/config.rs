@@ -34,6 +34,10 @@ pub struct Config {
     /// Longest reconnect delay in milliseconds.
     #[serde(default = "default_backoff_max_ms")]
     pub reconnect_max_ms: u64,
+    /// How often (seconds) the agent looks for a renewed certificate and key in the files of
+    /// `[tls]`; a valid new pair is used from the next connection, without a restart.
+    #[serde(default = "default_cert_check_secs")]
+    pub cert_check_secs: u64,
     pub service: Option<ServiceProfile>,
     pub app: Option<AppProfile>,
     pub alembic: Option<AlembicProfile>,
@@ -47,6 +51,9 @@ fn default_backoff_initial_ms() -> u64 {
 }
 fn default_backoff_max_ms() -> u64 {
     10_000
+}
+fn default_cert_check_secs() -> u64 {
+    rollback_common::expiry::DEFAULT_CERT_CHECK_SECS
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +227,12 @@ impl Config {
             return Err(invalid(
                 "reconnect_max_ms",
                 "need 0 < reconnect_initial_ms <= reconnect_max_ms".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.cert_check_secs) {
+            return Err(invalid(
+                "cert_check_secs",
+                format!("{} is not 1 to 3600 seconds", self.cert_check_secs),
             ));
         }
         // The host profile: every section present is checked before the agent starts.

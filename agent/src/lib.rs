@@ -4,6 +4,7 @@
 
 pub mod actions;
 mod backoff;
+mod certwatch;
 pub mod config;
 pub mod contain;
 pub mod exec;
@@ -44,6 +45,8 @@ pub enum AgentError {
     Journal(#[from] journal::JournalError),
     #[error(transparent)]
     Config(Box<config::ConfigError>),
+    #[error("reading the agent's TLS files: {0}")]
+    TlsFiles(String),
     #[error("creating state dir {path}: {source}")]
     StateDir {
         path: String,
@@ -77,7 +80,7 @@ pub async fn run_with(
     config::check_private_path(&config.tls.key, "agent private key")
         .map_err(|e| AgentError::Config(Box::new(e)))?;
     create_state_dir(&config)?;
-    let tls = config.tls.client_config(config.server_name.as_deref())?;
+    let certs = certwatch::CertWatch::new(&config, own).map_err(AgentError::TlsFiles)?;
     let config = Arc::new(config);
     let uplink = Arc::new(uplink::Uplink::default());
     let journal = journal::Journal::open(&config.state_dir)?;
@@ -103,11 +106,16 @@ pub async fn run_with(
     let mut backoff = Backoff::new(initial, max);
     info!(host = %config.host_id, coordinator = %config.coordinator, "agent starting");
     loop {
-        let result =
-            session::run_session(&config, &tls, &cancel, &runner, &uplink, || backoff.reset())
-                .await;
+        // Each connection presents the pair on disk if it checks out (else the last good one).
+        certs.look();
+        let result = session::run_session(&config, &certs, &cancel, &runner, &uplink, || {
+            backoff.reset()
+        })
+        .await;
         match result {
             Ok(SessionEnd::Shutdown) => break,
+            // Straight back with the renewed certificate: nothing failed.
+            Ok(SessionEnd::Renewed) => continue,
             Ok(SessionEnd::ClosedByCoordinator) => {
                 info!("coordinator closed the session; reconnecting")
             }

@@ -83,6 +83,8 @@ pub struct Runner {
     execution: StepExecution,
     /// Told when a run ends, so the session can report fresh host state.
     pub finished: tokio::sync::Notify,
+    /// Deliveries handed to `spawn_submit` and not yet accepted or answered.
+    accepting: std::sync::atomic::AtomicUsize,
 }
 
 fn msg(kind: agent_message::Kind) -> AgentMessage {
@@ -139,7 +141,42 @@ impl Runner {
             early_cancels: Mutex::new(std::collections::VecDeque::new()),
             execution,
             finished: tokio::sync::Notify::new(),
+            accepting: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// `submit` in a task of its own, counted from now until it is accepted (then `active`
+    /// holds it until it ends) or answered: `is_idle` never misses a run on its way in.
+    pub fn spawn_submit(self: &Arc<Self>, run: RunProcedure) {
+        use std::sync::atomic::Ordering;
+        struct Accepting(Arc<Runner>);
+        impl Drop for Accepting {
+            fn drop(&mut self) {
+                self.0.accepting.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.accepting.fetch_add(1, Ordering::SeqCst);
+        let guard = Accepting(self.clone());
+        tokio::spawn(async move {
+            guard.0.submit(run).await;
+            drop(guard);
+        });
+    }
+
+    /// No run is running or being accepted.
+    pub fn is_idle(&self) -> bool {
+        self.accepting.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.lock_active().is_none()
+    }
+
+    /// The run in progress, if any.
+    pub fn active_run(&self) -> Option<String> {
+        self.lock_active().as_ref().map(|a| a.run_id.clone())
+    }
+
+    /// Whether a finished run's result still waits for the coordinator's acknowledgement.
+    pub fn has_unacked_results(&self) -> bool {
+        self.unacked_runs().iter().any(|r| r.finished)
     }
 
     fn host(&self) -> &str {

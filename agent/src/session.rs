@@ -1,8 +1,12 @@
 //! One session with the coordinator: dial out over mTLS, send Hello, heartbeat, and read what
-//! the coordinator sends until the stream ends or the agent shuts down.
+//! the coordinator sends until the stream ends or the agent shuts down. When `certwatch`
+//! accepts a renewed certificate, the session ends itself once no run is running or being
+//! accepted and every finished result is acknowledged (or `ACK_WAIT` passed): its side of
+//! the stream is closed first and what the coordinator still sends is handled, so a run is
+//! never cut off or dropped to reconnect with the new certificate.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rollback_common::proto::agent_gateway_client::AgentGatewayClient;
 use rollback_common::proto::{AgentMessage, Heartbeat, Hello, agent_message, coordinator_message};
@@ -10,12 +14,18 @@ use rollback_common::{MAX_MESSAGE_BYTES, now_unix_ms};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::{debug, info};
 
 /// Unacknowledged run ids listed in Hello (64 bytes each at most).
 const MAX_RUNS_IN_HELLO: usize = 1024;
+/// With a renewed certificate waiting, how long finished results may wait for their
+/// acknowledgement before the session reconnects anyway (the journal re-sends them).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the coordinator has to close its side after the agent closed its own.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+use crate::certwatch::{CertWatch, Look};
 use crate::config::Config;
 use crate::runner::Runner;
 use crate::uplink::Uplink;
@@ -27,6 +37,8 @@ pub enum SessionEnd {
     Shutdown,
     /// The coordinator closed the stream (e.g. it is restarting).
     ClosedByCoordinator,
+    /// A renewed certificate was accepted and the session was quiet: reconnect with it.
+    Renewed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +64,7 @@ pub enum SessionError {
 /// Called once the coordinator acknowledged the session (used to reset backoff).
 pub async fn run_session(
     config: &Config,
-    tls: &ClientTlsConfig,
+    certs: &CertWatch,
     shutdown: &CancellationToken,
     runner: &Arc<Runner>,
     uplink: &Uplink,
@@ -60,7 +72,7 @@ pub async fn run_session(
 ) -> Result<SessionEnd, SessionError> {
     let url = config.coordinator.clone();
     let endpoint = Endpoint::from_shared(url.clone())
-        .and_then(|e| e.tls_config(tls.clone()))
+        .and_then(|e| e.tls_config(certs.tls()))
         .map_err(|source| SessionError::Endpoint {
             url: url.clone(),
             source,
@@ -114,6 +126,7 @@ pub async fn run_session(
 
     let result = serve(
         config,
+        certs,
         shutdown,
         runner,
         uplink,
@@ -123,11 +136,72 @@ pub async fn run_session(
     )
     .await;
     uplink.detach();
+    if matches!(result, Ok(SessionEnd::Renewed)) {
+        drop(tx);
+        finish_closing(shutdown, runner, &mut inbound).await;
+    }
     result
 }
 
+/// After the agent closed its side: whatever the coordinator still sends is handled (a run
+/// is accepted, never dropped; its result goes out on the next session) until it closes its
+/// side, for at most `CLOSE_GRACE`.
+async fn finish_closing(
+    shutdown: &CancellationToken,
+    runner: &Arc<Runner>,
+    inbound: &mut tonic::Streaming<rollback_common::proto::CoordinatorMessage>,
+) {
+    let drain = async {
+        while let Ok(Some(m)) = inbound.message().await {
+            match m.kind {
+                Some(coordinator_message::Kind::RunProcedure(run)) => {
+                    info!(run = %run.run_id, job = %run.job_id, "run received while the session closes; accepted, its result goes out on the next session");
+                    runner.spawn_submit(run);
+                }
+                Some(coordinator_message::Kind::Cancel(c)) => runner.cancel(&c.run_id),
+                Some(coordinator_message::Kind::RunResultAck(a)) => runner.ack(&a.run_id),
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = drain => {}
+        () = tokio::time::sleep(CLOSE_GRACE) => debug!("coordinator did not close its side of the session in time"),
+    }
+}
+
+/// A renewed certificate waiting for the session to be quiet.
+#[derive(Debug, Default)]
+struct PendingRenewal {
+    /// Since when no run has been running or accepted.
+    idle_since: Option<Instant>,
+    /// The run the log last said the renewal waits for.
+    told: Option<String>,
+}
+
+impl PendingRenewal {
+    /// Whether the session may end now: no run running or being accepted, and every finished
+    /// result acknowledged (or `ACK_WAIT` spent waiting for that).
+    fn ready(&mut self, runner: &Runner) -> bool {
+        if !runner.is_idle() {
+            self.idle_since = None;
+            let run = runner.active_run();
+            if run.is_some() && run != self.told {
+                info!(run = ?run, "renewed certificate waits for the run in progress to end");
+                self.told = run;
+            }
+            return false;
+        }
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        !runner.has_unacked_results() || since.elapsed() >= ACK_WAIT
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &Config,
+    certs: &CertWatch,
     shutdown: &CancellationToken,
     runner: &Arc<Runner>,
     uplink: &Uplink,
@@ -139,11 +213,25 @@ async fn serve(
     let mut established = Some(on_established);
     let mut ticker = tokio::time::interval(heartbeat_every);
     ticker.reset();
+    let mut cert_ticker = tokio::time::interval(certs.every());
+    cert_ticker.reset();
+    let mut renewal: Option<PendingRenewal> = None;
     loop {
+        if let Some(pending) = renewal.as_mut()
+            && pending.ready(runner)
+        {
+            info!("reconnecting with the renewed certificate: no run in progress");
+            return Ok(SessionEnd::Renewed);
+        }
         tokio::select! {
             () = shutdown.cancelled() => {
                 info!("closing session: agent shutting down");
                 return Ok(SessionEnd::Shutdown);
+            }
+            _ = cert_ticker.tick() => {
+                if renewal.is_none() && certs.look() == Look::Renewed {
+                    renewal = Some(PendingRenewal::default());
+                }
             }
             _ = ticker.tick() => {
                 let hb = Heartbeat { sent_at_unix_ms: now_unix_ms(), state: None };
@@ -175,8 +263,7 @@ async fn serve(
                     }
                     Some(coordinator_message::Kind::RunProcedure(run)) => {
                         info!(run = %run.run_id, job = %run.job_id, steps = run.steps.len(), "run received");
-                        let runner = runner.clone();
-                        tokio::spawn(async move { runner.submit(run).await });
+                        runner.spawn_submit(run);
                     }
                     Some(coordinator_message::Kind::Cancel(c)) => runner.cancel(&c.run_id),
                     Some(coordinator_message::Kind::RunResultAck(a)) => runner.ack(&a.run_id),

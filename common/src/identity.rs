@@ -186,6 +186,181 @@ impl fmt::Display for Identity {
     }
 }
 
+/// What a certificate says besides its identity, for `pki list`, `pki renew` and expiry
+/// warnings. Read from any certificate, the CA's included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+    /// DNS names and IP addresses among the subject alternative names, in certificate order
+    /// (what a coordinator certificate is dialled at).
+    pub dns_and_ip_sans: Vec<String>,
+    pub is_ca: bool,
+}
+
+impl CertFacts {
+    pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
+        let bad = |reason: String| IdentityError::BadCertificate { reason };
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| bad(e.to_string()))?;
+        let dns_and_ip_sans = san
+            .iter()
+            .flat_map(|ext| ext.value.general_names.iter())
+            .filter_map(|g| match g {
+                GeneralName::DNSName(d) => Some((*d).to_string()),
+                GeneralName::IPAddress(b) => ip_from_bytes(b).map(|ip| ip.to_string()),
+                _ => None,
+            })
+            .collect();
+        let serial = cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self {
+            serial,
+            not_before_unix: cert.validity().not_before.timestamp(),
+            not_after_unix: cert.validity().not_after.timestamp(),
+            dns_and_ip_sans,
+            is_ca: cert.is_ca(),
+        })
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
+/// The DER of the first certificate in a PEM file's bytes.
+pub fn first_pem_certificate(pem: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    match CertificateDer::pem_slice_iter(pem).next() {
+        Some(Ok(der)) => Ok(der.to_vec()),
+        Some(Err(e)) => Err(IdentityError::BadCertificate {
+            reason: format!("unreadable PEM: {e}"),
+        }),
+        None => Err(IdentityError::BadCertificate {
+            reason: "no PEM CERTIFICATE block".into(),
+        }),
+    }
+}
+
+/// Why a certificate and key are not a pair this host can present.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("certificate: {0}")]
+    Certificate(#[from] IdentityError),
+    #[error("private key: {reason}")]
+    Key { reason: String },
+    #[error(
+        "the private key does not belong to the certificate (copy the .pem and .key of one issue together)"
+    )]
+    KeyMismatch,
+    #[error("the certificate is not valid before unix time {not_before} (check this host's clock)")]
+    NotYetValid { not_before: i64 },
+    #[error(
+        "the certificate expired at unix time {not_after}; renew it with `rollbackctl pki renew`"
+    )]
+    Expired { not_after: i64 },
+    #[error("the certificate is not a client certificate issued by the fleet CA: {reason}")]
+    Untrusted { reason: String },
+}
+
+/// A certificate and key that passed `check_client_pair`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPair {
+    pub identity: Identity,
+    pub facts: CertFacts,
+}
+
+/// Checks a certificate and private key (PEM) as a client would present them to the
+/// coordinator at `now_unix`: the certificate parses and names one identity, the key parses
+/// and belongs to it, it is valid now, and it verifies as a client certificate against the
+/// fleet CA `ca_pem`. The caller compares the identity with the one it expects.
+pub fn check_client_pair(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    now_unix: i64,
+) -> Result<CheckedPair, PairError> {
+    use rustls::crypto::ring::default_provider;
+    use rustls::sign::CertifiedKey;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let der = first_pem_certificate(cert_pem)?;
+    let identity = Identity::from_cert_der(&der)?;
+    let facts = CertFacts::from_der(&der)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PairError::Key {
+        reason: format!("no usable PEM private key: {e}"),
+    })?;
+    let signing_key = default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| PairError::Key {
+            reason: e.to_string(),
+        })?;
+    let cert_der = CertificateDer::from(der.as_slice()).into_owned();
+    match CertifiedKey::new(vec![cert_der], signing_key).keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(PairError::KeyMismatch);
+        }
+        Err(e) => {
+            return Err(PairError::Key {
+                reason: format!("cannot check that it belongs to the certificate: {e}"),
+            });
+        }
+    }
+    if now_unix < facts.not_before_unix {
+        return Err(PairError::NotYetValid {
+            not_before: facts.not_before_unix,
+        });
+    }
+    if now_unix >= facts.not_after_unix {
+        return Err(PairError::Expired {
+            not_after: facts.not_after_unix,
+        });
+    }
+    verify_client_cert(ca_pem, &der, now_unix).map_err(|reason| PairError::Untrusted { reason })?;
+    Ok(CheckedPair { identity, facts })
+}
+
+/// Verifies `der` as a client certificate chaining to the fleet CA `ca_pem` at `at_unix`, as
+/// the coordinator's TLS would. The error says why not.
+pub fn verify_client_cert(ca_pem: &[u8], der: &[u8], at_unix: i64) -> Result<(), String> {
+    use rustls::crypto::ring::default_provider;
+    use rustls::server::WebPkiClientVerifier;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, UnixTime};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        let ca = ca.map_err(|e| format!("fleet CA file: {e}"))?;
+        roots.add(ca).map_err(|e| format!("fleet CA: {e}"))?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.into(), default_provider().into())
+            .build()
+            .map_err(|e| format!("fleet CA: {e}"))?;
+    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(at_unix).unwrap_or(0),
+    ));
+    verifier
+        .verify_client_cert(&CertificateDer::from(der), &[], at)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +391,52 @@ mod tests {
         }
         assert!(validate_name("host id", &"a".repeat(64)).is_err());
         assert!(validate_name("host id", "web_1.prod-a").is_ok());
+    }
+
+    #[test]
+    fn a_pair_is_checked_whole() {
+        use crate::pki::PkiDir;
+        let dir = std::env::temp_dir().join(format!("pair-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = PkiDir::new(dir.join("a"));
+        pki.init("fleet.test", 30).expect("init");
+        let other = PkiDir::new(dir.join("b"));
+        other.init("fleet.test", 30).expect("init");
+        let read = |p: &std::path::Path| std::fs::read(p).expect("read");
+        let ca = read(&pki.ca_cert());
+        let now = crate::now_unix_ms() / 1000;
+        let web1 = pki
+            .issue(Role::Agent, "web-1", &[], 30, false)
+            .expect("issue");
+        let web2 = pki
+            .issue(Role::Agent, "web-2", &[], 30, false)
+            .expect("issue");
+        let ok = check_client_pair(&ca, &read(&web1.cert), &read(&web1.key), now).expect("valid");
+        assert_eq!(ok.identity.name, "web-1");
+        assert!(ok.facts.not_after_unix > now + 29 * 86_400);
+        assert!(matches!(
+            check_client_pair(&ca, &read(&web1.cert), &read(&web2.key), now),
+            Err(PairError::KeyMismatch)
+        ));
+        assert!(matches!(
+            check_client_pair(&ca, &read(&web1.cert), b"garbage", now),
+            Err(PairError::Key { .. })
+        ));
+        assert!(matches!(
+            check_client_pair(&ca, b"garbage", &read(&web1.key), now),
+            Err(PairError::Certificate(_))
+        ));
+        assert!(matches!(
+            check_client_pair(&ca, &read(&web1.cert), &read(&web1.key), now + 31 * 86_400),
+            Err(PairError::Expired { .. })
+        ));
+        let foreign = other
+            .issue(Role::Agent, "web-1", &[], 30, false)
+            .expect("issue");
+        assert!(matches!(
+            check_client_pair(&ca, &read(&foreign.cert), &read(&foreign.key), now),
+            Err(PairError::Untrusted { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

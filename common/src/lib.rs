@@ -2,10 +2,12 @@
 //! helpers used by the coordinator, the agent and the console.
 
 pub mod daemon;
+pub mod expiry;
 pub mod identity;
 pub mod jobs;
 pub mod output_cap;
 pub mod pki;
+pub mod pki_lifecycle;
 pub mod proto;
 pub mod runbook;
 pub mod selector;

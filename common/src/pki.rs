@@ -1,7 +1,9 @@
 //! A small private CA for a fleet: `rollbackctl pki init` and `rollbackctl pki issue`.
 //!
 //! Layout of a PKI directory:
-//! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`.
+//! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`
+//! (after `pki renew`, the replaced pair as `<name>.pem.prev` + `<name>.key.prev`; renewal and
+//! listing live in `pki_lifecycle`).
 //! Private keys are created with mode 0600 and are never printed.
 
 use std::fs;
@@ -170,6 +172,33 @@ impl PkiDir {
         days: u32,
         force: bool,
     ) -> Result<IssuedFiles, PkiError> {
+        let leaf = self.sign_leaf(role, name, sans, days)?;
+        let files = IssuedFiles {
+            identity: leaf.identity,
+            cert: self.cert(role, name),
+            key: self.key(role, name),
+        };
+        if !force {
+            for p in [&files.cert, &files.key] {
+                if p.exists() {
+                    return Err(PkiError::Exists { path: p.clone() });
+                }
+            }
+        }
+        write_file(&files.key, &leaf.key_pem, 0o600, force)?;
+        write_file(&files.cert, &leaf.cert_pem, 0o644, force)?;
+        Ok(files)
+    }
+
+    /// A new key and a certificate for `role`/`name` signed by the CA, in memory (`issue`
+    /// and `renew` write them).
+    pub(crate) fn sign_leaf(
+        &self,
+        role: Role,
+        name: &str,
+        sans: &[String],
+        days: u32,
+    ) -> Result<SignedLeaf, PkiError> {
         let trust_domain = self.trust_domain()?;
         let identity = Identity::new(&trust_domain, role, name)?;
         let (ca_cert_path, ca_key_path) = (self.ca_cert(), self.ca_key());
@@ -212,23 +241,19 @@ impl PkiDir {
         (params.not_before, params.not_after) = validity(days);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
-
-        let files = IssuedFiles {
+        Ok(SignedLeaf {
             identity,
-            cert: self.cert(role, name),
-            key: self.key(role, name),
-        };
-        if !force {
-            for p in [&files.cert, &files.key] {
-                if p.exists() {
-                    return Err(PkiError::Exists { path: p.clone() });
-                }
-            }
-        }
-        write_file(&files.key, &key.serialize_pem(), 0o600, force)?;
-        write_file(&files.cert, &cert.pem(), 0o644, force)?;
-        Ok(files)
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
+}
+
+/// A certificate and its new key, not yet on disk.
+pub(crate) struct SignedLeaf {
+    pub identity: Identity,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 fn is_dns_name(s: &str) -> bool {

@@ -101,3 +101,21 @@ fn first_pem_cert(pem: &[u8]) -> Option<Vec<u8>> {
         .find(|p| p.label == "CERTIFICATE")
         .map(|p| p.contents)
 }
+
+/// Client side from PEM bytes already read (and checked) by the caller: trust only the fleet
+/// CA `ca` and present `cert` with `key`. The agent builds each connection's configuration
+/// this way from the pair it last accepted, so a renewed pair is used without a restart.
+pub fn client_config_from_pem(
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+    server_name: Option<&str>,
+) -> ClientTlsConfig {
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(TlsIdentity::from_pem(cert, key));
+    if let Some(name) = server_name {
+        cfg = cfg.domain_name(name);
+    }
+    cfg
+}

@@ -1,7 +1,9 @@
-//! `rollbackctl agents`: the fleet as the coordinator sees it.
+//! `rollbackctl agents`: the fleet as the coordinator sees it, with a warning line for each
+//! agent whose certificate expires within 30 days (or has expired).
 
 use anyhow::Result;
 use clap::Args;
+use rollback_common::expiry::Expiry;
 use rollback_common::proto::{AgentInfo, AgentStatus, ListAgentsRequest};
 use serde_json::json;
 
@@ -150,7 +152,7 @@ pub async fn run(args: AgentsArgs, flags: &ConnectFlags, output: Output) -> Resu
     let now = rollback_common::now_unix_ms();
     match output {
         Output::Json => {
-            let rows: Vec<_> = agents.iter().map(agent_json).collect();
+            let rows: Vec<_> = agents.iter().map(|a| agent_json(a, now)).collect();
             println!("{}", serde_json::to_string_pretty(&rows)?);
         }
         Output::Table => print_table(&agents, now, &args.select),
@@ -173,8 +175,15 @@ fn labels_text(a: &AgentInfo) -> String {
     labels.join(",")
 }
 
-fn agent_json(a: &AgentInfo) -> serde_json::Value {
+/// Where an agent's certificate stands (None: the coordinator has not seen it yet).
+fn cert_expiry(a: &AgentInfo, now_ms: i64) -> Option<Expiry> {
+    (a.cert_not_after_unix_ms > 0)
+        .then(|| Expiry::at(a.cert_not_after_unix_ms / 1000, now_ms / 1000))
+}
+
+fn agent_json(a: &AgentInfo, now_ms: i64) -> serde_json::Value {
     let state = a.state.as_ref();
+    let cert = cert_expiry(a, now_ms);
     json!({
         "host_id": a.host_id,
         "status": status_name(a.status),
@@ -186,6 +195,11 @@ fn agent_json(a: &AgentInfo) -> serde_json::Value {
         "last_seen": format_time(a.last_seen_unix_ms),
         "last_seen_unix_ms": a.last_seen_unix_ms,
         "connected_at": format_time(a.connected_at_unix_ms),
+        "cert_not_after": format_time(a.cert_not_after_unix_ms),
+        "cert_not_after_unix_ms": a.cert_not_after_unix_ms,
+        "cert_days_left": cert.map(Expiry::days_left),
+        "cert_status": cert.map_or("unknown", Expiry::status),
+        "cert_warning": cert.and_then(Expiry::mark),
         "state": {
             "git_head_sha": state.map(|s| s.git_head_sha.as_str()).unwrap_or_default(),
             "git_head_subject": state.map(|s| s.git_head_subject.as_str()).unwrap_or_default(),
@@ -223,6 +237,16 @@ fn print_table(agents: &[AgentInfo], now: i64, select: &str) {
         .filter(|a| a.status == AgentStatus::Online as i32)
         .count();
     println!("\n{online} of {} online", agents.len());
+    for a in agents {
+        if let Some(mark) = cert_expiry(a, now).and_then(Expiry::mark) {
+            println!(
+                "warning: {}'s certificate {mark} ({}): renew it with `rollbackctl pki renew agent {}`",
+                a.host_id,
+                format_time(a.cert_not_after_unix_ms),
+                a.host_id
+            );
+        }
+    }
     let mismatched: Vec<&AgentInfo> = agents
         .iter()
         .filter(|a| !a.label_mismatch.is_empty())

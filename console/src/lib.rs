@@ -1,6 +1,7 @@
 //! rollback-console: the `rollbackctl` command line — the fleet view, and the PKI commands.
 
 pub mod agents_cmd;
+pub mod cert_cmd;
 pub mod connect;
 pub mod error;
 pub mod exec_cmd;
@@ -32,7 +33,11 @@ First steps:
     rollbackctl pki issue --dir pki coordinator coord-1 --san coordinator.example
     rollbackctl pki issue --dir pki agent web-1
     rollbackctl pki issue --dir pki operator alice
-    rollbackctl agents --select role=web";
+    rollbackctl agents --select role=web
+
+Certificates: `rollbackctl pki list` shows every certificate's expiry; `rollbackctl pki renew
+agent web-1` replaces a pair (agents pick it up without a restart); `rollbackctl agents` warns
+about agent certificates expiring within 30 days.";
 
 /// rollbackctl — drive fleet-rollback: see the fleet, plan and run rollbacks, read reports.
 #[derive(Debug, Parser)]
@@ -116,7 +121,7 @@ pub enum Command {
         #[arg(long)]
         select: String,
     },
-    /// Create the fleet CA and issue certificates (no coordinator needed).
+    /// Create the fleet CA, issue, renew and list certificates (no coordinator needed).
     Pki(pki_cmd::PkiArgs),
 }
 

@@ -1,5 +1,6 @@
-//! `rollbackctl pki init|issue`: a private CA and certificates for agents, operators and
-//! coordinators, so a small fleet or a demo needs no other tool.
+//! `rollbackctl pki init|issue|renew|list`: a private CA and certificates for agents,
+//! operators and coordinators, so a small fleet or a demo needs no other tool. (`renew` and
+//! `list` are rendered by `cert_cmd`.)
 
 use std::path::PathBuf;
 
@@ -31,6 +32,25 @@ pub enum PkiCmd {
     /// Issue a certificate and key (0600) signed by the fleet CA.
     #[command(subcommand)]
     Issue(IssueCmd),
+    /// Issue a fresh certificate and key for an identity issued before (same identity, and
+    /// the same --san names for a coordinator), replacing the pair atomically; the old pair
+    /// is kept as NAME.pem.prev and NAME.key.prev. Agents pick a renewed pair up on their own.
+    Renew {
+        #[arg(value_enum)]
+        role: crate::cert_cmd::RoleArg,
+        /// The host id, operator or coordinator name it was issued for.
+        name: String,
+        /// Validity of the new certificate in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+    },
+    /// Every certificate in the PKI dir with its serial and expiry, soonest first; marks
+    /// EXPIRED and "expires in N days" (within 30 days), and files that are not this PKI's.
+    List {
+        /// JSON (the same as --output json).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +125,10 @@ pub fn run(args: PkiArgs, output: crate::output::Output) -> Result<()> {
                 println!("  private key: {} (mode 0600)", files.key.display());
             }
         }
+        PkiCmd::Renew { role, name, days } => {
+            crate::cert_cmd::renew(&pki, role.into(), &name, days, json)?
+        }
+        PkiCmd::List { json: flag } => crate::cert_cmd::list(&pki, json || flag)?,
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rollback_common::identity::{Identity, Role};
+use rollback_common::identity::{CertFacts, Identity, Role};
 use rollback_common::proto::PACKAGE;
 use serde::Deserialize;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -32,6 +32,8 @@ pub struct Principal {
     pub identity: Identity,
     /// Set for operators: their role from the coordinator config.
     pub operator_role: Option<OperatorRole>,
+    /// The presented certificate's not-after (Unix seconds), for expiry warnings.
+    pub cert_not_after_unix: Option<i64>,
 }
 
 /// What a method requires.
@@ -95,6 +97,7 @@ impl Policy {
             warn!(method = path, error = %e, "denied: unusable client certificate");
             tonic::Status::unauthenticated(format!("client certificate: {e}"))
         })?;
+        let cert_not_after_unix = CertFacts::from_der(der).ok().map(|f| f.not_after_unix);
         let deny = |reason: String| {
             warn!(peer = %identity, method = path, reason = %reason, "denied");
             Err(tonic::Status::permission_denied(format!(
@@ -114,6 +117,7 @@ impl Policy {
             (Rule::AgentSession, Role::Agent) => Ok(Principal {
                 identity,
                 operator_role: None,
+                cert_not_after_unix,
             }),
             (Rule::AgentSession, _) => deny("only agent certificates may open a session".into()),
             (Rule::Console(needed), Role::Operator) => {
@@ -121,6 +125,7 @@ impl Policy {
                     Some(role) if role >= needed => Ok(Principal {
                         identity,
                         operator_role: Some(role),
+                        cert_not_after_unix,
                     }),
                     Some(role) => deny(
                         format!("role {role:?} is below the required {needed:?}").to_lowercase(),

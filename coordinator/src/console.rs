@@ -324,6 +324,7 @@ impl ConsoleService {
             last_seen_unix_ms: last_seen,
             connected_at_unix_ms: a.connected_at_ms,
             state: HostState::decode(a.state.as_slice()).ok(),
+            cert_not_after_unix_ms: a.cert_not_after_ms.unwrap_or(0),
         }
     }
 }

@@ -92,7 +92,11 @@ impl AgentGateway for Gateway {
         }
 
         let now = now_unix_ms();
-        let record = agent_record(&hello, address.clone(), now);
+        let mut record = agent_record(&hello, address.clone(), now);
+        record.cert_not_after_ms = principal
+            .cert_not_after_unix
+            .map(|s| s.saturating_mul(1000));
+        warn_if_certificate_expires_soon(&cert_host, principal.cert_not_after_unix);
         self.store.agent_connected(&record).await.map_err(|e| {
             warn!(host = %cert_host, error = %e, "store failed recording agent");
             Status::unavailable(format!("coordinator store unavailable: {e}"))
@@ -319,6 +323,24 @@ fn hand_over(hub: &RunHub, host: &str, run_id: &str, finished: RunFinished) {
     hub.close(host, run_id);
 }
 
+/// Logs a warning at session start for an agent whose certificate expires within
+/// `WARN_WITHIN_DAYS` (the same rule as `rollbackctl agents` and `pki list`).
+fn warn_if_certificate_expires_soon(host: &str, not_after_unix: Option<i64>) {
+    use rollback_common::expiry::{self, Expiry};
+    let Some(not_after) = not_after_unix else {
+        return;
+    };
+    let state = Expiry::at(not_after, expiry::now_unix());
+    if let Some(mark) = state.mark() {
+        warn!(
+            host = %host,
+            not_after = %expiry::format_unix(not_after),
+            days_left = state.days_left(),
+            "agent certificate {mark}: renew it with `rollbackctl pki renew agent {host}`; the agent picks the new pair up without a restart"
+        );
+    }
+}
+
 fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {
     AgentRecord {
         host_id: hello.host_id.clone(),
@@ -335,6 +357,7 @@ fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {
             .as_ref()
             .map(Message::encode_to_vec)
             .unwrap_or_default(),
+        cert_not_after_ms: None,
     }
 }
 

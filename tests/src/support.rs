@@ -107,6 +107,49 @@ impl Pki {
     pub fn agent(&self, host_id: &str) -> Result<CertFiles> {
         self.issue("agent", host_id, &[])
     }
+    /// An agent certificate valid for `days` days.
+    pub fn agent_for_days(&self, host_id: &str, days: u32) -> Result<CertFiles> {
+        self.issue("agent", host_id, &["--days", &days.to_string()])
+    }
+
+    /// `rollbackctl pki --dir DIR ARGS...`, whatever its exit status.
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin("rollbackctl"))
+            .arg("pki")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .context("running rollbackctl pki")
+    }
+
+    /// `rollbackctl pki renew ROLE NAME EXTRA...`; fails unless it exits 0.
+    pub fn renew(&self, role: &str, name: &str, extra: &[&str]) -> Result<Output> {
+        let mut args = vec!["renew", role, name];
+        args.extend(extra);
+        let out = self.run(&args)?;
+        if !out.status.success() {
+            bail!(
+                "rollbackctl pki renew {role} {name} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// `rollbackctl pki list --json`, parsed; fails unless it exits 0.
+    pub fn list_json(&self) -> Result<Vec<serde_json::Value>> {
+        let out = self.run(&["list", "--json"])?;
+        if !out.status.success() {
+            bail!(
+                "rollbackctl pki list failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing rollbackctl pki list --json")
+    }
     pub fn operator(&self, name: &str) -> Result<CertFiles> {
         self.issue("operator", name, &[])
     }
@@ -353,6 +396,31 @@ impl Agent {
         certs: &CertFiles,
         profile: &str,
     ) -> Result<Self> {
+        Self::start_with_settings(
+            dir,
+            host_id,
+            labels,
+            coordinator_url,
+            ca,
+            certs,
+            "",
+            profile,
+        )
+    }
+
+    /// Like `start_with_profile`, with top-level agent.toml `settings` (lines such as
+    /// `cert_check_secs = 1`) before the tables.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_with_settings(
+        dir: &Path,
+        host_id: &str,
+        labels: &[(&str, &str)],
+        coordinator_url: &str,
+        ca: &Path,
+        certs: &CertFiles,
+        settings: &str,
+        profile: &str,
+    ) -> Result<Self> {
         let dir = dir.join(format!("agent-{host_id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut label_lines = String::new();
@@ -364,7 +432,7 @@ impl Agent {
             &config,
             format!(
                 "host_id = \"{host_id}\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"state\"\n\
-                 reconnect_initial_ms = 100\nreconnect_max_ms = 500\n[labels]\n{label_lines}\
+                 reconnect_initial_ms = 100\nreconnect_max_ms = 500\n{settings}[labels]\n{label_lines}\
                  [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{profile}",
                 ca.display(),
                 certs.cert.display(),

@@ -24,6 +24,8 @@ pub struct AgentRecord {
     pub last_seen_ms: i64,
     /// Encoded `HostState` protobuf as last reported.
     pub state: Vec<u8>,
+    /// Not-after (Unix ms) of the certificate its latest session presented; None if unknown.
+    pub cert_not_after_ms: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -265,10 +265,10 @@ impl Store for SqliteStore {
                 reason: e.to_string(),
             })?;
         sqlx::query(
-            "INSERT INTO agents (host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state)
-             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7)
+            "INSERT INTO agents (host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state, cert_not_after_ms)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8)
              ON CONFLICT(host_id) DO UPDATE SET labels_json = ?2, agent_version = ?3, address = ?4,
-                 online = 1, connected_at_ms = ?5, last_seen_ms = ?6, state = ?7",
+                 online = 1, connected_at_ms = ?5, last_seen_ms = ?6, state = ?7, cert_not_after_ms = ?8",
         )
         .bind(&a.host_id)
         .bind(labels)
@@ -277,6 +277,7 @@ impl Store for SqliteStore {
         .bind(a.connected_at_ms)
         .bind(a.last_seen_ms)
         .bind(&a.state)
+        .bind(a.cert_not_after_ms)
         .execute(&self.pool)
         .await
         .map_err(query_err("agent_connected"))?;
@@ -321,7 +322,8 @@ impl Store for SqliteStore {
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state
+            "SELECT host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state,
+                    cert_not_after_ms
              FROM agents ORDER BY host_id",
         )
         .fetch_all(&self.pool)
@@ -346,6 +348,7 @@ impl Store for SqliteStore {
                     connected_at_ms: row.get("connected_at_ms"),
                     last_seen_ms: row.get("last_seen_ms"),
                     state: row.get::<Option<Vec<u8>>, _>("state").unwrap_or_default(),
+                    cert_not_after_ms: row.get("cert_not_after_ms"),
                     host_id,
                 })
             })
