@@ -1,7 +1,8 @@
 //! A small private CA for a fleet: `rollbackctl pki init` and `rollbackctl pki issue`.
 //!
 //! Layout of a PKI directory:
-//! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`.
+//! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`;
+//! `issued.log` (the serial of every certificate issued) and `crl.pem` (see `crate::crl`).
 //! Private keys are created with mode 0600 and are never printed.
 
 use std::fs;
@@ -50,14 +51,14 @@ pub struct IssuedFiles {
     pub key: PathBuf,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), PkiError> {
+pub(crate) fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), PkiError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
@@ -227,6 +228,7 @@ impl PkiDir {
         }
         write_file(&files.key, &key.serialize_pem(), 0o600, force)?;
         write_file(&files.cert, &cert.pem(), 0o644, force)?;
+        self.record_issued(&files.identity, cert.der())?;
         Ok(files)
     }
 }
