@@ -10,7 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use serde::Deserialize;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
 use crate::identity::{Identity, IdentityError};
 
@@ -95,14 +95,6 @@ impl TlsFiles {
 
     fn ca(&self) -> Result<Certificate, TlsError> {
         Ok(Certificate::from_pem(read("CA certificate", &self.ca)?))
-    }
-
-    /// Server side for tonic's own TLS: present our certificate, require a client certificate
-    /// from the fleet CA.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
-            .client_ca_root(self.ca()?))
     }
 
     /// Server side: present our certificate (ALPN `h2`, which gRPC clients require) and require
