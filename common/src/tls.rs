@@ -51,20 +51,20 @@ pub enum TlsError {
     TrustAnchor {
         path: PathBuf,
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     #[error("building the client certificate verifier (CA {path}, CRL): {source}")]
     Verifier {
         path: PathBuf,
         #[source]
-        source: rustls::server::VerifierBuilderError,
+        source: Box<rustls::server::VerifierBuilderError>,
     },
     #[error("certificate {cert} and key {key} do not make a TLS server identity: {source}")]
     ServerIdentity {
         cert: PathBuf,
         key: PathBuf,
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
 }
 
@@ -116,7 +116,7 @@ impl TlsFiles {
                 .add(ca.map_err(pem_err("CA certificate", &self.ca))?)
                 .map_err(|source| TlsError::TrustAnchor {
                     path: self.ca.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         let mut verifier =
@@ -126,7 +126,7 @@ impl TlsFiles {
         }
         let verifier = verifier.build().map_err(|source| TlsError::Verifier {
             path: self.ca.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let chain = CertificateDer::pem_slice_iter(&read("certificate", &self.cert)?)
             .collect::<Result<Vec<_>, _>>()
@@ -136,7 +136,7 @@ impl TlsFiles {
         let server_identity = |source| TlsError::ServerIdentity {
             cert: self.cert.clone(),
             key: self.key.clone(),
-            source,
+            source: Box::new(source),
         };
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

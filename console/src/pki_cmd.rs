@@ -36,6 +36,7 @@ pub enum PkiCmd {
     /// (crl.pem in the PKI directory, earlier entries kept) and prints how to deploy it. A
     /// coordinator with `crl = ".../crl.pem"` reloads it and closes their connections at once.
     Revoke {
+        /// Whose certificates: an agent's or an operator's.
         #[arg(value_enum)]
         role: RevokeRole,
         /// The host id or operator name.
