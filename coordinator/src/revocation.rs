@@ -84,9 +84,14 @@ impl TlsState {
                 loaded: None,
             }),
         };
-        if let Some(path) = crl_path {
-            let loaded = state.read_crl(path)?;
-            state.install(path, loaded, "start");
+        match crl_path {
+            Some(path) => {
+                let loaded = state.read_crl(path)?;
+                state.install(path, loaded, "start");
+            }
+            None => info!(
+                "no `crl` in coordinator.toml: client certificates are not checked for revocation (`rollbackctl pki crl` makes one)"
+            ),
         }
         Ok(state)
     }

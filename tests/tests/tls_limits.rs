@@ -1,8 +1,8 @@
 //! The coordinator's own TLS acceptor under attack, on loopback with the real binaries: every
 //! refused handshake is logged with the peer address and the reason (unknown CA, expired, not a
 //! client certificate, CA certificate as a leaf, two identities, no certificate), a client that
-//! says nothing is dropped at the handshake timeout, handshakes in flight and one identity's
-//! connections are bounded, and a thousand idle TLS connections from one certificate (plus
+//! says nothing is dropped at the handshake timeout, handshakes in flight, one identity's
+//! connections and one connection's streams are bounded, and a thousand idle TLS connections from one certificate (plus
 //! silent ones) do not stop agents from connecting nor a job from running.
 
 use std::net::SocketAddr;
@@ -136,6 +136,56 @@ async fn handshakes_in_flight_are_bounded_and_the_bound_frees_up() -> Result<()>
     let config = client_config(&pki.ca(), Some(&vera))?;
     let (_, mut tls) = handshake(coordinator.addr, config).await?;
     assert_eq!(fate_of(&mut tls, DEADLINE).await, Fate::Served);
+    Ok(())
+}
+
+/// The SETTINGS the coordinator sends first on a served connection, as (id, value) pairs.
+async fn server_settings<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<Vec<(u16, u32)>> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 9];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut header))
+        .await
+        .context("no HTTP/2 frame in time")??;
+    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    anyhow::ensure!(
+        header[3] == 0x4,
+        "the first frame is a SETTINGS frame: {header:?}"
+    );
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    Ok(payload
+        .chunks_exact(6)
+        .map(|e| {
+            (
+                u16::from_be_bytes([e[0], e[1]]),
+                u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+            )
+        })
+        .collect())
+}
+
+/// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_connection_is_limited_to_max_concurrent_streams() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (extra, limit) in [("", 64), ("max_concurrent_streams = 7", 7)] {
+        let sub = tmp.path().join(format!("c{limit}"));
+        std::fs::create_dir_all(&sub)?;
+        let pki = Pki::init(&sub.join("pki"), "fleet.test")?;
+        let vera = pki.operator("vera")?;
+        let coordinator = Coordinator::start_with(&sub, &pki, &[("vera", "viewer")], extra)?;
+        let config = client_config(&pki.ca(), Some(&vera))?;
+        let (_, tls) = handshake(coordinator.addr, config).await?;
+        let settings = server_settings(&mut tls?).await?;
+        assert!(
+            settings.contains(&(MAX_CONCURRENT_STREAMS, limit)),
+            "SETTINGS_MAX_CONCURRENT_STREAMS = {limit} in {settings:?}"
+        );
+    }
     Ok(())
 }
 
