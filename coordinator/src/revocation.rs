@@ -31,9 +31,19 @@ pub enum RevocationError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(
-        "{0}; fix the file (`rollbackctl pki crl` writes a fresh one) or remove `crl` from coordinator.toml"
+        "the CRL named by `crl` in coordinator.toml does not load; fix the file (`rollbackctl pki crl` writes a fresh one) or remove `crl`"
     )]
     Crl(#[source] CrlFileError),
+}
+
+impl RevocationError {
+    /// What went wrong, without the advice (for the reload's log line).
+    fn detail(&self) -> String {
+        match self {
+            Self::Tls(e) => e.to_string(),
+            Self::Crl(e) => e.to_string(),
+        }
+    }
 }
 
 /// The server configuration in force and the CRL it was built from.
@@ -173,7 +183,7 @@ impl TlsState {
         let loaded = match self.read_crl(path) {
             Ok(loaded) => loaded,
             Err(e) => {
-                let message = e.to_string();
+                let message = e.detail();
                 // Said once per distinct failure, not every poll.
                 if force || last_error.as_deref() != Some(message.as_str()) {
                     let current = self.read();
