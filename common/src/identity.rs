@@ -1,6 +1,6 @@
 //! Identities carried in certificates: a SPIFFE-style URI SAN
 //! `spiffe://<trust-domain>/<agent|operator|coordinator>/<name>`. This is the only place that
-//! parses certificates; authorization reads nothing else.
+//! parses certificates (and CRLs); authorization reads nothing else.
 
 use std::fmt;
 
@@ -170,6 +170,143 @@ impl Identity {
             many => Err(IdentityError::SeveralSpiffeUris { count: many.len() }),
         }
     }
+}
+
+/// A certificate serial number: big-endian bytes without leading zeros, shown in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(Vec<u8>);
+
+impl Serial {
+    /// From the DER INTEGER's content bytes (a leading zero byte of a positive number dropped).
+    pub fn from_be_bytes(bytes: &[u8]) -> Self {
+        let start = bytes
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(bytes.len().saturating_sub(1));
+        Self(bytes.get(start..).unwrap_or_default().to_vec())
+    }
+
+    /// Parses the hex form `Display` prints.
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 80 {
+            return None;
+        }
+        let bytes = (0..s.len())
+            .step_by(2)
+            .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()?;
+        Some(Self::from_be_bytes(&bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What revocation needs to know of a certificate: its serial and who issued it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSerial {
+    pub serial: Serial,
+    /// The issuer's distinguished name, as DER (compared with a CRL's issuer).
+    pub issuer: Vec<u8>,
+}
+
+/// Reads the serial number and issuer name of a DER certificate.
+pub fn cert_serial(der: &[u8]) -> Result<CertSerial, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate {
+        reason: e.to_string(),
+    })?;
+    Ok(CertSerial {
+        serial: Serial::from_be_bytes(cert.raw_serial()),
+        issuer: cert.issuer().as_raw().to_vec(),
+    })
+}
+
+/// A certificate revocation list whose signature was checked against the CA that issued it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crl {
+    /// The issuer's distinguished name, as DER.
+    pub issuer: Vec<u8>,
+    pub this_update: time::OffsetDateTime,
+    /// After this the CRL is stale and every client is refused (fail closed).
+    pub next_update: Option<time::OffsetDateTime>,
+    /// The CRL number (monotonic per issuer), 0 if absent.
+    pub number: u64,
+    pub revoked: Vec<RevokedEntry>,
+}
+
+/// One revoked certificate in a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    pub serial: Serial,
+    pub revoked_at: time::OffsetDateTime,
+    /// The RFC 5280 reason code, if the entry carries one.
+    pub reason: Option<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CrlError {
+    #[error("not a DER certificate revocation list: {reason}")]
+    Malformed { reason: String },
+    #[error("the CA certificate is not valid DER x509: {reason}")]
+    BadCa { reason: String },
+    #[error("the CRL is not issued by this CA (its issuer is not the CA's subject)")]
+    WrongIssuer,
+    #[error("the CRL's signature does not verify with the CA's key: {reason}")]
+    BadSignature { reason: String },
+}
+
+/// Parses a DER CRL and checks that `ca_der` (the fleet CA certificate) issued and signed it.
+pub fn parse_crl(crl_der: &[u8], ca_der: &[u8]) -> Result<Crl, CrlError> {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let (rest, crl) =
+        CertificateRevocationList::from_der(crl_der).map_err(|e| CrlError::Malformed {
+            reason: e.to_string(),
+        })?;
+    if !rest.is_empty() {
+        return Err(CrlError::Malformed {
+            reason: format!("{} bytes after the CRL", rest.len()),
+        });
+    }
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|e| CrlError::BadCa {
+        reason: e.to_string(),
+    })?;
+    if crl.issuer().as_raw() != ca.subject().as_raw() {
+        return Err(CrlError::WrongIssuer);
+    }
+    crl.verify_signature(ca.public_key())
+        .map_err(|e| CrlError::BadSignature {
+            reason: e.to_string(),
+        })?;
+    let number = crl.crl_number().map_or(0, |n| {
+        n.to_bytes_be().iter().fold(0u64, |acc, b| {
+            acc.saturating_mul(256).saturating_add(u64::from(*b))
+        })
+    });
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| RevokedEntry {
+            serial: Serial::from_be_bytes(r.raw_serial()),
+            revoked_at: r.revocation_date.to_datetime(),
+            reason: r.reason_code().map(|(_, code)| code.0),
+        })
+        .collect();
+    Ok(Crl {
+        issuer: crl.issuer().as_raw().to_vec(),
+        this_update: crl.last_update().to_datetime(),
+        next_update: crl.next_update().map(|t| t.to_datetime()),
+        number,
+        revoked,
+    })
 }
 
 fn name_kind(role: Role) -> &'static str {

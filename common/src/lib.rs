@@ -1,6 +1,7 @@
 //! rollback-common: the wire protocol, identities and TLS, label selectors and small shared
 //! helpers used by the coordinator, the agent and the console.
 
+pub mod crl;
 pub mod daemon;
 pub mod expiry;
 pub mod identity;

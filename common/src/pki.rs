@@ -3,7 +3,8 @@
 //! Layout of a PKI directory:
 //! `ca.pem`, `ca.key` (0600), `trust-domain`, and `<role>/<name>.pem` + `<role>/<name>.key`
 //! (after `pki renew`, the replaced pair as `<name>.pem.prev` + `<name>.key.prev`; renewal and
-//! listing live in `pki_lifecycle`).
+//! listing live in `pki_lifecycle`); `issued.log` (the serial of every certificate issued or
+//! renewed) and `crl.pem` (see `crate::crl`).
 //! Private keys are created with mode 0600 and are never printed.
 
 use std::fs;
@@ -52,14 +53,14 @@ pub struct IssuedFiles {
     pub key: PathBuf,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), PkiError> {
+pub(crate) fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), PkiError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
@@ -241,6 +242,8 @@ impl PkiDir {
         (params.not_before, params.not_after) = validity(days);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
+        // Every serial signed is recorded, so `pki revoke` reaches renewed pairs too.
+        self.record_issued(&identity, cert.der())?;
         Ok(SignedLeaf {
             identity,
             cert_pem: cert.pem(),

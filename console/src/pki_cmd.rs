@@ -1,11 +1,12 @@
-//! `rollbackctl pki init|issue|renew|list`: a private CA and certificates for agents,
-//! operators and coordinators, so a small fleet or a demo needs no other tool. (`renew` and
-//! `list` are rendered by `cert_cmd`.)
+//! `rollbackctl pki init|issue|renew|list|revoke|crl`: a private CA, certificates for agents,
+//! operators and coordinators, and the fleet CRL, so a small fleet or a demo needs no other
+//! tool. (`renew` and `list` are rendered by `cert_cmd`.)
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use rollback_common::crl::{CrlWritten, RevokeReason};
 use rollback_common::identity::Role;
 use rollback_common::pki::PkiDir;
 
@@ -51,6 +52,63 @@ pub enum PkiCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke every certificate issued to an agent or operator: adds them to the fleet CRL
+    /// (crl.pem in the PKI directory, earlier entries kept) and prints how to deploy it. A
+    /// coordinator with `crl = ".../crl.pem"` reloads it and closes their connections at once.
+    Revoke {
+        /// Whose certificates: an agent's or an operator's.
+        #[arg(value_enum)]
+        role: RevokeRole,
+        /// The host id or operator name.
+        name: String,
+        /// The reason recorded in the CRL.
+        #[arg(long, value_enum, default_value_t = ReasonArg::Unspecified)]
+        reason: ReasonArg,
+        #[command(flatten)]
+        crl: CrlOpts,
+    },
+    /// Sign the fleet CRL again with fresh dates (or create an empty one) and print how to
+    /// deploy it. Run it before the CRL's next update: a stale CRL refuses every client.
+    Crl {
+        #[command(flatten)]
+        crl: CrlOpts,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RevokeRole {
+    Agent,
+    Operator,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ReasonArg {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    PrivilegeWithdrawn,
+}
+
+impl From<ReasonArg> for RevokeReason {
+    fn from(r: ReasonArg) -> Self {
+        match r {
+            ReasonArg::Unspecified => RevokeReason::Unspecified,
+            ReasonArg::KeyCompromise => RevokeReason::KeyCompromise,
+            ReasonArg::AffiliationChanged => RevokeReason::AffiliationChanged,
+            ReasonArg::Superseded => RevokeReason::Superseded,
+            ReasonArg::CessationOfOperation => RevokeReason::CessationOfOperation,
+            ReasonArg::PrivilegeWithdrawn => RevokeReason::PrivilegeWithdrawn,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CrlOpts {
+    /// Days until the CRL's next update; past it the coordinator refuses every client.
+    #[arg(long, default_value_t = 30)]
+    pub crl_days: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +187,72 @@ pub fn run(args: PkiArgs, output: crate::output::Output) -> Result<()> {
             crate::cert_cmd::renew(&pki, role.into(), &name, days, json)?
         }
         PkiCmd::List { json: flag } => crate::cert_cmd::list(&pki, json || flag)?,
+        PkiCmd::Revoke {
+            role,
+            name,
+            reason,
+            crl,
+        } => {
+            let role = match role {
+                RevokeRole::Agent => Role::Agent,
+                RevokeRole::Operator => Role::Operator,
+            };
+            let written = pki
+                .revoke(role, &name, reason.into(), crl.crl_days)
+                .with_context(|| format!("revoking {role} `{name}` in {}", args.dir.display()))?;
+            print_crl(&written, Some((role, &name)), json)?;
+        }
+        PkiCmd::Crl { crl } => {
+            let written = pki
+                .refresh_crl(crl.crl_days)
+                .with_context(|| format!("writing the CRL in {}", args.dir.display()))?;
+            print_crl(&written, None, json)?;
+        }
     }
+    Ok(())
+}
+
+fn print_crl(written: &CrlWritten, revoked: Option<(Role, &str)>, json: bool) -> Result<()> {
+    use time::format_description::well_known::Rfc3339;
+    let next_update = written.next_update.format(&Rfc3339)?;
+    let serials = |s: &[rollback_common::identity::Serial]| {
+        s.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    if json {
+        let doc = serde_json::json!({
+            "crl": written.path,
+            "revoked_now": serials(&written.newly_revoked),
+            "already_revoked": serials(&written.already_revoked),
+            "entries": written.entries,
+            "crl_number": written.number,
+            "next_update": next_update,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
+    if let Some((role, name)) = revoked {
+        for s in &written.newly_revoked {
+            println!("revoked {role} {name}: certificate serial {s}");
+        }
+        for s in &written.already_revoked {
+            println!("{role} {name}: certificate serial {s} was already revoked");
+        }
+    }
+    println!(
+        "CRL: {} ({} revoked certificates, CRL number {}, next update {next_update})",
+        written.path.display(),
+        written.entries,
+        written.number
+    );
+    println!(
+        "deploy: point `crl = \"{}\"` in coordinator.toml at this file, or copy it to the path \
+         `crl` names there; a running coordinator reloads it within a second of the change (or \
+         on SIGHUP) and closes the revoked certificates' connections at once.",
+        written.path.display()
+    );
+    println!(
+        "refresh it with `rollbackctl pki crl` before {next_update}: a CRL past its next update \
+         refuses every client."
+    );
     Ok(())
 }

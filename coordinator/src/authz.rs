@@ -1,6 +1,8 @@
 //! Authorization, in one place and default deny. A tower layer in front of every gRPC service
-//! reads the peer's certificate (already verified by mTLS against the fleet CA), derives the
-//! principal, and checks the method's rule. Handlers find the `Principal` in request extensions.
+//! reads the peer's certificate (verified by our acceptor against the fleet CA and the CRL, and
+//! carried in `PeerInfo`), derives the principal, and checks the method's rule. Handlers find
+//! the `Principal` in request extensions (and the peer address where tonic's
+//! `Request::remote_addr` looks).
 //!
 //! Invariant: a gRPC path without a rule in `rule_for` is denied for everyone.
 
@@ -12,8 +14,10 @@ use std::task::{Context, Poll};
 
 use rollback_common::identity::{CertFacts, Identity, Role};
 use rollback_common::proto::PACKAGE;
+
+use crate::peer_conn::PeerInfo;
 use serde::Deserialize;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TcpConnectInfo;
 use tracing::warn;
 
 /// Operator roles, each including the ones before it.
@@ -193,17 +197,17 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let peer_certs = req
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs());
-        let leaf = peer_certs
-            .as_ref()
-            .and_then(|certs| certs.first())
-            .map(|c| c.as_ref());
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        let leaf = peer.as_ref().and_then(PeerInfo::leaf);
         match self.policy.authorize(req.uri().path(), leaf) {
             Ok(principal) => {
                 req.extensions_mut().insert(principal);
+                if let Some(peer) = &peer {
+                    req.extensions_mut().insert(TcpConnectInfo {
+                        local_addr: peer.local_addr,
+                        remote_addr: Some(peer.remote_addr),
+                    });
+                }
                 Box::pin(self.inner.call(req))
             }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),

@@ -1,4 +1,5 @@
-//! `coordinator.toml`: listen address, TLS files, the SQLite store and operator roles.
+//! `coordinator.toml`: listen address, TLS files and the CRL, connection limits, the SQLite
+//! store and operator roles.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -45,6 +46,25 @@ pub struct Config {
     /// Longest wait for in-flight work when shutting down.
     #[serde(default = "default_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// The fleet CRL (`crl.pem` from `rollbackctl pki revoke` / `pki crl`). Reloaded when the
+    /// file changes and on SIGHUP; live connections of a certificate it revokes are closed.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Seconds between checks of the CRL file for a change; 0 reloads it only on SIGHUP.
+    #[serde(default = "default_crl_poll_secs")]
+    pub crl_poll_secs: u64,
+    /// A client that has not finished its TLS handshake after this many seconds is dropped.
+    #[serde(default = "default_handshake_timeout_secs")]
+    pub tls_handshake_timeout_secs: u64,
+    /// TLS handshakes in progress at once; a connection beyond it is closed at once.
+    #[serde(default = "default_handshakes_in_flight")]
+    pub max_handshakes_in_flight: usize,
+    /// Live connections one certificate identity may hold; more are closed after the handshake.
+    #[serde(default = "default_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+    /// HTTP/2 streams (concurrent calls) one connection may open.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
 }
 
 /// `[approval]`: two-person approval. A rollback that matches is stored `awaiting_approval`
@@ -104,6 +124,21 @@ fn default_unreachable_secs() -> u64 {
 fn default_grace_secs() -> u64 {
     10
 }
+fn default_crl_poll_secs() -> u64 {
+    1
+}
+fn default_handshake_timeout_secs() -> u64 {
+    10
+}
+fn default_handshakes_in_flight() -> usize {
+    1024
+}
+fn default_connections_per_identity() -> usize {
+    64
+}
+fn default_max_concurrent_streams() -> u32 {
+    64
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,6 +163,12 @@ pub enum ConfigError {
         path: PathBuf,
         host: String,
         reason: String,
+    },
+    #[error("coordinator config {path}: `{key}` must be {bound}")]
+    Limit {
+        path: PathBuf,
+        key: &'static str,
+        bound: &'static str,
     },
 }
 
@@ -176,7 +217,33 @@ impl Config {
                 rollback_common::selector::validate_label(k, v).map_err(|e| bad(e.to_string()))?;
             }
         }
+        let limit = |key, bound| ConfigError::Limit {
+            path: path.to_path_buf(),
+            key,
+            bound,
+        };
+        if !(1..=300).contains(&config.tls_handshake_timeout_secs) {
+            return Err(limit("tls_handshake_timeout_secs", "between 1 and 300"));
+        }
+        if config.crl_poll_secs > 3600 {
+            return Err(limit(
+                "crl_poll_secs",
+                "at most 3600 (0 reloads on SIGHUP only)",
+            ));
+        }
+        if config.max_handshakes_in_flight == 0 {
+            return Err(limit("max_handshakes_in_flight", "at least 1"));
+        }
+        if config.max_connections_per_identity == 0 {
+            return Err(limit("max_connections_per_identity", "at least 1"));
+        }
+        if config.max_concurrent_streams == 0 {
+            return Err(limit("max_concurrent_streams", "at least 1"));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(crl) = config.crl.as_mut().filter(|p| p.is_relative()) {
+            *crl = base.join(&*crl);
+        }
         config.tls.resolve_relative_to(base);
         if config.database.is_relative() {
             config.database = base.join(&config.database);

@@ -1,7 +1,9 @@
 //! rollback-coordinator: agents dial in over mTLS and hold a session; operators use the
 //! Console service on the same port. `run` serves until `shutdown` resolves, then drains
-//! sessions within the configured grace period.
+//! sessions within the configured grace period. TLS is our own acceptor (`acceptor`), so the
+//! CRL can be reloaded and revoked connections closed without a restart.
 
+mod acceptor;
 pub mod authz;
 pub mod config;
 mod console;
@@ -10,7 +12,11 @@ mod exec;
 mod gateway;
 mod inventory;
 pub mod jobs;
+mod live_conns;
+mod peer_conn;
+mod refusal;
 pub mod registry;
+mod revocation;
 mod runs;
 pub mod store;
 
@@ -42,8 +48,10 @@ pub enum CoordinatorError {
     Tls(#[from] TlsError),
     #[error("{path}: the coordinator needs a coordinator certificate, this one is for {found}")]
     WrongCertificateRole { path: String, found: String },
-    #[error("configuring TLS: {0}")]
-    TlsConfig(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Revocation(#[from] revocation::RevocationError),
+    #[error("installing the SIGHUP handler (CRL reload): {0}")]
+    Signal(#[source] std::io::Error),
     #[error("runbook {path}: {reason}")]
     Runbook { path: String, reason: String },
     #[error("recovering jobs: {0}")]
@@ -65,7 +73,11 @@ pub async fn run(
             found: own.to_string(),
         });
     }
-    let tls = config.tls.server_config()?;
+    let tls = Arc::new(revocation::TlsState::load(
+        &config.tls,
+        config.crl.as_deref(),
+    )?);
+    raise_open_files_limit();
     let sqlite = SqliteStore::open(&config.database).await?;
     let reset = sqlite.mark_all_disconnected().await?;
     if reset > 0 {
@@ -136,9 +148,28 @@ pub async fn run(
         lost_after: config.lost_after(),
     };
 
+    let live = Arc::new(live_conns::LiveConns::new(
+        config.max_connections_per_identity,
+    ));
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(CoordinatorError::Signal)?;
+    tokio::spawn(revocation::watch(
+        tls.clone(),
+        live.clone(),
+        (config.crl_poll_secs > 0).then(|| Duration::from_secs(config.crl_poll_secs)),
+        hangup,
+        cancel.clone(),
+    ));
+    let incoming = acceptor::Acceptor {
+        tls,
+        live,
+        handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
+        max_in_flight: config.max_handshakes_in_flight,
+    };
+
     let addr = listener.local_addr().ok();
+    let incoming = incoming.incoming(listener, cancel.clone());
     info!(addr = ?addr, identity = %own, "coordinator listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let cancel_on_signal = cancel.clone();
     let signal = async move {
@@ -148,11 +179,9 @@ pub async fn run(
     };
 
     let server = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(CoordinatorError::TlsConfig)?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
         .layer(AuthzLayer::new(policy))
         .add_service(
             AgentGatewayServer::new(gateway)
@@ -199,6 +228,19 @@ fn inventory_summary(
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Every client connection holds a descriptor: take the whole hard limit the system allows.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "could not raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read the open files limit"),
+    }
 }
 
 /// The runbook from `runbook = "..."` in the config, or the built-in seed runbook.

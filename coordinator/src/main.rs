@@ -10,7 +10,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Coordinator config (TOML): listen, database, [tls] ca/cert/key, [operators] name = role.
+    /// Coordinator config (TOML): listen, database, crl, limits, [tls] ca/cert/key,
+    /// [operators] name = role.
     #[arg(long, env = "ROLLBACK_COORDINATOR_CONFIG")]
     config: PathBuf,
 }

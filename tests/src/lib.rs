@@ -5,4 +5,5 @@
 pub mod demo;
 pub mod lab;
 pub mod lab_fleet;
+pub mod raw_tls;
 pub mod support;

@@ -104,6 +104,33 @@ impl Pki {
         })
     }
 
+    /// The fleet CRL `rollbackctl pki revoke` and `pki crl` write.
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    /// `rollbackctl pki revoke ROLE NAME`: adds the identity's certificates to the CRL.
+    pub fn revoke(&self, role: &str, name: &str) -> Result<Output> {
+        run_checked(
+            Command::new(bin("rollbackctl"))
+                .arg("pki")
+                .arg("--dir")
+                .arg(&self.dir)
+                .args(["revoke", role, name]),
+        )
+    }
+
+    /// `rollbackctl pki crl`: (re)signs the CRL with fresh dates.
+    pub fn refresh_crl(&self) -> Result<Output> {
+        run_checked(
+            Command::new(bin("rollbackctl"))
+                .arg("pki")
+                .arg("--dir")
+                .arg(&self.dir)
+                .arg("crl"),
+        )
+    }
+
     pub fn agent(&self, host_id: &str) -> Result<CertFiles> {
         self.issue("agent", host_id, &[])
     }
@@ -248,6 +275,22 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts on an ephemeral port; `operators` are `name = role` pairs for its config.
     pub fn start(dir: &Path, pki: &Pki, operators: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(dir, pki, operators, "")
+    }
+
+    /// Like `start`, with `top_level` (lines of top-level keys such as `crl = "..."` or
+    /// limits) added to coordinator.toml before its tables.
+    pub fn start_with(
+        dir: &Path,
+        pki: &Pki,
+        operators: &[(&str, &str)],
+        top_level: &str,
+    ) -> Result<Self> {
+        let top_level = if top_level.is_empty() || top_level.ends_with('\n') {
+            top_level.to_string()
+        } else {
+            format!("{top_level}\n")
+        };
         let certs = pki.coordinator("coordinator", &["127.0.0.1", "localhost"])?;
         let mut ops = String::new();
         for (name, role) in operators {
@@ -258,7 +301,7 @@ impl Coordinator {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"{listen}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 1\nshutdown_grace_secs = 5\n\
+                    "listen = \"{listen}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 1\nshutdown_grace_secs = 5\n{top_level}\
                      [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{ops}",
                     pki.ca().display(),
                     certs.cert.display(),
@@ -308,6 +351,22 @@ impl Coordinator {
 
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// The running process's pid (the same one as long as it was not restarted).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// Sends SIGHUP (the coordinator reloads its CRL).
+    pub fn sighup(&self) -> Result<()> {
+        let pid = self.pid().context("coordinator not running")?;
+        let pid = i32::try_from(pid).context("pid out of range")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .context("sending SIGHUP to the coordinator")
     }
 
     /// SIGTERM and wait; returns whether it exited cleanly (status 0).
