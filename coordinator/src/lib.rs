@@ -2,6 +2,7 @@
 //! Console service on the same port. `run` serves until `shutdown` resolves, then drains
 //! sessions within the configured grace period.
 
+mod audit;
 pub mod authz;
 pub mod config;
 mod console;
