@@ -1,6 +1,7 @@
 //! rollback-console: the `rollbackctl` command line — the fleet view, and the PKI commands.
 
 pub mod agents_cmd;
+pub mod audit_cmd;
 pub mod connect;
 pub mod error;
 pub mod exec_cmd;
@@ -97,6 +98,9 @@ pub enum Command {
     },
     /// Create the fleet CA and issue certificates (no coordinator needed).
     Pki(pki_cmd::PkiArgs),
+    /// The audit trail, newest first: who did what, when (approver). `audit verify` checks
+    /// its hash chain and names the first record that was changed or removed.
+    Audit(audit_cmd::AuditArgs),
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -121,5 +125,6 @@ pub async fn run(cli: Cli) -> Result<()> {
             snapshot_cmd::diagnose(select, &cli.connect, cli.output).await
         }
         Command::Pki(args) => pki_cmd::run(args, cli.output),
+        Command::Audit(args) => audit_cmd::run(args, &cli.connect, cli.output).await,
     }
 }
