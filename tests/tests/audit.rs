@@ -518,3 +518,55 @@ fn a_run_result_is_not_taken_without_its_audit_record() -> Result<()> {
     f.verify_ok()?;
     Ok(())
 }
+
+#[test]
+fn a_job_whose_end_cannot_be_audited_has_not_ended() -> Result<()> {
+    let mut f = fleet(1)?;
+    let db = f.coord.database();
+    sql(
+        &db,
+        "CREATE TRIGGER refuse_job_ends BEFORE INSERT ON audit_events
+         WHEN NEW.action = 'rollback.finished'
+         BEGIN SELECT RAISE(ABORT, 'job ends refused (test)'); END;",
+    )?;
+    // The host does its part; the job's end and its record cannot be stored together, so the
+    // job is not ended: still running in the store, its host still leased.
+    let out = f.ctl(&f.admin, &Fleet::ROLLBACK)?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        f.coord
+            .logs()
+            .contains("store failed recording the job's end with its audit record"),
+        "{}",
+        f.coord.logs()
+    );
+    let jobs = f.ctl(&f.admin, &["--output", "json", "jobs"])?;
+    let jobs: Value = serde_json::from_slice(&jobs.stdout)?;
+    assert_eq!(jobs[0]["state"], "running", "{jobs:#}");
+    let job_id = str_of(&jobs[0], "job_id").to_string();
+    assert_eq!(sql_count(&db, "SELECT COUNT(*) FROM host_leases")?, 1);
+
+    // Once the store takes it, the next start settles the job, on the record.
+    sql(&db, "DROP TRIGGER refuse_job_ends")?;
+    f.coord.restart()?;
+    eventually("the job ended after the restart", DEADLINE, || {
+        let jobs = f.ctl(&f.admin, &["--output", "json", "jobs"])?;
+        let jobs: Value = serde_json::from_slice(&jobs.stdout)?;
+        ensure!(jobs[0]["state"] == "succeeded", "{}", jobs[0]["state"]);
+        Ok(())
+    });
+    assert_eq!(sql_count(&db, "SELECT COUNT(*) FROM host_leases")?, 0);
+    let (records, _) = f.audit(&["--job", &job_id])?;
+    let actions: Vec<&str> = records.iter().map(|r| str_of(r, "action")).collect();
+    assert_eq!(
+        actions,
+        [
+            "rollback.finished",
+            "rollback.resumed",
+            "run.finished",
+            "rollback.started"
+        ]
+    );
+    f.verify_ok()?;
+    Ok(())
+}

@@ -404,7 +404,7 @@ impl Walk {
                 r.id,
                 Problem::OutOfOrder,
                 format!(
-                    "record {} (row id {}) is out of order: it comes after record {}; it was inserted or renumbered outside the coordinator",
+                    "record {} (row id {}) is out of order: it comes after record {}; it was inserted or rewritten_tail outside the coordinator",
                     r.seq, r.id, self.prev.seq
                 ),
             );
@@ -706,13 +706,14 @@ mod tests {
                 .contains("record 4's prev_hash does not match record 3")
         );
 
-        // Removed and renumbered, hashes recomputed from there on: only the remembered head
-        // can tell, and it does.
+        // The last record removed and the one before it rewritten with a recomputed hash: a
+        // consistent chain, which only the head the store remembers can tell from the real
+        // one — and it does, whichever of the two it remembers.
         let original = chain(5);
-        let mut renumbered: Vec<AuditRecord> = chain(4);
-        renumbered[3].event.detail = "other".into();
-        let mut prev = renumbered[2].hash.clone();
-        for r in &mut renumbered[3..] {
+        let mut rewritten_tail: Vec<AuditRecord> = chain(4);
+        rewritten_tail[3].event.detail = "other".into();
+        let mut prev = rewritten_tail[2].hash.clone();
+        for r in &mut rewritten_tail[3..] {
             r.prev_hash = prev.clone();
             r.hash = hash_of(r.seq, &r.event, &r.job_id, &r.prev_hash);
             prev = r.hash.clone();
@@ -722,7 +723,7 @@ mod tests {
             hash: original[4].hash.clone(),
         });
         assert_eq!(
-            problem(&walk(&renumbered, seen.clone())),
+            problem(&walk(&rewritten_tail, seen)),
             (5, Problem::Missing),
             "tail cut"
         );
@@ -731,7 +732,7 @@ mod tests {
             hash: original[3].hash.clone(),
         });
         assert_eq!(
-            problem(&walk(&renumbered, seen4)),
+            problem(&walk(&rewritten_tail, seen4)),
             (4, Problem::Changed),
             "head rewritten"
         );
