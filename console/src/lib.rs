@@ -1,6 +1,7 @@
 //! rollback-console: the `rollbackctl` command line — the fleet view, and the PKI commands.
 
 pub mod agents_cmd;
+pub mod audit_cmd;
 pub mod cert_cmd;
 pub mod connect;
 pub mod error;
@@ -123,6 +124,9 @@ pub enum Command {
     },
     /// Create the fleet CA, issue, renew and list certificates (no coordinator needed).
     Pki(pki_cmd::PkiArgs),
+    /// The audit trail, newest first: who did what, when (approver). `audit verify` checks
+    /// its hash chain and names the first record that was changed or removed.
+    Audit(audit_cmd::AuditArgs),
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -153,5 +157,6 @@ pub async fn run(cli: Cli) -> Result<()> {
             snapshot_cmd::diagnose(select, &cli.connect, cli.output).await
         }
         Command::Pki(args) => pki_cmd::run(args, cli.output),
+        Command::Audit(args) => audit_cmd::run(args, &cli.connect, cli.output).await,
     }
 }

@@ -66,6 +66,11 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
         ("Console", "ApproveJob" | "DenyJob") => Some(Rule::Console(OperatorRole::Approver)),
         // The inventory decides which hosts destructive steps reach: admin only.
         ("Console", "ForgetAgent" | "LabelAgent") => Some(Rule::Console(OperatorRole::Admin)),
+        // The trail shows every operator's actions, exec parameters and reasons: reading it is
+        // oversight, for approvers. Whether it is intact reveals nothing of that (a count, a
+        // head hash, the seq of a broken record): any operator may check it.
+        ("Console", "ListAudit") => Some(Rule::Console(OperatorRole::Approver)),
+        ("Console", "VerifyAudit") => Some(Rule::Console(OperatorRole::Operator)),
         _ => None,
     }
 }

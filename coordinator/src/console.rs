@@ -12,9 +12,10 @@ use rollback_common::proto::{
     ExecEvent, ExecRequest, ForgetAgentRequest, ForgetAgentResponse, GetJobRequest,
     GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse, HostState, Job,
     JobEvent, LabelAgentRequest, LabelAgentResponse, ListAgentsRequest, ListAgentsResponse,
-    ListJobsRequest, ListJobsResponse, ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse,
-    ResumeJobRequest, ResumeJobResponse, RollbackRequest, SnapshotRequest, SnapshotResponse,
-    StartRollbackResponse, WatchJobRequest,
+    ListAuditRequest, ListAuditResponse, ListJobsRequest, ListJobsResponse, ListSnapshotsRequest,
+    ListSnapshotsResponse, PlanResponse, ResumeJobRequest, ResumeJobResponse, RollbackRequest,
+    SnapshotRequest, SnapshotResponse, StartRollbackResponse, VerifyAuditRequest,
+    VerifyAuditResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
@@ -37,6 +38,8 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Leased { holders } => crate::jobs::leased_status(&holders),
+            // Final, not worth retrying as if the coordinator were away: nothing was done.
+            e @ StoreError::Audit { .. } => Status::internal(format!("coordinator store: {e}")),
             other => Status::unavailable(format!("coordinator store: {other}")),
         }
     }
@@ -197,21 +200,20 @@ impl Console for ConsoleService {
                 h.job_id
             )));
         }
-        let forgotten = self.store.forget_agent(&host).await?;
+        let audit = crate::store::AuditEvent {
+            at_ms: now_unix_ms(),
+            actor: principal.identity.to_string(),
+            action: "agent.forgotten".into(),
+            target: format!("host/{host}"),
+            detail: "removed from the coordinator's agents; job history kept".into(),
+        };
+        // The removal and its audit record: one transaction.
+        let forgotten = self.store.forget_agent(&host, &audit).await?;
         if !forgotten {
             return Err(Status::not_found(format!(
                 "no agent {host}; `rollbackctl agents` lists the known ones"
             )));
         }
-        self.store
-            .append_audit(&crate::store::AuditEvent {
-                at_ms: now_unix_ms(),
-                actor: principal.identity.to_string(),
-                action: "agent.forgotten".into(),
-                target: format!("host/{host}"),
-                detail: "removed from the coordinator's agents; job history kept".into(),
-            })
-            .await?;
         Ok(Response::new(ForgetAgentResponse { forgotten }))
     }
 
@@ -280,6 +282,22 @@ impl Console for ConsoleService {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        Ok(Response::new(
+            crate::audit::list(&*self.store, request.into_inner()).await?,
+        ))
+    }
+
+    async fn verify_audit(
+        &self,
+        _request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        Ok(Response::new(crate::audit::verify(&*self.store).await?))
     }
 
     async fn list_agents(

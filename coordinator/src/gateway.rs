@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::authz::Principal;
 use crate::registry::{AgentSender, Registry};
@@ -241,7 +241,8 @@ async fn redeliver_unfinished_runs(
 }
 
 /// Persists a run's result, then acknowledges it to the agent (which stops re-sending it),
-/// then tells watchers. Without a durable write there is no ack: the agent re-sends later.
+/// then tells watchers. Without a durable write (the result with its audit record) there is no
+/// ack and no watcher is told: the session ends and the agent re-sends it when it reconnects.
 /// A result for a run that was sent to another host ends the session (`PermissionDenied`):
 /// nothing is recorded or released.
 async fn record_run_result(
@@ -303,8 +304,14 @@ async fn record_run_result(
             }
             info!(run = %run_id, status = finished.status, from_journal = finished.from_journal, "run result recorded");
         }
+        // Not stored, so not taken: no ack, and nobody waiting is told (a job must not go on
+        // from a result the store and the audit trail do not have). The session ends, so the
+        // agent reconnects and sends the result again from its journal.
         Err(e) => {
-            warn!(run = %run_id, error = %e, "store failed recording run result; not acknowledging")
+            error!(host = %host, run = %run_id, error = %e, "could not store the run's result with its audit record; not acknowledged, ending the session so the agent sends it again");
+            return Err(Status::unavailable(format!(
+                "the coordinator could not store the result of run {run_id} from {host} ({e}); reconnect and send it again"
+            )));
         }
     }
     hand_over(hub, host, &run_id, finished);

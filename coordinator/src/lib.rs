@@ -4,6 +4,7 @@
 //! CRL can be reloaded and revoked connections closed without a restart.
 
 mod acceptor;
+mod audit;
 pub mod authz;
 pub mod config;
 mod console;

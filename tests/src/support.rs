@@ -386,6 +386,46 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The SQLite store (the config's `database`, relative to its directory).
+    pub fn database(&self) -> PathBuf {
+        self.dir.join("coordinator.sqlite")
+    }
+
+    /// Loads `runbook` (TOML) instead of the seed runbook: writes it beside the config, names
+    /// it there and restarts on the same port and store.
+    pub fn use_runbook(&mut self, runbook: &str) -> Result<()> {
+        let path = self.dir.join("runbook.toml");
+        std::fs::write(&path, runbook).with_context(|| format!("writing {}", path.display()))?;
+        let config = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("reading {}", self.config.display()))?;
+        // A top-level key, so it goes before the config's tables.
+        std::fs::write(
+            &self.config,
+            format!("runbook = \"{}\"\n{config}", path.display()),
+        )
+        .with_context(|| format!("writing {}", self.config.display()))?;
+        self.restart()
+    }
+
+    /// Appends `tables` (e.g. `[inventory."HOST"]`, the labels that target hosts, or
+    /// `[approval]`) to the config and restarts on the same port and store.
+    pub fn append_config(&mut self, tables: &str) -> Result<()> {
+        let config = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("reading {}", self.config.display()))?;
+        std::fs::write(&self.config, format!("{config}{tables}"))
+            .with_context(|| format!("writing {}", self.config.display()))?;
+        self.restart()
+    }
+
+    /// Puts simulated hosts `sim-00001`..`sim-{count}` in the inventory with `sim=yes` (what
+    /// the simulator's agents report, which by itself targets nothing).
+    pub fn label_simulated(&mut self, count: usize) -> Result<()> {
+        let tables: String = (1..=count)
+            .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
+            .collect();
+        self.append_config(&tables)
+    }
+
     /// All logs of every start of this coordinator.
     pub fn logs(&self) -> String {
         (1..=self.starts)
@@ -511,6 +551,54 @@ impl Agent {
     }
 }
 
+/// `rollback-agent --simulate COUNT`: COUNT whole agents in one process (hosts `sim-00001`
+/// onwards, reporting label `sim=yes`, which targets nothing until the inventory says so) whose validated steps succeed without running; it issues their
+/// certificates with the fleet CA in `pki`. Its state is in `DIR/sim-state`; killed when
+/// dropped.
+#[derive(Debug)]
+pub struct Simulator {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+}
+
+impl Simulator {
+    pub fn start(dir: &Path, coordinator_url: &str, pki: &Pki, count: usize) -> Result<Self> {
+        let state_dir = dir.join("sim-state");
+        let config = dir.join("sim.toml");
+        write_private(
+            &config,
+            format!(
+                "host_id = \"sim\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"{state}\"\n\
+                 reconnect_initial_ms = 100\nreconnect_max_ms = 500\n\
+                 [labels]\nsim = \"yes\"\n\
+                 [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
+                 [service]\nunit = \"app.service\"\n\
+                 [app]\ndir = \"{state}\"\nhealth_base_url = \"http://127.0.0.1:9\"\n\
+                 [postgres]\npg_dump = \"/bin/true\"\npg_restore = \"/bin/true\"\nhost = \"127.0.0.1\"\n\
+                 user = \"sim\"\ndatabase = \"sim\"\nbackup_dir = \"{state}\"\n",
+                state = state_dir.display(),
+                ca = pki.ca().display(),
+            ),
+        )
+        .context("writing the simulator's config")?;
+        let mut cmd = Command::new(bin("rollback-agent"));
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--simulate")
+            .arg(count.to_string())
+            .arg("--simulate-pki")
+            .arg(&pki.dir)
+            .env("ROLLBACK_LOG", "info");
+        let proc = Proc::spawn(cmd, dir.join("simulator.log"))?;
+        Ok(Self { proc, state_dir })
+    }
+
+    /// How many runs simulated host `host` has in its journal.
+    pub fn journaled_runs(&self, host: &str) -> usize {
+        std::fs::read_dir(self.state_dir.join(host).join("runs")).map_or(0, Iterator::count)
+    }
+}
+
 /// Runs `rollbackctl` with an operator's certificate against `coordinator_url`.
 pub fn rollbackctl(
     coordinator_url: &str,
@@ -518,8 +606,20 @@ pub fn rollbackctl(
     op: &CertFiles,
     args: &[&str],
 ) -> Result<Output> {
-    Command::new(bin("rollbackctl"))
-        .arg("--coordinator")
+    rollbackctl_command(coordinator_url, ca, op, args)
+        .output()
+        .context("running rollbackctl")
+}
+
+/// The `rollbackctl` command `rollbackctl` runs, for a test that starts it and goes on.
+pub fn rollbackctl_command(
+    coordinator_url: &str,
+    ca: &Path,
+    op: &CertFiles,
+    args: &[&str],
+) -> Command {
+    let mut cmd = Command::new(bin("rollbackctl"));
+    cmd.arg("--coordinator")
         .arg(coordinator_url)
         .arg("--ca")
         .arg(ca)
@@ -529,9 +629,8 @@ pub fn rollbackctl(
         .arg(&op.key)
         .args(args)
         .env_remove("ROLLBACK_CONFIG")
-        .env("HOME", "/nonexistent")
-        .output()
-        .context("running rollbackctl")
+        .env("HOME", "/nonexistent");
+    cmd
 }
 
 /// `rollbackctl agents --output json [--select SEL]`, parsed; fails unless it exits 0.
@@ -638,52 +737,4 @@ pub fn is_root() -> bool {
                 .map(|u| u.split_whitespace().next() == Some("0"))
         })
         .unwrap_or(false)
-}
-
-/// The simulator process, killed when dropped.
-pub struct Simulator(Child);
-
-impl Drop for Simulator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `rollback-agent --simulate k` (hosts `sim-00001`...) against `url`, with its state
-/// (each host's journal) under `dir/sim-state`, logging to `dir/simulator.log`.
-pub fn start_simulator(dir: &Path, url: &str, pki: &Pki, k: usize) -> Result<Simulator> {
-    let state = dir.join("sim-state");
-    let config = dir.join("sim.toml");
-    write_private(
-        &config,
-        format!(
-            "host_id = \"sim\"\ncoordinator = \"{url}\"\nstate_dir = \"{}\"\n\
-             [labels]\nsim = \"yes\"\n\
-             [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
-             [service]\nunit = \"app.service\"\n\
-             [app]\ndir = \"{}\"\nhealth_base_url = \"http://127.0.0.1:9\"\n\
-             [postgres]\npg_dump = \"/bin/true\"\npg_restore = \"/bin/true\"\nhost = \"127.0.0.1\"\n\
-             user = \"sim\"\ndatabase = \"sim\"\nbackup_dir = \"{}\"\n",
-            state.display(),
-            state.display(),
-            state.display(),
-            ca = pki.ca().display(),
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("simulator.log"))?;
-    let child = Command::new(bin("rollback-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--simulate")
-        .arg(k.to_string())
-        .arg("--simulate-pki")
-        .arg(&pki.dir)
-        .env("ROLLBACK_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting rollback-agent --simulate")?;
-    Ok(Simulator(child))
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rollback_tests::support::{
-    CertFiles, Coordinator, Pki, agents_json, bin, eventually, rollbackctl, start_simulator,
+    CertFiles, Coordinator, Pki, Simulator, agents_json, bin, eventually, rollbackctl,
 };
 use serde_json::Value;
 
@@ -107,18 +107,17 @@ fn a_database_restore_waits_for_a_second_approver_and_a_denied_or_expired_one_ne
             ("otto", "operator"),
         ],
     )?;
-    let config = std::fs::read_to_string(&coord.config)?;
-    let inventory = "[inventory.\"sim-00001\"]\nrole = \"db\"\n\
-                     [inventory.\"sim-00002\"]\nrole = \"web\"\n\
-                     [inventory.\"sim-00003\"]\nrole = \"web\"\n";
-    std::fs::write(&coord.config, format!("{config}{inventory}"))?;
-    coord.restart()?;
+    coord.append_config(
+        "[inventory.\"sim-00001\"]\nrole = \"db\"\n\
+         [inventory.\"sim-00002\"]\nrole = \"web\"\n\
+         [inventory.\"sim-00003\"]\nrole = \"web\"\n",
+    )?;
     let ctl = Ctl {
         url: coord.url(),
         ca: pki.ca(),
         _dir: dir,
     };
-    let _sim = start_simulator(dir, &ctl.url, &pki, K)?;
+    let _sim = Simulator::start(dir, &ctl.url, &pki, K)?;
     let all_online = || {
         eventually("simulated agents online", DEADLINE, || {
             let agents = agents_json(&ctl.url, &pki.ca(), &otto, None)?;
@@ -242,12 +241,7 @@ fn a_database_restore_waits_for_a_second_approver_and_a_denied_or_expired_one_ne
     );
 
     // Expired: nobody approved in time; it never runs.
-    let config = std::fs::read_to_string(&coord.config)?;
-    std::fs::write(
-        &coord.config,
-        format!("{config}[approval]\nexpire_after_secs = 1\n"),
-    )?;
-    coord.restart()?;
+    coord.append_config("[approval]\nexpire_after_secs = 1\n")?;
     all_online();
     let runs_before = journaled_runs(dir);
     let j3 = ctl.request(&abe);

@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rollback_tests::support::{
-    Coordinator, Pki, agents_json, eventually, rollbackctl, start_simulator,
-};
+use rollback_tests::support::{Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl};
 
 const K: usize = 50;
 
@@ -30,22 +28,12 @@ fn simulated_agents_connect_over_mtls_and_complete_a_job() -> Result<()> {
     let coord_dir = dir.join("coordinator");
     std::fs::create_dir_all(&coord_dir)?;
     let mut coord = Coordinator::start(&coord_dir, &pki, &[("alice", "admin")])?;
-    // The custom runbook: a top-level key, so it goes before the config's tables.
-    let runbook = dir.join("runbook.toml");
-    std::fs::write(&runbook, RUNBOOK)?;
-    let config = std::fs::read_to_string(&coord.config)?;
+    coord.use_runbook(RUNBOOK)?;
     // Labels that target hosts come from the coordinator's inventory, not the agents' claim.
-    let inventory: String = (1..=K)
-        .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
-        .collect();
-    std::fs::write(
-        &coord.config,
-        format!("runbook = \"{}\"\n{config}{inventory}", runbook.display()),
-    )?;
-    coord.restart()?;
+    coord.label_simulated(K)?;
     let url = coord.url();
 
-    let _sim = start_simulator(dir, &url, &pki, K)?;
+    let sim = Simulator::start(dir, &url, &pki, K)?;
     eventually(
         "all simulated agents online",
         Duration::from_secs(60),
@@ -98,7 +86,9 @@ fn simulated_agents_connect_over_mtls_and_complete_a_job() -> Result<()> {
         assert_eq!(run["steps"][0]["status"], "succeeded");
     }
     // Each simulated host journaled its run like a real agent.
-    let runs = std::fs::read_dir(dir.join("sim-state/sim-00001/runs"))?.count();
-    assert!(runs >= 1, "no journaled run for sim-00001");
+    assert!(
+        sim.journaled_runs("sim-00001") >= 1,
+        "no journaled run for sim-00001"
+    );
     Ok(())
 }

@@ -370,8 +370,10 @@ async fn every_method_is_authorized_by_certificate_role() {
         match method {
             "ListAgents" | "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs"
             | "GetReport" | "ListSnapshots" => 0,
-            "Exec" | "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose" => 1,
-            "ApproveJob" | "DenyJob" => 2,
+            "Exec" | "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose"
+            | "VerifyAudit" => 1,
+            // The audit trail shows every operator's actions: reading it is for approvers.
+            "ListAudit" | "ApproveJob" | "DenyJob" => 2,
             "ForgetAgent" | "LabelAgent" => 3,
             other => panic!("Console method {other} has no row in the role table"),
         }

@@ -14,7 +14,7 @@ use rollback_tests::raw_tls::{
     raise_open_files_limit,
 };
 use rollback_tests::support::{
-    CertFiles, Coordinator, Pki, agents_json, eventually, rollbackctl, start_simulator,
+    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl,
 };
 use tokio::net::TcpStream;
 
@@ -221,12 +221,7 @@ async fn a_thousand_idle_tls_connections_do_not_stop_agents_or_a_job() -> Result
         &format!("runbook = \"{}\"", runbook.display()),
     )?;
     // The labels that target the simulated hosts come from the coordinator's inventory.
-    let config = std::fs::read_to_string(&coordinator.config)?;
-    let inventory: String = (1..=AGENTS)
-        .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
-        .collect();
-    std::fs::write(&coordinator.config, format!("{config}{inventory}"))?;
-    coordinator.restart()?;
+    coordinator.label_simulated(AGENTS)?;
     let addr = coordinator.addr;
     let url = coordinator.url();
 
@@ -271,7 +266,7 @@ async fn a_thousand_idle_tls_connections_do_not_stop_agents_or_a_job() -> Result
     );
 
     // With all of that held, agents connect and a job runs to the end.
-    let _sim = start_simulator(dir, &url, &pki, AGENTS)?;
+    let _sim = Simulator::start(dir, &url, &pki, AGENTS)?;
     eventually(
         "the simulated agents are online",
         Duration::from_secs(60),

@@ -21,7 +21,7 @@ use rollback_common::runbook::{Plan, PlannedPhase, PlannedStep, Scope};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::batch::{PhaseWork, phase_work};
 use super::settle::{HostSoFar, Stop, settle};
@@ -389,17 +389,16 @@ impl Jobs {
         } else {
             Vec::new()
         };
-        self.store.create_job(&job, &hosts, &leased).await?;
         let pins = pins_text(&plan_proto);
-        self.store
-            .append_audit(&AuditEvent {
-                at_ms: now,
-                actor: actor.clone(),
-                action: "rollback.started".into(),
-                target: format!("job/{job_id}"),
-                detail: request_detail(&req, &plan, &plan_proto),
-            })
-            .await?;
+        // The job, its leases and its audit record: one transaction.
+        let audit = AuditEvent {
+            at_ms: now,
+            actor: actor.clone(),
+            action: "rollback.started".into(),
+            target: format!("job/{job_id}"),
+            detail: request_detail(&req, &plan, &plan_proto),
+        };
+        self.store.create_job(&job, &hosts, &leased, &audit).await?;
         let live = self.new_live(&job_id, 1);
         let targets = plan.targets.len();
         self.emit(
@@ -539,6 +538,13 @@ impl Jobs {
                         "could not be resumed after a coordinator restart: {}",
                         e.message()
                     );
+                    let audit = AuditEvent {
+                        at_ms: now_unix_ms(),
+                        actor: "coordinator".into(),
+                        action: "rollback.interrupted".into(),
+                        target: format!("job/{job_id}"),
+                        detail: why.clone(),
+                    };
                     if let Err(e) = self
                         .store
                         .update_job_state(
@@ -546,14 +552,32 @@ impl Jobs {
                             JobState::Interrupted.as_str(),
                             Some(now_unix_ms()),
                             &why,
+                            &audit,
                         )
                         .await
                     {
-                        warn!(job = %job_id, error = %e, "store failed recording the interruption");
+                        error!(job = %job_id, error = %e, "store failed recording the interruption; the job stays running in the store until the next start");
                     }
                     continue;
                 }
             };
+            // Audited before it drives again: a resume the trail does not show never happens.
+            // Without its record the job is left as it is stored (running, not driven) for the
+            // next start, once the store is fixed.
+            if let Err(e) = self
+                .store
+                .append_audit(&AuditEvent {
+                    at_ms: now_unix_ms(),
+                    actor: "coordinator".into(),
+                    action: "rollback.resumed".into(),
+                    target: format!("job/{job_id}"),
+                    detail: "reason=coordinator restart".into(),
+                })
+                .await
+            {
+                error!(job = %job_id, error = %e, "not resuming the job: its audit record could not be written; it stays running in the store and is resumed at the next start");
+                continue;
+            }
             let live = self.new_live(&job_id, self.next_seq(&job_id).await?);
             let done: Vec<String> = drive
                 .plan
@@ -574,19 +598,6 @@ impl Jobs {
                 done.join(", "),
                 drive.inflight.len()
             );
-            if let Err(e) = self
-                .store
-                .append_audit(&AuditEvent {
-                    at_ms: now_unix_ms(),
-                    actor: "coordinator".into(),
-                    action: "rollback.resumed".into(),
-                    target: format!("job/{job_id}"),
-                    detail: "reason=coordinator restart".into(),
-                })
-                .await
-            {
-                warn!(job = %job_id, error = %e, "audit write failed");
-            }
             self.emit(&live, &job_id, EventKind::JobResumed, "", "", &msg, 0, 0);
             info!(job = %job_id, inflight = drive.inflight.len(), "resuming a job left running by the previous coordinator");
             self.spawn_drive(drive, live, None);
@@ -660,19 +671,17 @@ impl Jobs {
                 reset.push(t.clone());
             }
         }
-        // Audited before anything changes: a resume the trail does not show never happens.
+        // Leases, host resets, the state and the audit record in one transaction: all or
+        // nothing (a resume the trail does not show never happens).
+        let audit = AuditEvent {
+            at_ms: now_unix_ms(),
+            actor: principal.identity.to_string(),
+            action: "rollback.resume".into(),
+            target: format!("job/{job_id}"),
+            detail: format!("was={state} hosts={} reason={reason}", retry.join(",")),
+        };
         self.store
-            .append_audit(&AuditEvent {
-                at_ms: now_unix_ms(),
-                actor: principal.identity.to_string(),
-                action: "rollback.resume".into(),
-                target: format!("job/{job_id}"),
-                detail: format!("was={state} hosts={} reason={reason}", retry.join(",")),
-            })
-            .await?;
-        // Leases, host resets and the state in one transaction: all or nothing.
-        self.store
-            .reopen_job(job_id, &all, &reset)
+            .reopen_job(job_id, &all, &reset, &audit)
             .await
             .map_err(|e| match e {
                 StoreError::Leased { holders } => leased_status(&holders),
@@ -999,21 +1008,6 @@ impl Jobs {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = final_state.as_str().into();
         let halt_text = halt.clone().unwrap_or_default();
-        if let Err(e) = self
-            .store
-            .update_job_state(
-                &job_id,
-                final_state.as_str(),
-                Some(now_unix_ms()),
-                &halt_text,
-            )
-            .await
-        {
-            warn!(job = %job_id, error = %e, "store failed recording the job's end");
-        }
-        if let Some(h) = &halt {
-            self.emit(live, &job_id, EventKind::JobHalted, "", "", h, 0, 0);
-        }
         let succeeded = d
             .tracks
             .values()
@@ -1023,18 +1017,35 @@ impl Jobs {
             "{final_state}: {succeeded} of {} host(s) succeeded",
             d.tracks.len()
         );
+        // The end and its audit record are one transaction. Without it the job has not ended:
+        // it stays running in the store (leases held) and is settled again at the next start.
+        let audit = AuditEvent {
+            at_ms: now_unix_ms(),
+            actor: "coordinator".into(),
+            action: "rollback.finished".into(),
+            target: format!("job/{job_id}"),
+            detail: if halt_text.is_empty() {
+                summary.clone()
+            } else {
+                format!("{summary}; halted: {halt_text}")
+            },
+        };
         if let Err(e) = self
             .store
-            .append_audit(&AuditEvent {
-                at_ms: now_unix_ms(),
-                actor: "coordinator".into(),
-                action: "rollback.finished".into(),
-                target: format!("job/{job_id}"),
-                detail: summary.clone(),
-            })
+            .update_job_state(
+                &job_id,
+                final_state.as_str(),
+                Some(now_unix_ms()),
+                &halt_text,
+                &audit,
+            )
             .await
         {
-            warn!(job = %job_id, error = %e, "audit write failed");
+            error!(job = %job_id, state = %final_state, error = %e, "store failed recording the job's end with its audit record; the job stays running in the store and is settled again at the next start");
+            return;
+        }
+        if let Some(h) = &halt {
+            self.emit(live, &job_id, EventKind::JobHalted, "", "", h, 0, 0);
         }
         self.emit(
             live,

@@ -27,7 +27,7 @@ use super::planning::{parse_selector, strategy, to_proto};
 use super::{Jobs, outcome};
 use crate::authz::Principal;
 use crate::exec::new_id;
-use crate::store::{RunRow, SnapshotRow};
+use crate::store::{AuditEvent, RunRow, SnapshotRow};
 
 fn step(action: &str, params: &[(&str, &str)]) -> StepTemplate {
     StepTemplate {
@@ -209,7 +209,25 @@ impl Jobs {
                     .and_then(|b| b.get(fact::BACKUP).cloned())
                     .unwrap_or_default(),
             };
-            self.store.insert_snapshot(&row).await?;
+            let audit = AuditEvent {
+                at_ms: row.taken_at_ms,
+                actor: principal.identity.to_string(),
+                action: "snapshot.recorded".into(),
+                target: format!("job/{job_id}"),
+                detail: format!(
+                    "snapshot={} host={} label={} git_sha={} alembic_revision={} env_sha256={} unit_state={} db_backup={}",
+                    row.snapshot_id,
+                    row.host_id,
+                    row.label,
+                    row.git_sha,
+                    row.alembic_revision,
+                    row.env_sha256,
+                    row.unit_state,
+                    row.db_backup
+                ),
+            };
+            // The last-known-good state `--to-snapshot` rolls back to: stored with its record.
+            self.store.insert_snapshot(&row, &audit).await?;
             hosts.push(info(&row));
         }
         let job = self.get(&job_id).await?;

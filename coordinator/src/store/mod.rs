@@ -1,11 +1,15 @@
 //! Coordinator state behind one `Store` trait. SQLite (embedded, WAL) is the default; other
 //! backends implement the same trait.
 
+pub mod chain;
+#[cfg(test)]
+mod chain_tests;
 mod sqlite;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 
+pub use chain::{AuditFilter, AuditRecord, Broken, Problem, Verdict};
 pub use sqlite::SqliteStore;
 
 /// What the store keeps about an agent.
@@ -56,6 +60,15 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("hosts are leased to another job: {}", holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     Leased { holders: Vec<LeaseHolder> },
+    /// The audit record of a change could not be written: the change was not made either.
+    #[error(
+        "the audit record `{action}` for {target} could not be written, so the change it records was not made: {reason} (check the coordinator's store: disk, permissions, `rollbackctl audit verify`)"
+    )]
+    Audit {
+        action: String,
+        target: String,
+        reason: String,
+    },
 }
 
 /// What became of a reported run result.
@@ -191,7 +204,11 @@ pub fn label_mismatch(
     out
 }
 
-/// One audit trail entry.
+/// One audit trail entry, as the code that makes a change describes it; the store gives it its
+/// place in the hash chain (`chain`). `actor` is who acted and is never empty: the operator's
+/// identity for console actions, `agent/HOST` for what an agent reported, `coordinator` for
+/// the engine's own decisions. `target` names what was acted on — `job/ID`, `run/ID`,
+/// `host/ID` — and the record's job id is derived from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
     pub at_ms: i64,
@@ -251,37 +268,46 @@ pub trait Store: Send + Sync + 'static {
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError>;
     /// Runs dispatched to `host_id` whose result has not been recorded, oldest first.
     async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError>;
+    /// Appends one record to the audit chain, on its own: for a change that is made after its
+    /// record is durable (an exec, a cancel). A change the store makes itself takes its record
+    /// as a parameter and writes both in one transaction. Fails with `StoreError::Audit`.
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
-    /// Records a new job with its hosts and leases `leased` to it, atomically; fails with
-    /// `StoreError::Leased` (writing nothing) when any of them is leased to another job.
+    /// Records a new job with its hosts and its audit record, and leases `leased` to it,
+    /// atomically; fails with `StoreError::Leased` (writing nothing) when any of them is leased
+    /// to another job, or `StoreError::Audit` (writing nothing).
     async fn create_job(
         &self,
         job: &JobRow,
         hosts: &[JobHostRow],
         leased: &[String],
+        audit: &AuditEvent,
     ) -> Result<(), StoreError>;
-    /// Reopens an ended job (`job resume`), atomically: leases `leased` to it (failing with
-    /// `StoreError::Leased`, writing nothing, when another job holds any), stores the `reset`
-    /// host rows and sets the job `running` again.
+    /// Reopens an ended job (`job resume`), atomically with its audit record: leases `leased`
+    /// to it (failing with `StoreError::Leased`, writing nothing, when another job holds any),
+    /// stores the `reset` host rows and sets the job `running` again.
     async fn reopen_job(
         &self,
         job_id: &str,
         leased: &[String],
         reset: &[JobHostRow],
+        audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     /// Which of `hosts` are leased, and to which job.
     async fn lease_holders(&self, hosts: &[String]) -> Result<Vec<LeaseHolder>, StoreError>;
     /// Ids of jobs stored as `running` (at start-up: the jobs to resume).
     async fn running_jobs(&self) -> Result<Vec<String>, StoreError>;
-    /// Removes a decommissioned agent; its jobs' history stays.
-    async fn forget_agent(&self, host_id: &str) -> Result<bool, StoreError>;
-    /// Sets a job's state; any state but `running` releases its leases in the same transaction.
+    /// Removes a decommissioned agent, with its audit record in the same transaction; its
+    /// jobs' history stays. False (and no record) when there was no such agent.
+    async fn forget_agent(&self, host_id: &str, audit: &AuditEvent) -> Result<bool, StoreError>;
+    /// Sets a job's state, with its audit record in the same transaction; any state but
+    /// `running` releases its leases in that transaction too.
     async fn update_job_state(
         &self,
         job_id: &str,
         state: &str,
         finished_at_ms: Option<i64>,
         halt_reason: &str,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError>;
     async fn append_job_event(
@@ -309,10 +335,19 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError>;
     async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError>;
-    async fn insert_snapshot(&self, row: &SnapshotRow) -> Result<(), StoreError>;
+    /// Records one host's snapshot with its audit record, in one transaction.
+    async fn insert_snapshot(
+        &self,
+        row: &SnapshotRow,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
     /// Every snapshot row, newest first.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError>;
-    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Audit records matching `filter`, newest first.
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Walks the whole audit chain from genesis: intact, or the first record that was changed
+    /// or removed.
+    async fn verify_audit(&self) -> Result<Verdict, StoreError>;
     /// Replaces the inventory labels that come from coordinator.toml with `labels` (host →
     /// key → value), with `audit` in the same transaction when anything changed; returns
     /// whether anything did.
@@ -358,4 +393,18 @@ pub trait Store: Send + Sync + 'static {
         remove: &[String],
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
+}
+
+/// The embedded migrations up to `version`: a store as an older release left it.
+#[cfg(test)]
+fn migrations_up_to(version: i64) -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.migrations = m
+        .migrations
+        .iter()
+        .filter(|x| x.version <= version)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    m
 }

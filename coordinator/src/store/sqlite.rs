@@ -1,18 +1,21 @@
-//! The SQLite store: one file, WAL journal, schema from embedded migrations.
+//! The SQLite store: one file, WAL journal, schema from embedded migrations. Every
+//! transaction that appends to the audit chain begins `IMMEDIATE` (see `chain`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::chain::{self, Seen};
 use super::writer::{self, Write, Writer};
 use super::{
-    AgentRecord, ApprovalRow, AuditEvent, Inventory, JobHostRow, JobRow, LeaseHolder, ResultTaken,
-    RunRow, SnapshotRow, Store, StoreError,
+    AgentRecord, ApprovalRow, AuditEvent, AuditFilter, AuditRecord, Inventory, JobHostRow, JobRow,
+    LeaseHolder, ResultTaken, RunRow, SnapshotRow, Store, StoreError, Verdict,
 };
 
 const RUN_COLUMNS: &str = "run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, finished_at_ms, result, phase";
@@ -185,6 +188,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Hot-path writes, group-committed.
     writer: Writer,
+    /// The newest audit record this process has seen committed.
+    seen: Arc<Seen>,
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -220,8 +225,43 @@ impl SqliteStore {
                 path: shown,
                 source,
             })?;
-        let writer = Writer::start(pool.clone());
-        Ok(Self { pool, writer })
+        let chained = chain::chain_unchained_history(&pool).await?;
+        let head = chain::stored_head(&pool).await?;
+        // The head in the log is an anchor outside the store: `audit verify` reports it too.
+        tracing::info!(
+            store = %path.display(),
+            head_seq = head.as_ref().map_or(0, |h| h.seq),
+            head_hash = head.as_ref().map_or(chain::GENESIS, |h| h.hash.as_str()),
+            chained_history = chained,
+            "audit chain opened"
+        );
+        let seen = Arc::new(Seen::new(head));
+        let writer = Writer::start(pool.clone(), seen.clone());
+        Ok(Self { pool, writer, seen })
+    }
+
+    /// Begins a transaction that appends to the audit chain (under the write lock).
+    async fn begin_audited(
+        &self,
+        what: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err(what))
+    }
+
+    /// Appends `audit` in `tx`, commits, then remembers the new head.
+    async fn commit_audited(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        audit: &AuditEvent,
+        what: &'static str,
+    ) -> Result<(), StoreError> {
+        let link = chain::append(&mut tx, audit, &self.seen).await?;
+        tx.commit().await.map_err(query_err(what))?;
+        self.seen.advance(&link);
+        Ok(())
     }
 
     /// Every host's inventory labels.
@@ -419,22 +459,12 @@ impl Store for SqliteStore {
         self.writer.write(Write::Audit(e.clone())).await.map(|_| ())
     }
 
-    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
-        let rows = sqlx::query("SELECT at_ms, actor, action, target, detail FROM audit_events ORDER BY id DESC LIMIT ?1")
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err("list_audit"))?;
-        Ok(rows
-            .into_iter()
-            .map(|row| AuditEvent {
-                at_ms: row.get("at_ms"),
-                actor: row.get("actor"),
-                action: row.get("action"),
-                target: row.get("target"),
-                detail: row.get("detail"),
-            })
-            .collect())
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        chain::list(&self.pool, filter).await
+    }
+
+    async fn verify_audit(&self) -> Result<Verdict, StoreError> {
+        chain::verify(&self.pool, &self.seen).await
     }
 
     async fn create_job(
@@ -442,17 +472,13 @@ impl Store for SqliteStore {
         job: &JobRow,
         hosts: &[JobHostRow],
         leased: &[String],
+        audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         // BEGIN IMMEDIATE: the lease check and the insert are one atomic step even against
         // another coordinator process on the same file.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(query_err("create_job"))?;
+        let mut tx = self.begin_audited("create_job").await?;
         insert_job(&mut tx, job, hosts, leased).await?;
-        tx.commit().await.map_err(query_err("create_job commit"))?;
-        Ok(())
+        self.commit_audited(tx, audit, "create_job commit").await
     }
 
     async fn create_job_awaiting(
@@ -463,11 +489,7 @@ impl Store for SqliteStore {
         approval: &ApprovalRow,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(query_err("create_job_awaiting"))?;
+        let mut tx = self.begin_audited("create_job_awaiting").await?;
         insert_job(&mut tx, job, hosts, leased).await?;
         sqlx::query(
             "INSERT INTO job_approvals (job_id, rule, requested_by, requested_at_ms, expires_at_ms)
@@ -481,11 +503,8 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(query_err("create_job_awaiting"))?;
-        writer::insert_audit(&mut tx, audit).await?;
-        tx.commit()
+        self.commit_audited(tx, audit, "create_job_awaiting commit")
             .await
-            .map_err(query_err("create_job_awaiting commit"))?;
-        Ok(())
     }
 
     async fn decide_approval(
@@ -507,11 +526,7 @@ impl Store for SqliteStore {
                 });
             }
         };
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(query_err("decide_approval"))?;
+        let mut tx = self.begin_audited("decide_approval").await?;
         let changed = sqlx::query(
             "UPDATE jobs SET state = ?2, finished_at_ms = ?3, halt_reason = ?4
              WHERE job_id = ?1 AND state = 'awaiting_approval'",
@@ -550,11 +565,9 @@ impl Store for SqliteStore {
                 .await
                 .map_err(query_err("decide_approval"))?;
         }
-        writer::insert_audit(&mut tx, audit).await?;
-        tx.commit()
+        self.commit_audited(tx, audit, "decide_approval commit")
             .await
-            .map_err(query_err("decide_approval commit"))?;
-        Ok(true)
+            .map(|()| true)
     }
 
     async fn job_approval(&self, job_id: &str) -> Result<Option<ApprovalRow>, StoreError> {
@@ -585,12 +598,9 @@ impl Store for SqliteStore {
         job_id: &str,
         leased: &[String],
         reset: &[JobHostRow],
+        audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(query_err("reopen_job"))?;
+        let mut tx = self.begin_audited("reopen_job").await?;
         let holders = holders_in(&mut tx, leased, job_id).await?;
         if !holders.is_empty() {
             return Err(StoreError::Leased { holders });
@@ -609,8 +619,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(query_err("reopen_job state"))?;
-        tx.commit().await.map_err(query_err("reopen_job commit"))?;
-        Ok(())
+        self.commit_audited(tx, audit, "reopen_job commit").await
     }
 
     async fn lease_holders(&self, hosts: &[String]) -> Result<Vec<LeaseHolder>, StoreError> {
@@ -631,22 +640,26 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(|r| r.get("job_id")).collect())
     }
 
-    async fn forget_agent(&self, host_id: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(query_err("forget_agent"))?;
+    async fn forget_agent(&self, host_id: &str, audit: &AuditEvent) -> Result<bool, StoreError> {
+        let mut tx = self.begin_audited("forget_agent").await?;
         let n = sqlx::query("DELETE FROM agents WHERE host_id = ?1")
             .bind(host_id)
             .execute(&mut *tx)
             .await
             .map_err(query_err("forget_agent"))?
             .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
         // A decommissioned host's labels go with it (the config's stay: they are the file's).
         sqlx::query("DELETE FROM inventory_labels WHERE host_id = ?1 AND source = 'operator'")
             .bind(host_id)
             .execute(&mut *tx)
             .await
             .map_err(query_err("forget_agent"))?;
-        tx.commit().await.map_err(query_err("forget_agent"))?;
-        Ok(n > 0)
+        self.commit_audited(tx, audit, "forget_agent commit")
+            .await
+            .map(|()| true)
     }
 
     async fn sync_config_inventory(
@@ -704,12 +717,9 @@ impl Store for SqliteStore {
         state: &str,
         finished_at_ms: Option<i64>,
         halt_reason: &str,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_err("update_job_state"))?;
+        let mut tx = self.begin_audited("update_job_state").await?;
         sqlx::query(
             "UPDATE jobs SET state = ?2, finished_at_ms = ?3, halt_reason = ?4 WHERE job_id = ?1",
         )
@@ -727,10 +737,8 @@ impl Store for SqliteStore {
                 .await
                 .map_err(query_err("release leases"))?;
         }
-        tx.commit()
+        self.commit_audited(tx, audit, "update_job_state commit")
             .await
-            .map_err(query_err("update_job_state commit"))?;
-        Ok(())
     }
 
     async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError> {
@@ -845,7 +853,8 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(run_row).collect())
     }
 
-    async fn insert_snapshot(&self, r: &SnapshotRow) -> Result<(), StoreError> {
+    async fn insert_snapshot(&self, r: &SnapshotRow, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin_audited("insert_snapshot").await?;
         sqlx::query(
             "INSERT OR REPLACE INTO snapshots (snapshot_id, host_id, job_id, label, taken_at_ms, git_sha, git_subject,
              alembic_revision, env_sha256, unit_state, db_backup) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -861,10 +870,11 @@ impl Store for SqliteStore {
         .bind(&r.env_sha256)
         .bind(&r.unit_state)
         .bind(&r.db_backup)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(query_err("insert_snapshot"))?;
-        Ok(())
+        self.commit_audited(tx, audit, "insert_snapshot commit")
+            .await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
@@ -925,6 +935,16 @@ mod tests {
             finished_at_ms: None,
             halt_reason: String::new(),
             request_id: String::new(),
+        }
+    }
+
+    fn audit(action: &str, target: &str) -> AuditEvent {
+        AuditEvent {
+            at_ms: 1,
+            actor: "spiffe://fleet.test/operator/alice".into(),
+            action: action.into(),
+            target: target.into(),
+            detail: "test".into(),
         }
     }
 
@@ -1001,11 +1021,22 @@ mod tests {
             .expect("store");
         let hosts = ["h1".to_string()];
         store
-            .create_job(&job("old", "running"), &[host("old", "failed")], &hosts)
+            .create_job(
+                &job("old", "running"),
+                &[host("old", "failed")],
+                &hosts,
+                &audit("rollback.started", "job/old"),
+            )
             .await
             .expect("old job");
         store
-            .update_job_state("old", "halted", Some(2), "halted")
+            .update_job_state(
+                "old",
+                "halted",
+                Some(2),
+                "halted",
+                &audit("rollback.finished", "job/old"),
+            )
             .await
             .expect("old job halts");
         store
@@ -1013,13 +1044,17 @@ mod tests {
                 &job("holder", "running"),
                 &[host("holder", "pending")],
                 &hosts,
+                &audit("rollback.started", "job/holder"),
             )
             .await
             .expect("holder takes h1");
 
         let mut reset = host("old", "pending");
         reset.detail = "retried".into();
-        let refused = store.reopen_job("old", &hosts, &[reset.clone()]).await;
+        let resume = audit("rollback.resume", "job/old");
+        let refused = store
+            .reopen_job("old", &hosts, &[reset.clone()], &resume)
+            .await;
         assert!(
             matches!(refused, Err(StoreError::Leased { ref holders }) if holders[0].job_id == "holder")
         );
@@ -1028,11 +1063,17 @@ mod tests {
         assert_eq!(rows[0].outcome, "failed", "nothing written");
 
         store
-            .update_job_state("holder", "succeeded", Some(3), "")
+            .update_job_state(
+                "holder",
+                "succeeded",
+                Some(3),
+                "",
+                &audit("rollback.finished", "job/holder"),
+            )
             .await
             .expect("holder ends, releasing h1");
         store
-            .reopen_job("old", &hosts, &[reset])
+            .reopen_job("old", &hosts, &[reset], &resume)
             .await
             .expect("reopened");
         let (row, rows) = store.get_job("old").await.expect("read").expect("old");

@@ -2,12 +2,17 @@
 //! host outcomes, audit entries, heartbeats) goes to one writer task, which takes everything
 //! queued, commits it in one transaction (one fsync), then answers each caller. A caller still
 //! returns only once its write is durable; concurrent callers share the fsync. A batch that
-//! fails is retried write by write, so one bad write fails alone.
+//! fails is retried write by write, so one bad write fails alone. Audit records (on their own
+//! or with a run's result) are appended to the chain inside the batch's transaction, which
+//! begins `IMMEDIATE` like every transaction that appends.
+
+use std::sync::Arc;
 
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use super::chain::{self, Link, Seen};
 use super::{AuditEvent, JobHostRow, RunRow, StoreError};
 
 /// Writes committed together at most.
@@ -59,9 +64,9 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(pool: SqlitePool) -> Self {
+    pub(super) fn start(pool: SqlitePool, seen: Arc<Seen>) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(pool, rx));
+        tokio::spawn(run(pool, seen, rx));
         Self { tx }
     }
 
@@ -76,7 +81,7 @@ impl Writer {
     }
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<(Write, Reply)>) {
+async fn run(pool: SqlitePool, seen: Arc<Seen>, mut rx: mpsc::Receiver<(Write, Reply)>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -86,7 +91,7 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<(Write, Reply)>) {
             }
         }
         let (writes, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
-        match commit(&pool, &writes).await {
+        match commit(&pool, &seen, &writes).await {
             Ok(counts) => {
                 for (reply, n) in replies.into_iter().zip(counts) {
                     let _ = reply.send(Ok(n));
@@ -95,17 +100,19 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<(Write, Reply)>) {
             Err(e) if writes.len() > 1 => {
                 warn!(error = %e, writes = writes.len(), "group commit failed; retrying each write alone");
                 for (write, reply) in writes.into_iter().zip(replies) {
-                    let one = commit(&pool, std::slice::from_ref(&write))
+                    let one = commit(&pool, &seen, std::slice::from_ref(&write))
                         .await
                         .map(|c| c.first().copied().unwrap_or(0));
                     let _ = reply.send(one);
                 }
             }
+            // One write: its own error, as it is (an audit failure stays one).
             Err(e) => {
+                let mut e = Some(e);
                 for reply in replies {
-                    let _ = reply.send(Err(StoreError::Batch {
-                        reason: e.to_string(),
-                    }));
+                    let _ = reply.send(Err(e.take().unwrap_or_else(|| StoreError::Batch {
+                        reason: "the write's batch failed".into(),
+                    })));
                 }
             }
         }
@@ -119,33 +126,15 @@ pub(super) const TAKEN_RECORDED: u64 = 1;
 pub(super) const TAKEN_OTHER_HOST: u64 = 2;
 pub(super) const TAKEN_ALREADY: u64 = 3;
 
-/// Appends one audit record inside `tx` (used by the writer's batches and by the store's own
-/// `BEGIN IMMEDIATE` transactions, which SQLite serializes with them).
-pub(super) async fn insert_audit(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    e: &AuditEvent,
-) -> Result<u64, StoreError> {
-    Ok(sqlx::query(
-        "INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .bind(e.at_ms)
-    .bind(&e.actor)
-    .bind(&e.action)
-    .bind(&e.target)
-    .bind(&e.detail)
-    .execute(&mut **tx)
-    .await
-    .map_err(|source| StoreError::Query {
-        what: "append_audit",
-        source,
-    })?
-    .rows_affected())
-}
-
-async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
+async fn commit(pool: &SqlitePool, seen: &Seen, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
     let q = |what: &'static str| move |source| StoreError::Query { what, source };
-    let mut tx = pool.begin().await.map_err(q("begin"))?;
+    // IMMEDIATE: the audit chain's head is read and extended under the write lock.
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(q("begin"))?;
     let mut counts = Vec::with_capacity(writes.len());
+    let mut appended: Option<Link> = None;
     for w in writes {
         let n = match w {
             Write::CreateRun(r) => sqlx::query(
@@ -188,10 +177,14 @@ async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreEr
                         (TAKEN_RECORDED, audit.action.as_str())
                     }
                 };
-                insert_audit(&mut tx, &AuditEvent { action: action.to_string(), ..audit.clone() }).await?;
+                let event = AuditEvent { action: action.to_string(), ..audit.clone() };
+                appended = Some(chain::append(&mut tx, &event, seen).await?);
                 code
             }
-            Write::Audit(e) => insert_audit(&mut tx, e).await?,
+            Write::Audit(e) => {
+                appended = Some(chain::append(&mut tx, e, seen).await?);
+                1
+            }
             Write::JobEvents { job_id, events } => {
                 let mut n = 0;
                 for (seq, at_ms, event) in events {
@@ -249,7 +242,7 @@ async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreEr
                     .map_err(q("label_host"))?
                     .rows_affected();
                 }
-                insert_audit(&mut tx, audit).await?;
+                appended = Some(chain::append(&mut tx, audit, seen).await?);
                 n
             }
             Write::ConfigInventory { labels, audit } => {
@@ -280,7 +273,7 @@ async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreEr
                         .await
                         .map_err(q("sync_config_inventory"))?;
                     }
-                    insert_audit(&mut tx, audit).await?;
+                    appended = Some(chain::append(&mut tx, audit, seen).await?);
                     1
                 }
             }
@@ -288,5 +281,8 @@ async fn commit(pool: &SqlitePool, writes: &[Write]) -> Result<Vec<u64>, StoreEr
         counts.push(n);
     }
     tx.commit().await.map_err(q("commit"))?;
+    if let Some(link) = appended {
+        seen.advance(&link);
+    }
     Ok(counts)
 }

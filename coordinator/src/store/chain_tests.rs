@@ -1,0 +1,552 @@
+//! The audit chain through the SQLite store: every write path appends to one chain, a failed
+//! audit write leaves no change behind, history from before the chain is chained once, and
+//! rows edited or removed behind the store's back are named by `verify_audit`.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+
+use super::migrations_up_to;
+use crate::store::{
+    AgentRecord, AuditEvent, AuditFilter, JobHostRow, JobRow, Problem, RunRow, SnapshotRow,
+    SqliteStore, Store, StoreError,
+};
+
+const ALICE: &str = "spiffe://fleet.test/operator/alice";
+
+fn audit(actor: &str, action: &str, target: &str) -> AuditEvent {
+    AuditEvent {
+        at_ms: rollback_common::now_unix_ms(),
+        actor: actor.into(),
+        action: action.into(),
+        target: target.into(),
+        detail: format!("{action} on {target}"),
+    }
+}
+
+fn job(id: &str) -> JobRow {
+    JobRow {
+        job_id: id.into(),
+        procedure: "configuration".into(),
+        request: Vec::new(),
+        plan: Vec::new(),
+        state: "running".into(),
+        reason: "test".into(),
+        requested_by: ALICE.into(),
+        created_at_ms: 1,
+        finished_at_ms: None,
+        halt_reason: String::new(),
+        request_id: String::new(),
+    }
+}
+
+fn host(job: &str, host: &str) -> JobHostRow {
+    JobHostRow {
+        job_id: job.into(),
+        host_id: host.into(),
+        ord: 0,
+        outcome: "pending".into(),
+        phase: String::new(),
+        failed_step: String::new(),
+        exit_code: 0,
+        detail: String::new(),
+        duration_ms: 0,
+        once_only: false,
+        done_phases: Vec::new(),
+    }
+}
+
+fn run(run_id: &str, job_id: &str, host_id: &str) -> RunRow {
+    RunRow {
+        run_id: run_id.into(),
+        job_id: job_id.into(),
+        host_id: host_id.into(),
+        requested_by: ALICE.into(),
+        reason: "test".into(),
+        procedure: Vec::new(),
+        status: 0,
+        created_at_ms: 1,
+        finished_at_ms: None,
+        result: None,
+        phase: String::new(),
+    }
+}
+
+/// A second connection to the store's file, as someone with access to the disk would have.
+async fn raw(path: &Path) -> SqlitePool {
+    SqlitePool::connect_with(
+        SqliteConnectOptions::from_str("sqlite://")
+            .expect("options")
+            .filename(path)
+            .busy_timeout(std::time::Duration::from_secs(5)),
+    )
+    .await
+    .expect("raw connection")
+}
+
+async fn exec(pool: &SqlitePool, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn broken(store: &SqliteStore) -> (u64, Problem, String) {
+    let v = store.verify_audit().await.expect("verify");
+    let b = v.broken.expect("the chain is reported broken");
+    (b.seq, b.problem, b.message)
+}
+
+async fn intact(store: &SqliteStore) -> u64 {
+    let v = store.verify_audit().await.expect("verify");
+    assert_eq!(v.broken, None, "the chain is intact");
+    v.count
+}
+
+#[tokio::test]
+async fn every_write_path_appends_to_one_chain_even_concurrently() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("s.sqlite"))
+        .await
+        .expect("store");
+    assert_eq!(intact(&store).await, 0, "an empty chain is intact");
+    store.create_run(&run("r1", "j0", "h1")).await.expect("run");
+
+    // The group-commit writer and the store's own transactions, all at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let s = store.clone();
+        tasks.spawn(async move {
+            s.append_audit(&audit(ALICE, "exec", &format!("host/h{i}")))
+                .await
+        });
+    }
+    for i in 0..30 {
+        let s = store.clone();
+        tasks.spawn(async move {
+            let id = format!("j{i}");
+            s.create_job(
+                &job(&id),
+                &[host(&id, &format!("x{i}"))],
+                &[format!("x{i}")],
+                &audit(ALICE, "rollback.started", &format!("job/{id}")),
+            )
+            .await
+        });
+    }
+    {
+        let s = store.clone();
+        tasks.spawn(async move {
+            s.finish_run(
+                "r1",
+                "h1",
+                1,
+                2,
+                b"result",
+                &audit("agent/h1", "run.finished", "run/r1"),
+            )
+            .await
+            .map(|_| ())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("write");
+    }
+    assert_eq!(intact(&store).await, 131);
+
+    let all = store
+        .list_audit(&AuditFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let seqs: Vec<u64> = all.iter().rev().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=131).collect::<Vec<_>>(),
+        "one gapless chain, newest first"
+    );
+    assert!(all.iter().all(|r| !r.event.actor.is_empty()));
+
+    // The job id comes from the target: the job's own record, and its run's result.
+    let j0 = store
+        .list_audit(&AuditFilter {
+            job_id: "j0".into(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let actions: Vec<&str> = j0.iter().map(|r| r.event.action.as_str()).collect();
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert!(actions.contains(&"run.finished") && actions.contains(&"rollback.started"));
+
+    // An actor matches exactly or by the end of its name after a `/`.
+    for (name, n) in [
+        ("alice", 130),
+        ("operator/alice", 130),
+        (ALICE, 130),
+        ("h1", 1),
+        ("lice", 0),
+    ] {
+        let got = store
+            .list_audit(&AuditFilter {
+                actor: name.into(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(got.len(), n, "actor {name}");
+    }
+    let future = store
+        .list_audit(&AuditFilter {
+            since_ms: rollback_common::now_unix_ms() + 60_000,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(future.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sqlite");
+    let store = SqliteStore::open(&path).await.expect("store");
+    let agent = AgentRecord {
+        host_id: "h1".into(),
+        labels: Default::default(),
+        reported_labels: Default::default(),
+        cert_not_after_ms: None,
+        agent_version: "1".into(),
+        address: "127.0.0.1".into(),
+        online: false,
+        connected_at_ms: 1,
+        last_seen_ms: 1,
+        state: Vec::new(),
+    };
+    store.agent_connected(&agent).await.expect("agent");
+    store
+        .create_job(
+            &job("old"),
+            &[host("old", "h1")],
+            &["h1".to_string()],
+            &audit(ALICE, "rollback.started", "job/old"),
+        )
+        .await
+        .expect("job");
+    store
+        .create_run(&run("r1", "old", "h1"))
+        .await
+        .expect("run");
+    let before = intact(&store).await;
+
+    let db = raw(&path).await;
+    exec(
+        &db,
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events
+         BEGIN SELECT RAISE(ABORT, 'audit table refuses writes (test)'); END;",
+    )
+    .await;
+    let is_audit_failure = |r: Result<(), StoreError>, what: &str| match r {
+        Err(StoreError::Audit { reason, .. }) => {
+            assert!(reason.contains("refuses writes"), "{what}: {reason}")
+        }
+        other => panic!("{what}: expected an audit failure, got {other:?}"),
+    };
+
+    is_audit_failure(
+        store
+            .create_job(
+                &job("new"),
+                &[host("new", "h2")],
+                &["h2".to_string()],
+                &audit(ALICE, "rollback.started", "job/new"),
+            )
+            .await,
+        "create_job",
+    );
+    assert!(
+        store.get_job("new").await.expect("read").is_none(),
+        "no job"
+    );
+    assert!(
+        store
+            .lease_holders(&["h2".into()])
+            .await
+            .expect("leases")
+            .is_empty()
+    );
+
+    is_audit_failure(
+        store
+            .update_job_state(
+                "old",
+                "succeeded",
+                Some(5),
+                "",
+                &audit("coordinator", "rollback.finished", "job/old"),
+            )
+            .await,
+        "update_job_state",
+    );
+    let (row, _) = store.get_job("old").await.expect("read").expect("old");
+    assert_eq!(row.state, "running", "the job has not ended");
+    assert_eq!(
+        store
+            .lease_holders(&["h1".into()])
+            .await
+            .expect("leases")
+            .len(),
+        1
+    );
+
+    is_audit_failure(
+        store
+            .reopen_job(
+                "old",
+                &["h1".into()],
+                &[],
+                &audit(ALICE, "rollback.resume", "job/old"),
+            )
+            .await,
+        "reopen_job",
+    );
+    is_audit_failure(
+        store
+            .forget_agent("h1", &audit(ALICE, "agent.forgotten", "host/h1"))
+            .await
+            .map(|_| ()),
+        "forget_agent",
+    );
+    assert_eq!(
+        store.list_agents().await.expect("agents").len(),
+        1,
+        "agent kept"
+    );
+
+    is_audit_failure(
+        store
+            .insert_snapshot(
+                &SnapshotRow {
+                    snapshot_id: "s1".into(),
+                    host_id: "h1".into(),
+                    ..Default::default()
+                },
+                &audit(ALICE, "snapshot.recorded", "job/old"),
+            )
+            .await,
+        "insert_snapshot",
+    );
+    assert!(store.list_snapshots().await.expect("snapshots").is_empty());
+
+    is_audit_failure(
+        store
+            .finish_run(
+                "r1",
+                "h1",
+                1,
+                2,
+                b"result",
+                &audit("agent/h1", "run.finished", "run/r1"),
+            )
+            .await
+            .map(|_| ()),
+        "finish_run",
+    );
+    let r1 = store.get_run("r1").await.expect("read").expect("r1");
+    assert_eq!(r1.result, None, "no result without its audit record");
+
+    is_audit_failure(
+        store.append_audit(&audit(ALICE, "exec", "host/h1")).await,
+        "append_audit",
+    );
+
+    exec(&db, "DROP TRIGGER refuse_audit").await;
+    assert_eq!(
+        intact(&store).await,
+        before,
+        "the refused writes left no trace"
+    );
+    store
+        .finish_run(
+            "r1",
+            "h1",
+            1,
+            2,
+            b"result",
+            &audit("agent/h1", "run.finished", "run/r1"),
+        )
+        .await
+        .expect("stored once the audit table takes writes");
+    assert_eq!(intact(&store).await, before + 1);
+}
+
+#[tokio::test]
+async fn a_record_without_an_actor_is_refused_by_the_store_and_by_the_schema() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sqlite");
+    let store = SqliteStore::open(&path).await.expect("store");
+    for actor in ["", "  "] {
+        match store.append_audit(&audit(actor, "exec", "host/h1")).await {
+            Err(StoreError::Audit { reason, .. }) => assert!(reason.contains("names no actor")),
+            other => panic!("empty actor accepted: {other:?}"),
+        }
+    }
+    let db = raw(&path).await;
+    let err = sqlx::query(
+        "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id)
+         VALUES (1, '', 'exec', 'host/h1', '', 1, ?1, 'ab', '')",
+    )
+    .bind(super::chain::GENESIS)
+    .execute(&db)
+    .await
+    .expect_err("the schema refuses it too");
+    assert!(err.to_string().contains("without an actor"), "{err}");
+    assert_eq!(intact(&store).await, 0);
+}
+
+#[tokio::test]
+async fn history_from_before_the_chain_is_chained_once_in_id_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sqlite");
+    // A store as the previous release left it: migrations up to 0008, audit rows unchained.
+    {
+        let db = SqlitePool::connect_with(
+            SqliteConnectOptions::from_str("sqlite://")
+                .expect("options")
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .expect("old store");
+        migrations_up_to(8).run(&db).await.expect("old migrations");
+        exec(
+            &db,
+            "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms)
+                 VALUES ('r1', 'j1', 'h1', 'alice', 'test', x'', 1, 1);
+             INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES
+                 (1, 'alice', 'rollback.started', 'job/j1', 'first'),
+                 (2, 'agent/h1', 'run.finished', 'run/r1', 'status=1'),
+                 (3, 'coordinator', 'rollback.finished', 'job/j1', 'succeeded');",
+        )
+        .await;
+        db.close().await;
+    }
+    let store = SqliteStore::open(&path).await.expect("store migrates");
+    assert_eq!(intact(&store).await, 3);
+    let records = store
+        .list_audit(&AuditFilter {
+            job_id: "j1".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let order: Vec<(u64, &str)> = records
+        .iter()
+        .map(|r| (r.seq, r.event.detail.as_str()))
+        .collect();
+    assert_eq!(order, [(3, "succeeded"), (2, "status=1"), (1, "first")]);
+    let hashes: Vec<String> = records.iter().map(|r| r.hash.clone()).collect();
+    store
+        .append_audit(&audit(ALICE, "exec", "host/h1"))
+        .await
+        .expect("append");
+    store.close().await;
+
+    // Once: a row slipped in outside the chain later is not chained by the next start.
+    let db = raw(&path).await;
+    exec(
+        &db,
+        "DROP TRIGGER audit_events_are_chained;
+         INSERT INTO audit_events (at_ms, actor, action, target, detail) VALUES (9, 'mallory', 'exec', 'host/h1', 'planted');",
+    )
+    .await;
+    db.close().await;
+    let store = SqliteStore::open(&path).await.expect("reopens");
+    let again = store
+        .list_audit(&AuditFilter {
+            job_id: "j1".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        again.iter().map(|r| r.hash.clone()).collect::<Vec<_>>(),
+        hashes
+    );
+    let (seq, problem, message) = broken(&store).await;
+    assert_eq!((seq, problem), (0, Problem::Unchained), "{message}");
+    assert!(message.contains("not in the chain"), "{message}");
+}
+
+#[tokio::test]
+async fn records_edited_or_removed_behind_the_stores_back_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sqlite");
+    let store = SqliteStore::open(&path).await.expect("store");
+    for i in 1..=5 {
+        store
+            .append_audit(&audit(ALICE, "exec", &format!("host/h{i}")))
+            .await
+            .expect("append");
+    }
+    assert_eq!(intact(&store).await, 5);
+    let db = raw(&path).await;
+
+    // The append-only triggers stop a plain UPDATE or DELETE.
+    for sql in [
+        "UPDATE audit_events SET detail = 'x' WHERE seq = 3",
+        "DELETE FROM audit_events WHERE seq = 3",
+    ] {
+        let err = sqlx::query(sql).execute(&db).await.expect_err(sql);
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+
+    // Whoever drops them changes a record: named.
+    exec(
+        &db,
+        "DROP TRIGGER audit_events_are_not_changed; DROP TRIGGER audit_events_are_not_removed;
+         UPDATE audit_events SET detail = 'nothing to see' WHERE seq = 3;",
+    )
+    .await;
+    let (seq, problem, message) = broken(&store).await;
+    assert_eq!((seq, problem), (3, Problem::Changed));
+    assert!(
+        message.starts_with("hash mismatch: record 3 was changed"),
+        "{message}"
+    );
+    exec(
+        &db,
+        "UPDATE audit_events SET detail = 'exec on host/h3' WHERE seq = 3",
+    )
+    .await;
+    assert_eq!(intact(&store).await, 5, "restored");
+
+    // The newest record removed: the running store remembers it.
+    exec(&db, "DELETE FROM audit_events WHERE seq = 5").await;
+    let (seq, problem, message) = broken(&store).await;
+    assert_eq!((seq, problem), (5, Problem::Missing), "{message}");
+    // And the next record chains on from it, so the gap stays visible.
+    store
+        .append_audit(&audit(ALICE, "exec", "host/h6"))
+        .await
+        .expect("append");
+    let (seq, problem, message) = broken(&store).await;
+    assert_eq!((seq, problem), (5, Problem::Missing));
+    assert!(
+        message.contains("record 5 is missing (seq gap: record 4 is followed by record 6)"),
+        "{message}"
+    );
+
+    // A record in the middle removed.
+    exec(&db, "DELETE FROM audit_events WHERE seq = 2").await;
+    let (seq, problem, _) = broken(&store).await;
+    assert_eq!((seq, problem), (2, Problem::Missing));
+}
