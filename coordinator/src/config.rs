@@ -62,6 +62,10 @@ pub struct Config {
     /// Live connections one certificate identity may hold; more are closed after the handshake.
     #[serde(default = "default_connections_per_identity")]
     pub max_connections_per_identity: usize,
+    /// Job watches (`rollbackctl watch`, and following a rollback) one operator may hold at
+    /// once; more are refused with ResourceExhausted until one ends.
+    #[serde(default = "default_watchers_per_operator")]
+    pub max_watchers_per_operator: usize,
     /// HTTP/2 streams (concurrent calls) one connection may open.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
@@ -123,6 +127,9 @@ fn default_unreachable_secs() -> u64 {
 }
 fn default_grace_secs() -> u64 {
     10
+}
+fn default_watchers_per_operator() -> usize {
+    32
 }
 fn default_crl_poll_secs() -> u64 {
     1
@@ -236,6 +243,9 @@ impl Config {
         }
         if config.max_connections_per_identity == 0 {
             return Err(limit("max_connections_per_identity", "at least 1"));
+        }
+        if config.max_watchers_per_operator == 0 {
+            return Err(limit("max_watchers_per_operator", "at least 1"));
         }
         if config.max_concurrent_streams == 0 {
             return Err(limit("max_concurrent_streams", "at least 1"));

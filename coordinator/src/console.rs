@@ -31,6 +31,7 @@ pub struct ConsoleService {
     pub hub: Arc<RunHub>,
     pub jobs: Arc<crate::jobs::Jobs>,
     pub lost_after: Duration,
+    pub watchers: Arc<crate::watchers::Watchers>,
 }
 
 /// The one mapping from store errors to gRPC statuses.
@@ -124,8 +125,10 @@ impl Console for ConsoleService {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let principal = principal(&request)?;
+        let slot = self.watchers.acquire(&principal.identity.to_string())?;
         let req = request.into_inner();
-        let rx = self.jobs.watch(&req.job_id, req.after_seq).await?;
+        let rx = self.jobs.watch(&req.job_id, req.after_seq, slot).await?;
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))

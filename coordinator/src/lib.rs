@@ -20,6 +20,7 @@ pub mod registry;
 mod revocation;
 mod runs;
 pub mod store;
+mod watchers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -147,6 +148,7 @@ pub async fn run(
         hub,
         jobs,
         lost_after: config.lost_after(),
+        watchers: watchers::Watchers::new(config.max_watchers_per_operator),
     };
 
     let live = Arc::new(live_conns::LiveConns::new(

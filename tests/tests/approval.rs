@@ -262,3 +262,121 @@ fn a_database_restore_waits_for_a_second_approver_and_a_denied_or_expired_one_ne
     );
     Ok(())
 }
+
+/// Limits (#12): one operator's watches are bounded (`max_watchers_per_operator`); the next is
+/// refused with a clear error while another operator still watches, and a watcher that goes
+/// away frees its slot at once (a job waiting for approval sends no event to notice it by).
+#[test]
+fn watches_per_operator_are_bounded_and_a_closed_watch_frees_its_slot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let pki = Pki::init(&dir.join("pki"), "approval.test")?;
+    let abe = pki.operator("abe")?;
+    let otto = pki.operator("otto")?;
+    let coord_dir = dir.join("coordinator");
+    std::fs::create_dir_all(&coord_dir)?;
+    let mut coord = Coordinator::start(
+        &coord_dir,
+        &pki,
+        &[("abe", "approver"), ("otto", "operator")],
+    )?;
+    // A top-level key goes before the config's tables; the inventory after them.
+    let config = std::fs::read_to_string(&coord.config)?;
+    std::fs::write(
+        &coord.config,
+        format!("max_watchers_per_operator = 2\n{config}"),
+    )?;
+    coord.append_config(
+        "[inventory.\"sim-00001\"]\nrole = \"db\"\n\
+         [inventory.\"sim-00002\"]\nrole = \"web\"\n[inventory.\"sim-00003\"]\nrole = \"web\"\n",
+    )?;
+    let ctl = Ctl {
+        url: coord.url(),
+        ca: pki.ca(),
+        _dir: dir,
+    };
+    let _sim = Simulator::start(dir, &ctl.url, &pki, K)?;
+    eventually("simulated agents online", DEADLINE, || {
+        let agents = agents_json(&ctl.url, &pki.ca(), &otto, None)?;
+        let online = agents.iter().filter(|a| a["status"] == "online").count();
+        anyhow::ensure!(online == K, "{online} of {K} online");
+        Ok(())
+    });
+    std::fs::write(dir.join("sim-state/app.dump"), b"PGDMP")?;
+    // A job that waits for approval: its watches stay open with nothing to send.
+    let job = ctl.request(&abe);
+    let watch = |who: &CertFiles| {
+        Watch(Some(
+            std::process::Command::new(bin("rollbackctl"))
+                .args(["--coordinator", &ctl.url, "--ca"])
+                .arg(pki.ca())
+                .arg("--cert")
+                .arg(&who.cert)
+                .arg("--key")
+                .arg(&who.key)
+                .args(["watch", &job])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("rollbackctl watch"),
+        ))
+    };
+    let mut held = vec![
+        watch(&otto).served().expect("first watch"),
+        watch(&otto).served().expect("second watch"),
+    ];
+    // The third of the same operator is refused while the two hold their slots.
+    let third = watch(&otto).finish()?;
+    let refused = String::from_utf8_lossy(&third.stderr);
+    assert!(!third.status.success(), "a third watch was served");
+    assert!(refused.contains("max_watchers_per_operator"), "{refused}");
+    // Another operator is not affected.
+    let other = watch(&abe).served().expect("another operator's watch");
+    // One watcher goes away: its slot is free without any event of the job.
+    drop(held.remove(0));
+    let again = eventually("a freed slot is served", DEADLINE, || watch(&otto).served());
+    // Deciding the job ends every watch.
+    let (ok, _, err) = ctl.run(&abe, &["deny", &job, "--reason", "test over"]);
+    assert!(ok, "{err}");
+    for w in held.into_iter().chain([other, again]) {
+        let out = w.finish()?;
+        assert!(!out.status.success(), "a denied job's watch exits non-zero");
+    }
+    Ok(())
+}
+
+/// A `rollbackctl watch` process, killed and reaped when dropped.
+struct Watch(Option<std::process::Child>);
+
+impl Watch {
+    /// Waits until the watch is served (it prints the job's replayed events at once), then
+    /// keeps draining its output so it never blocks; an error with its stderr if refused.
+    fn served(mut self) -> Result<Self> {
+        use std::io::BufRead;
+        let child = self.0.as_mut().context("a running watch")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            let out = self.finish()?;
+            anyhow::bail!("refused: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        Ok(self)
+    }
+
+    /// Waits for it to end on its own.
+    fn finish(mut self) -> Result<std::process::Output> {
+        let child = self.0.take().context("a running watch")?;
+        Ok(child.wait_with_output()?)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -122,11 +122,13 @@ impl Jobs {
         Ok(jobs)
     }
 
-    /// Events after `after_seq`, then live ones until the job finishes.
+    /// Events after `after_seq`, then live ones until the job finishes or the watcher goes
+    /// away; `slot` (the watcher's place under its operator's bound) is held until then.
     pub async fn watch(
         &self,
         job_id: &str,
         after_seq: u64,
+        slot: impl Send + 'static,
     ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, Status> {
         self.store
             .get_job(job_id)
@@ -139,6 +141,7 @@ impl Jobs {
         let store = self.store.clone();
         let job_id = job_id.to_string();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = after_seq;
             let replay = |last: u64| {
                 let store = store.clone();
@@ -188,7 +191,12 @@ impl Jobs {
             }
             let Some(mut live) = live else { return };
             loop {
-                let closed = match live.recv().await {
+                // A watcher that went away frees its slot now, not at the job's next event.
+                let received = tokio::select! {
+                    r = live.recv() => r,
+                    () = tx.closed() => return,
+                };
+                let closed = match received {
                     Ok(ev) => {
                         forward!(ev);
                         continue;
