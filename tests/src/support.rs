@@ -7,6 +7,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// A runbook with one procedure, `noop`: one `postgres.backup` step on each host (which the
+/// simulator runs as a no-op), for tests of the coordinator's machinery.
+pub const NOOP_RUNBOOK: &str = r#"
+[procedures.noop]
+description = "one step; a no-op in the simulator"
+
+[[procedures.noop.phases]]
+name = "noop"
+scope = "each"
+steps = [{ action = "postgres.backup" }]
+"#;
+
 /// Path of a workspace binary in the same target dir as the running test.
 /// `cargo xtask test` builds them all first (`cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {

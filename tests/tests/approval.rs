@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rollback_tests::support::{
-    CertFiles, Coordinator, Pki, Simulator, agents_json, bin, eventually, rollbackctl,
+    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl,
 };
 use serde_json::Value;
 
@@ -195,24 +195,13 @@ fn a_database_restore_waits_for_a_second_approver_and_a_denied_or_expired_one_ne
     coord.restart()?;
     all_online();
     assert_eq!(ctl.job(&otto, &j2)["state"], "awaiting_approval");
-    let watch = std::process::Command::new(bin("rollbackctl"))
-        .args(["--coordinator", &ctl.url, "--ca"])
-        .arg(pki.ca())
-        .arg("--cert")
-        .arg(&abe.cert)
-        .arg("--key")
-        .arg(&abe.key)
-        .args(["watch", &j2])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("rollbackctl watch")?;
+    let watch = Watch::start(&ctl.url, &pki, &abe, &j2)?;
     let (ok, _, err) = ctl.run(
         &april,
         &["approve", &j2, "--reason", "dump verified by DBA"],
     );
     assert!(ok, "{err}");
-    let watched = watch.wait_with_output()?;
+    let watched = watch.finish()?;
     let text = String::from_utf8_lossy(&watched.stdout);
     assert!(
         text.contains("awaiting approval")
@@ -305,22 +294,8 @@ fn watches_per_operator_are_bounded_and_a_closed_watch_frees_its_slot() -> Resul
     std::fs::write(dir.join("sim-state/app.dump"), b"PGDMP")?;
     // A job that waits for approval: its watches stay open with nothing to send.
     let job = ctl.request(&abe);
-    let watch = |who: &CertFiles| {
-        Watch(Some(
-            std::process::Command::new(bin("rollbackctl"))
-                .args(["--coordinator", &ctl.url, "--ca"])
-                .arg(pki.ca())
-                .arg("--cert")
-                .arg(&who.cert)
-                .arg("--key")
-                .arg(&who.key)
-                .args(["watch", &job])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("rollbackctl watch"),
-        ))
-    };
+    let watch =
+        |who: &CertFiles| Watch::start(&ctl.url, &pki, who, &job).expect("rollbackctl watch");
     let mut held = vec![
         watch(&otto).served().expect("first watch"),
         watch(&otto).served().expect("second watch"),
@@ -349,6 +324,17 @@ fn watches_per_operator_are_bounded_and_a_closed_watch_frees_its_slot() -> Resul
 struct Watch(Option<std::process::Child>);
 
 impl Watch {
+    /// `rollbackctl watch JOB` as `who`, its output piped.
+    fn start(url: &str, pki: &Pki, who: &CertFiles, job: &str) -> Result<Self> {
+        let child =
+            rollback_tests::support::rollbackctl_command(url, &pki.ca(), who, &["watch", job])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("rollbackctl watch")?;
+        Ok(Self(Some(child)))
+    }
+
     /// Waits until the watch is served (it prints the job's replayed events at once), then
     /// keeps draining its output so it never blocks; an error with its stderr if refused.
     fn served(mut self) -> Result<Self> {

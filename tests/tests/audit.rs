@@ -11,23 +11,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use rollback_tests::support::{
-    Agent, CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl,
-    rollbackctl_command,
+    Agent, CertFiles, Coordinator, NOOP_RUNBOOK, Pki, Simulator, agents_json, eventually,
+    rollbackctl, rollbackctl_command,
 };
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-const RUNBOOK: &str = r#"
-[procedures.noop]
-description = "one step; a no-op in the simulator"
-
-[[procedures.noop.phases]]
-name = "noop"
-scope = "each"
-steps = [{ action = "postgres.backup" }]
-"#;
 
 /// A coordinator with the no-op runbook, simulated hosts `sim-00001`.. online, and an operator
 /// of each role that matters here.
@@ -63,7 +53,7 @@ fn fleet(hosts: usize) -> Result<Fleet> {
             ("otto", "operator"),
         ],
     )?;
-    coord.use_runbook(RUNBOOK)?;
+    coord.use_runbook(NOOP_RUNBOOK)?;
     coord.label_simulated(hosts)?;
     let sim = Simulator::start(&dir, &coord.url(), &pki, hosts)?;
     let f = Fleet {

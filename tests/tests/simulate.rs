@@ -5,19 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rollback_tests::support::{Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl};
+use rollback_tests::support::{
+    Coordinator, NOOP_RUNBOOK, Pki, Simulator, agents_json, eventually, rollbackctl,
+};
 
 const K: usize = 50;
-
-const RUNBOOK: &str = r#"
-[procedures.noop]
-description = "one step; a no-op in the simulator"
-
-[[procedures.noop.phases]]
-name = "noop"
-scope = "each"
-steps = [{ action = "postgres.backup" }]
-"#;
 
 #[test]
 fn simulated_agents_connect_over_mtls_and_complete_a_job() -> Result<()> {
@@ -28,7 +20,7 @@ fn simulated_agents_connect_over_mtls_and_complete_a_job() -> Result<()> {
     let coord_dir = dir.join("coordinator");
     std::fs::create_dir_all(&coord_dir)?;
     let mut coord = Coordinator::start(&coord_dir, &pki, &[("alice", "admin")])?;
-    coord.use_runbook(RUNBOOK)?;
+    coord.use_runbook(NOOP_RUNBOOK)?;
     // Labels that target hosts come from the coordinator's inventory, not the agents' claim.
     coord.label_simulated(K)?;
     let url = coord.url();

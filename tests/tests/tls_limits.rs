@@ -14,7 +14,7 @@ use rollback_tests::raw_tls::{
     raise_open_files_limit,
 };
 use rollback_tests::support::{
-    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl,
+    CertFiles, Coordinator, NOOP_RUNBOOK, Pki, Simulator, agents_json, eventually, rollbackctl,
 };
 use tokio::net::TcpStream;
 
@@ -187,16 +187,6 @@ async fn each_connection_is_limited_to_max_concurrent_streams() -> Result<()> {
     Ok(())
 }
 
-const RUNBOOK: &str = r#"
-[procedures.noop]
-description = "one step; a no-op in the simulator"
-
-[[procedures.noop.phases]]
-name = "noop"
-scope = "each"
-steps = [{ action = "postgres.backup" }]
-"#;
-
 /// Acceptance (issue #12, 6): a thousand idle TLS connections from one client certificate, and
 /// connections that never send a ClientHello, do not stop agents from connecting or a job from
 /// running. The identity gets `max_connections_per_identity` (64) connections; the rest are
@@ -213,7 +203,7 @@ async fn a_thousand_idle_tls_connections_do_not_stop_agents_or_a_job() -> Result
     let alice = pki.operator("alice")?;
     let idler = pki.operator("idler")?;
     let runbook = dir.join("runbook.toml");
-    std::fs::write(&runbook, RUNBOOK)?;
+    std::fs::write(&runbook, NOOP_RUNBOOK)?;
     let mut coordinator = Coordinator::start_with(
         dir,
         &pki,
