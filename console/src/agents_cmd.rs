@@ -192,6 +192,7 @@ fn agent_json(a: &AgentInfo, now_ms: i64) -> serde_json::Value {
         "label_mismatch": a.label_mismatch,
         "agent_version": a.agent_version,
         "address": a.address,
+        "coordinator": a.coordinator,
         "last_seen": format_time(a.last_seen_unix_ms),
         "last_seen_unix_ms": a.last_seen_unix_ms,
         "connected_at": format_time(a.connected_at_unix_ms),
@@ -219,19 +220,30 @@ fn print_table(agents: &[AgentInfo], now: i64, select: &str) {
         }
         return;
     }
-    let rows: Vec<[String; 5]> = agents
+    let rows: Vec<[String; 6]> = agents
         .iter()
         .map(|a| {
             [
                 a.host_id.clone(),
                 status_name(a.status).to_string(),
                 format_age(now, a.last_seen_unix_ms),
+                a.coordinator.clone(),
                 a.agent_version.clone(),
                 labels_text(a),
             ]
         })
         .collect();
-    crate::output::print_columns(&["HOST", "STATUS", "LAST SEEN", "VERSION", "LABELS"], &rows);
+    crate::output::print_columns(
+        &[
+            "HOST",
+            "STATUS",
+            "LAST SEEN",
+            "COORDINATOR",
+            "VERSION",
+            "LABELS",
+        ],
+        &rows,
+    );
     let online = agents
         .iter()
         .filter(|a| a.status == AgentStatus::Online as i32)

@@ -4,6 +4,7 @@ pub mod agents_cmd;
 pub mod audit_cmd;
 pub mod cert_cmd;
 pub mod connect;
+pub mod coordinators_cmd;
 pub mod error;
 pub mod exec_cmd;
 pub mod jobs_cmd;
@@ -127,11 +128,15 @@ pub enum Command {
     /// The audit trail, newest first: who did what, when (approver). `audit verify` checks
     /// its hash chain and names the first record that was changed or removed.
     Audit(audit_cmd::AuditArgs),
+    /// The coordinators sharing this one's store (PostgreSQL): alive or dead, address, agents
+    /// held, jobs driven. Any of them answers for the whole fleet.
+    Coordinators,
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Agents(args) => agents_cmd::run(args, &cli.connect, cli.output).await,
+        Command::Coordinators => coordinators_cmd::run(&cli.connect, cli.output).await,
         Command::Exec(args) => exec_cmd::run(args, &cli.connect, cli.output).await,
         Command::Rollback(args) => jobs_cmd::rollback(args, &cli.connect, cli.output).await,
         Command::Plan(args) => jobs_cmd::plan(args, &cli.connect, cli.output).await,

@@ -71,6 +71,7 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
         // head hash, the seq of a broken record): any operator may check it.
         ("Console", "ListAudit") => Some(Rule::Console(OperatorRole::Approver)),
         ("Console", "VerifyAudit") => Some(Rule::Console(OperatorRole::Operator)),
+        ("Console", "ListCoordinators") => Some(Rule::Console(OperatorRole::Viewer)),
         _ => None,
     }
 }

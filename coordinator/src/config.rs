@@ -69,6 +69,20 @@ pub struct Config {
     /// HTTP/2 streams (concurrent calls) one connection may open.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// This coordinator's name among the coordinators sharing the store (shown in `rollbackctl
+    /// coordinators` and `agents`, and as a job's owner). Unique per process: a second
+    /// process starting under a live name is refused. Default: the certificate's name and the
+    /// listen port (`coordinator-7443`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The address peers and operators are told to reach this coordinator at (default: the
+    /// listen address).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// A job's owner renews its lease every fifth of this; a coordinator silent for this long
+    /// is dead: another takes its jobs over and its agents count as offline.
+    #[serde(default = "default_job_lease_secs")]
+    pub job_lease_secs: u64,
 }
 
 /// `[approval]`: two-person approval. A rollback that matches is stored `awaiting_approval`
@@ -124,6 +138,9 @@ fn default_lost_after_secs() -> u64 {
 }
 fn default_unreachable_secs() -> u64 {
     60
+}
+fn default_job_lease_secs() -> u64 {
+    5
 }
 fn default_grace_secs() -> u64 {
     10
@@ -249,6 +266,21 @@ impl Config {
         }
         if config.max_concurrent_streams == 0 {
             return Err(limit("max_concurrent_streams", "at least 1"));
+        }
+        if !(2..=300).contains(&config.job_lease_secs) {
+            return Err(limit("job_lease_secs", "between 2 and 300"));
+        }
+        if let Some(name) = &config.name
+            && (name.is_empty()
+                || name.len() > 63
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        {
+            return Err(limit(
+                "name",
+                "1 to 63 characters of letters, digits, `-`, `_` and `.`",
+            ));
         }
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(crl) = config.crl.as_mut().filter(|p| p.is_relative()) {

@@ -12,10 +12,10 @@ use rollback_common::proto::{
     ExecEvent, ExecRequest, ForgetAgentRequest, ForgetAgentResponse, GetJobRequest,
     GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse, HostState, Job,
     JobEvent, LabelAgentRequest, LabelAgentResponse, ListAgentsRequest, ListAgentsResponse,
-    ListAuditRequest, ListAuditResponse, ListJobsRequest, ListJobsResponse, ListSnapshotsRequest,
-    ListSnapshotsResponse, PlanResponse, ResumeJobRequest, ResumeJobResponse, RollbackRequest,
-    SnapshotRequest, SnapshotResponse, StartRollbackResponse, VerifyAuditRequest,
-    VerifyAuditResponse, WatchJobRequest,
+    ListAuditRequest, ListAuditResponse, ListCoordinatorsRequest, ListCoordinatorsResponse,
+    ListJobsRequest, ListJobsResponse, ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse,
+    ResumeJobRequest, ResumeJobResponse, RollbackRequest, SnapshotRequest, SnapshotResponse,
+    StartRollbackResponse, VerifyAuditRequest, VerifyAuditResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
@@ -28,6 +28,7 @@ use crate::store::{AgentRecord, Store, StoreError};
 pub struct ConsoleService {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
+    pub cluster: Arc<crate::cluster::Cluster>,
     pub hub: Arc<RunHub>,
     pub jobs: Arc<crate::jobs::Jobs>,
     pub lost_after: Duration,
@@ -39,6 +40,7 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Leased { holders } => crate::jobs::leased_status(&holders),
+            e @ StoreError::Changed { .. } => Status::failed_precondition(e.to_string()),
             // Final, not worth retrying as if the coordinator were away: nothing was done.
             e @ StoreError::Audit { .. } => Status::internal(format!("coordinator store: {e}")),
             other => Status::unavailable(format!("coordinator store: {other}")),
@@ -188,7 +190,7 @@ impl Console for ConsoleService {
         let host = request.into_inner().host_id;
         rollback_common::identity::validate_name("host id", &host)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.registry.get(&host).is_some() {
+        if self.cluster.online(&host).await {
             return Err(Status::failed_precondition(format!(
                 "agent {host} is connected; stop its agent (decommission the host) before forgetting it"
             )));
@@ -276,7 +278,7 @@ impl Console for ConsoleService {
         let principal = principal(&request)?;
         let rx = crate::exec::start(
             &self.store,
-            &self.registry,
+            &self.cluster,
             &self.hub,
             &principal,
             request.into_inner(),
@@ -310,20 +312,34 @@ impl Console for ConsoleService {
         let selector = Selector::parse(&request.get_ref().selector)
             .map_err(|e| Status::invalid_argument(format!("--select: {e}")))?;
         let now = now_unix_ms();
+        let online = self.cluster.online_hosts().await;
         let agents = self
             .store
             .list_agents()
             .await?
             .into_iter()
             .filter(|a| selector.matches(&a.host_id, &a.labels))
-            .map(|a| self.agent_info(a, now))
+            .map(|a| {
+                let elsewhere = online.contains(&a.host_id);
+                self.agent_info(a, now, elsewhere)
+            })
             .collect();
         Ok(Response::new(ListAgentsResponse { agents }))
+    }
+
+    async fn list_coordinators(
+        &self,
+        _request: Request<ListCoordinatorsRequest>,
+    ) -> Result<Response<ListCoordinatorsResponse>, Status> {
+        Ok(Response::new(
+            crate::cluster::peers::list(&self.cluster).await?,
+        ))
     }
 }
 
 impl ConsoleService {
-    fn agent_info(&self, a: AgentRecord, now: i64) -> AgentInfo {
+    /// `online` says whether the host has a session here or at a live peer.
+    fn agent_info(&self, a: AgentRecord, now: i64, online: bool) -> AgentInfo {
         let live = self.registry.get(&a.host_id);
         let last_seen = live
             .as_ref()
@@ -331,6 +347,7 @@ impl ConsoleService {
         let lost_after_ms = i64::try_from(self.lost_after.as_millis()).unwrap_or(i64::MAX);
         let status = match (&live, a.online) {
             (Some(_), _) => AgentStatus::Online,
+            (None, true) if online => AgentStatus::Online,
             (None, _) if now.saturating_sub(last_seen) > lost_after_ms => AgentStatus::Lost,
             (None, _) => AgentStatus::Disconnected,
         };
@@ -346,6 +363,11 @@ impl ConsoleService {
             connected_at_unix_ms: a.connected_at_ms,
             state: HostState::decode(a.state.as_slice()).ok(),
             cert_not_after_unix_ms: a.cert_not_after_ms.unwrap_or(0),
+            coordinator: if live.is_some() {
+                self.cluster.me.name.clone()
+            } else {
+                a.coordinator
+            },
         }
     }
 }

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use prost::Message;
-use rollback_common::proto::{CoordinatorMessage, RunProcedure, Step, coordinator_message};
+use rollback_common::proto::{RunProcedure, Step};
 
-use crate::registry::Registry;
+use crate::cluster::Cluster;
 use crate::runs::{RunHub, WatchSender};
 use crate::store::{RunRow, Store, StoreError};
 
@@ -58,55 +58,32 @@ pub struct Dispatch<'a> {
     pub watcher: WatchSender,
 }
 
-/// Records, registers and sends a run. On error nothing stays registered for it.
+/// Records, registers and sends a run — to the host's session here, or through the
+/// coordinator holding it. On error nothing stays registered for it.
 pub async fn dispatch(
     store: &dyn Store,
-    registry: &Registry,
+    cluster: &Cluster,
     hub: &RunHub,
     d: Dispatch<'_>,
 ) -> Result<(), DispatchError> {
     let run_id = d.procedure.run_id.clone();
-    let session = registry.get(d.host).ok_or_else(|| DispatchError::Offline {
-        host: d.host.to_string(),
-    })?;
+    if !cluster.online(d.host).await {
+        return Err(DispatchError::Offline {
+            host: d.host.to_string(),
+        });
+    }
+    // Stored before it is sent: the holder of a host elsewhere reads it from the store.
     if let Some(row) = &d.record {
         store.create_run(row).await?;
     }
     hub.watch(&run_id, d.host, d.watcher);
     hub.dispatched(&run_id, d.job_id);
-    let msg = CoordinatorMessage {
-        kind: Some(coordinator_message::Kind::RunProcedure(d.procedure)),
-    };
-    if session.sender.send(Ok(msg)).await.is_err() {
+    if let Err(e) = cluster.send_run(d.host, &d.procedure).await {
         hub.close(d.host, &run_id);
         hub.resolved(&run_id);
-        return Err(DispatchError::Disconnected {
-            host: d.host.to_string(),
-        });
+        return Err(e);
     }
     Ok(())
-}
-
-/// Sends an already registered run again (the host reconnected, or it was busy). The agent's
-/// journal makes this safe: a run it has is never executed twice.
-pub async fn resend(
-    registry: &Registry,
-    host: &str,
-    procedure: &RunProcedure,
-) -> Result<(), DispatchError> {
-    let session = registry.get(host).ok_or_else(|| DispatchError::Offline {
-        host: host.to_string(),
-    })?;
-    let msg = CoordinatorMessage {
-        kind: Some(coordinator_message::Kind::RunProcedure(procedure.clone())),
-    };
-    session
-        .sender
-        .send(Ok(msg))
-        .await
-        .map_err(|_| DispatchError::Disconnected {
-            host: host.to_string(),
-        })
 }
 
 /// A stored run's procedure, decoded.

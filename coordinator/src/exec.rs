@@ -14,7 +14,7 @@ use tonic::Status;
 use tracing::info;
 
 use crate::authz::{OperatorRole, Principal};
-use crate::registry::Registry;
+use crate::cluster::Cluster;
 use crate::runs::RunHub;
 use crate::store::{AuditEvent, RunRow, Store};
 
@@ -26,7 +26,7 @@ pub fn new_id() -> String {
 
 pub async fn start(
     store: &Arc<dyn Store>,
-    registry: &Registry,
+    cluster: &Cluster,
     hub: &RunHub,
     principal: &Principal,
     req: ExecRequest,
@@ -41,7 +41,7 @@ pub async fn start(
         ));
     }
     let host = req.host_id;
-    if registry.get(&host).is_none() {
+    if !cluster.online(&host).await {
         return Err(Status::failed_precondition(format!(
             "agent {host} is not connected; `rollbackctl agents` shows when it was last seen"
         )));
@@ -129,7 +129,7 @@ pub async fn start(
     };
     crate::dispatch::dispatch(
         &**store,
-        registry,
+        cluster,
         hub,
         crate::dispatch::Dispatch {
             host: &host,

@@ -35,6 +35,7 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub hub: Arc<RunHub>,
+    pub cluster: Arc<crate::cluster::Cluster>,
     pub heartbeat_interval_secs: u32,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -93,6 +94,7 @@ impl AgentGateway for Gateway {
 
         let now = now_unix_ms();
         let mut record = agent_record(&hello, address.clone(), now);
+        record.coordinator.clone_from(&self.cluster.me.name);
         record.cert_not_after_ms = principal
             .cert_not_after_unix
             .map(|s| s.saturating_mul(1000));
@@ -129,10 +131,12 @@ impl AgentGateway for Gateway {
             info!(host = %cert_host, "agent reconnected; replacing its previous session");
         }
         info!(host = %cert_host, address = %address, version = %hello.agent_version, "agent online");
+        self.cluster.agent_online(&cert_host).await;
 
         let store = self.store.clone();
         let registry = self.registry.clone();
         let hub = self.hub.clone();
+        let cluster = self.cluster.clone();
         let shutdown = self.shutdown.clone();
         let span = info_span!("agent_session", host = %cert_host, session = session_id);
         self.tasks.spawn(
@@ -162,12 +166,13 @@ impl AgentGateway for Gateway {
                             last_seen = now_unix_ms();
                             registry.touch(&cert_host, session_id, last_seen);
                             let run_id = event.run_id.clone();
+                            cluster.step_event(&cert_host, &event).await;
                             hub.publish(&cert_host, &run_id, &ExecEvent { kind: Some(exec_event::Kind::StepEvent(event)) });
                         }
                         Ok(Some(AgentMessage { kind: Some(agent_message::Kind::RunFinished(finished)) })) => {
                             last_seen = now_unix_ms();
                             registry.touch(&cert_host, session_id, last_seen);
-                            if let Err(refused) = record_run_result(&*store, &hub, &session_tx, &cert_host, finished).await {
+                            if let Err(refused) = record_run_result(&*store, &hub, &cluster, &session_tx, &cert_host, finished).await {
                                 let _ = session_tx.send(Err(refused)).await;
                                 break;
                             }
@@ -190,9 +195,11 @@ impl AgentGateway for Gateway {
                 drop(session_tx);
                 if registry.remove_if_current(&cert_host, session_id) {
                     hub.host_gone(&cert_host);
-                    if let Err(e) = store.agent_disconnected(&cert_host, last_seen).await {
+                    // Offline only if no other coordinator holds it by now.
+                    if let Err(e) = store.agent_released(&cert_host, last_seen, &cluster.me.name).await {
                         warn!(error = %e, "store failed recording disconnect");
                     }
+                    cluster.agent_gone(&cert_host).await;
                     info!("agent disconnected");
                 }
             }
@@ -248,6 +255,7 @@ async fn redeliver_unfinished_runs(
 async fn record_run_result(
     store: &dyn Store,
     hub: &RunHub,
+    cluster: &crate::cluster::Cluster,
     session: &AgentSender,
     host: &str,
     finished: RunFinished,
@@ -257,7 +265,10 @@ async fn record_run_result(
         // Not a result: the agent journaled nothing and the same run will be sent again.
         // (Watchers are per host: a busy answer from another host reaches and ends nobody's.)
         info!(run = %run_id, "agent busy with another run; the run is not recorded as finished");
-        hand_over(hub, host, &run_id, finished);
+        if !hub.has_watch(&run_id) {
+            cluster.run_finished(host, &run_id, Some(&finished)).await;
+        }
+        hub.hand_over(host, &run_id, finished);
         return Ok(());
     }
     let now = now_unix_ms();
@@ -314,22 +325,15 @@ async fn record_run_result(
             )));
         }
     }
-    hand_over(hub, host, &run_id, finished);
+    // Dispatched by another coordinator: it reads the stored result.
+    if !hub.has_watch(&run_id) {
+        cluster.run_finished(host, &run_id, None).await;
+    }
+    hub.hand_over(host, &run_id, finished);
     Ok(())
 }
 
 /// Gives a run's end to whoever waits for it, then drops its watchers.
-fn hand_over(hub: &RunHub, host: &str, run_id: &str, finished: RunFinished) {
-    hub.publish(
-        host,
-        run_id,
-        &ExecEvent {
-            kind: Some(exec_event::Kind::Finished(finished)),
-        },
-    );
-    hub.close(host, run_id);
-}
-
 /// Logs a warning at session start for an agent whose certificate expires within
 /// `WARN_WITHIN_DAYS` (the same rule as `rollbackctl agents` and `pki list`).
 fn warn_if_certificate_expires_soon(host: &str, not_after_unix: Option<i64>) {
@@ -365,6 +369,7 @@ fn agent_record(hello: &Hello, address: String, now: i64) -> AgentRecord {
             .map(Message::encode_to_vec)
             .unwrap_or_default(),
         cert_not_after_ms: None,
+        coordinator: String::new(),
     }
 }
 

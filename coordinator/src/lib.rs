@@ -6,6 +6,7 @@
 mod acceptor;
 mod audit;
 pub mod authz;
+mod cluster;
 pub mod config;
 mod console;
 mod dispatch;
@@ -56,6 +57,8 @@ pub enum CoordinatorError {
     Signal(#[source] std::io::Error),
     #[error("runbook {path}: {reason}")]
     Runbook { path: String, reason: String },
+    #[error(transparent)]
+    Register(#[from] cluster::peers::RegisterError),
     #[error("recovering jobs: {0}")]
     Recover(String),
     #[error("serving gRPC: {0}")]
@@ -81,14 +84,40 @@ pub async fn run(
     )?);
     raise_open_files_limit();
     let sqlite = SqliteStore::open(&config.database).await?;
-    let reset = sqlite.mark_all_disconnected().await?;
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let bus: Arc<dyn cluster::bus::Bus> = Arc::new(cluster::bus::Alone);
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", own.name, config.listen.port()));
+    let listen_addr = listener
+        .local_addr()
+        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    let me = store::cluster::Owner {
+        name: name.clone(),
+        instance: cluster::peers::instance_id(&exec::new_id()),
+    };
+    let lease = Duration::from_secs(config.job_lease_secs);
+    let registry = Arc::new(Registry::default());
+    let hub = Arc::new(runs::RunHub::default());
+    let cluster = cluster::Cluster::new(
+        me,
+        config.advertise.clone().unwrap_or(listen_addr),
+        lease,
+        store.clone(),
+        registry.clone(),
+        hub.clone(),
+        bus,
+    );
+    cluster::peers::register(&cluster, rollback_common::VERSION).await?;
+    info!(name = %name, shared = cluster.shared(), "coordinator registered in the store");
+    let reset = store.mark_disconnected_held_by(&name).await?;
     if reset > 0 {
         info!(
             agents = reset,
             "marked agents from the previous run disconnected until they reconnect"
         );
     }
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let synced = store
         .sync_config_inventory(
             &config.inventory,
@@ -107,8 +136,6 @@ pub async fn run(
             "inventory labels from coordinator.toml changed; recorded in the audit trail"
         );
     }
-    let registry = Arc::new(Registry::default());
-    let hub = Arc::new(runs::RunHub::default());
     let policy = Arc::new(Policy::new(
         own.trust_domain.clone(),
         config.operators.clone(),
@@ -119,7 +146,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let jobs = Arc::new(jobs::Jobs::new(
         store.clone(),
-        registry.clone(),
+        cluster.clone(),
         hub.clone(),
         runbook,
         runbook_source,
@@ -128,16 +155,23 @@ pub async fn run(
         cancel.clone(),
         config.approval.clone(),
     ));
+    cluster.attach_jobs(&jobs);
     jobs.resume_after_restart()
         .await
         .map_err(|s| CoordinatorError::Recover(s.message().to_string()))?;
     jobs.watch_approvals()
         .await
         .map_err(|s| CoordinatorError::Recover(s.message().to_string()))?;
+    tasks.spawn(cluster::leases::run(
+        cluster.clone(),
+        jobs.clone(),
+        cancel.clone(),
+    ));
     let gateway = gateway::Gateway {
         store: store.clone(),
         registry: registry.clone(),
         hub: hub.clone(),
+        cluster: cluster.clone(),
         heartbeat_interval_secs: config.heartbeat_interval_secs,
         shutdown: cancel.clone(),
         tasks: tasks.clone(),
@@ -145,6 +179,7 @@ pub async fn run(
     let console = console::ConsoleService {
         store: store.clone(),
         registry: registry.clone(),
+        cluster: cluster.clone(),
         hub,
         jobs,
         lost_after: config.lost_after(),
@@ -214,6 +249,7 @@ pub async fn run(
             "grace period over before every session was recorded closed"
         );
     }
+    cluster::peers::leave(&cluster).await;
     sqlite.close().await;
     info!("coordinator stopped");
     served

@@ -79,6 +79,11 @@ impl Registry {
         self.lock().get(host_id).cloned()
     }
 
+    /// The hosts with a session here.
+    pub fn hosts(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use rollback_common::proto::ExecEvent;
+use rollback_common::proto::{ExecEvent, RunFinished, exec_event};
 use tokio::sync::mpsc;
 
 pub type WatchSender = mpsc::Sender<Result<ExecEvent, tonic::Status>>;
@@ -55,6 +55,23 @@ impl RunHub {
 
     /// The run reported by `host_id` is over: drop its watchers of that host (their streams
     /// end). Another host cannot end a run it was not sent.
+    /// Someone in this process waits for the run's events.
+    pub fn has_watch(&self, run_id: &str) -> bool {
+        self.lock().contains_key(run_id)
+    }
+
+    /// The run's result to whoever waits for it, then the wait ends.
+    pub fn hand_over(&self, host_id: &str, run_id: &str, finished: RunFinished) {
+        self.publish(
+            host_id,
+            run_id,
+            &ExecEvent {
+                kind: Some(exec_event::Kind::Finished(finished)),
+            },
+        );
+        self.close(host_id, run_id);
+    }
+
     pub fn close(&self, host_id: &str, run_id: &str) {
         let mut watches = self.lock();
         if let Some(list) = watches.get_mut(run_id) {

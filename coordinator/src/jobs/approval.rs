@@ -196,6 +196,8 @@ impl Jobs {
                 approval.requested_by, approval.rule
             ),
         };
+        // Ours before it is running, so no peer takes it for an orphan.
+        self.claim(job_id).await?;
         if !self
             .store
             .decide_approval(job_id, "approved", &who, now, reason, &audit)

@@ -13,9 +13,8 @@ use prost::Message;
 use rollback_common::jobs::{EventKind, JobState, Outcome, fact};
 use rollback_common::now_unix_ms;
 use rollback_common::proto::{
-    Cancel, CoordinatorMessage, ExecEvent, JobEvent, PlanResponse, ResumeJobResponse,
-    RollbackRequest, RunFinished, RunProcedure, StartRollbackResponse, StepStatus,
-    coordinator_message, exec_event, step_event, step_status_name,
+    ExecEvent, JobEvent, PlanResponse, ResumeJobResponse, RollbackRequest, RunFinished,
+    RunProcedure, StartRollbackResponse, StepStatus, exec_event, step_event, step_status_name,
 };
 use rollback_common::runbook::{Plan, PlannedPhase, PlannedStep, Scope};
 use tokio::sync::{broadcast, mpsc};
@@ -29,6 +28,7 @@ use super::{Jobs, LiveJob, outcome};
 use crate::authz::Principal;
 use crate::dispatch::{self, Dispatch, DispatchError};
 use crate::exec::new_id;
+use crate::store::cluster::Claim;
 use crate::store::{AuditEvent, JobHostRow, JobRow, LeaseHolder, RunRow, StoreError};
 
 /// How long a busy host is waited for before the run counts as failed.
@@ -399,6 +399,8 @@ impl Jobs {
             detail: request_detail(&req, &plan, &plan_proto),
         };
         self.store.create_job(&job, &hosts, &leased, &audit).await?;
+        // Ours from the start: a peer takes a job nobody claimed only once it is a lease old.
+        self.claim(&job_id).await?;
         let live = self.new_live(&job_id, 1);
         let targets = plan.targets.len();
         self.emit(
@@ -447,6 +449,7 @@ impl Jobs {
         let (queue, queued) = mpsc::unbounded_channel();
         self.tasks.spawn(event_pipeline(
             self.store.clone(),
+            self.cluster.clone(),
             job_id.to_string(),
             queued,
             events.clone(),
@@ -456,6 +459,8 @@ impl Jobs {
             events,
             pipeline: std::sync::Mutex::new((next_seq, queue)),
             state: std::sync::Mutex::new(state.as_str().into()),
+            stop: self.shutdown.child_token(),
+            lease_lost: CancellationToken::new(),
         });
         self.live_jobs().insert(job_id.to_string(), live.clone());
         live
@@ -475,6 +480,13 @@ impl Jobs {
                 this.drive(drive, &live).await;
                 this.hub.forget_job(&id);
                 this.live_jobs().remove(&id);
+                // Ended (or stopping): the lease goes at once, so a peer or a resume need not
+                // wait for it to lapse. A lease lost to a peer is not ours to give up.
+                if !live.lease_lost.is_cancelled()
+                    && let Err(e) = this.store.release_job(&id, &this.cluster.me).await
+                {
+                    warn!(job = %id, error = %e, "store failed releasing the job's lease; it lapses by itself");
+                }
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
@@ -525,83 +537,117 @@ impl Jobs {
             .map_or(1, |(s, _)| s + 1))
     }
 
-    /// At start-up: every job a previous process left running is resumed from the store.
+    /// At start-up: every job a previous process left running is resumed from the store —
+    /// those this coordinator's predecessor owned, or whose owner's lease has lapsed; a job a
+    /// live peer drives stays with it.
     pub async fn resume_after_restart(self: &Arc<Self>) -> Result<(), Status> {
         for job_id in self.store.running_jobs().await? {
-            let drive = match self.load_drive(&job_id, true).await {
-                Ok((_, drive)) => drive,
-                Err(e) => {
-                    // One unreadable job must not keep the coordinator (and every other
-                    // job) down: it ends `interrupted`, saying why, and can be looked at.
-                    warn!(job = %job_id, error = %e.message(), "cannot resume job; marking it interrupted");
-                    let why = format!(
-                        "could not be resumed after a coordinator restart: {}",
-                        e.message()
-                    );
-                    let audit = AuditEvent {
-                        at_ms: now_unix_ms(),
-                        actor: "coordinator".into(),
-                        action: "rollback.interrupted".into(),
-                        target: format!("job/{job_id}"),
-                        detail: why.clone(),
-                    };
-                    if let Err(e) = self
-                        .store
-                        .update_job_state(
-                            &job_id,
-                            JobState::Interrupted.as_str(),
-                            Some(now_unix_ms()),
-                            &why,
-                            &audit,
-                        )
-                        .await
-                    {
-                        error!(job = %job_id, error = %e, "store failed recording the interruption; the job stays running in the store until the next start");
-                    }
-                    continue;
-                }
-            };
-            // Audited before it drives again: a resume the trail does not show never happens.
-            // Without its record the job is left as it is stored (running, not driven) for the
-            // next start, once the store is fixed.
-            if let Err(e) = self
+            match self
                 .store
-                .append_audit(&AuditEvent {
+                .claim_job(
+                    &job_id,
+                    &self.cluster.me,
+                    now_unix_ms(),
+                    self.cluster.lease_ms(),
+                )
+                .await?
+            {
+                Claim::Claimed { previous }
+                    if previous.is_empty() || previous == self.cluster.me.name =>
+                {
+                    self.resume_stored(&job_id, "coordinator restart", "the coordinator restarted")
+                        .await?;
+                }
+                Claim::Claimed { previous } => self.take_over(&job_id, &previous).await,
+                Claim::HeldBy { owner, .. } => {
+                    info!(job = %job_id, owner = %owner, "job is driven by another coordinator");
+                }
+                Claim::Missing => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Drives a running job again from what the store says (this process holds its lease):
+    /// completed phases are not run again, runs in flight are re-attached. `why` goes in the
+    /// audit record, `told` opens the job's event.
+    pub(super) async fn resume_stored(
+        self: &Arc<Self>,
+        job_id: &str,
+        why: &str,
+        told: &str,
+    ) -> Result<(), Status> {
+        let job_id = job_id.to_string();
+        let drive = match self.load_drive(&job_id, true).await {
+            Ok((_, drive)) => drive,
+            Err(e) => {
+                // One unreadable job must not keep the coordinator (and every other
+                // job) down: it ends `interrupted`, saying why, and can be looked at.
+                warn!(job = %job_id, error = %e.message(), "cannot resume job; marking it interrupted");
+                let why = format!("could not be resumed ({why}): {}", e.message());
+                let audit = AuditEvent {
                     at_ms: now_unix_ms(),
                     actor: "coordinator".into(),
-                    action: "rollback.resumed".into(),
+                    action: "rollback.interrupted".into(),
                     target: format!("job/{job_id}"),
-                    detail: "reason=coordinator restart".into(),
-                })
-                .await
-            {
-                error!(job = %job_id, error = %e, "not resuming the job: its audit record could not be written; it stays running in the store and is resumed at the next start");
-                continue;
+                    detail: why.clone(),
+                };
+                if let Err(e) = self
+                    .store
+                    .update_job_state(
+                        &job_id,
+                        JobState::Interrupted.as_str(),
+                        Some(now_unix_ms()),
+                        &why,
+                        &audit,
+                    )
+                    .await
+                {
+                    error!(job = %job_id, error = %e, "store failed recording the interruption; the job stays running in the store until the next start");
+                }
+                return Ok(());
             }
-            let live = self.new_live(&job_id, self.next_seq(&job_id).await?);
-            let done: Vec<String> = drive
-                .plan
-                .phases
-                .iter()
-                .filter(|p| {
-                    p.batches.iter().flatten().all(|h| {
-                        drive
-                            .tracks
-                            .get(h)
-                            .is_some_and(|t| t.done_phases.contains(&p.name))
-                    })
-                })
-                .map(|p| p.name.clone())
-                .collect();
-            let msg = format!(
-                "the coordinator restarted; resuming from the store: completed phases [{}] are not run again, {} run(s) in flight re-attached through the agents' journals",
-                done.join(", "),
-                drive.inflight.len()
-            );
-            self.emit(&live, &job_id, EventKind::JobResumed, "", "", &msg, 0, 0);
-            info!(job = %job_id, inflight = drive.inflight.len(), "resuming a job left running by the previous coordinator");
-            self.spawn_drive(drive, live, None);
+        };
+        // Audited before it drives again: a resume the trail does not show never happens.
+        // Without its record the job is left as it is stored (running, not driven) for the
+        // next start, once the store is fixed.
+        if let Err(e) = self
+            .store
+            .append_audit(&AuditEvent {
+                at_ms: now_unix_ms(),
+                actor: format!("coordinator/{}", self.cluster.me.name),
+                action: "rollback.resumed".into(),
+                target: format!("job/{job_id}"),
+                detail: format!("reason={why}"),
+            })
+            .await
+        {
+            error!(job = %job_id, error = %e, "not resuming the job: its audit record could not be written; it stays running in the store and is resumed at the next start");
+            return Ok(());
         }
+        let live = self.new_live(&job_id, self.next_seq(&job_id).await?);
+        let done: Vec<String> = drive
+            .plan
+            .phases
+            .iter()
+            .filter(|p| {
+                p.batches.iter().flatten().all(|h| {
+                    drive
+                        .tracks
+                        .get(h)
+                        .is_some_and(|t| t.done_phases.contains(&p.name))
+                })
+            })
+            .map(|p| p.name.clone())
+            .collect();
+        let msg = format!(
+            "{told}; resuming from the store: completed phases [{}] are not run again, {} run(s) in flight re-attached through the agents' journals",
+            done.join(", "),
+            drive.inflight.len()
+        );
+        self.emit(&live, &job_id, EventKind::JobResumed, "", "", &msg, 0, 0);
+        info!(job = %job_id, inflight = drive.inflight.len(), why, "resuming a job from the store");
+        self.spawn_drive(drive, live, None);
         Ok(())
     }
 
@@ -619,7 +665,7 @@ impl Jobs {
                 "--reason is required: say why the job is resumed (it goes in the audit trail)",
             ));
         }
-        if self.live_job(job_id).is_some() {
+        if self.driving_here(job_id) {
             return Err(Status::failed_precondition(format!(
                 "job {job_id} is running; nothing to resume (`rollbackctl watch {job_id}` follows it)"
             )));
@@ -680,6 +726,7 @@ impl Jobs {
             target: format!("job/{job_id}"),
             detail: format!("was={state} hosts={} reason={reason}", retry.join(",")),
         };
+        self.claim(job_id).await?;
         self.store
             .reopen_job(job_id, &all, &reset, &audit)
             .await
@@ -726,12 +773,29 @@ impl Jobs {
         {
             return Ok(JobState::Cancelled.as_str().into());
         }
-        let Some(live) = self.live_job(job_id) else {
+        let Some(live) = self.live_job(job_id).filter(|_| self.driving_here(job_id)) else {
             let (job, _) = self
                 .store
                 .get_job(job_id)
                 .await?
                 .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+            if job.state == JobState::Running.as_str() && self.cluster.shared() {
+                // Another coordinator drives it: recorded here, carried out by its owner.
+                let who = principal.identity.to_string();
+                self.store
+                    .append_audit(&AuditEvent {
+                        at_ms: now_unix_ms(),
+                        actor: who.clone(),
+                        action: "rollback.cancel".into(),
+                        target: format!("job/{job_id}"),
+                        detail: format!("reason={reason}"),
+                    })
+                    .await?;
+                self.cluster
+                    .cancel_job_elsewhere(job_id, &who, reason)
+                    .await;
+                return Ok("cancelling".into());
+            }
             return Err(Status::failed_precondition(format!(
                 "job {job_id} is already {}; nothing to cancel",
                 job.state
@@ -945,7 +1009,7 @@ impl Jobs {
                 total,
             );
         }
-        if self.shutdown.is_cancelled() {
+        if live.stop.is_cancelled() {
             return;
         }
         self.finish(&mut d, live, halt).await;
@@ -1064,7 +1128,7 @@ impl Jobs {
     async fn session_for(&self, host: &str, live: &LiveJob) -> Result<(), RunEnd> {
         let started = Instant::now();
         loop {
-            if self.registry.get(host).is_some() {
+            if self.cluster.online(host).await {
                 return Ok(());
             }
             if started.elapsed() >= self.unreachable_after {
@@ -1086,7 +1150,7 @@ impl Jobs {
                     exit_code: -1,
                     detail: "cancelled before it was dispatched".into(),
                 })),
-                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
+                () = live.stop.cancelled() => return Err(RunEnd::Stopping),
             }
         }
     }
@@ -1152,7 +1216,7 @@ impl Jobs {
         let (tx, rx) = mpsc::channel(256);
         let sent = dispatch::dispatch(
             &*self.store,
-            &self.registry,
+            &self.cluster,
             &self.hub,
             Dispatch {
                 host,
@@ -1232,7 +1296,7 @@ impl Jobs {
             ),
         );
         // If the host is connected, ask again now; otherwise its reconnect re-sends it.
-        let _ = dispatch::resend(&self.registry, host, &procedure).await;
+        let _ = self.cluster.send_run(host, &procedure).await;
         match self.follow(job_id, phase, host, live, &procedure, rx).await {
             // Never received before its deadline: it did not run, and never will.
             Ok(result) if nothing_ran(&result) => None,
@@ -1282,9 +1346,9 @@ impl Jobs {
                             self.hub.dispatched(&run_id, job_id);
                             tokio::select! {
                                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
+                                () = live.stop.cancelled() => return Err(RunEnd::Stopping),
                             }
-                            let _ = dispatch::resend(&self.registry, host, procedure).await;
+                            let _ = self.cluster.send_run(host, procedure).await;
                             continue;
                         }
                         return Ok(result);
@@ -1308,7 +1372,7 @@ impl Jobs {
                     cancel_sent = true;
                     self.send_cancel(host, &run_id, "job cancelled").await;
                 }
-                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
+                () = live.stop.cancelled() => return Err(RunEnd::Stopping),
             }
         }
     }
@@ -1334,15 +1398,7 @@ impl Jobs {
     }
 
     async fn send_cancel(&self, host: &str, run_id: &str, reason: &str) {
-        if let Some(s) = self.registry.get(host) {
-            let msg = CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Cancel(Cancel {
-                    run_id: run_id.to_string(),
-                    reason: reason.into(),
-                })),
-            };
-            let _ = s.sender.send(Ok(msg)).await;
-        }
+        self.cluster.cancel_run(host, run_id, reason).await;
     }
 
     /// The host's session dropped mid-run: its result arrives (from its journal) when it
@@ -1358,7 +1414,7 @@ impl Jobs {
         while started.elapsed() < self.unreachable_after {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                () = self.shutdown.cancelled() => return Err(RunEnd::Stopping),
+                () = live.stop.cancelled() => return Err(RunEnd::Stopping),
                 () = live.cancel.cancelled() => {
                     self.send_cancel(host, run_id, "job cancelled").await;
                 }
@@ -1487,6 +1543,7 @@ fn apply_failure(track: &mut JobHostRow, phase: &str, f: &HostFailure) {
 /// `LiveJob` is gone and every queued event is stored.
 async fn event_pipeline(
     store: Arc<dyn crate::store::Store>,
+    cluster: Arc<crate::cluster::Cluster>,
     job_id: String,
     mut queued: mpsc::UnboundedReceiver<JobEvent>,
     events: broadcast::Sender<JobEvent>,
@@ -1509,6 +1566,8 @@ async fn event_pipeline(
         for ev in batch {
             let _ = events.send(ev);
         }
+        // Watches following the store (on any coordinator) read them now.
+        cluster.events_stored(&job_id).await;
     }
 }
 

@@ -9,6 +9,7 @@ mod approval;
 mod batch;
 mod diagnosis;
 mod engine;
+mod takeover;
 pub use engine::leased_status;
 mod pins;
 mod planning;
@@ -29,7 +30,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::registry::Registry;
+use crate::cluster::Cluster;
 use crate::runs::RunHub;
 use crate::store::Store;
 
@@ -56,11 +57,15 @@ struct LiveJob {
     /// enter the pipeline in seq order.
     pipeline: Mutex<(u64, tokio::sync::mpsc::UnboundedSender<JobEvent>)>,
     state: Mutex<String>,
+    /// Stops driving it here without deciding anything (shutdown, or the lease went to a peer).
+    stop: CancellationToken,
+    /// Its lease went to another coordinator: the job is theirs now.
+    lease_lost: CancellationToken,
 }
 
 pub struct Jobs {
     store: Arc<dyn Store>,
-    registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
     hub: Arc<RunHub>,
     runbook: Arc<Runbook>,
     runbook_source: String,
@@ -79,7 +84,7 @@ impl Jobs {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
-        registry: Arc<Registry>,
+        cluster: Arc<Cluster>,
         hub: Arc<RunHub>,
         runbook: Runbook,
         runbook_source: String,
@@ -90,7 +95,7 @@ impl Jobs {
     ) -> Self {
         Self {
             store,
-            registry,
+            cluster,
             hub,
             runbook: Arc::new(runbook),
             runbook_source,

@@ -91,12 +91,13 @@ impl Jobs {
     ) -> Result<Vec<Pin>, Status> {
         let previous = self.previous_pins(req).await?;
         let mut pins = Vec::new();
+        let online = self.cluster.online_hosts().await;
         for pi in 0..plan.phases.len() {
             let hosts: Vec<String> = plan.phases[pi]
                 .batches
                 .iter()
                 .flatten()
-                .filter(|h| self.registry.get(h).is_some())
+                .filter(|h| online.contains(*h))
                 .cloned()
                 .collect();
             let phase = plan.phases[pi].name.clone();

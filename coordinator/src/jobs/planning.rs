@@ -141,6 +141,7 @@ impl Jobs {
         let once_selector = Selector::parse(&once_text)
             .map_err(|e| Status::invalid_argument(format!("--once-on: {e}")))?;
         let agents = self.store.list_agents().await?;
+        let online = self.cluster.online_hosts().await;
         let selected: Vec<String> = agents
             .iter()
             .filter(|a| selector.matches(&a.host_id, &a.labels))
@@ -148,7 +149,7 @@ impl Jobs {
             .collect();
         let offline: Vec<String> = selected
             .iter()
-            .filter(|h| self.registry.get(h).is_none())
+            .filter(|h| !online.contains(*h))
             .cloned()
             .collect();
         // Offline targets are shown in the plan; `rollback` refuses them unless told to leave
@@ -168,8 +169,7 @@ impl Jobs {
             agents
                 .iter()
                 .filter(|a| {
-                    self.registry.get(&a.host_id).is_some()
-                        && once_selector.matches(&a.host_id, &a.labels)
+                    online.contains(&a.host_id) && once_selector.matches(&a.host_id, &a.labels)
                 })
                 .map(|a| a.host_id.clone())
                 .collect()

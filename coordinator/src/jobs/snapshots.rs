@@ -512,12 +512,10 @@ impl Jobs {
             let once_sel = Selector::parse(&once_text)
                 .map_err(|e| Status::invalid_argument(format!("--once-on: {e}")))?;
             let agents = self.store.list_agents().await?;
+            let online = self.cluster.online_hosts().await;
             let host = agents
                 .iter()
-                .find(|a| {
-                    self.registry.get(&a.host_id).is_some()
-                        && once_sel.matches(&a.host_id, &a.labels)
-                })
+                .find(|a| online.contains(&a.host_id) && once_sel.matches(&a.host_id, &a.labels))
                 .map(|a| a.host_id.clone())
                 .ok_or_else(|| {
                     Status::failed_precondition(format!(
@@ -607,7 +605,7 @@ impl Jobs {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         crate::dispatch::dispatch(
             &*self.store,
-            &self.registry,
+            &self.cluster,
             &self.hub,
             crate::dispatch::Dispatch {
                 host,

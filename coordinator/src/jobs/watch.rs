@@ -2,7 +2,7 @@
 //! a watcher that falls behind re-reads from the store), and start-up recovery.
 
 use prost::Message;
-use rollback_common::jobs::EventKind;
+use rollback_common::jobs::{EventKind, JobState};
 use rollback_common::proto::{
     HostRun, Job, JobEvent, JobHost, PlanResponse, RollbackRequest, RunFinished,
 };
@@ -134,6 +134,9 @@ impl Jobs {
             .get_job(job_id)
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
+        if self.cluster.shared() {
+            return Ok(self.watch_store(job_id, after_seq, slot));
+        }
         // Subscribe before replaying so nothing falls between the two.
         let live = self.live_job(job_id).map(|l| l.events.subscribe());
         let is_live = live.is_some();
@@ -215,5 +218,82 @@ impl Jobs {
             }
         });
         Ok(rx)
+    }
+
+    /// A watch on a store other coordinators share: whoever drives the job (this process, a
+    /// peer, or a peer that took it over), its events are read from the store, woken by
+    /// `Cluster::events_stored` and checked every `STORE_POLL` in case a wake-up was lost
+    /// with a dying peer. Ends after the final event of a job whose stored state is final.
+    fn watch_store(
+        &self,
+        job_id: &str,
+        after_seq: u64,
+        slot: impl Send + 'static,
+    ) -> mpsc::Receiver<Result<JobEvent, Status>> {
+        const STORE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+        let (tx, rx) = mpsc::channel(256);
+        let store = self.store.clone();
+        let job_id = job_id.to_string();
+        // Subscribed before the first read so nothing falls between the two.
+        let mut wake = self.cluster.subscribe_stored();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut last = after_seq;
+            let mut last_was_final = false;
+            loop {
+                // The state first: when it is final, the events read after it include the end.
+                let state = match store.get_job(&job_id).await {
+                    Ok(Some((row, _))) => row.state,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("coordinator store: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let ended = state
+                    .parse::<JobState>()
+                    .is_ok_and(|s| !matches!(s, JobState::Running | JobState::AwaitingApproval));
+                let evs = match store.job_events(&job_id, last).await {
+                    Ok(evs) => evs,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("coordinator store: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let evs: Vec<JobEvent> = evs
+                    .into_iter()
+                    .filter_map(|(_, b)| JobEvent::decode(b.as_slice()).ok())
+                    .collect();
+                for ev in evs {
+                    last = last.max(ev.seq);
+                    last_was_final = is_final(&ev);
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                // Only the last final event of an ended job ends the watch (a job that
+                // finished and was resumed has more than one; its state may be stored a
+                // moment before its final event).
+                if ended && last_was_final {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        r = wake.recv() => match r {
+                            Ok(id) if id != job_id => continue,
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                        () = tokio::time::sleep(STORE_POLL) => break,
+                        () = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        rx
     }
 }

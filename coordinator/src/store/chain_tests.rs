@@ -222,6 +222,7 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         labels: Default::default(),
         reported_labels: Default::default(),
         cert_not_after_ms: None,
+        coordinator: String::new(),
         agent_version: "1".into(),
         address: "127.0.0.1".into(),
         online: false,

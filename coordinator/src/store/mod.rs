@@ -4,7 +4,9 @@
 pub mod chain;
 #[cfg(test)]
 mod chain_tests;
+pub mod cluster;
 mod sqlite;
+mod sqlite_cluster;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +32,8 @@ pub struct AgentRecord {
     pub state: Vec<u8>,
     /// Not-after (Unix ms) of the certificate its latest session presented; None if unknown.
     pub cert_not_after_ms: Option<i64>,
+    /// The name of the coordinator that holds (or last held) its session.
+    pub coordinator: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,9 @@ pub enum StoreError {
     Batch { reason: String },
     #[error("store row for `{key}` is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A conditional change found the row changed by someone else (another coordinator).
+    #[error("{what} changed meanwhile (another coordinator acted on it first)")]
+    Changed { what: String },
     #[error("hosts are leased to another job: {}", holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     Leased { holders: Vec<LeaseHolder> },
     /// The audit record of a change could not be written: the change was not made either.
@@ -236,7 +243,7 @@ pub struct SnapshotRow {
 
 /// Everything the coordinator persists. Each call is durable when it returns.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
     /// Records a (re)connected agent as online.
     async fn agent_connected(&self, agent: &AgentRecord) -> Result<(), StoreError>;
     /// Records that an agent's session ended.

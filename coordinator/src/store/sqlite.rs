@@ -185,14 +185,14 @@ async fn insert_leases(
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     /// Hot-path writes, group-committed.
     writer: Writer,
     /// The newest audit record this process has seen committed.
     seen: Arc<Seen>,
 }
 
-fn query_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(super) fn query_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
 }
 
@@ -305,10 +305,11 @@ impl Store for SqliteStore {
                 reason: e.to_string(),
             })?;
         sqlx::query(
-            "INSERT INTO agents (host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state, cert_not_after_ms)
-             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8)
+            "INSERT INTO agents (host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state, cert_not_after_ms, coordinator)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT(host_id) DO UPDATE SET labels_json = ?2, agent_version = ?3, address = ?4,
-                 online = 1, connected_at_ms = ?5, last_seen_ms = ?6, state = ?7, cert_not_after_ms = ?8",
+                 online = 1, connected_at_ms = ?5, last_seen_ms = ?6, state = ?7, cert_not_after_ms = ?8,
+                 coordinator = ?9",
         )
         .bind(&a.host_id)
         .bind(labels)
@@ -318,6 +319,7 @@ impl Store for SqliteStore {
         .bind(a.last_seen_ms)
         .bind(&a.state)
         .bind(a.cert_not_after_ms)
+        .bind(&a.coordinator)
         .execute(&self.pool)
         .await
         .map_err(query_err("agent_connected"))?;
@@ -363,7 +365,7 @@ impl Store for SqliteStore {
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT host_id, labels_json, agent_version, address, online, connected_at_ms, last_seen_ms, state,
-                    cert_not_after_ms
+                    cert_not_after_ms, coordinator
              FROM agents ORDER BY host_id",
         )
         .fetch_all(&self.pool)
@@ -389,6 +391,7 @@ impl Store for SqliteStore {
                     last_seen_ms: row.get("last_seen_ms"),
                     state: row.get::<Option<Vec<u8>>, _>("state").unwrap_or_default(),
                     cert_not_after_ms: row.get("cert_not_after_ms"),
+                    coordinator: row.get("coordinator"),
                     host_id,
                 })
             })
@@ -612,13 +615,19 @@ impl Store for SqliteStore {
                 .await
                 .map_err(query_err("reopen_job hosts"))?;
         }
-        sqlx::query(
-            "UPDATE jobs SET state = 'running', finished_at_ms = NULL, halt_reason = '' WHERE job_id = ?1",
+        let reopened = sqlx::query(
+            "UPDATE jobs SET state = 'running', finished_at_ms = NULL, halt_reason = '' WHERE job_id = ?1 AND state <> 'running'",
         )
         .bind(job_id)
         .execute(&mut *tx)
         .await
         .map_err(query_err("reopen_job state"))?;
+        // Two resumes at once (on two coordinators): the first one wins.
+        if reopened.rows_affected() == 0 {
+            return Err(StoreError::Changed {
+                what: format!("job {job_id}"),
+            });
+        }
         self.commit_audited(tx, audit, "reopen_job commit").await
     }
 

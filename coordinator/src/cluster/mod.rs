@@ -1,0 +1,442 @@
+//! Several coordinators on one store. Each holds the sessions of some agents and owns (drives)
+//! some jobs; everything else goes through the store and the `bus`:
+//! - a run for a host held elsewhere is stored, then its holder is told (`Deliver`) and sends
+//!   it; the holder stores the result and tells the others (`Finished`), and the dispatching
+//!   owner reads it from the store; step events travel the same way (`Step`);
+//! - an agent coming online or going away is announced, so runs waiting for it are sent again;
+//! - a job's events are stored by its owner, then announced (`JobEvents`), so a watch on any
+//!   coordinator follows the store;
+//! - job ownership is a lease in the store (`leases`): renewed by the owner, taken over by
+//!   another coordinator when it lapses, exactly as a restarted coordinator resumes.
+//!
+//! With a SQLite store the bus is `Alone` and every host is held here: the cluster is this
+//! process and nothing is sent anywhere.
+
+pub mod bus;
+pub mod leases;
+pub mod peers;
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use prost::Message as _;
+use rollback_common::now_unix_ms;
+use rollback_common::proto::{
+    Cancel, CoordinatorMessage, ExecEvent, RunFinished, RunProcedure, StepEvent,
+    coordinator_message, exec_event,
+};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use crate::dispatch::{DispatchError, stored_procedure};
+use crate::jobs::Jobs;
+use crate::registry::{LiveSession, Registry};
+use crate::runs::RunHub;
+use crate::store::Store;
+use crate::store::cluster::Owner;
+use bus::{Bus, Envelope, Message, b64, unb64};
+
+/// Where a host's session is.
+#[derive(Debug, Clone)]
+pub enum Holder {
+    Here(LiveSession),
+    /// Another live coordinator, by name.
+    Peer(String),
+}
+
+pub struct Cluster {
+    pub me: Owner,
+    /// Where peers and operators reach this coordinator.
+    pub address: String,
+    pub lease: Duration,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    hub: Arc<RunHub>,
+    bus: Arc<dyn Bus>,
+    /// Job ids whose new events are stored (by this process or a peer).
+    stored: broadcast::Sender<String>,
+    jobs: OnceLock<Weak<Jobs>>,
+}
+
+impl Cluster {
+    pub fn new(
+        me: Owner,
+        address: String,
+        lease: Duration,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        hub: Arc<RunHub>,
+        bus: Arc<dyn Bus>,
+    ) -> Arc<Self> {
+        let (stored, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            me,
+            address,
+            lease,
+            store,
+            registry,
+            hub,
+            bus,
+            stored,
+            jobs: OnceLock::new(),
+        })
+    }
+
+    /// Other coordinators may share the store.
+    pub fn shared(&self) -> bool {
+        self.bus.shared()
+    }
+
+    pub fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    pub fn attach_jobs(&self, jobs: &Arc<Jobs>) {
+        let _ = self.jobs.set(Arc::downgrade(jobs));
+    }
+
+    async fn publish(&self, msg: Message) {
+        if self.shared() {
+            self.bus
+                .publish(Envelope {
+                    from: self.me.instance.clone(),
+                    msg,
+                })
+                .await;
+        }
+    }
+
+    /// Wakes watches following `job_id` from the store, here and on every peer.
+    pub async fn events_stored(&self, job_id: &str) {
+        let _ = self.stored.send(job_id.to_string());
+        self.publish(Message::JobEvents {
+            job_id: job_id.to_string(),
+        })
+        .await;
+    }
+
+    pub fn subscribe_stored(&self) -> broadcast::Receiver<String> {
+        self.stored.subscribe()
+    }
+
+    /// Where `host`'s session is, if anywhere.
+    pub async fn holder(&self, host: &str) -> Option<Holder> {
+        if let Some(s) = self.registry.get(host) {
+            return Some(Holder::Here(s));
+        }
+        if !self.shared() {
+            return None;
+        }
+        match self
+            .store
+            .agent_holder(host, &self.me.name, now_unix_ms(), self.lease_ms())
+            .await
+        {
+            Ok(peer) => peer.map(Holder::Peer),
+            Err(e) => {
+                warn!(host = %host, error = %e, "store failed looking up the agent's coordinator");
+                None
+            }
+        }
+    }
+
+    pub async fn online(&self, host: &str) -> bool {
+        self.holder(host).await.is_some()
+    }
+
+    /// Every host with a session here or at a live peer.
+    pub async fn online_hosts(&self) -> HashSet<String> {
+        let mut out: HashSet<String> = HashSet::new();
+        if self.shared() {
+            let now = now_unix_ms();
+            let live: HashSet<String> = match self.store.list_coordinators().await {
+                Ok(rows) => rows
+                    .into_iter()
+                    .filter(|c| c.alive(now, self.lease_ms()))
+                    .map(|c| c.name)
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "store failed listing coordinators");
+                    HashSet::new()
+                }
+            };
+            if let Ok(agents) = self.store.list_agents().await {
+                out.extend(
+                    agents
+                        .into_iter()
+                        .filter(|a| a.online && live.contains(&a.coordinator))
+                        .map(|a| a.host_id),
+                );
+            }
+        }
+        out.extend(self.registry.hosts());
+        out
+    }
+
+    /// Sends a stored run to `host`, wherever its session is.
+    pub async fn send_run(
+        &self,
+        host: &str,
+        procedure: &RunProcedure,
+    ) -> Result<(), DispatchError> {
+        match self.holder(host).await {
+            Some(Holder::Here(session)) => send_procedure(&session, host, procedure).await,
+            Some(Holder::Peer(peer)) => {
+                debug!(host = %host, peer = %peer, run = %procedure.run_id, "run delivered by the coordinator holding the host");
+                self.publish(Message::Deliver {
+                    host: host.to_string(),
+                    run_id: procedure.run_id.clone(),
+                })
+                .await;
+                Ok(())
+            }
+            None => Err(DispatchError::Offline {
+                host: host.to_string(),
+            }),
+        }
+    }
+
+    /// Passes a cancel for `run_id` to `host`, wherever its session is.
+    pub async fn cancel_run(&self, host: &str, run_id: &str, reason: &str) {
+        match self.holder(host).await {
+            Some(Holder::Here(s)) => {
+                let _ = s.sender.send(Ok(cancel_message(run_id, reason))).await;
+            }
+            Some(Holder::Peer(_)) => {
+                self.publish(Message::Cancel {
+                    host: host.to_string(),
+                    run_id: run_id.to_string(),
+                    reason: reason.to_string(),
+                })
+                .await;
+            }
+            None => {}
+        }
+    }
+
+    /// An operator cancelled a job this process does not drive: its owner is told.
+    pub async fn cancel_job_elsewhere(&self, job_id: &str, by: &str, reason: &str) {
+        self.publish(Message::CancelJob {
+            job_id: job_id.to_string(),
+            by: by.to_string(),
+            reason: reason.to_string(),
+        })
+        .await;
+    }
+
+    /// Gateway: `host` came online here.
+    pub async fn agent_online(&self, host: &str) {
+        self.publish(Message::Online {
+            host: host.to_string(),
+        })
+        .await;
+    }
+
+    /// Gateway: `host`'s session here ended.
+    pub async fn agent_gone(&self, host: &str) {
+        self.publish(Message::Gone {
+            host: host.to_string(),
+        })
+        .await;
+    }
+
+    /// Gateway: a step event of a run nobody here waits for goes to the peers (cut to fit).
+    pub async fn step_event(&self, host: &str, event: &StepEvent) {
+        if !self.shared() || self.hub.has_watch(&event.run_id) {
+            return;
+        }
+        let mut msg = Message::Step {
+            host: host.to_string(),
+            run_id: event.run_id.clone(),
+            event: b64(&event.encode_to_vec()),
+        };
+        let fits = Envelope {
+            from: self.me.instance.clone(),
+            msg: msg.clone(),
+        }
+        .encode()
+        .is_some();
+        if !fits {
+            // Output lines are what grows: the event goes without them, the result keeps them.
+            let mut cut = event.clone();
+            if let Some(rollback_common::proto::step_event::Kind::Output(o)) = &mut cut.kind {
+                o.data.truncate(1024);
+                o.data
+                    .extend_from_slice(b"\n[output cut: see the run's result]\n");
+            }
+            msg = Message::Step {
+                host: host.to_string(),
+                run_id: event.run_id.clone(),
+                event: b64(&cut.encode_to_vec()),
+            };
+        }
+        self.publish(msg).await;
+    }
+
+    /// Gateway: a run's result is stored (or the agent answered busy); peers waiting for it
+    /// read it from the store.
+    pub async fn run_finished(&self, host: &str, run_id: &str, busy: Option<&RunFinished>) {
+        self.publish(Message::Finished {
+            host: host.to_string(),
+            run_id: run_id.to_string(),
+            busy: busy.map(|b| b64(&b.encode_to_vec())),
+        })
+        .await;
+    }
+
+    /// A message from a peer.
+    pub async fn receive(&self, envelope: Envelope) {
+        if envelope.from == self.me.instance {
+            return;
+        }
+        match envelope.msg {
+            Message::Deliver { host, run_id } => self.deliver(&host, &run_id).await,
+            Message::Cancel {
+                host,
+                run_id,
+                reason,
+            } => {
+                if let Some(s) = self.registry.get(&host) {
+                    let _ = s.sender.send(Ok(cancel_message(&run_id, &reason))).await;
+                }
+            }
+            Message::Step {
+                host,
+                run_id,
+                event,
+            } => {
+                if self.hub.has_watch(&run_id)
+                    && let Some(bytes) = unb64(&event)
+                    && let Ok(ev) = StepEvent::decode(bytes.as_slice())
+                {
+                    self.hub.publish(
+                        &host,
+                        &run_id,
+                        &ExecEvent {
+                            kind: Some(exec_event::Kind::StepEvent(ev)),
+                        },
+                    );
+                }
+            }
+            Message::Finished { host, run_id, busy } => {
+                self.finished_elsewhere(&host, &run_id, busy).await;
+            }
+            Message::Online { host } => self.resend_pending(&host).await,
+            Message::Gone { host } => {
+                if self.registry.get(&host).is_none() {
+                    self.hub.host_gone(&host);
+                }
+            }
+            Message::JobEvents { job_id } => {
+                let _ = self.stored.send(job_id);
+            }
+            Message::CancelJob { job_id, by, reason } => {
+                if let Some(jobs) = self.jobs.get().and_then(Weak::upgrade) {
+                    jobs.cancel_here(&job_id, &by, &reason);
+                }
+            }
+        }
+    }
+
+    /// A peer asks this process to send a stored run to a host it holds.
+    async fn deliver(&self, host: &str, run_id: &str) {
+        let Some(session) = self.registry.get(host) else {
+            return;
+        };
+        let row = match self.store.get_run(run_id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                return warn!(host = %host, run = %run_id, "asked to deliver a run the store does not have");
+            }
+            Err(e) => {
+                return warn!(host = %host, run = %run_id, error = %e, "store failed reading a run to deliver");
+            }
+        };
+        // Only to the host it was made for, and only while it has no result.
+        if row.host_id != host || row.result.is_some() {
+            return;
+        }
+        match stored_procedure(&row) {
+            Ok(p) => {
+                let _ = send_procedure(&session, host, &p).await;
+            }
+            Err(e) => {
+                warn!(host = %host, run = %run_id, error = %e, "stored run is unreadable; not delivered")
+            }
+        }
+    }
+
+    async fn finished_elsewhere(&self, host: &str, run_id: &str, busy: Option<String>) {
+        if !self.hub.has_watch(run_id) {
+            return;
+        }
+        if let Some(busy) = busy {
+            if let Some(bytes) = unb64(&busy)
+                && let Ok(result) = RunFinished::decode(bytes.as_slice())
+            {
+                self.hub.hand_over(host, run_id, result);
+            }
+            return;
+        }
+        match self.store.get_run(run_id).await {
+            Ok(Some(row)) => {
+                if let Some(bytes) = row.result
+                    && let Ok(result) = RunFinished::decode(bytes.as_slice())
+                {
+                    self.hub.resolved(run_id);
+                    self.hub.hand_over(host, run_id, result);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(run = %run_id, error = %e, "store failed reading a result a peer announced")
+            }
+        }
+    }
+
+    /// `host` is back (at a peer): every run this process dispatched to it and still waits
+    /// for is sent again (the agent's journal makes that exactly-once).
+    async fn resend_pending(&self, host: &str) {
+        let runs = match self.store.unfinished_runs(host).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                return warn!(host = %host, error = %e, "store failed listing unfinished runs");
+            }
+        };
+        for run in runs.into_iter().filter(|r| self.hub.is_pending(&r.run_id)) {
+            info!(host = %host, run = %run.run_id, "host is back at another coordinator; sending its run again");
+            self.publish(Message::Deliver {
+                host: host.to_string(),
+                run_id: run.run_id,
+            })
+            .await;
+        }
+    }
+}
+
+fn cancel_message(run_id: &str, reason: &str) -> CoordinatorMessage {
+    CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Cancel(Cancel {
+            run_id: run_id.to_string(),
+            reason: reason.to_string(),
+        })),
+    }
+}
+
+async fn send_procedure(
+    session: &LiveSession,
+    host: &str,
+    procedure: &RunProcedure,
+) -> Result<(), DispatchError> {
+    let msg = CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::RunProcedure(procedure.clone())),
+    };
+    session
+        .sender
+        .send(Ok(msg))
+        .await
+        .map_err(|_| DispatchError::Disconnected {
+            host: host.to_string(),
+        })
+}
