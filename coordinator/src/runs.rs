@@ -105,6 +105,11 @@ impl RunHub {
     }
 
     /// Whether `run_id` may be re-sent to a reconnecting agent.
+    /// Every run this process dispatched and still waits for.
+    pub fn pending_runs(&self) -> Vec<String> {
+        self.lock_pending().keys().cloned().collect()
+    }
+
     pub fn is_pending(&self, run_id: &str) -> bool {
         self.lock_pending().contains_key(run_id)
     }

@@ -15,6 +15,7 @@
 pub mod bus;
 pub mod leases;
 pub mod peers;
+pub mod pg_bus;
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock, Weak};
@@ -336,6 +337,22 @@ impl Cluster {
                     jobs.cancel_here(&job_id, &by, &reason);
                 }
             }
+        }
+    }
+
+    /// After messages may have been lost (the bus reconnected): results stored meanwhile for
+    /// runs this process waits for are handed over, and every host held here is announced
+    /// again, so peers send again what they dispatched to it.
+    pub async fn resync(&self) {
+        for run_id in self.hub.pending_runs() {
+            if let Ok(Some(row)) = self.store.get_run(&run_id).await
+                && row.result.is_some()
+            {
+                self.finished_elsewhere(&row.host_id, &run_id, None).await;
+            }
+        }
+        for host in self.registry.hosts() {
+            self.agent_online(&host).await;
         }
     }
 

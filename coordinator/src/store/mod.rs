@@ -5,6 +5,8 @@ pub mod chain;
 #[cfg(test)]
 mod chain_tests;
 pub mod cluster;
+#[cfg(test)]
+mod cluster_tests;
 mod sqlite;
 mod sqlite_cluster;
 mod writer;
