@@ -1527,10 +1527,14 @@ fn step_numbers_accept_only_digits() {
 /// What every loaded config satisfies, whatever the file held.
 fn documented_rules(c: &Config) -> Result<(), TestCaseError> {
     prop_assert!(host_id_ok(&c.host_id), "host_id {:?}", c.host_id);
+    let urls = c.coordinator_urls();
     prop_assert!(
-        c.coordinator.starts_with("https://"),
-        "coordinator {:?}",
-        c.coordinator
+        urls.as_ref()
+            .is_ok_and(|u| !u.is_empty() && u.iter().all(|u| u.url.starts_with("https://"))),
+        "coordinators {:?} / {:?}: {:?}",
+        c.coordinator,
+        c.coordinators,
+        urls
     );
     for (k, v) in &c.labels {
         prop_assert!(
@@ -1926,7 +1930,7 @@ fn config_load_accepts_only_documented_values() {
             Ok(c) => {
                 documented_rules(&c)?;
                 prop_assert_eq!(&c.host_id, &doc.host_id.0);
-                prop_assert_eq!(&c.coordinator, &doc.coordinator.0);
+                prop_assert_eq!(c.coordinator.as_ref(), Some(&doc.coordinator.0));
                 let labels: BTreeMap<String, String> = doc.labels.0.iter().cloned().collect();
                 prop_assert_eq!(&c.labels, &labels);
                 if let Some(i) = millis_value(&doc.initial, 200) {
@@ -1961,6 +1965,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &[
             "host_id",
             "coordinator",
+            "coordinators",
             "server_name",
             "labels",
             "state_dir",
