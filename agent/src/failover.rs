@@ -86,6 +86,7 @@ pub async fn dial_loop(
                     established = true;
                 })
                 .await;
+            let failed = result.is_err();
             let why = match result {
                 Ok(SessionEnd::Shutdown) => break 'rounds,
                 // Straight back with the renewed certificate, to the same coordinator: nothing failed.
@@ -115,13 +116,17 @@ pub async fn dial_loop(
             rotation.move_from(target);
             if established {
                 let delay = backoff.next_delay();
-                info!(host = %host, coordinator = %target.url, addr = %target.addr, reason = %why, delay_ms = delay.as_millis() as u64, "session with coordinator ended; moving to the next coordinator");
+                if failed {
+                    warn!(host = %host, coordinator = %target.url, addr = %target.addr, reason = %why, delay_ms = delay.as_millis() as u64, "session failed; moving to the next coordinator");
+                } else {
+                    info!(host = %host, coordinator = %target.url, addr = %target.addr, reason = %why, delay_ms = delay.as_millis() as u64, "session ended; moving to the next coordinator");
+                }
                 if !pause(cancel, delay).await {
                     break 'rounds;
                 }
                 continue 'rounds;
             }
-            warn!(host = %host, coordinator = %target.url, addr = %target.addr, error = %why, "no session with coordinator; trying the next coordinator");
+            warn!(host = %host, coordinator = %target.url, addr = %target.addr, error = %why, "session failed before the coordinator acknowledged it; trying the next coordinator");
         }
         let delay = backoff.next_delay();
         info!(

@@ -167,8 +167,10 @@ fn the_first_coordinator_dead_at_start_the_agent_comes_online_on_the_second() {
     check_through(&p, &p.b, "web-1");
     let log = agent.proc.log_text();
     assert!(
-        log.lines()
-            .any(|l| l.contains("no session with coordinator") && l.contains(&dead)),
+        log.lines().any(
+            |l| l.contains("session failed before the coordinator acknowledged it")
+                && l.contains(&dead)
+        ),
         "the dead address was tried and the move logged:\n{log}"
     );
     assert!(
@@ -367,8 +369,10 @@ fn the_coordinator_certificate_is_verified_against_the_url_host_name_not_the_add
     );
     // The same address under the IP URL was refused: the certificate is not valid for it.
     assert!(
-        log.lines()
-            .any(|l| l.contains("no session with coordinator") && l.contains(&by_ip)),
+        log.lines().any(
+            |l| l.contains("session failed before the coordinator acknowledged it")
+                && l.contains(&by_ip)
+        ),
         "{log}"
     );
 }
