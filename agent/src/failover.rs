@@ -107,7 +107,7 @@ pub async fn dial_loop(
                     chain(e)
                 }
                 Err(SessionError::Stream(ref status)) => format!(
-                    "the session broke: {:?}: {}",
+                    "session with coordinator broke: {:?}: {}",
                     status.code(),
                     status.message()
                 ),
