@@ -1,4 +1,4 @@
-//! `agent.toml`: who this host is, where the coordinator is, TLS files and the state dir.
+//! `agent.toml`: who this host is, where the coordinators are, TLS files and the state dir.
 //! Validated at start with errors that name the key.
 
 use std::collections::BTreeMap;
@@ -9,6 +9,7 @@ use rollback_common::identity::validate_name;
 use rollback_common::tls::TlsFiles;
 use serde::Deserialize;
 
+use crate::coordinators::{CoordinatorUrl, parse_url};
 use crate::profile::{AlembicProfile, AppProfile, PostgresProfile, ServiceProfile, Timeouts};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -16,10 +17,15 @@ use crate::profile::{AlembicProfile, AppProfile, PostgresProfile, ServiceProfile
 pub struct Config {
     /// This host's id; must equal the name in the agent certificate.
     pub host_id: String,
-    /// Coordinator URL, e.g. `https://10.0.0.1:7443`.
-    pub coordinator: String,
-    /// TLS server name to verify the coordinator certificate against, when the URL's host is
-    /// not one of the certificate's SANs.
+    /// One coordinator URL, e.g. `https://10.0.0.1:7443`: the same as a one-element
+    /// `coordinators` (set one key or the other, not both).
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// Coordinator URLs the agent holds its session with, one at a time (`coordinators`).
+    #[serde(default)]
+    pub coordinators: Option<Vec<String>>,
+    /// TLS server name to verify every coordinator's certificate against, when the URLs'
+    /// hosts are not among the certificates' SANs.
     #[serde(default)]
     pub server_name: Option<String>,
     /// Labels operators select hosts by, e.g. `role = "web"`.
@@ -176,45 +182,8 @@ impl Config {
             reason,
         };
         validate_name("host id", &self.host_id).map_err(|e| invalid("host_id", e.to_string()))?;
-        if !self.coordinator.starts_with("https://") {
-            return Err(invalid(
-                "coordinator",
-                format!(
-                    "`{}` must be an https:// URL (there is no plaintext mode)",
-                    self.coordinator
-                ),
-            ));
-        }
-        let uri = self
-            .coordinator
-            .parse::<tonic::transport::Uri>()
-            .map_err(|_| {
-                invalid(
-                    "coordinator",
-                    format!("`{}` is not a valid URL", self.coordinator),
-                )
-            })?;
-        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        // The port as written (http::Uri keeps digits it cannot use as a u16).
-        let port_ok = match authority.rsplit_once(':') {
-            Some((_, p)) if !authority.ends_with(']') => p.parse::<u16>().is_ok_and(|p| p != 0),
-            _ => true,
-        };
-        if uri.host().is_none_or(str::is_empty)
-            || authority.contains('@')
-            || !port_ok
-            || authority.ends_with(':')
-            || !matches!(uri.path(), "" | "/")
-            || uri.query().is_some()
-        {
-            return Err(invalid(
-                "coordinator",
-                format!(
-                    "`{}` must be https://HOST[:PORT] with a host, a port of 1-65535, and no credentials, path or query",
-                    self.coordinator
-                ),
-            ));
-        }
+        self.coordinator_urls()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         for (k, v) in &self.labels {
             if !valid_label_part(k) || !valid_label_part(v) || k == "host" {
                 return Err(invalid(
@@ -255,10 +224,87 @@ impl Config {
         Ok(())
     }
 
+    /// The configured coordinators, validated: `coordinator` as a one-element list, or
+    /// `coordinators`. The error names the key and says what to change.
+    pub fn coordinator_urls(&self) -> Result<Vec<CoordinatorUrl>, (&'static str, String)> {
+        match (&self.coordinator, &self.coordinators) {
+            (Some(_), Some(_)) => Err((
+                "coordinators",
+                "both `coordinator` and `coordinators` are set; keep one (a single URL may be written as `coordinators = [\"https://HOST:PORT\"]`)".into(),
+            )),
+            (None, None) => Err((
+                "coordinators",
+                "no coordinator: set `coordinators = [\"https://HOST:PORT\", ...]` (or `coordinator = \"https://HOST:PORT\"`)".into(),
+            )),
+            (Some(one), None) => Ok(vec![parse_url(one).map_err(|r| ("coordinator", r))?]),
+            (None, Some(list)) if list.is_empty() => Err((
+                "coordinators",
+                "the list is empty; name at least one `https://HOST:PORT`".into(),
+            )),
+            (None, Some(list)) => list
+                .iter()
+                .map(|u| parse_url(u).map_err(|r| ("coordinators", r)))
+                .collect(),
+        }
+    }
+
     pub fn backoff(&self) -> (Duration, Duration) {
         (
             Duration::from_millis(self.reconnect_initial_ms),
             Duration::from_millis(self.reconnect_max_ms),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(coordinator_lines: &str) -> Config {
+        toml::from_str(&format!(
+            "host_id = \"h1\"\n{coordinator_lines}state_dir = \"/nonexistent\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"
+        ))
+        .expect("parses")
+    }
+
+    #[test]
+    fn one_coordinator_is_a_one_element_list_and_several_keep_their_order() {
+        let one = config("coordinator = \"https://a.test:7443\"\n")
+            .coordinator_urls()
+            .expect("one");
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].host.as_str(), one[0].port), ("a.test", 7443));
+        let list = config("coordinators = [\"https://b.test:1\", \"https://[::1]:2\"]\n")
+            .coordinator_urls()
+            .expect("list");
+        let hosts: Vec<_> = list.iter().map(|u| (u.host.as_str(), u.port)).collect();
+        assert_eq!(hosts, [("b.test", 1), ("::1", 2)]);
+    }
+
+    #[test]
+    fn both_keys_none_an_empty_list_or_a_bad_url_is_refused_naming_the_key() {
+        for (lines, key, says) in [
+            (
+                "coordinator = \"https://a.test\"\ncoordinators = [\"https://b.test\"]\n",
+                "coordinators",
+                "both `coordinator` and `coordinators`",
+            ),
+            ("", "coordinators", "no coordinator"),
+            ("coordinators = []\n", "coordinators", "empty"),
+            (
+                "coordinators = [\"https://a.test\", \"http://b.test\"]\n",
+                "coordinators",
+                "`http://b.test` must be an https:// URL",
+            ),
+            (
+                "coordinator = \"https://a.test/x\"\n",
+                "coordinator",
+                "`https://a.test/x` must be https://HOST[:PORT]",
+            ),
+        ] {
+            let (k, reason) = config(lines).coordinator_urls().expect_err(lines);
+            assert_eq!(k, key, "{lines}");
+            assert!(reason.contains(says), "{lines}: {reason}");
+        }
     }
 }

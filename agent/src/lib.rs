@@ -1,13 +1,15 @@
-//! rollback-agent: the only component that touches a host. It dials out to the coordinator,
-//! holds one session, heartbeats, and reconnects with exponential backoff and jitter whenever
-//! the coordinator goes away.
+//! rollback-agent: the only component that touches a host. It dials out to one of its
+//! coordinators, holds one session, heartbeats, and moves to the next coordinator (with
+//! exponential backoff and jitter per round of them) whenever its coordinator goes away.
 
 pub mod actions;
 mod backoff;
 mod certwatch;
 pub mod config;
 pub mod contain;
+pub mod coordinators;
 pub mod exec;
+mod failover;
 pub mod journal;
 pub mod profile;
 mod runner;
@@ -21,13 +23,10 @@ use std::sync::Arc;
 
 use rollback_common::identity::Role;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use config::Config;
 pub use runner::StepExecution;
-
-use crate::backoff::Backoff;
-use crate::session::{SessionEnd, SessionError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -60,15 +59,26 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    run_with(config, shutdown, StepExecution::Real).await
+    run_with(config, shutdown, StepExecution::Real, 0).await
 }
 
-/// `run`, with the way steps are executed chosen by the caller (`Noop` for `--simulate`).
+/// `run`, with the way steps are executed chosen by the caller (`Noop` for `--simulate`) and
+/// the coordinator address the first connection attempt starts at (`first` modulo the number
+/// of addresses; the simulator spreads its agents with it).
 pub async fn run_with(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
     execution: StepExecution,
+    first: usize,
 ) -> Result<(), AgentError> {
+    let urls = config.coordinator_urls().map_err(|(key, reason)| {
+        AgentError::Config(Box::new(config::ConfigError::Invalid {
+            path: "agent.toml".into(),
+            key: key.to_string(),
+            reason,
+        }))
+    })?;
+    let rotation = coordinators::Rotation::new(urls, config.server_name.clone(), first);
     let own = config.tls.own_identity()?;
     if own.role != Role::Agent || own.name != config.host_id {
         return Err(AgentError::CertificateMismatch {
@@ -102,43 +112,17 @@ pub async fn run_with(
         on_signal.cancel();
     });
 
-    let (initial, max) = config.backoff();
-    let mut backoff = Backoff::new(initial, max);
-    info!(host = %config.host_id, coordinator = %config.coordinator, "agent starting");
-    loop {
-        // Each connection presents the pair on disk if it checks out (else the last good one).
-        certs.look();
-        let result = session::run_session(&config, &certs, &cancel, &runner, &uplink, || {
-            backoff.reset()
-        })
-        .await;
-        match result {
-            Ok(SessionEnd::Shutdown) => break,
-            // Straight back with the renewed certificate: nothing failed.
-            Ok(SessionEnd::Renewed) => continue,
-            Ok(SessionEnd::ClosedByCoordinator) => {
-                info!("coordinator closed the session; reconnecting")
-            }
-            Err(
-                e @ SessionError::Refused {
-                    code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
-                    ..
-                },
-            ) => {
-                error!(error = %e, "coordinator refused this agent; check its certificate and host_id")
-            }
-            Err(e) => warn!(error = %e, "session failed"),
-        }
-        let delay = backoff.next_delay();
-        info!(
-            delay_ms = delay.as_millis() as u64,
-            "reconnecting after backoff"
-        );
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
+    info!(
+        host = %config.host_id,
+        coordinators = %rotation
+            .urls()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        "agent starting"
+    );
+    failover::dial_loop(&config, rotation, &certs, &cancel, &runner, &uplink).await;
     contain::shutdown();
     info!("agent stopped");
     Ok(())

@@ -12,7 +12,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Agent config (TOML): host_id, coordinator URL, [labels], state_dir, [tls] ca/cert/key.
+    /// Agent config (TOML): host_id, coordinator URL(s), [labels], state_dir, [tls] ca/cert/key.
     #[arg(long, env = "ROLLBACK_AGENT_CONFIG")]
     config: PathBuf,
     /// Benchmarking only: run K simulated agents in this process instead of this host's agent.

@@ -27,6 +27,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 use crate::certwatch::{CertWatch, Look};
 use crate::config::Config;
+use crate::coordinators::Target;
 use crate::runner::Runner;
 use crate::uplink::Uplink;
 
@@ -61,18 +62,22 @@ pub enum SessionError {
     Stream(#[source] tonic::Status),
 }
 
-/// Called once the coordinator acknowledged the session (used to reset backoff).
+/// One session with the coordinator at `target`: its address is dialled and its certificate
+/// verified against `target.tls_name` (the URL's host name, not the address).
+/// `on_established` is called once the coordinator acknowledged the session.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_session(
     config: &Config,
+    target: &Target,
     certs: &CertWatch,
     shutdown: &CancellationToken,
     runner: &Arc<Runner>,
     uplink: &Uplink,
     on_established: impl FnOnce(),
 ) -> Result<SessionEnd, SessionError> {
-    let url = config.coordinator.clone();
-    let endpoint = Endpoint::from_shared(url.clone())
-        .and_then(|e| e.tls_config(certs.tls()))
+    let url = target.to_string();
+    let endpoint = Endpoint::from_shared(format!("https://{}", target.addr))
+        .and_then(|e| e.tls_config(certs.tls().domain_name(target.tls_name.clone())))
         .map_err(|source| SessionError::Endpoint {
             url: url.clone(),
             source,
@@ -126,6 +131,7 @@ pub async fn run_session(
 
     let result = serve(
         config,
+        target,
         certs,
         shutdown,
         runner,
@@ -201,6 +207,7 @@ impl PendingRenewal {
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &Config,
+    target: &Target,
     certs: &CertWatch,
     shutdown: &CancellationToken,
     runner: &Arc<Runner>,
@@ -254,7 +261,7 @@ async fn serve(
                             uplink.attach(tx.clone());
                             runner.resend_unacked().await;
                         }
-                        info!(coordinator_version = %ack.coordinator_version, "session established");
+                        info!(host = %config.host_id, coordinator = %target.url, addr = %target.addr, coordinator_version = %ack.coordinator_version, "session established");
                         if ack.heartbeat_interval_secs > 0 {
                             heartbeat_every = Duration::from_secs(u64::from(ack.heartbeat_interval_secs));
                             ticker = tokio::time::interval(heartbeat_every);

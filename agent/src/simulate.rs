@@ -8,7 +8,9 @@
 //! Host `i` (1-based) is `<host_id>-<i:05>` of the template config; its certificate is
 //! `<pki>/agent/<id>.pem` in a `rollbackctl pki` directory (issued here if missing, so the CA
 //! key must be in that directory: use a throwaway benchmark CA), and its state dir is
-//! `<state_dir>/<id>`.
+//! `<state_dir>/<id>`. With several coordinators in the template (`coordinators = [...]`),
+//! host `i`'s first connection attempt goes to address `(i - 1) mod n`, so the simulated fleet
+//! starts spread evenly over them; each host then fails over like any agent.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -169,6 +171,7 @@ pub async fn run(
                 config,
                 async move { stop.cancelled().await },
                 StepExecution::Noop,
+                i - 1,
             )
             .await
             .map_err(|e| (host, e))

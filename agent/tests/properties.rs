@@ -1527,10 +1527,14 @@ fn step_numbers_accept_only_digits() {
 /// What every loaded config satisfies, whatever the file held.
 fn documented_rules(c: &Config) -> Result<(), TestCaseError> {
     prop_assert!(host_id_ok(&c.host_id), "host_id {:?}", c.host_id);
+    let urls = c.coordinator_urls();
     prop_assert!(
-        c.coordinator.starts_with("https://"),
-        "coordinator {:?}",
-        c.coordinator
+        urls.as_ref()
+            .is_ok_and(|u| !u.is_empty() && u.iter().all(|u| u.url.starts_with("https://"))),
+        "coordinators {:?} / {:?}: {:?}",
+        c.coordinator,
+        c.coordinators,
+        urls
     );
     for (k, v) in &c.labels {
         prop_assert!(
@@ -1818,6 +1822,8 @@ fn millis_value(m: &Millis, default: u64) -> Option<u64> {
 struct Doc {
     host_id: Field,
     coordinator: Field,
+    /// Written as `coordinators = [URL]` rather than `coordinator = URL` (the same thing).
+    as_list: bool,
     labels: (Vec<(String, String)>, bool),
     initial: Millis,
     max: Millis,
@@ -1830,7 +1836,7 @@ fn docs() -> impl Strategy<Value = Doc> {
         (valid_docs(), any_docs(), 0..5).prop_map(|(mut d, other, field)| {
             match field {
                 0 => d.host_id = other.host_id,
-                1 => d.coordinator = other.coordinator,
+                1 => (d.coordinator, d.as_list) = (other.coordinator, other.as_list),
                 2 => d.labels = other.labels,
                 3 => d.initial = other.initial,
                 _ => d.max = other.max,
@@ -1847,14 +1853,18 @@ fn any_docs() -> impl Strategy<Value = Doc> {
         labels_field(),
         millis(),
         millis(),
+        any::<bool>(),
     )
-        .prop_map(|(host_id, coordinator, labels, initial, max)| Doc {
-            host_id,
-            coordinator,
-            labels,
-            initial,
-            max,
-        })
+        .prop_map(
+            |(host_id, coordinator, labels, initial, max, as_list)| Doc {
+                host_id,
+                coordinator,
+                as_list,
+                labels,
+                initial,
+                max,
+            },
+        )
 }
 
 /// Docs whose every field is valid by the documented rules.
@@ -1870,22 +1880,34 @@ fn valid_docs() -> impl Strategy<Value = Doc> {
         (200i64..=i64::MAX).prop_map(|m| (Millis::Absent, Millis::Int(m))),
         (1i64..=100_000, 0i64..=1_000_000).prop_map(|(i, d)| (Millis::Int(i), Millis::Int(i + d))),
     ];
-    (valid_host_id(), valid_coordinator(), labels, reconnect).prop_map(
-        |(host_id, coordinator, labels, (initial, max))| Doc {
-            host_id: (host_id, true),
-            coordinator: (coordinator, true),
-            labels: (labels.into_iter().collect(), true),
-            initial,
-            max,
-        },
+    (
+        valid_host_id(),
+        valid_coordinator(),
+        labels,
+        reconnect,
+        any::<bool>(),
     )
+        .prop_map(
+            |(host_id, coordinator, labels, (initial, max), as_list)| Doc {
+                host_id: (host_id, true),
+                coordinator: (coordinator, true),
+                as_list,
+                labels: (labels.into_iter().collect(), true),
+                initial,
+                max,
+            },
+        )
 }
 
 impl Doc {
     fn render(&self, host: &Host, profile: bool) -> String {
         let mut t = String::from(STATE_LINE);
         t.push_str(&format!("host_id = {}\n", q(&self.host_id.0)));
-        t.push_str(&format!("coordinator = {}\n", q(&self.coordinator.0)));
+        if self.as_list {
+            t.push_str(&format!("coordinators = [{}]\n", q(&self.coordinator.0)));
+        } else {
+            t.push_str(&format!("coordinator = {}\n", q(&self.coordinator.0)));
+        }
         for (key, m) in [
             ("reconnect_initial_ms", &self.initial),
             ("reconnect_max_ms", &self.max),
@@ -1926,7 +1948,10 @@ fn config_load_accepts_only_documented_values() {
             Ok(c) => {
                 documented_rules(&c)?;
                 prop_assert_eq!(&c.host_id, &doc.host_id.0);
-                prop_assert_eq!(&c.coordinator, &doc.coordinator.0);
+                let urls = c.coordinator_urls().map_err(|e| TestCaseError::fail(e.1))?;
+                prop_assert_eq!(urls.len(), 1);
+                prop_assert_eq!(&urls[0].url, &doc.coordinator.0);
+                prop_assert_eq!(c.coordinators.is_some(), doc.as_list);
                 let labels: BTreeMap<String, String> = doc.labels.0.iter().cloned().collect();
                 prop_assert_eq!(&c.labels, &labels);
                 if let Some(i) = millis_value(&doc.initial, 200) {
@@ -1961,6 +1986,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &[
             "host_id",
             "coordinator",
+            "coordinators",
             "server_name",
             "labels",
             "state_dir",
@@ -2097,10 +2123,14 @@ fn config_load_validates_the_profile() {
 #[test]
 fn config_load_refuses_coordinators_without_host_or_with_a_bad_port() {
     let host = Host::new();
-    for bad in ["https://:1", "https://host:99999", "https://:0"] {
+    for (bad, as_list) in ["https://:1", "https://host:99999", "https://:0"]
+        .into_iter()
+        .flat_map(|b| [(b, false), (b, true)])
+    {
         let doc = Doc {
             host_id: ("web-1".into(), true),
             coordinator: (bad.into(), false),
+            as_list,
             labels: (Vec::new(), true),
             initial: Millis::Absent,
             max: Millis::Absent,

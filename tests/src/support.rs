@@ -298,12 +298,42 @@ impl Coordinator {
         operators: &[(&str, &str)],
         top_level: &str,
     ) -> Result<Self> {
+        Self::start_full(
+            dir,
+            pki,
+            operators,
+            top_level,
+            "coordinator",
+            &["127.0.0.1", "localhost"],
+        )
+    }
+
+    /// Like `start`, with a certificate of its own: `coordinator/NAME` with `sans` (DNS names
+    /// or IP addresses). Several coordinators of one PKI need distinct names (and dirs).
+    pub fn start_named(
+        dir: &Path,
+        pki: &Pki,
+        operators: &[(&str, &str)],
+        name: &str,
+        sans: &[&str],
+    ) -> Result<Self> {
+        Self::start_full(dir, pki, operators, "", name, sans)
+    }
+
+    fn start_full(
+        dir: &Path,
+        pki: &Pki,
+        operators: &[(&str, &str)],
+        top_level: &str,
+        name: &str,
+        sans: &[&str],
+    ) -> Result<Self> {
         let top_level = if top_level.is_empty() || top_level.ends_with('\n') {
             top_level.to_string()
         } else {
             format!("{top_level}\n")
         };
-        let certs = pki.coordinator("coordinator", &["127.0.0.1", "localhost"])?;
+        let certs = pki.coordinator(name, sans)?;
         let mut ops = String::new();
         for (name, role) in operators {
             ops.push_str(&format!("{name} = \"{role}\"\n"));
@@ -532,6 +562,36 @@ impl Agent {
         settings: &str,
         profile: &str,
     ) -> Result<Self> {
+        let line = format!("coordinator = \"{coordinator_url}\"\n");
+        Self::spawn(dir, host_id, labels, &line, ca, certs, settings, profile)
+    }
+
+    /// Like `start_with_profile`, configured with several coordinators
+    /// (`coordinators = [...]` in agent.toml, tried in this order).
+    pub fn start_with_coordinators(
+        dir: &Path,
+        host_id: &str,
+        labels: &[(&str, &str)],
+        coordinators: &[String],
+        ca: &Path,
+        certs: &CertFiles,
+        profile: &str,
+    ) -> Result<Self> {
+        let line = coordinators_line(coordinators);
+        Self::spawn(dir, host_id, labels, &line, ca, certs, "", profile)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        dir: &Path,
+        host_id: &str,
+        labels: &[(&str, &str)],
+        coordinator_line: &str,
+        ca: &Path,
+        certs: &CertFiles,
+        settings: &str,
+        profile: &str,
+    ) -> Result<Self> {
         let dir = dir.join(format!("agent-{host_id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut label_lines = String::new();
@@ -542,7 +602,7 @@ impl Agent {
         write_private(
             &config,
             format!(
-                "host_id = \"{host_id}\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"state\"\n\
+                "host_id = \"{host_id}\"\n{coordinator_line}state_dir = \"state\"\n\
                  reconnect_initial_ms = 100\nreconnect_max_ms = 500\n{settings}[labels]\n{label_lines}\
                  [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{profile}",
                 ca.display(),
@@ -563,6 +623,12 @@ impl Agent {
     }
 }
 
+/// The agent.toml line `coordinators = ["URL", ...]`.
+pub fn coordinators_line(urls: &[String]) -> String {
+    let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!("coordinators = [{}]\n", quoted.join(", "))
+}
+
 /// `rollback-agent --simulate COUNT`: COUNT whole agents in one process (hosts `sim-00001`
 /// onwards, reporting label `sim=yes`, which targets nothing until the inventory says so) whose validated steps succeed without running; it issues their
 /// certificates with the fleet CA in `pki`. Its state is in `DIR/sim-state`; killed when
@@ -575,12 +641,28 @@ pub struct Simulator {
 
 impl Simulator {
     pub fn start(dir: &Path, coordinator_url: &str, pki: &Pki, count: usize) -> Result<Self> {
+        let line = format!("coordinator = \"{coordinator_url}\"\n");
+        Self::spawn(dir, &line, pki, count)
+    }
+
+    /// Like `start`, with several coordinators (`coordinators = [...]`): simulated host `i`
+    /// starts at the `(i - 1) mod n`-th.
+    pub fn start_with_coordinators(
+        dir: &Path,
+        coordinators: &[String],
+        pki: &Pki,
+        count: usize,
+    ) -> Result<Self> {
+        Self::spawn(dir, &coordinators_line(coordinators), pki, count)
+    }
+
+    fn spawn(dir: &Path, coordinator_line: &str, pki: &Pki, count: usize) -> Result<Self> {
         let state_dir = dir.join("sim-state");
         let config = dir.join("sim.toml");
         write_private(
             &config,
             format!(
-                "host_id = \"sim\"\ncoordinator = \"{coordinator_url}\"\nstate_dir = \"{state}\"\n\
+                "host_id = \"sim\"\n{coordinator_line}state_dir = \"{state}\"\n\
                  reconnect_initial_ms = 100\nreconnect_max_ms = 500\n\
                  [labels]\nsim = \"yes\"\n\
                  [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
