@@ -59,7 +59,20 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    run_with(config, shutdown, StepExecution::Real, 0).await
+    let first = spread(&config.host_id);
+    run_with(config, shutdown, StepExecution::Real, first).await
+}
+
+/// Where a host starts in its coordinator list: a stable hash of its id (FNV-1a), so a fleet
+/// configured with the same `coordinators = [A, B, C]` spreads over all three instead of
+/// landing on A, and each host comes back to the same one after a restart.
+pub fn spread(host_id: &str) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    usize::try_from(h % 1_000_003).unwrap_or(0)
 }
 
 /// `run`, with the way steps are executed chosen by the caller (`Noop` for `--simulate`) and
@@ -158,4 +171,20 @@ fn create_state_dir(config: &Config) -> Result<(), AgentError> {
         warn!(path = %path.display(), was = format!("{:04o}", meta.mode() & 0o777), "state dir mode forced to 0700");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod spread_tests {
+    #[test]
+    fn a_fleet_spreads_over_its_coordinators_and_each_host_keeps_its_place() {
+        let mut per = [0usize; 3];
+        for i in 1..=300 {
+            per[super::spread(&format!("web-{i}")) % 3] += 1;
+        }
+        assert!(
+            per.iter().all(|&n| n > 60),
+            "300 hosts over 3 coordinators: {per:?}"
+        );
+        assert_eq!(super::spread("web-7"), super::spread("web-7"));
+    }
 }
