@@ -27,6 +27,10 @@ struct Args {
     /// With --simulate: milliseconds between starting two simulated agents.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     simulate_interval_ms: u64,
+    /// With --simulate: milliseconds each simulated step takes before it succeeds (a step
+    /// that takes time, to watch a job while it runs).
+    #[arg(long, value_name = "MS", default_value_t = 0, requires = "simulate")]
+    simulate_step_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -48,6 +52,7 @@ async fn agent_main() -> Result<()> {
             pki,
             template: config,
             start_interval: std::time::Duration::from_millis(args.simulate_interval_ms),
+            step_ms: args.simulate_step_ms,
         };
         return rollback_agent::simulate::run(sim, rollback_common::daemon::shutdown_signal())
             .await

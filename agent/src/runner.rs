@@ -35,11 +35,11 @@ const MAX_CHUNK: usize = 16 * 1024;
 
 /// How a run's steps are executed. `Noop` is the one hook for `rollback-agent --simulate`
 /// (`crate::simulate`): validation, journal, events and results stay the real ones; only the
-/// step's action is replaced by an immediate success.
+/// step's action is replaced by a success after `step_ms` (0: at once), or a cancel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepExecution {
     Real,
-    Noop,
+    Noop { step_ms: u64 },
 }
 
 /// Time left before a run's deadline at `now_ms`: `None` when the run has no deadline
@@ -543,7 +543,9 @@ impl Runner {
                 let started = std::time::Instant::now();
                 let result = match self.execution {
                     StepExecution::Real => actions::execute(action, ctx).await,
-                    StepExecution::Noop => crate::simulate::noop_result(),
+                    StepExecution::Noop { step_ms } => {
+                        crate::simulate::noop_result(step_ms, &cancel).await
+                    }
                 };
 
                 let step = &mut record.steps[i];

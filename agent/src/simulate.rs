@@ -43,6 +43,8 @@ pub struct Simulation {
     pub template: Config,
     /// Pause between starting two hosts (zero: all at once).
     pub start_interval: Duration,
+    /// How long each simulated step takes (zero: it succeeds at once).
+    pub step_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +75,19 @@ pub fn host_id(prefix: &str, i: usize) -> String {
 }
 
 /// What a no-op step reports: succeeded, exit 0, no output.
-pub fn noop_result() -> StepResult {
+pub async fn noop_result(step_ms: u64, cancel: &tokio_util::sync::CancellationToken) -> StepResult {
+    if step_ms > 0 {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(step_ms)) => {}
+            () = cancel.cancelled() => return StepResult {
+                status: StepStatus::Cancelled,
+                exit_code: -1,
+                error: "cancelled".into(),
+                output: OutputCap::new(0),
+                facts: BTreeMap::new(),
+            },
+        }
+    }
     StepResult {
         status: StepStatus::Succeeded,
         exit_code: 0,
@@ -170,7 +184,9 @@ pub async fn run(
             crate::run_with(
                 config,
                 async move { stop.cancelled().await },
-                StepExecution::Noop,
+                StepExecution::Noop {
+                    step_ms: sim.step_ms,
+                },
                 i - 1,
             )
             .await

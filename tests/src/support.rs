@@ -642,7 +642,7 @@ pub struct Simulator {
 impl Simulator {
     pub fn start(dir: &Path, coordinator_url: &str, pki: &Pki, count: usize) -> Result<Self> {
         let line = format!("coordinator = \"{coordinator_url}\"\n");
-        Self::spawn(dir, &line, pki, count)
+        Self::spawn(dir, &line, pki, count, 0)
     }
 
     /// Like `start`, with several coordinators (`coordinators = [...]`): simulated host `i`
@@ -653,10 +653,28 @@ impl Simulator {
         pki: &Pki,
         count: usize,
     ) -> Result<Self> {
-        Self::spawn(dir, &coordinators_line(coordinators), pki, count)
+        Self::spawn(dir, &coordinators_line(coordinators), pki, count, 0)
     }
 
-    fn spawn(dir: &Path, coordinator_line: &str, pki: &Pki, count: usize) -> Result<Self> {
+    /// Like `start_with_coordinators`, each simulated step taking `step_ms` (a job that runs
+    /// long enough to kill its coordinator during it).
+    pub fn start_slow(
+        dir: &Path,
+        coordinators: &[String],
+        pki: &Pki,
+        count: usize,
+        step_ms: u64,
+    ) -> Result<Self> {
+        Self::spawn(dir, &coordinators_line(coordinators), pki, count, step_ms)
+    }
+
+    fn spawn(
+        dir: &Path,
+        coordinator_line: &str,
+        pki: &Pki,
+        count: usize,
+        step_ms: u64,
+    ) -> Result<Self> {
         let state_dir = dir.join("sim-state");
         let config = dir.join("sim.toml");
         write_private(
@@ -682,6 +700,8 @@ impl Simulator {
             .arg(count.to_string())
             .arg("--simulate-pki")
             .arg(&pki.dir)
+            .arg("--simulate-step-ms")
+            .arg(step_ms.to_string())
             .env("ROLLBACK_LOG", "info");
         let proc = Proc::spawn(cmd, dir.join("simulator.log"))?;
         Ok(Self { proc, state_dir })
