@@ -35,6 +35,9 @@ pub async fn tick(cluster: &Cluster, jobs: &Arc<Jobs>) -> bool {
     if !driving.is_empty() {
         match store.renew_jobs(&cluster.me, &driving, now + lease).await {
             Ok(renewed) => {
+                for job in &renewed {
+                    jobs.lease_renewed(job, now + lease);
+                }
                 let renewed: HashSet<String> = renewed.into_iter().collect();
                 for job in driving.iter().filter(|j| !renewed.contains(*j)) {
                     jobs.lease_lost(job);
@@ -57,14 +60,17 @@ pub async fn tick(cluster: &Cluster, jobs: &Arc<Jobs>) -> bool {
         ),
         Err(e) => warn!(error = %e, "store failed releasing the agents of dead coordinators"),
     }
-    let orphans = match store.orphaned_jobs(&cluster.me, now, lease).await {
+    let orphans = match store.orphaned_jobs(now, lease).await {
         Ok(o) => o,
         Err(e) => {
             warn!(error = %e, "store failed listing jobs whose owner's lease lapsed");
             return ours;
         }
     };
-    for orphan in orphans {
+    for orphan in orphans
+        .into_iter()
+        .filter(|o| !jobs.is_live_here(&o.job_id))
+    {
         match store
             .claim_job(&orphan.job_id, &cluster.me, now_unix_ms(), lease)
             .await

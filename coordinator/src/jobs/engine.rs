@@ -461,6 +461,9 @@ impl Jobs {
             state: std::sync::Mutex::new(state.as_str().into()),
             stop: self.shutdown.child_token(),
             lease_lost: CancellationToken::new(),
+            lease_until_ms: std::sync::atomic::AtomicI64::new(
+                now_unix_ms().saturating_add(self.cluster.lease_ms()),
+            ),
         });
         self.live_jobs().insert(job_id.to_string(), live.clone());
         live
@@ -1187,6 +1190,10 @@ impl Jobs {
         }
         if let Err(end) = self.session_for(host, live).await {
             return with_step(end);
+        }
+        // Nothing new is dispatched on a lease about to lapse: a peer may be taking it over.
+        if !self.lease_holds(job_id, live) {
+            return RunEnd::Stopping;
         }
         let steps: Vec<rollback_common::proto::Step> = phase
             .steps_for(host)

@@ -61,6 +61,8 @@ struct LiveJob {
     stop: CancellationToken,
     /// Its lease went to another coordinator: the job is theirs now.
     lease_lost: CancellationToken,
+    /// Until when this process's lease holds, as last renewed.
+    lease_until_ms: std::sync::atomic::AtomicI64,
 }
 
 pub struct Jobs {

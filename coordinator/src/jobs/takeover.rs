@@ -9,7 +9,9 @@ use rollback_common::now_unix_ms;
 use tonic::Status;
 use tracing::{error, warn};
 
-use super::Jobs;
+use std::sync::atomic::Ordering;
+
+use super::{Jobs, LiveJob};
 use crate::store::cluster::Claim;
 
 impl Jobs {
@@ -45,6 +47,36 @@ impl Jobs {
             })
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// Renewed until `until_ms`.
+    pub fn lease_renewed(&self, job_id: &str, until_ms: i64) {
+        if let Some(live) = self.live_job(job_id) {
+            live.lease_until_ms.store(until_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this process may still act for the job: its lease holds for at least another
+    /// fifth of the lease (a peer takes over only once the lease has lapsed, so with clocks
+    /// within that margin the two never act at once). A lease about to lapse stops the job
+    /// here, as a lost one does.
+    pub(super) fn lease_holds(&self, job_id: &str, live: &LiveJob) -> bool {
+        if !self.cluster.shared() {
+            // Nobody else could take it: the one coordinator of a SQLite store goes on.
+            return true;
+        }
+        let margin = self.cluster.lease_ms() / 5;
+        if now_unix_ms() + margin < live.lease_until_ms.load(Ordering::Relaxed) {
+            return true;
+        }
+        error!(job = %job_id, "the job's lease was not renewed in time (is the store reachable?); stopping it here so that no two coordinators drive it");
+        live.stop.cancel();
+        false
+    }
+
+    /// This process has the job in hand (driving it, or stopping it).
+    pub fn is_live_here(&self, job_id: &str) -> bool {
+        self.live_job(job_id).is_some()
     }
 
     /// This process drives `job_id` now.

@@ -104,13 +104,10 @@ pub trait ClusterStore: Send + Sync {
     ) -> Result<Vec<String>, StoreError>;
     /// Gives up our lease at once (the job ended, or this process is stopping).
     async fn release_job(&self, job_id: &str, me: &Owner) -> Result<(), StoreError>;
-    /// Running jobs whose lease lapsed (or that nobody claimed within `lease_ms`), not ours.
-    async fn orphaned_jobs(
-        &self,
-        me: &Owner,
-        now_ms: i64,
-        lease_ms: i64,
-    ) -> Result<Vec<Orphan>, StoreError>;
+    /// Running jobs whose lease lapsed (or that nobody claimed within `lease_ms`) — ours too:
+    /// a job this process stopped driving because its lease was about to lapse is resumed
+    /// by whoever claims it first, this process included.
+    async fn orphaned_jobs(&self, now_ms: i64, lease_ms: i64) -> Result<Vec<Orphan>, StoreError>;
     /// The job's owner name and lease end.
     async fn job_owner(&self, job_id: &str) -> Result<Option<(String, i64)>, StoreError>;
 }

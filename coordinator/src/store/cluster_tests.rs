@@ -143,7 +143,7 @@ pub async fn leases(store: &dyn Store) {
         .unwrap();
     assert!(
         store
-            .orphaned_jobs(&b, now + 10, LEASE)
+            .orphaned_jobs(now + 10, LEASE)
             .await
             .unwrap()
             .is_empty(),
@@ -181,14 +181,14 @@ pub async fn leases(store: &dyn Store) {
     );
     assert!(
         store
-            .orphaned_jobs(&b, now + 3_000 + LEASE - 1, LEASE)
+            .orphaned_jobs(now + 3_000 + LEASE - 1, LEASE)
             .await
             .unwrap()
             .is_empty()
     );
     // a goes silent: the lease lapses, b takes it over once, and a's renewal fails.
     let later = now + 3_000 + LEASE + 1;
-    let orphans = store.orphaned_jobs(&b, later, LEASE).await.unwrap();
+    let orphans = store.orphaned_jobs(later, LEASE).await.unwrap();
     assert_eq!(orphans.len(), 1);
     assert_eq!(orphans[0].owner, "a");
     assert_eq!(
@@ -241,7 +241,7 @@ pub async fn leases(store: &dyn Store) {
         .await
         .unwrap();
     let orphans: Vec<String> = store
-        .orphaned_jobs(&b, now + LEASE + 1, LEASE)
+        .orphaned_jobs(now + LEASE + 1, LEASE)
         .await
         .unwrap()
         .into_iter()

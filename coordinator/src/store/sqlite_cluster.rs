@@ -241,19 +241,13 @@ impl ClusterStore for SqliteStore {
         Ok(())
     }
 
-    async fn orphaned_jobs(
-        &self,
-        me: &Owner,
-        now_ms: i64,
-        lease_ms: i64,
-    ) -> Result<Vec<Orphan>, StoreError> {
+    async fn orphaned_jobs(&self, now_ms: i64, lease_ms: i64) -> Result<Vec<Orphan>, StoreError> {
         let rows = sqlx::query(
             "SELECT job_id, owner FROM jobs
-             WHERE state = 'running' AND owner_instance <> ?1 AND owner_until_ms < ?2
-               AND (owner <> '' OR created_at_ms < ?3)
+             WHERE state = 'running' AND owner_until_ms < ?1
+               AND (owner <> '' OR created_at_ms < ?2)
              ORDER BY created_at_ms",
         )
-        .bind(&me.instance)
         .bind(now_ms)
         .bind(now_ms - lease_ms)
         .fetch_all(&self.pool)
