@@ -40,7 +40,7 @@ pub use config::Config;
 
 use crate::authz::{AuthzLayer, Policy};
 use crate::registry::Registry;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{Opened, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -80,15 +80,16 @@ pub async fn run(
         config.crl.as_deref(),
     )?);
     raise_open_files_limit();
-    let sqlite = SqliteStore::open(&config.database).await?;
-    let reset = sqlite.mark_all_disconnected().await?;
+    info!(database = %config.database, "opening the store");
+    let opened = Opened::open(&config.database).await?;
+    let store = opened.shared();
+    let reset = store.mark_all_disconnected().await?;
     if reset > 0 {
         info!(
             agents = reset,
             "marked agents from the previous run disconnected until they reconnect"
         );
     }
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let synced = store
         .sync_config_inventory(
             &config.inventory,
@@ -214,7 +215,7 @@ pub async fn run(
             "grace period over before every session was recorded closed"
         );
     }
-    sqlite.close().await;
+    opened.close().await;
     info!("coordinator stopped");
     served
 }
