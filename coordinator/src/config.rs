@@ -1,5 +1,6 @@
-//! `coordinator.toml`: listen address, TLS files and the CRL, connection limits, the SQLite
-//! store and operator roles.
+//! `coordinator.toml`: listen address, TLS files and the CRL, connection limits, the store
+//! (a SQLite file, or a PostgreSQL URL with its password from a file or the environment) and
+//! operator roles.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,6 +11,39 @@ use rollback_common::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::authz::OperatorRole;
+use crate::store::{Password, PgTarget};
+
+/// The environment variable that may hold the PostgreSQL password.
+pub const PASSWORD_ENV: &str = "ROLLBACK_DATABASE_PASSWORD";
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file (relative paths are taken relative to coordinator.toml's directory).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database; the password, if any, from `database_password_file` or
+    /// `ROLLBACK_DATABASE_PASSWORD` (never from the URL).
+    Postgres {
+        target: PgTarget,
+        password: Option<Password>,
+    },
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self::Sqlite(PathBuf::new())
+    }
+}
+
+impl std::fmt::Display for Database {
+    /// The path, or `postgres://USER@HOST:PORT/DB`: never a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres { target, .. } => write!(f, "{target}"),
+        }
+    }
+}
 
 /// The coordinator's configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -17,8 +51,17 @@ use crate::authz::OperatorRole;
 pub struct Config {
     /// Address to listen on for agents and operators (one port, told apart by certificate).
     pub listen: SocketAddr,
-    /// SQLite database file; created with its schema on first start.
-    pub database: PathBuf,
+    /// `database` as written: a SQLite file (created with its schema on first start) or
+    /// `postgres://USER@HOST:PORT/DB`. Read through `database` once loaded.
+    #[serde(rename = "database")]
+    database_setting: String,
+    /// The store, from `database` and `database_password_file` (set by `load`).
+    #[serde(skip)]
+    pub database: Database,
+    /// A file holding the PostgreSQL password (a regular file, no access for others, owned by
+    /// the coordinator's user or root); otherwise ROLLBACK_DATABASE_PASSWORD, if set.
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
     pub tls: TlsFiles,
     /// Operator name (from the certificate) → role: viewer, operator, approver or admin.
     #[serde(default)]
@@ -188,6 +231,22 @@ pub enum ConfigError {
         host: String,
         reason: String,
     },
+    #[error("coordinator config {path}: `database`: {source}")]
+    DatabaseUrl {
+        path: PathBuf,
+        #[source]
+        source: crate::store::PgUrlError,
+    },
+    #[error("coordinator config {path}: `database_password_file` {file}: {reason}")]
+    PasswordFile {
+        path: PathBuf,
+        file: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "coordinator config {path}: `database_password_file` is set but `database` is a SQLite file, which has no password; remove it or give a postgres:// URL"
+    )]
+    PasswordWithoutPostgres { path: PathBuf },
     #[error("coordinator config {path}: `{key}` must be {bound}")]
     Limit {
         path: PathBuf,
@@ -287,16 +346,89 @@ impl Config {
             *crl = base.join(&*crl);
         }
         config.tls.resolve_relative_to(base);
-        if config.database.is_relative() {
-            config.database = base.join(&config.database);
+        if let Some(file) = config
+            .database_password_file
+            .as_mut()
+            .filter(|p| p.is_relative())
+        {
+            *file = base.join(&*file);
         }
+        config.database = config.resolve_database(path, base)?;
         if let Some(rb) = config.runbook.as_mut().filter(|p| p.is_relative()) {
             *rb = base.join(&*rb);
         }
         Ok(config)
     }
 
+    /// `database` and its password: a URL is parsed (one with a password refused, without
+    /// echoing it), the password read from its file (checked) or the environment; a path is
+    /// taken relative to `base`.
+    fn resolve_database(&self, path: &Path, base: &Path) -> Result<Database, ConfigError> {
+        if !PgTarget::is_url(&self.database_setting) {
+            if self.database_password_file.is_some() {
+                return Err(ConfigError::PasswordWithoutPostgres {
+                    path: path.to_path_buf(),
+                });
+            }
+            let db = PathBuf::from(&self.database_setting);
+            return Ok(Database::Sqlite(if db.is_relative() {
+                base.join(db)
+            } else {
+                db
+            }));
+        }
+        let target =
+            PgTarget::parse(&self.database_setting).map_err(|source| ConfigError::DatabaseUrl {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let password = match &self.database_password_file {
+            Some(file) => {
+                Some(
+                    read_password_file(file).map_err(|reason| ConfigError::PasswordFile {
+                        path: path.to_path_buf(),
+                        file: file.clone(),
+                        reason,
+                    })?,
+                )
+            }
+            None => std::env::var(PASSWORD_ENV).ok().map(|p| Password::new(&p)),
+        };
+        Ok(Database::Postgres { target, password })
+    }
+
     pub fn lost_after(&self) -> Duration {
         Duration::from_secs(self.lost_after_secs)
     }
+}
+
+/// Reads a password file that only its owner (the coordinator's user, or root) can read.
+/// The reason for a refusal never quotes the file's contents.
+fn read_password_file(file: &Path) -> Result<Password, String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(file).map_err(|e| format!("{e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("is not a regular file (a symlink, directory or device is refused); point it at the file itself".into());
+    }
+    if meta.mode() & 0o007 != 0 {
+        return Err(format!(
+            "others may access it (mode {:o}); run `chmod o-rwx {}`",
+            meta.mode() & 0o777,
+            file.display()
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "is owned by uid {}, not by the coordinator's user (uid {me}) or root; run `chown {me} {}`",
+            meta.uid(),
+            file.display()
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{e}"))?;
+    let password = Password::new(&text);
+    if password == Password::new("") {
+        return Err("is empty; write the database user's password in it".into());
+    }
+    Ok(password)
 }

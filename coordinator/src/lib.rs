@@ -41,7 +41,7 @@ pub use config::Config;
 
 use crate::authz::{AuthzLayer, Policy};
 use crate::registry::Registry;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{Opened, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -83,9 +83,14 @@ pub async fn run(
         config.crl.as_deref(),
     )?);
     raise_open_files_limit();
-    let sqlite = SqliteStore::open(&config.database).await?;
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
-    let bus: Arc<dyn cluster::bus::Bus> = Arc::new(cluster::bus::Alone);
+    info!(database = %config.database, "opening the store");
+    let opened = Opened::open(&config.database).await?;
+    let store = opened.shared();
+    let pg_pool = opened.pg_pool();
+    let bus: Arc<dyn cluster::bus::Bus> = match &pg_pool {
+        Some(pool) => Arc::new(cluster::pg_bus::PgBus::new(pool.clone())),
+        None => Arc::new(cluster::bus::Alone),
+    };
     let name = config
         .name
         .clone()
@@ -167,6 +172,13 @@ pub async fn run(
         jobs.clone(),
         cancel.clone(),
     ));
+    if let Some(pool) = pg_pool {
+        tasks.spawn(cluster::pg_bus::listen(
+            pool,
+            cluster.clone(),
+            cancel.clone(),
+        ));
+    }
     let gateway = gateway::Gateway {
         store: store.clone(),
         registry: registry.clone(),
@@ -250,7 +262,7 @@ pub async fn run(
         );
     }
     cluster::peers::leave(&cluster).await;
-    sqlite.close().await;
+    opened.close().await;
     info!("coordinator stopped");
     served
 }

@@ -1,9 +1,11 @@
 //! rollback-tests: support code shared by the integration suites and by `xtask`: locating the
 //! built binaries, a throwaway PKI, running the coordinator, agents and `rollbackctl` as real
-//! processes, and the fleet lab of real hosts (network namespaces + systemd).
+//! processes, the suites' PostgreSQL cluster, and the fleet lab of real hosts (network
+//! namespaces + systemd).
 
 pub mod demo;
 pub mod lab;
 pub mod lab_fleet;
+pub mod pg;
 pub mod raw_tls;
 pub mod support;

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::pg::{self, StoreDb};
+
 /// A runbook with one procedure, `noop`: one `postgres.backup` step on each host (which the
 /// simulator runs as a no-op), for tests of the coordinator's machinery.
 pub const NOOP_RUNBOOK: &str = r#"
@@ -209,7 +211,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+    pub(crate) fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
@@ -259,6 +261,28 @@ impl Proc {
 }
 
 impl Proc {
+    /// SIGINT, then waits up to `grace` for it to exit (then SIGKILL).
+    pub fn interrupt(&mut self, grace: Duration) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let start = Instant::now();
+        while child.try_wait()?.is_none() {
+            if start.elapsed() > grace {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("pid {pid} did not exit within {grace:?} of SIGINT; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -274,7 +298,9 @@ impl Drop for Proc {
     }
 }
 
-/// A coordinator process on loopback with its config, store and log in `dir`.
+/// A coordinator process on loopback with its config, store and log in `dir`. Its store is
+/// the one `pg::backend()` chooses: `coordinator.sqlite` in `dir`, or a fresh database of its
+/// own in the suites' PostgreSQL cluster (dropped with it).
 #[derive(Debug)]
 pub struct Coordinator {
     pub dir: PathBuf,
@@ -282,6 +308,42 @@ pub struct Coordinator {
     pub addr: std::net::SocketAddr,
     pub proc: Proc,
     starts: u32,
+    store: StoreDb,
+    /// Its store is shared with other coordinators (`start_sharing`): not dropped with it.
+    shared_store: bool,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.proc.kill();
+        if let StoreDb::Postgres { server, database } = &self.store
+            && !self.shared_store
+        {
+            let _ = server.drop_database(database);
+        }
+    }
+}
+
+/// coordinator.toml's store lines for a new coordinator in `dir`, and the store they name.
+fn new_store(dir: &Path) -> Result<(String, StoreDb)> {
+    Ok(match pg::backend() {
+        pg::Backend::Sqlite => (
+            "database = \"coordinator.sqlite\"\n".to_string(),
+            StoreDb::Sqlite(dir.join("coordinator.sqlite")),
+        ),
+        pg::Backend::Postgres => {
+            let server = pg::Server::from_env();
+            let database = server.create_database()?;
+            (
+                format!(
+                    "database = \"{}\"\ndatabase_password_file = \"{}\"\n",
+                    server.url(&database),
+                    server.password_file.display()
+                ),
+                StoreDb::Postgres { server, database },
+            )
+        }
+    })
 }
 
 impl Coordinator {
@@ -320,6 +382,34 @@ impl Coordinator {
         Self::start_full(dir, pki, operators, "", name, sans)
     }
 
+    /// A coordinator (certificate `coordinator/CERT_NAME`) on the PostgreSQL `database` of
+    /// `server`, which other coordinators share (the caller creates and drops it).
+    pub fn start_sharing(
+        dir: &Path,
+        pki: &Pki,
+        operators: &[(&str, &str)],
+        cert_name: &str,
+        top_level: &str,
+        server: &pg::Server,
+        database: &str,
+    ) -> Result<Self> {
+        let shared = StoreDb::Postgres {
+            server: server.clone(),
+            database: database.to_string(),
+        };
+        let mut coord = Self::start_inner(
+            dir,
+            pki,
+            operators,
+            top_level,
+            cert_name,
+            &["127.0.0.1", "localhost"],
+            Some(shared),
+        )?;
+        coord.shared_store = true;
+        Ok(coord)
+    }
+
     fn start_full(
         dir: &Path,
         pki: &Pki,
@@ -327,6 +417,18 @@ impl Coordinator {
         top_level: &str,
         name: &str,
         sans: &[&str],
+    ) -> Result<Self> {
+        Self::start_inner(dir, pki, operators, top_level, name, sans, None)
+    }
+
+    fn start_inner(
+        dir: &Path,
+        pki: &Pki,
+        operators: &[(&str, &str)],
+        top_level: &str,
+        name: &str,
+        sans: &[&str],
+        shared: Option<StoreDb>,
     ) -> Result<Self> {
         let top_level = if top_level.is_empty() || top_level.ends_with('\n') {
             top_level.to_string()
@@ -339,11 +441,22 @@ impl Coordinator {
             ops.push_str(&format!("{name} = \"{role}\"\n"));
         }
         let config = dir.join("coordinator.toml");
+        let (database, store) = match shared {
+            Some(StoreDb::Postgres { server, database }) => (
+                format!(
+                    "database = \"{}\"\ndatabase_password_file = \"{}\"\n",
+                    server.url(&database),
+                    server.password_file.display()
+                ),
+                StoreDb::Postgres { server, database },
+            ),
+            _ => new_store(dir)?,
+        };
         let write = |listen: &str| {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"{listen}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 1\nshutdown_grace_secs = 5\n{top_level}\
+                    "listen = \"{listen}\"\n{database}heartbeat_interval_secs = 1\nshutdown_grace_secs = 5\n{top_level}\
                      [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{ops}",
                     pki.ca().display(),
                     certs.cert.display(),
@@ -361,6 +474,8 @@ impl Coordinator {
             addr,
             proc,
             starts: 1,
+            store,
+            shared_store: false,
         })
     }
 
@@ -428,9 +543,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The SQLite store (the config's `database`, relative to its directory).
-    pub fn database(&self) -> PathBuf {
-        self.dir.join("coordinator.sqlite")
+    /// The coordinator's store, for SQL run behind its back.
+    pub fn database(&self) -> StoreDb {
+        self.store.clone()
     }
 
     /// Loads `runbook` (TOML) instead of the seed runbook: writes it beside the config, names

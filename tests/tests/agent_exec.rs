@@ -616,19 +616,13 @@ fn a_run_left_by_an_earlier_coordinator_is_never_started_late() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let insert = "import sqlite3, sys\n\
-        db, run, host, blob = sys.argv[1:5]\n\
-        c = sqlite3.connect(db)\n\
-        c.execute(\"INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase) \
-        VALUES (?, '', ?, 'test', 'stale', ?, 0, 0, '')\", (run, host, bytes.fromhex(blob)))\n\
-        c.commit()\n";
-    let status = Command::new("python3")
-        .args(["-c", insert])
-        .arg(h.tmp.path().join("coordinator.sqlite"))
-        .args(["stale0001", "web-1", &hex])
-        .status()
-        .expect("python3 runs");
-    assert!(status.success(), "stale run inserted");
+    let db = h.coordinator.database();
+    db.exec(&format!(
+        "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase)
+         VALUES ('stale0001', '', 'web-1', 'test', 'stale', {}, 0, 0, '')",
+        db.blob(&hex)
+    ))
+    .expect("stale run inserted");
     let head = h.head();
     h.coordinator.restart().expect("restarts");
     eventually("web-1 back online", DEADLINE, || {

@@ -1,12 +1,11 @@
 //! The tamper-evident audit trail end to end, against a real coordinator and simulated agents:
 //! `rollbackctl audit verify` passes on a real history (a job and an exec) and fails, naming
-//! the record, once one row is edited or removed in the SQLite store behind the coordinator's
-//! back (running or stopped); the `audit` filters; every record names its actor; and a failed
+//! the record, once one row is edited or removed in the store (SQLite or PostgreSQL) behind the
+//! coordinator's back (running or stopped); the `audit` filters; every record names its actor; and a failed
 //! audit write fails the operation it records, leaving no effect — including a run's result.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -15,7 +14,6 @@ use rollback_tests::support::{
     rollbackctl, rollbackctl_command,
 };
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -159,45 +157,9 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Runs `f` on a connection of its own to the coordinator's SQLite file, as anyone with access
-/// to the disk could (the coordinator may be running: the store is in WAL mode).
-fn with_db<T>(db: &Path, f: impl AsyncFnOnce(&SqlitePool) -> Result<T>) -> Result<T> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let pool = SqlitePool::connect_with(
-            SqliteConnectOptions::from_str("sqlite://")?
-                .filename(db)
-                .busy_timeout(Duration::from_secs(10)),
-        )
-        .await
-        .with_context(|| format!("opening {}", db.display()))?;
-        let out = f(&pool).await;
-        pool.close().await;
-        out
-    })
-}
-
-/// Runs an SQL script (several statements) on the store.
-fn sql(db: &Path, script: &str) -> Result<()> {
-    with_db(db, async |pool| {
-        sqlx::raw_sql(script)
-            .execute(pool)
-            .await
-            .with_context(|| format!("running {script}"))?;
-        Ok(())
-    })
-}
-
-/// One number from the store.
-fn sql_count(db: &Path, query: &str) -> Result<i64> {
-    with_db(db, async |pool| {
-        sqlx::query_scalar(query)
-            .fetch_one(pool)
-            .await
-            .with_context(|| format!("running {query}"))
-    })
+/// A value as an SQL string literal.
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
@@ -314,52 +276,36 @@ fn audit_verify_passes_on_a_real_history_and_names_a_record_edited_or_removed_in
 
     // One row edited under the running coordinator. The append-only trigger stops a plain
     // UPDATE; whoever can write the file can drop it.
-    let err = sql(
-        &db,
-        "UPDATE audit_events SET detail = 'status=2' WHERE seq = 2",
-    )
-    .expect_err("the schema refuses to change an audit record");
+    let err = db
+        .exec("UPDATE audit_events SET detail = 'status=2' WHERE seq = 2")
+        .expect_err("the schema refuses to change an audit record");
     assert!(format!("{err:#}").contains("append-only"), "{err:#}");
-    sql(
-        &db,
-        "DROP TRIGGER audit_events_are_not_changed;
-         UPDATE audit_events SET detail = 'status=9 from_journal=false' WHERE seq = 3;",
-    )?;
+    db.drop_audit_trigger("audit_events_are_not_changed")?;
+    db.exec("UPDATE audit_events SET detail = 'status=9 from_journal=false' WHERE seq = 3")?;
     f.verify_names("hash mismatch: record 3 was changed")?;
-    with_db(&db, async |pool| {
-        sqlx::query("UPDATE audit_events SET detail = ?1 WHERE seq = 3")
-            .bind(str_of(&original(3)?, "detail"))
-            .execute(pool)
-            .await?;
-        Ok(())
-    })?;
+    db.exec(&format!(
+        "UPDATE audit_events SET detail = {} WHERE seq = 3",
+        quoted(str_of(&original(3)?, "detail"))
+    ))?;
     assert_eq!(f.verify_ok()?, 7, "restored");
 
     // One row edited while the coordinator is stopped: a restart does not absorb it.
     f.coord.stop()?;
-    sql(
-        &db,
-        "UPDATE audit_events SET actor = 'spiffe://audit.test/operator/abe' WHERE seq = 2",
-    )?;
+    db.exec("UPDATE audit_events SET actor = 'spiffe://audit.test/operator/abe' WHERE seq = 2")?;
     f.coord.restart()?;
     f.verify_names("hash mismatch: record 2 was changed")?;
-    with_db(&db, async |pool| {
-        sqlx::query("UPDATE audit_events SET actor = ?1 WHERE seq = 2")
-            .bind(alice)
-            .execute(pool)
-            .await?;
-        Ok(())
-    })?;
+    db.exec(&format!(
+        "UPDATE audit_events SET actor = {} WHERE seq = 2",
+        quoted(alice)
+    ))?;
     assert_eq!(f.verify_ok()?, 7, "restored");
 
     // The newest row deleted under the running coordinator: it saw it committed.
-    sql(
-        &db,
-        "DROP TRIGGER audit_events_are_not_removed; DELETE FROM audit_events WHERE seq = 7;",
-    )?;
+    db.drop_audit_trigger("audit_events_are_not_removed")?;
+    db.exec("DELETE FROM audit_events WHERE seq = 7")?;
     f.verify_names("record 7 is missing")?;
     // And one in the middle: the first gap is named.
-    sql(&db, "DELETE FROM audit_events WHERE seq = 4")?;
+    db.exec("DELETE FROM audit_events WHERE seq = 4")?;
     f.verify_names("record 4 is missing (seq gap: record 3 is followed by record 5)")?;
     Ok(())
 }
@@ -397,11 +343,7 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
     });
 
     let db = f.coord.database();
-    sql(
-        &db,
-        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events
-         BEGIN SELECT RAISE(ABORT, 'audit table refuses writes (test)'); END;",
-    )?;
+    db.refuse_audit("refuse_audit", None, "audit table refuses writes (test)")?;
 
     // A rollback: refused with a clear error; no job, no lease.
     let out = f.ctl(&f.admin, &Fleet::ROLLBACK)?;
@@ -417,7 +359,7 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
     let jobs = f.ctl(&f.admin, &["--output", "json", "jobs"])?;
     let jobs: Value = serde_json::from_slice(&jobs.stdout)?;
     assert_eq!(jobs, serde_json::json!([]), "no job was stored");
-    assert_eq!(sql_count(&db, "SELECT COUNT(*) FROM host_leases")?, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_leases")?, 0);
 
     // An exec: refused before anything is sent; the host ran nothing.
     let out = f.ctl(
@@ -427,7 +369,7 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("audit record `exec`"), "{said}");
-    assert_eq!(sql_count(&db, "SELECT COUNT(*) FROM runs")?, 0, "no run");
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs")?, 0, "no run");
     assert_eq!(f.sim.journaled_runs("sim-00001"), 0, "the host ran nothing");
 
     // Forgetting an agent: refused; the agent is still known.
@@ -439,7 +381,7 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
 
     // The same operations work once the audit table takes writes, and the refused ones left
     // no trace in the trail.
-    sql(&db, "DROP TRIGGER refuse_audit")?;
+    db.allow_audit("refuse_audit")?;
     let out = f.ctl(&f.admin, &Fleet::ROLLBACK)?;
     ensure!(out.status.success(), "rollback: {}", text(&out));
     let (records, _) = f.audit(&[])?;
@@ -461,11 +403,10 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
 fn a_run_result_is_not_taken_without_its_audit_record() -> Result<()> {
     let f = fleet(1)?;
     let db = f.coord.database();
-    sql(
-        &db,
-        "CREATE TRIGGER refuse_results BEFORE INSERT ON audit_events
-         WHEN NEW.action = 'run.finished'
-         BEGIN SELECT RAISE(ABORT, 'run results refused (test)'); END;",
+    db.refuse_audit(
+        "refuse_results",
+        Some("run.finished"),
+        "run results refused (test)",
     )?;
     let mut rollback = rollbackctl_command(&f.coord.url(), &f.pki.ca(), &f.admin, &Fleet::ROLLBACK)
         .stdin(Stdio::null())
@@ -484,7 +425,7 @@ fn a_run_result_is_not_taken_without_its_audit_record() -> Result<()> {
     });
     // Nobody took it: the store has no result and the job has not moved on.
     assert_eq!(
-        sql_count(&db, "SELECT COUNT(*) FROM runs WHERE result IS NOT NULL")?,
+        db.count("SELECT COUNT(*) FROM runs WHERE result IS NOT NULL")?,
         0
     );
     let jobs = f.ctl(&f.admin, &["--output", "json", "jobs"])?;
@@ -493,7 +434,7 @@ fn a_run_result_is_not_taken_without_its_audit_record() -> Result<()> {
     assert_eq!(jobs[0]["hosts"][0]["outcome"], "pending", "{jobs:#}");
 
     // Once results can be recorded, the next delivery is taken, once, and the job ends.
-    sql(&db, "DROP TRIGGER refuse_results")?;
+    db.allow_audit("refuse_results")?;
     let status = eventually("the rollback finished", DEADLINE, || {
         match rollback.try_wait()? {
             Some(status) => Ok(status),
@@ -519,11 +460,10 @@ fn a_run_result_is_not_taken_without_its_audit_record() -> Result<()> {
 fn a_job_whose_end_cannot_be_audited_has_not_ended() -> Result<()> {
     let mut f = fleet(1)?;
     let db = f.coord.database();
-    sql(
-        &db,
-        "CREATE TRIGGER refuse_job_ends BEFORE INSERT ON audit_events
-         WHEN NEW.action = 'rollback.finished'
-         BEGIN SELECT RAISE(ABORT, 'job ends refused (test)'); END;",
+    db.refuse_audit(
+        "refuse_job_ends",
+        Some("rollback.finished"),
+        "job ends refused (test)",
     )?;
     // The host does its part; the job's end and its record cannot be stored together, so the
     // job is not ended: still running in the store, its host still leased.
@@ -540,10 +480,10 @@ fn a_job_whose_end_cannot_be_audited_has_not_ended() -> Result<()> {
     let jobs: Value = serde_json::from_slice(&jobs.stdout)?;
     assert_eq!(jobs[0]["state"], "running", "{jobs:#}");
     let job_id = str_of(&jobs[0], "job_id").to_string();
-    assert_eq!(sql_count(&db, "SELECT COUNT(*) FROM host_leases")?, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_leases")?, 1);
 
     // Once the store takes it, the next start settles the job, on the record.
-    sql(&db, "DROP TRIGGER refuse_job_ends")?;
+    db.allow_audit("refuse_job_ends")?;
     f.coord.restart()?;
     eventually("the job ended after the restart", DEADLINE, || {
         let jobs = f.ctl(&f.admin, &["--output", "json", "jobs"])?;
@@ -551,7 +491,7 @@ fn a_job_whose_end_cannot_be_audited_has_not_ended() -> Result<()> {
         ensure!(jobs[0]["state"] == "succeeded", "{}", jobs[0]["state"]);
         Ok(())
     });
-    assert_eq!(sql_count(&db, "SELECT COUNT(*) FROM host_leases")?, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_leases")?, 0);
     let (records, _) = f.audit(&["--job", &job_id])?;
     let actions: Vec<&str> = records.iter().map(|r| str_of(r, "action")).collect();
     assert_eq!(

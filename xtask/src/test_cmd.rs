@@ -1,16 +1,36 @@
 //! `cargo xtask test`: installs what the suites need, builds every binary the suites run as
-//! real processes, then runs the whole workspace suite (nextest when installed).
+//! real processes, then runs the whole workspace suite (nextest when installed) once per store:
+//! SQLite first, then PostgreSQL against a throwaway cluster it starts (`rollback_tests::pg`)
+//! and stops afterwards. Without the PostgreSQL server binaries the second run is skipped with
+//! a message — except under CI (`CI=true` or `ROLLBACK_LAB_REQUIRED=1`), where that is an error.
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
+use rollback_tests::pg;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Stores {
+    Both,
+    Sqlite,
+    Postgres,
+}
 
 #[derive(Args)]
 pub struct TestArgs {
+    /// Which store(s) to run the suite against.
+    #[arg(long, value_enum, default_value = "both")]
+    pub store: Stores,
     /// Extra arguments passed to the test runner (e.g. a test name filter).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub rest: Vec<String>,
+}
+
+/// Whether a missing prerequisite must fail the run rather than skip part of it.
+fn required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("ROLLBACK_LAB_REQUIRED").is_ok_and(|v| v == "1")
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
@@ -21,19 +41,60 @@ pub fn run(args: TestArgs) -> Result<()> {
             .current_dir(&root)
             .args(["build", "--workspace", "--bins"]),
     )?;
+    let mut failed = Vec::new();
+    if args.store != Stores::Postgres {
+        eprintln!("xtask: the suite on the SQLite store");
+        if let Err(e) = suite(&args.rest, &venv, &[(pg::STORE_ENV, "sqlite".into())]) {
+            failed.push(format!("SQLite: {e:#}"));
+        }
+    }
+    if args.store != Stores::Sqlite {
+        if !pg::available() && !required() {
+            eprintln!(
+                "xtask: SKIPPED the suite on the PostgreSQL store: no server binaries in {} (apt-get install postgresql-15; under CI this is an error)",
+                pg::PG_BIN
+            );
+        } else {
+            let dir = root.join("target").join("test-postgres");
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut cluster = pg::Cluster::start(&dir)
+                .context("starting the PostgreSQL cluster for the suite")?;
+            eprintln!(
+                "xtask: the suite on the PostgreSQL store (cluster on 127.0.0.1:{}, {})",
+                cluster.server.port,
+                dir.display()
+            );
+            if let Err(e) = suite(&args.rest, &venv, &cluster.env()) {
+                failed.push(format!("PostgreSQL: {e:#}"));
+            }
+            cluster
+                .stop()
+                .context("stopping the suite's PostgreSQL cluster")?;
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the suite failed on {}", failed.join("; "));
+    }
+    Ok(())
+}
 
+fn suite(rest: &[String], venv: &std::path::Path, env: &[(&str, String)]) -> Result<()> {
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(&root).env("ROLLBACK_LAB_VENV", &venv);
+    cmd.current_dir(crate::workspace_root())
+        .env("ROLLBACK_LAB_VENV", venv);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     if nextest {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
     }
-    cmd.args(&args.rest);
+    cmd.args(rest);
     cargo(&mut cmd)
 }
 

@@ -18,8 +18,14 @@ pub fn venv_dir() -> PathBuf {
     crate::workspace_root().join("target").join("lab-venv")
 }
 
-/// Creates the venv and installs the packages unless a previous run finished doing so.
+/// Creates the venv and installs the packages unless a previous run finished doing so. A
+/// finished venv named by `ROLLBACK_LAB_VENV` (another checkout's) is used as it is.
 pub fn ensure() -> Result<PathBuf> {
+    if let Some(given) = std::env::var_os("ROLLBACK_LAB_VENV").map(PathBuf::from)
+        && given.join(".installed").exists()
+    {
+        return Ok(given);
+    }
     let dir = venv_dir();
     let marker = dir.join(".installed");
     // The system interpreter when there is one: the lab's app runs as an unprivileged user,

@@ -3,31 +3,27 @@
 //! own `hash`: SHA-256 over `canonical`, where every field is length-prefixed, so two different
 //! records never have the same encoding.
 //!
-//! `append` writes a record inside the transaction that makes the change it records: it reads
-//! the chain head and inserts the next record in that one transaction, and every transaction
-//! that appends begins `IMMEDIATE` (SQLite's write lock), so appends are serialized even across
-//! connections and processes, and a crash leaves the chain exactly as the last commit left it.
-//! `verify` walks the chain from genesis and names the first record that was changed or
-//! removed. The store also remembers the newest record this process has seen committed
+//! This module is the chain's pure part, the same for both stores; the SQL that reads the head
+//! and inserts a record (`append`, in `shared`) runs inside the transaction that makes the
+//! change it records, and every transaction that appends is serialized with every other — on
+//! SQLite it begins `IMMEDIATE` (the write lock), on PostgreSQL it first takes the store's
+//! transaction-scoped advisory lock — even across connections and processes (several
+//! coordinators on one PostgreSQL), so the chain never forks and a crash leaves it exactly as
+//! the last commit left it. `Walk` checks the chain from genesis and names the first record
+//! that was changed or removed. The store also remembers the newest record this process has seen committed
 //! (`Seen`), which catches the one change a chain cannot show by itself while the coordinator
 //! runs: records cut off its end.
 
-use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
-use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use tracing::error;
 
-use super::{AuditEvent, StoreError};
+use super::AuditEvent;
 
 /// The `prev_hash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// First field of every encoding: a hash of anything else never equals a record's.
 const DOMAIN: &[u8] = b"fleet-rollback audit record v1";
-
-/// Columns of a stored record, in the order `record` reads them.
-const COLUMNS: &str = "id, seq, at_ms, actor, action, target, detail, job_id, prev_hash, hash";
 
 /// A place in the chain: a record's seq and hash (seq 0 and `GENESIS` before the first).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +44,7 @@ impl Link {
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
-    /// SQLite's row id.
+    /// The row's id in the store.
     pub id: i64,
     pub seq: u64,
     pub event: AuditEvent,
@@ -167,6 +163,26 @@ impl Seen {
         self.lock().clone()
     }
 
+    /// The record the next append chains from, given the stored head: the stored head, unless
+    /// it is behind the newest record this process saw committed — then records were cut off
+    /// the end, which is logged, and the chain goes on from the one seen so the gap stays
+    /// visible. A head ahead of it is another coordinator's appends (several coordinators may
+    /// share a PostgreSQL store) and is taken as it is.
+    pub(super) fn chain_from(&self, stored: Option<Link>) -> Link {
+        match (stored, self.get()) {
+            (stored, Some(mine)) if stored.as_ref().is_none_or(|s| s.seq < mine.seq) => {
+                error!(
+                    stored_head = stored.map_or(0, |s| s.seq),
+                    seen = mine.seq,
+                    "the audit table lost records this coordinator had seen committed; chaining on from the last one seen, so `rollbackctl audit verify` shows the gap"
+                );
+                mine
+            }
+            (Some(stored), _) => stored,
+            (None, _) => Link::genesis(),
+        }
+    }
+
     /// After a commit: `link` is committed (appends commit in seq order, but their callers may
     /// report them in any order, so the newest wins).
     pub(super) fn advance(&self, link: &Link) {
@@ -175,198 +191,6 @@ impl Seen {
             *seen = Some(link.clone());
         }
     }
-}
-
-async fn head(conn: &mut SqliteConnection) -> Result<Option<Link>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT seq, hash FROM audit_events WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.map(|r| Link {
-        seq: u64::try_from(r.get::<i64, _>("seq")).unwrap_or(0),
-        hash: r.get("hash"),
-    }))
-}
-
-/// The stored head of the chain (None when it has no record).
-pub(super) async fn stored_head(pool: &SqlitePool) -> Result<Option<Link>, StoreError> {
-    let mut conn = pool.acquire().await.map_err(query("audit chain head"))?;
-    head(&mut conn).await.map_err(query("audit chain head"))
-}
-
-/// The job a record is about, from its target: `job/ID` is that job, `run/ID` the run's job
-/// ("" for an exec), anything else none.
-async fn job_of(conn: &mut SqliteConnection, target: &str) -> Result<String, sqlx::Error> {
-    if let Some(job) = target.strip_prefix("job/") {
-        return Ok(job.to_string());
-    }
-    if let Some(run) = target.strip_prefix("run/") {
-        let job: Option<String> = sqlx::query_scalar("SELECT job_id FROM runs WHERE run_id = ?1")
-            .bind(run)
-            .fetch_optional(&mut *conn)
-            .await?;
-        return Ok(job.unwrap_or_default());
-    }
-    Ok(String::new())
-}
-
-fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Query { what, source }
-}
-
-fn db_seq(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
-/// Appends `event` as the next record of the chain, in the caller's transaction (which must
-/// have begun `IMMEDIATE`); returns its link, for `Seen::advance` once the caller committed.
-/// Refuses a record without an actor. Any failure is `StoreError::Audit`: the caller's
-/// transaction, and so the change the record is about, must not commit.
-pub(super) async fn append(
-    conn: &mut SqliteConnection,
-    event: &AuditEvent,
-    seen: &Seen,
-) -> Result<Link, StoreError> {
-    let refused = |reason: String| StoreError::Audit {
-        action: event.action.clone(),
-        target: event.target.clone(),
-        reason,
-    };
-    if event.actor.trim().is_empty() {
-        return Err(refused(
-            "it names no actor; every record says who acted (an operator's identity, `agent/HOST` or `coordinator`)".into(),
-        ));
-    }
-    if event.action.trim().is_empty() {
-        return Err(refused("it names no action".into()));
-    }
-    let stored = head(conn).await.map_err(|e| refused(e.to_string()))?;
-    let prev = match (stored, seen.get()) {
-        (stored, Some(mine)) if stored.as_ref().is_none_or(|s| s.seq < mine.seq) => {
-            error!(
-                stored_head = stored.map_or(0, |s| s.seq),
-                seen = mine.seq,
-                "the audit table lost records this coordinator had seen committed; chaining on from the last one seen, so `rollbackctl audit verify` shows the gap"
-            );
-            mine
-        }
-        (Some(stored), _) => stored,
-        (None, _) => Link::genesis(),
-    };
-    let seq = prev.seq + 1;
-    let job_id = job_of(conn, &event.target)
-        .await
-        .map_err(|e| refused(e.to_string()))?;
-    let hash = hash_of(seq, event, &job_id, &prev.hash);
-    sqlx::query(
-        "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )
-    .bind(event.at_ms)
-    .bind(&event.actor)
-    .bind(&event.action)
-    .bind(&event.target)
-    .bind(&event.detail)
-    .bind(db_seq(seq))
-    .bind(&prev.hash)
-    .bind(&hash)
-    .bind(&job_id)
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| refused(e.to_string()))?;
-    Ok(Link { seq, hash })
-}
-
-/// Chains the records written before the chain existed (migration 0006), in id order — once:
-/// only while no record has a place in the chain yet. Returns how many it chained.
-pub(super) async fn chain_unchained_history(pool: &SqlitePool) -> Result<u64, StoreError> {
-    let what = "chaining the audit records written before the chain";
-    let mut tx = pool
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(query(what))?;
-    let started: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM audit_events WHERE seq IS NOT NULL)")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(query(what))?;
-    if started {
-        return Ok(0);
-    }
-    let rows = sqlx::query(
-        "SELECT id, at_ms, actor, action, target, detail FROM audit_events WHERE seq IS NULL ORDER BY id",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(query(what))?;
-    let mut prev = Link::genesis();
-    for row in &rows {
-        let event = AuditEvent {
-            at_ms: row.get("at_ms"),
-            actor: row.get("actor"),
-            action: row.get("action"),
-            target: row.get("target"),
-            detail: row.get("detail"),
-        };
-        let seq = prev.seq + 1;
-        let job_id = job_of(&mut tx, &event.target).await.map_err(query(what))?;
-        let hash = hash_of(seq, &event, &job_id, &prev.hash);
-        sqlx::query(
-            "UPDATE audit_events SET seq = ?2, prev_hash = ?3, hash = ?4, job_id = ?5 WHERE id = ?1",
-        )
-        .bind(row.get::<i64, _>("id"))
-        .bind(db_seq(seq))
-        .bind(&prev.hash)
-        .bind(&hash)
-        .bind(&job_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(query(what))?;
-        prev = Link { seq, hash };
-    }
-    tx.commit().await.map_err(query(what))?;
-    Ok(prev.seq)
-}
-
-fn record(row: &SqliteRow) -> AuditRecord {
-    AuditRecord {
-        id: row.get("id"),
-        // A negative seq can only be a hand edit: 0 is out of order wherever it appears.
-        seq: u64::try_from(row.get::<i64, _>("seq")).unwrap_or(0),
-        event: AuditEvent {
-            at_ms: row.get("at_ms"),
-            actor: row.get("actor"),
-            action: row.get("action"),
-            target: row.get("target"),
-            detail: row.get("detail"),
-        },
-        job_id: row.get("job_id"),
-        prev_hash: row.get("prev_hash"),
-        hash: row.get("hash"),
-    }
-}
-
-/// Records matching `filter`, newest first.
-pub(super) async fn list(
-    pool: &SqlitePool,
-    filter: &AuditFilter,
-) -> Result<Vec<AuditRecord>, StoreError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM audit_events
-         WHERE seq IS NOT NULL AND at_ms >= ?1
-           AND (?2 = '' OR actor = ?2 OR substr(actor, -(length(?2) + 1)) = '/' || ?2)
-           AND (?3 = '' OR job_id = ?3)
-         ORDER BY seq DESC LIMIT ?4"
-    ))
-    .bind(filter.since_ms)
-    .bind(&filter.actor)
-    .bind(&filter.job_id)
-    .bind(i64::from(filter.limit))
-    .fetch_all(pool)
-    .await
-    .map_err(query("list_audit"))?;
-    Ok(rows.iter().map(record).collect())
 }
 
 /// Walks the chain from genesis, in seq order, checking each record against the one before.
@@ -492,34 +316,6 @@ impl Walk {
             broken,
         }
     }
-}
-
-/// Walks the whole chain from genesis; then any row outside the chain is reported.
-pub(super) async fn verify(pool: &SqlitePool, seen: &Seen) -> Result<Verdict, StoreError> {
-    // Read before the walk's snapshot: everything `seen` holds is committed, so in it.
-    let mut walk = Walk::new(seen.get());
-    let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE seq IS NOT NULL ORDER BY seq");
-    let mut rows = sqlx::query(&sql).fetch(pool);
-    while let Some(row) = rows.try_next().await.map_err(query("verify_audit"))? {
-        if let Err(broken) = walk.next(&record(&row)) {
-            return Ok(walk.verdict(Some(broken)));
-        }
-    }
-    drop(rows);
-    let unchained: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM audit_events WHERE seq IS NULL ORDER BY id LIMIT 1")
-            .fetch_optional(pool)
-            .await
-            .map_err(query("verify_audit"))?;
-    let broken = unchained.map(|id| Broken {
-        seq: 0,
-        id,
-        problem: Problem::Unchained,
-        message: format!(
-            "row id {id} of the audit table is not in the chain (it has no seq): it was written outside the coordinator"
-        ),
-    });
-    Ok(walk.verdict(broken))
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
-//! The audit chain through the SQLite store: every write path appends to one chain, a failed
-//! audit write leaves no change behind, history from before the chain is chained once, and
-//! rows edited or removed behind the store's back are named by `verify_audit`.
+//! The audit chain through the store — SQLite, or PostgreSQL when the suite runs on it
+//! (`backend_tests::Fixture`): every write path appends to one chain, a failed audit write
+//! leaves no change behind, history from before the chain is chained once (SQLite's upgrade),
+//! and rows edited or removed behind the store's back are named by `verify_audit`.
 
 use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
+use super::backend_tests::{Fixture, Raw};
 use super::migrations_up_to;
 use crate::store::{
     AgentRecord, AuditEvent, AuditFilter, JobHostRow, JobRow, Problem, RunRow, SnapshotRow,
@@ -92,13 +94,17 @@ async fn exec(pool: &SqlitePool, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-async fn broken(store: &SqliteStore) -> (u64, Problem, String) {
+async fn ex(db: &Raw, sql: &str) {
+    db.exec(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn broken(store: &dyn Store) -> (u64, Problem, String) {
     let v = store.verify_audit().await.expect("verify");
     let b = v.broken.expect("the chain is reported broken");
     (b.seq, b.problem, b.message)
 }
 
-async fn intact(store: &SqliteStore) -> u64 {
+async fn intact(store: &dyn Store) -> u64 {
     let v = store.verify_audit().await.expect("verify");
     assert_eq!(v.broken, None, "the chain is intact");
     v.count
@@ -106,11 +112,9 @@ async fn intact(store: &SqliteStore) -> u64 {
 
 #[tokio::test]
 async fn every_write_path_appends_to_one_chain_even_concurrently() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SqliteStore::open(&dir.path().join("s.sqlite"))
-        .await
-        .expect("store");
-    assert_eq!(intact(&store).await, 0, "an empty chain is intact");
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    assert_eq!(intact(&*store).await, 0, "an empty chain is intact");
     store.create_run(&run("r1", "j0", "h1")).await.expect("run");
 
     // The group-commit writer and the store's own transactions, all at once.
@@ -153,7 +157,7 @@ async fn every_write_path_appends_to_one_chain_even_concurrently() {
     while let Some(done) = tasks.join_next().await {
         done.expect("task").expect("write");
     }
-    assert_eq!(intact(&store).await, 131);
+    assert_eq!(intact(&*store).await, 131);
 
     let all = store
         .list_audit(&AuditFilter {
@@ -214,9 +218,8 @@ async fn every_write_path_appends_to_one_chain_even_concurrently() {
 
 #[tokio::test]
 async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("s.sqlite");
-    let store = SqliteStore::open(&path).await.expect("store");
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
     let agent = AgentRecord {
         host_id: "h1".into(),
         labels: Default::default(),
@@ -244,15 +247,11 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         .create_run(&run("r1", "old", "h1"))
         .await
         .expect("run");
-    let before = intact(&store).await;
+    let before = intact(&*store).await;
 
-    let db = raw(&path).await;
-    exec(
-        &db,
-        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events
-         BEGIN SELECT RAISE(ABORT, 'audit table refuses writes (test)'); END;",
-    )
-    .await;
+    let db = fixture.raw().await;
+    db.refuse_audit("refuse_audit", "audit table refuses writes (test)")
+        .await;
     let is_audit_failure = |r: Result<(), StoreError>, what: &str| match r {
         Err(StoreError::Audit { reason, .. }) => {
             assert!(reason.contains("refuses writes"), "{what}: {reason}")
@@ -367,9 +366,9 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         "append_audit",
     );
 
-    exec(&db, "DROP TRIGGER refuse_audit").await;
+    db.drop_trigger("refuse_audit").await;
     assert_eq!(
-        intact(&store).await,
+        intact(&*store).await,
         before,
         "the refused writes left no trace"
     );
@@ -384,35 +383,35 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         )
         .await
         .expect("stored once the audit table takes writes");
-    assert_eq!(intact(&store).await, before + 1);
+    assert_eq!(intact(&*store).await, before + 1);
 }
 
 #[tokio::test]
 async fn a_record_without_an_actor_is_refused_by_the_store_and_by_the_schema() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("s.sqlite");
-    let store = SqliteStore::open(&path).await.expect("store");
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
     for actor in ["", "  "] {
         match store.append_audit(&audit(actor, "exec", "host/h1")).await {
             Err(StoreError::Audit { reason, .. }) => assert!(reason.contains("names no actor")),
             other => panic!("empty actor accepted: {other:?}"),
         }
     }
-    let db = raw(&path).await;
-    let err = sqlx::query(
-        "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id)
-         VALUES (1, '', 'exec', 'host/h1', '', 1, ?1, 'ab', '')",
-    )
-    .bind(super::chain::GENESIS)
-    .execute(&db)
-    .await
-    .expect_err("the schema refuses it too");
+    let db = fixture.raw().await;
+    let err = db
+        .exec(&format!(
+            "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id)
+             VALUES (1, '', 'exec', 'host/h1', '', 1, '{}', 'ab', '')",
+            super::chain::GENESIS
+        ))
+        .await
+        .expect_err("the schema refuses it too");
     assert!(err.to_string().contains("without an actor"), "{err}");
-    assert_eq!(intact(&store).await, 0);
+    assert_eq!(intact(&*store).await, 0);
 }
 
 #[tokio::test]
 async fn history_from_before_the_chain_is_chained_once_in_id_order() {
+    // SQLite's upgrade from migration 0008; PostgreSQL's schema starts with the chain.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("s.sqlite");
     // A store as the previous release left it: migrations up to 0008, audit rows unchained.
@@ -489,57 +488,58 @@ async fn history_from_before_the_chain_is_chained_once_in_id_order() {
 
 #[tokio::test]
 async fn records_edited_or_removed_behind_the_stores_back_are_named() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("s.sqlite");
-    let store = SqliteStore::open(&path).await.expect("store");
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    let store = &*store;
     for i in 1..=5 {
         store
             .append_audit(&audit(ALICE, "exec", &format!("host/h{i}")))
             .await
             .expect("append");
     }
-    assert_eq!(intact(&store).await, 5);
-    let db = raw(&path).await;
+    assert_eq!(intact(store).await, 5);
+    let db = fixture.raw().await;
 
     // The append-only triggers stop a plain UPDATE or DELETE.
     for sql in [
         "UPDATE audit_events SET detail = 'x' WHERE seq = 3",
         "DELETE FROM audit_events WHERE seq = 3",
     ] {
-        let err = sqlx::query(sql).execute(&db).await.expect_err(sql);
+        let err = db.exec(sql).await.expect_err(sql);
         assert!(err.to_string().contains("append-only"), "{err}");
     }
 
     // Whoever drops them changes a record: named.
-    exec(
+    db.drop_trigger("audit_events_are_not_changed").await;
+    db.drop_trigger("audit_events_are_not_removed").await;
+    ex(
         &db,
-        "DROP TRIGGER audit_events_are_not_changed; DROP TRIGGER audit_events_are_not_removed;
-         UPDATE audit_events SET detail = 'nothing to see' WHERE seq = 3;",
+        "UPDATE audit_events SET detail = 'nothing to see' WHERE seq = 3",
     )
     .await;
-    let (seq, problem, message) = broken(&store).await;
+    let (seq, problem, message) = broken(store).await;
     assert_eq!((seq, problem), (3, Problem::Changed));
     assert!(
         message.starts_with("hash mismatch: record 3 was changed"),
         "{message}"
     );
-    exec(
+    ex(
         &db,
         "UPDATE audit_events SET detail = 'exec on host/h3' WHERE seq = 3",
     )
     .await;
-    assert_eq!(intact(&store).await, 5, "restored");
+    assert_eq!(intact(store).await, 5, "restored");
 
     // The newest record removed: the running store remembers it.
-    exec(&db, "DELETE FROM audit_events WHERE seq = 5").await;
-    let (seq, problem, message) = broken(&store).await;
+    ex(&db, "DELETE FROM audit_events WHERE seq = 5").await;
+    let (seq, problem, message) = broken(store).await;
     assert_eq!((seq, problem), (5, Problem::Missing), "{message}");
     // And the next record chains on from it, so the gap stays visible.
     store
         .append_audit(&audit(ALICE, "exec", "host/h6"))
         .await
         .expect("append");
-    let (seq, problem, message) = broken(&store).await;
+    let (seq, problem, message) = broken(store).await;
     assert_eq!((seq, problem), (5, Problem::Missing));
     assert!(
         message.contains("record 5 is missing (seq gap: record 4 is followed by record 6)"),
@@ -547,7 +547,7 @@ async fn records_edited_or_removed_behind_the_stores_back_are_named() {
     );
 
     // A record in the middle removed.
-    exec(&db, "DELETE FROM audit_events WHERE seq = 2").await;
-    let (seq, problem, _) = broken(&store).await;
+    ex(&db, "DELETE FROM audit_events WHERE seq = 2").await;
+    let (seq, problem, _) = broken(store).await;
     assert_eq!((seq, problem), (2, Problem::Missing));
 }

@@ -75,13 +75,13 @@ pub async fn names(store: &dyn Store) {
         store
             .register_coordinator(&row("a", "a1", now), LEASE)
             .await
-            .unwrap(),
+            .expect("store"),
         Ok(())
     );
     let taken = store
         .register_coordinator(&row("a", "a2", now + 1_000), LEASE)
         .await
-        .unwrap();
+        .expect("store");
     assert_eq!(
         taken.map_err(|r| r.instance),
         Err("a1".to_string()),
@@ -92,39 +92,39 @@ pub async fn names(store: &dyn Store) {
         store
             .coordinator_heartbeat(&owner("a", "a1"), now + 2_000)
             .await
-            .unwrap()
+            .expect("store")
     );
     assert!(
         !store
             .coordinator_heartbeat(&owner("a", "a2"), now + 2_000)
             .await
-            .unwrap()
+            .expect("store")
     );
     // Silent for a lease: the name is free, and the old process learns it lost it.
     assert_eq!(
         store
             .register_coordinator(&row("a", "a3", now + 2_000 + LEASE + 1), LEASE)
             .await
-            .unwrap(),
+            .expect("store"),
         Ok(())
     );
     assert!(
         !store
             .coordinator_heartbeat(&owner("a", "a1"), now + 9_000)
             .await
-            .unwrap()
+            .expect("store")
     );
     assert!(
         store
             .register_coordinator(&row("b", "b1", now), LEASE)
             .await
-            .unwrap()
+            .expect("store")
             .is_ok()
     );
     let names: Vec<String> = store
         .list_coordinators()
         .await
-        .unwrap()
+        .expect("store")
         .into_iter()
         .map(|c| c.name)
         .collect();
@@ -140,27 +140,33 @@ pub async fn leases(store: &dyn Store) {
     store
         .create_job(&job("j1", now), &[], &[], &audit("job/j1"))
         .await
-        .unwrap();
+        .expect("store");
     assert!(
         store
             .orphaned_jobs(now + 10, LEASE)
             .await
-            .unwrap()
+            .expect("store")
             .is_empty(),
         "a job its creator has not claimed yet is nobody's orphan"
     );
     assert_eq!(
-        store.claim_job("j1", &a, now + 10, LEASE).await.unwrap(),
+        store
+            .claim_job("j1", &a, now + 10, LEASE)
+            .await
+            .expect("store"),
         Claim::Claimed {
             previous: String::new()
         }
     );
     assert!(matches!(
-        store.claim_job("j1", &b, now + 20, LEASE).await.unwrap(),
+        store.claim_job("j1", &b, now + 20, LEASE).await.expect("store"),
         Claim::HeldBy { owner, .. } if owner == "a"
     ));
     assert_eq!(
-        store.claim_job("nope", &b, now, LEASE).await.unwrap(),
+        store
+            .claim_job("nope", &b, now, LEASE)
+            .await
+            .expect("store"),
         Claim::Missing
     );
     // a renews; b cannot.
@@ -169,30 +175,33 @@ pub async fn leases(store: &dyn Store) {
         store
             .renew_jobs(&a, &ids, now + 3_000 + LEASE)
             .await
-            .unwrap(),
+            .expect("store"),
         ids
     );
     assert!(
         store
             .renew_jobs(&b, &ids, now + 9_999_999)
             .await
-            .unwrap()
+            .expect("store")
             .is_empty()
     );
     assert!(
         store
             .orphaned_jobs(now + 3_000 + LEASE - 1, LEASE)
             .await
-            .unwrap()
+            .expect("store")
             .is_empty()
     );
     // a goes silent: the lease lapses, b takes it over once, and a's renewal fails.
     let later = now + 3_000 + LEASE + 1;
-    let orphans = store.orphaned_jobs(later, LEASE).await.unwrap();
+    let orphans = store.orphaned_jobs(later, LEASE).await.expect("store");
     assert_eq!(orphans.len(), 1);
     assert_eq!(orphans[0].owner, "a");
     assert_eq!(
-        store.claim_job("j1", &b, later, LEASE).await.unwrap(),
+        store
+            .claim_job("j1", &b, later, LEASE)
+            .await
+            .expect("store"),
         Claim::Claimed {
             previous: "a".into()
         }
@@ -201,49 +210,58 @@ pub async fn leases(store: &dyn Store) {
         store
             .claim_job("j1", &owner("c", "c1"), later + 1, LEASE)
             .await
-            .unwrap(),
+            .expect("store"),
         Claim::HeldBy { .. }
     ));
     assert!(
         store
             .renew_jobs(&a, &ids, later + LEASE)
             .await
-            .unwrap()
+            .expect("store")
             .is_empty(),
         "a lost it"
     );
     assert_eq!(
-        store.job_owner("j1").await.unwrap(),
+        store.job_owner("j1").await.expect("store"),
         Some(("b".into(), later + LEASE))
     );
     // b's restarted process (same name) takes it back at once; a release frees it at once.
     let b2 = owner("b", "b2");
     assert!(matches!(
-        store.claim_job("j1", &b2, later + 2, LEASE).await.unwrap(),
+        store
+            .claim_job("j1", &b2, later + 2, LEASE)
+            .await
+            .expect("store"),
         Claim::Claimed { .. }
     ));
-    store.release_job("j1", &b).await.unwrap();
+    store.release_job("j1", &b).await.expect("store");
     assert!(
         matches!(
-            store.claim_job("j1", &a, later + 3, LEASE).await.unwrap(),
+            store
+                .claim_job("j1", &a, later + 3, LEASE)
+                .await
+                .expect("store"),
             Claim::HeldBy { .. }
         ),
         "only the holder's release counts"
     );
-    store.release_job("j1", &b2).await.unwrap();
+    store.release_job("j1", &b2).await.expect("store");
     assert!(matches!(
-        store.claim_job("j1", &a, later + 3, LEASE).await.unwrap(),
+        store
+            .claim_job("j1", &a, later + 3, LEASE)
+            .await
+            .expect("store"),
         Claim::Claimed { .. }
     ));
     // A job nobody claimed (its creator died at once) is an orphan after a lease.
     store
         .create_job(&job("j2", now), &[], &[], &audit("job/j2"))
         .await
-        .unwrap();
+        .expect("store");
     let orphans: Vec<String> = store
         .orphaned_jobs(now + LEASE + 1, LEASE)
         .await
-        .unwrap()
+        .expect("store")
         .into_iter()
         .map(|o| o.job_id)
         .collect();
@@ -257,30 +275,45 @@ pub async fn agents(store: &dyn Store) {
     store
         .register_coordinator(&row("a", "a1", now), LEASE)
         .await
-        .unwrap()
-        .unwrap();
+        .expect("store")
+        .expect("store");
     store
         .register_coordinator(&row("b", "b1", now), LEASE)
         .await
-        .unwrap()
-        .unwrap();
-    store.agent_connected(&agent("web-1", "a")).await.unwrap();
+        .expect("store")
+        .expect("store");
+    store
+        .agent_connected(&agent("web-1", "a"))
+        .await
+        .expect("store");
     assert_eq!(
-        store.agent_holder("web-1", "b", now, LEASE).await.unwrap(),
+        store
+            .agent_holder("web-1", "b", now, LEASE)
+            .await
+            .expect("store"),
         Some("a".into())
     );
     assert_eq!(
-        store.agent_holder("web-1", "a", now, LEASE).await.unwrap(),
+        store
+            .agent_holder("web-1", "a", now, LEASE)
+            .await
+            .expect("store"),
         None,
         "not elsewhere"
     );
-    store.agent_connected(&agent("web-1", "b")).await.unwrap();
+    store
+        .agent_connected(&agent("web-1", "b"))
+        .await
+        .expect("store");
     assert!(
-        !store.agent_released("web-1", 5, "a").await.unwrap(),
+        !store.agent_released("web-1", 5, "a").await.expect("store"),
         "a's late disconnect"
     );
     assert_eq!(
-        store.agent_holder("web-1", "a", now, LEASE).await.unwrap(),
+        store
+            .agent_holder("web-1", "a", now, LEASE)
+            .await
+            .expect("store"),
         Some("b".into())
     );
     // b dies: its agents count as offline.
@@ -288,31 +321,36 @@ pub async fn agents(store: &dyn Store) {
         store
             .agent_holder("web-1", "a", now + LEASE + 1, LEASE)
             .await
-            .unwrap(),
+            .expect("store"),
         None
     );
     assert_eq!(
         store
             .release_agents_of_dead(now + LEASE + 1, LEASE)
             .await
-            .unwrap(),
+            .expect("store"),
         1
     );
-    let listed = store.list_agents().await.unwrap();
+    let listed = store.list_agents().await.expect("store");
     assert!(!listed[0].online);
     assert_eq!(listed[0].coordinator, "b");
-    store.agent_connected(&agent("web-1", "b")).await.unwrap();
-    assert!(store.agent_released("web-1", 5, "b").await.unwrap());
-    assert_eq!(store.mark_disconnected_held_by("b").await.unwrap(), 0);
+    store
+        .agent_connected(&agent("web-1", "b"))
+        .await
+        .expect("store");
+    assert!(store.agent_released("web-1", 5, "b").await.expect("store"));
+    assert_eq!(
+        store.mark_disconnected_held_by("b").await.expect("store"),
+        0
+    );
 }
 
 #[tokio::test]
-async fn sqlite_keeps_the_cluster_contract() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = super::SqliteStore::open(&dir.path().join("c.sqlite"))
-        .await
-        .unwrap();
-    names(&store).await;
-    leases(&store).await;
-    agents(&store).await;
+async fn the_store_keeps_the_cluster_contract() {
+    // SQLite, or a fresh PostgreSQL database when the suite runs on PostgreSQL.
+    let fixture = super::backend_tests::Fixture::new().await;
+    let store = fixture.open().await.shared();
+    names(&*store).await;
+    leases(&*store).await;
+    agents(&*store).await;
 }

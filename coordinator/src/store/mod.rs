@@ -1,12 +1,17 @@
-//! Coordinator state behind one `Store` trait. SQLite (embedded, WAL) is the default; other
-//! backends implement the same trait.
+//! Coordinator state behind one `Store` trait. SQLite (embedded, WAL) is the default;
+//! PostgreSQL (`postgres`) implements the same trait with the same SQL (`shared`).
 
+#[cfg(test)]
+mod backend_tests;
 pub mod chain;
 #[cfg(test)]
 mod chain_tests;
 pub mod cluster;
 #[cfg(test)]
 mod cluster_tests;
+mod postgres;
+mod postgres_cluster;
+mod shared;
 mod sqlite;
 mod sqlite_cluster;
 mod writer;
@@ -14,7 +19,49 @@ mod writer;
 use std::collections::{BTreeMap, HashMap};
 
 pub use chain::{AuditFilter, AuditRecord, Broken, Problem, Verdict};
+pub use postgres::{Password, PgStore, PgTarget, PgUrlError};
 pub use sqlite::SqliteStore;
+
+/// The store coordinator.toml names, opened.
+#[derive(Debug, Clone)]
+pub enum Opened {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Opened {
+    /// Opens (and migrates) the SQLite file or connects to the PostgreSQL database.
+    pub async fn open(database: &crate::config::Database) -> Result<Self, StoreError> {
+        Ok(match database {
+            crate::config::Database::Sqlite(path) => Self::Sqlite(SqliteStore::open(path).await?),
+            crate::config::Database::Postgres { target, password } => {
+                Self::Postgres(PgStore::open(target, password.as_ref()).await?)
+            }
+        })
+    }
+
+    pub fn shared(&self) -> std::sync::Arc<dyn Store> {
+        match self {
+            Self::Sqlite(s) => std::sync::Arc::new(s.clone()),
+            Self::Postgres(s) => std::sync::Arc::new(s.clone()),
+        }
+    }
+
+    /// The PostgreSQL pool, for the coordinators' bus (`cluster::pg_bus`).
+    pub fn pg_pool(&self) -> Option<sqlx::PgPool> {
+        match self {
+            Self::Sqlite(_) => None,
+            Self::Postgres(s) => Some(s.pool.clone()),
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(s) => s.close().await,
+            Self::Postgres(s) => s.close().await,
+        }
+    }
+}
 
 /// What the store keeps about an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +93,12 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The PostgreSQL store could not be reached or refused the login; `reason` never holds
+    /// the password.
+    #[error(
+        "connecting to the store {database}: {reason} (check that the server is up and reachable from this host, the user and database exist, and the password in `database_password_file` or ROLLBACK_DATABASE_PASSWORD is the user's)"
+    )]
+    Connect { database: String, reason: String },
     #[error("migrating store {path}: {source}")]
     Migrate {
         path: String,

@@ -7,7 +7,8 @@ use sqlx::Row;
 
 use super::StoreError;
 use super::cluster::{Claim, ClusterStore, CoordinatorRow, Orphan, Owner};
-use super::sqlite::{SqliteStore, query_err};
+use super::shared::query_err;
+use super::sqlite::SqliteStore;
 
 fn coordinator_row(row: &sqlx::sqlite::SqliteRow) -> CoordinatorRow {
     CoordinatorRow {

@@ -1,0 +1,178 @@
+-- The PostgreSQL store's schema: the same tables, columns, indexes and audit triggers as the
+-- SQLite store after its migration 0009 (coordinator/migrations), in one step. Times are Unix
+-- milliseconds (BIGINT), encoded protobufs BYTEA, booleans kept as 0/1 BIGINTs so both stores
+-- read them the same way. New changes get a migration here and one in coordinator/migrations.
+
+-- Every agent the coordinator has ever seen, with its last known facts.
+CREATE TABLE agents (
+    host_id            TEXT PRIMARY KEY NOT NULL,
+    labels_json        TEXT NOT NULL,
+    agent_version      TEXT NOT NULL,
+    address            TEXT NOT NULL,
+    online             BIGINT NOT NULL,
+    connected_at_ms    BIGINT NOT NULL,
+    last_seen_ms       BIGINT NOT NULL,
+    state              BYTEA,
+    cert_not_after_ms  BIGINT
+);
+
+-- A run: the steps one host was asked to execute, and what it reported. `rowid` keeps the
+-- insertion order SQLite's implicit rowid gives (runs created in the same millisecond).
+CREATE TABLE runs (
+    rowid           BIGINT GENERATED ALWAYS AS IDENTITY,
+    run_id          TEXT PRIMARY KEY NOT NULL,
+    job_id          TEXT NOT NULL,
+    host_id         TEXT NOT NULL,
+    requested_by    TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    procedure       BYTEA NOT NULL,
+    status          INTEGER NOT NULL,
+    created_at_ms   BIGINT NOT NULL,
+    finished_at_ms  BIGINT,
+    result          BYTEA,
+    phase           TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX runs_by_job ON runs (job_id);
+CREATE INDEX runs_by_host ON runs (host_id, created_at_ms);
+
+-- Rollback jobs: what was asked, the plan, and how it went.
+CREATE TABLE jobs (
+    job_id          TEXT PRIMARY KEY NOT NULL,
+    procedure       TEXT NOT NULL,
+    request         BYTEA NOT NULL,
+    plan            BYTEA NOT NULL,
+    state           TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    requested_by    TEXT NOT NULL,
+    created_at_ms   BIGINT NOT NULL,
+    finished_at_ms  BIGINT,
+    halt_reason     TEXT NOT NULL DEFAULT '',
+    request_id      TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX jobs_by_request_id ON jobs (request_id) WHERE request_id <> '';
+
+-- Each host's outcome in a job.
+CREATE TABLE job_hosts (
+    job_id       TEXT NOT NULL,
+    host_id      TEXT NOT NULL,
+    ord          BIGINT NOT NULL,
+    outcome      TEXT NOT NULL,
+    phase        TEXT NOT NULL DEFAULT '',
+    failed_step  TEXT NOT NULL DEFAULT '',
+    exit_code    INTEGER NOT NULL DEFAULT 0,
+    detail       TEXT NOT NULL DEFAULT '',
+    duration_ms  BIGINT NOT NULL DEFAULT 0,
+    once_only    BIGINT NOT NULL DEFAULT 0,
+    done_phases  TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, host_id)
+);
+
+-- Everything that happened in a job, in order (what `watch` replays).
+CREATE TABLE job_events (
+    job_id  TEXT NOT NULL,
+    seq     BIGINT NOT NULL,
+    at_ms   BIGINT NOT NULL,
+    event   BYTEA NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+
+-- Last-known-good states recorded by `rollbackctl snapshot`, one row per host per snapshot.
+CREATE TABLE snapshots (
+    snapshot_id       TEXT NOT NULL,
+    host_id           TEXT NOT NULL,
+    job_id            TEXT NOT NULL,
+    label             TEXT NOT NULL,
+    taken_at_ms       BIGINT NOT NULL,
+    git_sha           TEXT NOT NULL,
+    git_subject       TEXT NOT NULL,
+    alembic_revision  TEXT NOT NULL,
+    env_sha256        TEXT NOT NULL,
+    unit_state        TEXT NOT NULL,
+    db_backup         TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, host_id)
+);
+CREATE INDEX snapshots_by_host ON snapshots (host_id, taken_at_ms);
+
+-- One job per host: a host is leased to the job that is changing it.
+CREATE TABLE host_leases (
+    host_id         TEXT PRIMARY KEY NOT NULL,
+    job_id          TEXT NOT NULL,
+    acquired_at_ms  BIGINT NOT NULL
+);
+CREATE INDEX host_leases_by_job ON host_leases (job_id);
+
+-- The labels that choose hosts: `config` (coordinator.toml) or `operator` (agents label).
+CREATE TABLE inventory_labels (
+    host_id    TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    source     TEXT NOT NULL CHECK (source IN ('config', 'operator')),
+    set_by     TEXT NOT NULL,
+    set_at_ms  BIGINT NOT NULL,
+    PRIMARY KEY (host_id, key, source)
+);
+
+-- Two-person approval (see coordinator/migrations/0007_approvals.sql).
+CREATE TABLE job_approvals (
+    job_id           TEXT PRIMARY KEY NOT NULL,
+    rule             TEXT NOT NULL,
+    requested_by     TEXT NOT NULL,
+    requested_at_ms  BIGINT NOT NULL,
+    expires_at_ms    BIGINT NOT NULL,
+    decision         TEXT NOT NULL DEFAULT '',
+    decided_by       TEXT NOT NULL DEFAULT '',
+    decided_at_ms    BIGINT,
+    reason           TEXT NOT NULL DEFAULT ''
+);
+
+-- The audit trail as a hash chain (coordinator/src/store/chain.rs). `seq` is NULL only for a
+-- row written outside the chain, which `audit verify` reports.
+CREATE TABLE audit_events (
+    id         BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    at_ms      BIGINT NOT NULL,
+    actor      TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    seq        BIGINT,
+    prev_hash  TEXT NOT NULL DEFAULT '',
+    hash       TEXT NOT NULL DEFAULT '',
+    job_id     TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX audit_events_by_seq ON audit_events (seq);
+CREATE INDEX audit_events_by_job ON audit_events (job_id, seq);
+CREATE INDEX audit_events_by_time ON audit_events (at_ms);
+
+-- Defence in depth, as in SQLite: every record names who acted and has its place in the chain,
+-- and a chained record is never changed or removed through SQL.
+CREATE FUNCTION audit_events_need_an_actor() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF trim(NEW.actor) = '' THEN
+        RAISE EXCEPTION 'audit record without an actor';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_events_need_an_actor BEFORE INSERT ON audit_events
+FOR EACH ROW EXECUTE FUNCTION audit_events_need_an_actor();
+
+CREATE FUNCTION audit_events_are_chained() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.seq IS NULL OR NEW.hash = '' OR NEW.prev_hash = '' THEN
+        RAISE EXCEPTION 'audit record without its place in the hash chain';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_events_are_chained BEFORE INSERT ON audit_events
+FOR EACH ROW EXECUTE FUNCTION audit_events_are_chained();
+
+CREATE FUNCTION audit_events_are_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR OLD.seq IS NOT NULL THEN
+        RAISE EXCEPTION 'audit records are append-only';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_events_are_not_changed BEFORE UPDATE ON audit_events
+FOR EACH ROW EXECUTE FUNCTION audit_events_are_append_only();
+CREATE TRIGGER audit_events_are_not_removed BEFORE DELETE ON audit_events
+FOR EACH ROW EXECUTE FUNCTION audit_events_are_append_only();

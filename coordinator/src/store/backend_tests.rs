@@ -1,0 +1,326 @@
+//! The store's tests against either backend: `Fixture` is a fresh store of the backend the
+//! suite runs on (`ROLLBACK_TEST_STORE=postgres` and the cluster `cargo xtask test` exports in
+//! `ROLLBACK_TEST_POSTGRES` / `ROLLBACK_TEST_POSTGRES_PASSWORD_FILE`; SQLite otherwise) with a
+//! raw connection for SQL behind the store's back. The tests here: a lease refusing a reopen,
+//! and — on PostgreSQL, where several coordinators share one database — two stores (separate
+//! pools and sessions, as two processes have) appending to one chain and racing for one host.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+
+use crate::config::Database;
+use crate::store::{AuditEvent, JobHostRow, JobRow, Opened, Password, PgTarget, Store, StoreError};
+
+/// A fresh store of the backend under test.
+pub(super) enum Fixture {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
+    Postgres {
+        target: PgTarget,
+        password: Password,
+    },
+}
+
+/// A connection to a fixture's database behind the store's back, as someone with access to
+/// the database would have.
+pub(super) enum Raw {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Fixture {
+    pub(super) async fn new() -> Self {
+        if std::env::var("ROLLBACK_TEST_STORE").as_deref() != Ok("postgres") {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("s.sqlite");
+            return Self::Sqlite { _dir: dir, path };
+        }
+        let (Ok(url), Ok(file)) = (
+            std::env::var("ROLLBACK_TEST_POSTGRES"),
+            std::env::var("ROLLBACK_TEST_POSTGRES_PASSWORD_FILE"),
+        ) else {
+            panic!(
+                "ROLLBACK_TEST_STORE=postgres needs ROLLBACK_TEST_POSTGRES and ROLLBACK_TEST_POSTGRES_PASSWORD_FILE: run `cargo xtask test`"
+            );
+        };
+        let password = Password::new(&std::fs::read_to_string(&file).expect("password file"));
+        let mut target = PgTarget::parse(&format!("{url}/postgres")).expect("cluster url");
+        let admin = pg_pool(&target, &password).await;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "u_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            rollback_common::now_unix_ms()
+        );
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create database");
+        admin.close().await;
+        target.database = name;
+        Self::Postgres { target, password }
+    }
+
+    pub(super) fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
+    }
+
+    pub(super) fn database(&self) -> Database {
+        match self {
+            Self::Sqlite { path, .. } => Database::Sqlite(path.clone()),
+            Self::Postgres { target, password } => Database::Postgres {
+                target: target.clone(),
+                password: Some(password.clone()),
+            },
+        }
+    }
+
+    /// Opens the store (as a coordinator does at start).
+    pub(super) async fn open(&self) -> Opened {
+        Opened::open(&self.database()).await.expect("store")
+    }
+
+    pub(super) async fn raw(&self) -> Raw {
+        match self {
+            Self::Sqlite { path, .. } => Raw::Sqlite(
+                SqlitePool::connect_with(
+                    SqliteConnectOptions::from_str("sqlite://")
+                        .expect("options")
+                        .filename(path)
+                        .busy_timeout(std::time::Duration::from_secs(5)),
+                )
+                .await
+                .expect("raw connection"),
+            ),
+            Self::Postgres { target, password } => Raw::Postgres(pg_pool(target, password).await),
+        }
+    }
+}
+
+async fn pg_pool(target: &PgTarget, password: &Password) -> PgPool {
+    let options = PgConnectOptions::new_without_pgpass()
+        .host(&target.host)
+        .port(target.port)
+        .username(&target.user)
+        .database(&target.database)
+        .password(password.expose());
+    PgPool::connect_with(options).await.expect("raw connection")
+}
+
+impl Raw {
+    /// Runs an SQL script.
+    pub(super) async fn exec(&self, sql: &str) -> Result<(), sqlx::Error> {
+        match self {
+            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+    }
+
+    /// Makes the audit table refuse every insert with `message` (a trigger named `name`).
+    pub(super) async fn refuse_audit(&self, name: &str, message: &str) {
+        let sql = match self {
+            Raw::Sqlite(_) => format!(
+                "CREATE TRIGGER {name} BEFORE INSERT ON audit_events
+                 BEGIN SELECT RAISE(ABORT, '{message}'); END;"
+            ),
+            Raw::Postgres(_) => format!(
+                "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION '{message}'; END $$;
+                 CREATE TRIGGER {name} BEFORE INSERT ON audit_events FOR EACH ROW
+                 EXECUTE FUNCTION {name}();"
+            ),
+        };
+        self.exec(&sql).await.expect("refusing trigger");
+    }
+
+    /// Drops a trigger on `audit_events`.
+    pub(super) async fn drop_trigger(&self, name: &str) {
+        let sql = match self {
+            Raw::Sqlite(_) => format!("DROP TRIGGER {name}"),
+            Raw::Postgres(_) => format!("DROP TRIGGER {name} ON audit_events"),
+        };
+        self.exec(&sql).await.expect("drop trigger");
+    }
+}
+
+fn job(id: &str, state: &str) -> JobRow {
+    JobRow {
+        job_id: id.into(),
+        procedure: "configuration".into(),
+        request: Vec::new(),
+        plan: Vec::new(),
+        state: state.into(),
+        reason: "test".into(),
+        requested_by: "test".into(),
+        created_at_ms: 1,
+        finished_at_ms: None,
+        halt_reason: String::new(),
+        request_id: String::new(),
+    }
+}
+
+fn audit(action: &str, target: &str) -> AuditEvent {
+    AuditEvent {
+        at_ms: 1,
+        actor: "spiffe://fleet.test/operator/alice".into(),
+        action: action.into(),
+        target: target.into(),
+        detail: "test".into(),
+    }
+}
+
+fn host(job: &str, outcome: &str) -> JobHostRow {
+    JobHostRow {
+        job_id: job.into(),
+        host_id: "h1".into(),
+        ord: 0,
+        outcome: outcome.into(),
+        phase: "rollback".into(),
+        failed_step: "http.check".into(),
+        exit_code: 1,
+        detail: "failed".into(),
+        duration_ms: 0,
+        once_only: false,
+        done_phases: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_reopen_refused_by_a_lease_writes_nothing_and_one_allowed_writes_everything() {
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    let hosts = ["h1".to_string()];
+    store
+        .create_job(
+            &job("old", "running"),
+            &[host("old", "failed")],
+            &hosts,
+            &audit("rollback.started", "job/old"),
+        )
+        .await
+        .expect("old job");
+    store
+        .update_job_state(
+            "old",
+            "halted",
+            Some(2),
+            "halted",
+            &audit("rollback.finished", "job/old"),
+        )
+        .await
+        .expect("old job halts");
+    store
+        .create_job(
+            &job("holder", "running"),
+            &[host("holder", "pending")],
+            &hosts,
+            &audit("rollback.started", "job/holder"),
+        )
+        .await
+        .expect("holder takes h1");
+
+    let mut reset = host("old", "pending");
+    reset.detail = "retried".into();
+    let resume = audit("rollback.resume", "job/old");
+    let refused = store
+        .reopen_job("old", &hosts, &[reset.clone()], &resume)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Leased { ref holders }) if holders[0].job_id == "holder")
+    );
+    let (row, rows) = store.get_job("old").await.expect("read").expect("old");
+    assert_eq!(row.state, "halted", "nothing written");
+    assert_eq!(rows[0].outcome, "failed", "nothing written");
+
+    store
+        .update_job_state(
+            "holder",
+            "succeeded",
+            Some(3),
+            "",
+            &audit("rollback.finished", "job/holder"),
+        )
+        .await
+        .expect("holder ends, releasing h1");
+    store
+        .reopen_job("old", &hosts, &[reset], &resume)
+        .await
+        .expect("reopened");
+    let (row, rows) = store.get_job("old").await.expect("read").expect("old");
+    assert_eq!((row.state.as_str(), row.finished_at_ms), ("running", None));
+    assert_eq!(
+        (rows[0].outcome.as_str(), rows[0].detail.as_str()),
+        ("pending", "retried")
+    );
+    assert_eq!(
+        store.lease_holders(&hosts).await.expect("leases")[0].job_id,
+        "old"
+    );
+}
+
+/// Two stores on one PostgreSQL database, each with its own pool and its own remembered head:
+/// what two coordinator processes are. Without the chain's advisory lock their appends read
+/// the same head and collide on `seq` (audit writes fail) or fork the chain.
+#[tokio::test]
+async fn two_coordinators_sharing_postgres_append_to_one_chain_and_never_both_lease_a_host() {
+    let fixture = Fixture::new().await;
+    if !fixture.is_postgres() {
+        // One SQLite file is one coordinator's; sharing is PostgreSQL's case.
+        return;
+    }
+    let (a, b) = (fixture.open().await, fixture.open().await);
+    let stores: [Arc<dyn Store>; 2] = [a.shared(), b.shared()];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..120 {
+        let s = stores[i % 2].clone();
+        tasks.spawn(async move { s.append_audit(&audit("exec", &format!("host/h{i}"))).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("append");
+    }
+    for s in &stores {
+        let v = s.verify_audit().await.expect("verify");
+        assert_eq!(v.broken, None, "each coordinator sees one intact chain");
+        assert_eq!(v.count, 120);
+    }
+    // Each remembered only its own appends; the other's later ones are no gap for it.
+    stores[0]
+        .append_audit(&audit("exec", "host/after"))
+        .await
+        .expect("append after the other's");
+    assert_eq!(stores[1].verify_audit().await.expect("verify").count, 121);
+
+    // Both race to lease one host to a job of their own: exactly one wins.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, s) in stores.iter().enumerate() {
+        let s = s.clone();
+        tasks.spawn(async move {
+            let id = format!("race{i}");
+            s.create_job(
+                &job(&id, "running"),
+                &[host(&id, "pending")],
+                &["contested".to_string()],
+                &audit("rollback.started", &format!("job/{id}")),
+            )
+            .await
+        });
+    }
+    let mut won = 0;
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("task") {
+            Ok(()) => won += 1,
+            Err(StoreError::Leased { holders }) => assert_eq!(holders[0].host_id, "contested"),
+            Err(other) => panic!("unexpected: {other}"),
+        }
+    }
+    assert_eq!(won, 1, "one job leases the host");
+    a.close().await;
+    b.close().await;
+}
