@@ -91,13 +91,13 @@ pub async fn run(
         Some(pool) => Arc::new(cluster::pg_bus::PgBus::new(pool.clone())),
         None => Arc::new(cluster::bus::Alone),
     };
+    let bound = listener.local_addr().unwrap_or(config.listen);
+    // By default the certificate's name and the port actually bound (`listen` may say 0).
     let name = config
         .name
         .clone()
-        .unwrap_or_else(|| format!("{}-{}", own.name, config.listen.port()));
-    let listen_addr = listener
-        .local_addr()
-        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+        .unwrap_or_else(|| format!("{}-{}", own.name, bound.port()));
+    let listen_addr = bound.to_string();
     let me = store::cluster::Owner {
         name: name.clone(),
         instance: cluster::peers::instance_id(&exec::new_id()),

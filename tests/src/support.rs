@@ -823,8 +823,14 @@ impl Simulator {
     }
 
     /// How many runs simulated host `host` has in its journal.
+    /// (A record being rewritten — `.RUN.tmp`, e.g. while its acknowledgement is saved — is
+    /// the same run: only the records themselves are counted.)
     pub fn journaled_runs(&self, host: &str) -> usize {
-        std::fs::read_dir(self.state_dir.join(host).join("runs")).map_or(0, Iterator::count)
+        std::fs::read_dir(self.state_dir.join(host).join("runs")).map_or(0, |dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
     }
 }
 

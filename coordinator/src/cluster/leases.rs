@@ -69,7 +69,7 @@ pub async fn tick(cluster: &Cluster, jobs: &Arc<Jobs>) -> bool {
     };
     for orphan in orphans
         .into_iter()
-        .filter(|o| !jobs.is_live_here(&o.job_id))
+        .filter(|o| !jobs.is_live_here(&o.job_id) && !jobs.is_unsettled(&o.job_id))
     {
         match store
             .claim_job(&orphan.job_id, &cluster.me, now_unix_ms(), lease)

@@ -484,8 +484,11 @@ impl Jobs {
                 this.hub.forget_job(&id);
                 this.live_jobs().remove(&id);
                 // Ended (or stopping): the lease goes at once, so a peer or a resume need not
-                // wait for it to lapse. A lease lost to a peer is not ours to give up.
+                // wait for it to lapse. A lease lost to a peer is not ours to give up, and a
+                // job whose end could not be stored keeps it until it lapses (it is settled
+                // at the next start, or by a peer; this process does not retry it in a loop).
                 if !live.lease_lost.is_cancelled()
+                    && !this.is_unsettled(&id)
                     && let Err(e) = this.store.release_job(&id, &this.cluster.me).await
                 {
                     warn!(job = %id, error = %e, "store failed releasing the job's lease; it lapses by itself");
@@ -1108,7 +1111,8 @@ impl Jobs {
             )
             .await
         {
-            error!(job = %job_id, state = %final_state, error = %e, "store failed recording the job's end with its audit record; the job stays running in the store and is settled again at the next start");
+            error!(job = %job_id, state = %final_state, error = %e, "store failed recording the job's end with its audit record; the job stays running in the store and is settled again at the next start (or by another coordinator once this one's lease lapses)");
+            self.unsettled_jobs().insert(job_id.clone());
             return;
         }
         if let Some(h) = &halt {

@@ -80,6 +80,8 @@ pub struct Jobs {
     shutdown: CancellationToken,
     /// Which jobs need a second person's approval.
     approval: crate::config::ApprovalPolicy,
+    /// Jobs whose end this process could not store: left for the next start or a peer.
+    unsettled: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Jobs {
@@ -106,6 +108,7 @@ impl Jobs {
             tasks,
             shutdown,
             approval,
+            unsettled: Mutex::new(std::collections::HashSet::new()),
         }
     }
 

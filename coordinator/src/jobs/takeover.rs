@@ -74,6 +74,19 @@ impl Jobs {
         false
     }
 
+    pub(super) fn unsettled_jobs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This process failed to store the job's end: it does not take the job up again itself.
+    pub fn is_unsettled(&self, job_id: &str) -> bool {
+        self.unsettled_jobs().contains(job_id)
+    }
+
     /// This process has the job in hand (driving it, or stopping it).
     pub fn is_live_here(&self, job_id: &str) -> bool {
         self.live_job(job_id).is_some()

@@ -236,10 +236,14 @@ impl Jobs {
         let job_id = job_id.to_string();
         // Subscribed before the first read so nothing falls between the two.
         let mut wake = self.cluster.subscribe_stored();
+        // Driven here: when this process stops driving it without an end (its end could not
+        // be stored, or it is stopping), the watch ends as it does on a store of its own.
+        let mut local = self.live_job(&job_id).map(|l| l.events.subscribe());
         tokio::spawn(async move {
             let _slot = slot;
             let mut last = after_seq;
             let mut last_was_final = false;
+            let mut local_closed = false;
             loop {
                 // The state first: when it is final, the events read after it include the end.
                 let state = match store.get_job(&job_id).await {
@@ -281,12 +285,29 @@ impl Jobs {
                 if ended && last_was_final {
                     return;
                 }
+                if local_closed {
+                    return;
+                }
                 loop {
                     tokio::select! {
                         r = wake.recv() => match r {
                             Ok(id) if id != job_id => continue,
                             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                             Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                        r = async {
+                            match local.as_mut() {
+                                Some(rx) => rx.recv().await.map(|_| ()),
+                                None => std::future::pending().await,
+                            }
+                        } => match r {
+                            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            // One last read of the store, then the end.
+                            Err(broadcast::error::RecvError::Closed) => {
+                                local = None;
+                                local_closed = true;
+                                break;
+                            }
                         },
                         () = tokio::time::sleep(STORE_POLL) => break,
                         () = tx.closed() => return,

@@ -247,6 +247,26 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         .create_run(&run("r1", "old", "h1"))
         .await
         .expect("run");
+    // An ended job, for the reopen below (only an ended job can be reopened).
+    store
+        .create_job(
+            &job("ended"),
+            &[host("ended", "h3")],
+            &[],
+            &audit(ALICE, "rollback.started", "job/ended"),
+        )
+        .await
+        .expect("job");
+    store
+        .update_job_state(
+            "ended",
+            "halted",
+            Some(2),
+            "test",
+            &audit("coordinator", "rollback.halted", "job/ended"),
+        )
+        .await
+        .expect("halt");
     let before = intact(&*store).await;
 
     let db = fixture.raw().await;
@@ -308,14 +328,16 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
     is_audit_failure(
         store
             .reopen_job(
-                "old",
-                &["h1".into()],
+                "ended",
+                &["h3".into()],
                 &[],
-                &audit(ALICE, "rollback.resume", "job/old"),
+                &audit(ALICE, "rollback.resume", "job/ended"),
             )
             .await,
         "reopen_job",
     );
+    let (row, _) = store.get_job("ended").await.expect("read").expect("ended");
+    assert_eq!(row.state, "halted", "the job was not reopened");
     is_audit_failure(
         store
             .forget_agent("h1", &audit(ALICE, "agent.forgotten", "host/h1"))
