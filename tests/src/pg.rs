@@ -83,12 +83,33 @@ impl Server {
         }
     }
 
+    /// The suites' cluster when one is running (`ROLLBACK_TEST_POSTGRES`), else a private one
+    /// started in `dir` (kept alive by the returned `Cluster`); None when neither can be had
+    /// (no server binaries, or not root) — an error under CI (`CI` / `ROLLBACK_LAB_REQUIRED`).
+    pub fn shared_or_start(dir: &Path) -> Result<Option<(Self, Option<Cluster>)>> {
+        if std::env::var(URL_ENV).is_ok() {
+            return Ok(Some((Self::from_env(), None)));
+        }
+        let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+            || std::env::var("ROLLBACK_LAB_REQUIRED").is_ok_and(|v| v == "1");
+        if !available() || !crate::support::is_root() {
+            ensure!(
+                !required,
+                "PostgreSQL is required here (CI): install postgresql-15 and run as root"
+            );
+            return Ok(None);
+        }
+        let cluster = Cluster::start(&dir.join("postgres"))?;
+        Ok(Some((cluster.server.clone(), Some(cluster))))
+    }
+
     /// `postgres://fleet@127.0.0.1:PORT/DB`: what coordinator.toml's `database` says.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://{USER}@127.0.0.1:{}/{database}", self.port)
     }
 
-    fn password(&self) -> Result<String> {
+    /// The cluster's password (what the tests look for wherever it must not be).
+    pub fn password(&self) -> Result<String> {
         let text = std::fs::read_to_string(&self.password_file)
             .with_context(|| format!("reading {}", self.password_file.display()))?;
         Ok(text.trim_end().to_string())
