@@ -30,7 +30,7 @@ fn build_and_tell() -> Result<()> {
 
 /// `cargo build --workspace --bins`: the demo runs the coordinator, the agents and
 /// `rollbackctl` from target/debug.
-fn build_binaries() -> Result<()> {
+pub(crate) fn build_binaries() -> Result<()> {
     eprintln!("cargo xtask demo: building the binaries (cargo build --workspace --bins)...");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
