@@ -91,7 +91,7 @@ fn up(name: &str, app_hosts: usize, bare: bool, coordinators: usize) -> Result<(
         if bare {
             bail!("--coordinators {coordinators} runs agents for the sample app: leave out --bare");
         }
-        crate::demo::build_binaries()?;
+        crate::demo::build_binaries("cargo xtask lab up")?;
     }
     let spec = spec(name, app_hosts, bare)?;
     let started = Instant::now();
@@ -162,7 +162,7 @@ fn print_cluster(lab_name: &str, fleet: &LabFleet) {
         ctl(first)
     );
     println!(
-        "  a database rollback to see taken over (kill its coordinator during the downgrade):  {} rollback --select role=web --procedure database --reason demo",
+        "  a database rollback (it downgrades the schema one revision) to see taken over: kill its coordinator during the downgrade:  {} rollback --select role=web --procedure database --reason demo",
         ctl(first)
     );
     println!(
