@@ -2,6 +2,11 @@
 //! lab's coordinator namespace, an agent as `rollback-agent.service` in every host with a host
 //! profile for the sample app, and `rollbackctl` run from the coordinator namespace (lab
 //! traffic never leaves the lab's namespaces).
+//!
+//! [`LabFleet::start_cluster`] runs two or three coordinators instead (`a`, `b`, `c`, on
+//! consecutive ports from [`COORDINATOR_PORT`]) sharing one PostgreSQL store, a throwaway
+//! cluster started inside the coordinator namespace on its 127.0.0.1 (so the store's traffic
+//! stays in the lab too); every agent is given all their URLs.
 
 use std::path::PathBuf;
 use std::process::{Child, Output, Stdio};
@@ -13,6 +18,7 @@ use crate::lab::{
     APP_DB, APP_DIR, APP_LOG, APP_PORT, APP_UNIT, BACKUP_DIR, Lab, PG_BIN, PG_PORT, PG_UNIT,
     SHARED_MOUNT,
 };
+use crate::pg;
 use crate::support::{CertFiles, Pki, bin, eventually};
 
 /// Port the coordinator listens on inside the lab.
@@ -32,6 +38,20 @@ pub const OPERATOR: &str = "oncall";
 /// policy holds (database rollbacks): `rollbackctl rollback` run through the fleet is approved
 /// by this identity, through the real `ApproveJob` call, once the job waits for it.
 pub const APPROVER: &str = "lead";
+/// The names of the coordinators of a cluster fleet, in order.
+pub const CLUSTER_NAMES: [&str; 3] = ["a", "b", "c"];
+/// The database the cluster fleet's coordinators share.
+pub const CLUSTER_DB: &str = "fleet";
+
+/// One coordinator process of the fleet.
+struct CoordinatorSlot {
+    /// Its `name` in coordinator.toml (`None` in the single-coordinator fleet).
+    name: Option<String>,
+    /// Holds its coordinator.toml and coordinator.log.
+    dir: PathBuf,
+    url: String,
+    child: Option<Child>,
+}
 
 /// A running fleet-rollback installation on a lab.
 pub struct LabFleet<'a> {
@@ -42,8 +62,12 @@ pub struct LabFleet<'a> {
     pub operator: CertFiles,
     /// `lead`, role approver: the second person for two-person approval.
     pub approver: CertFiles,
-    coordinator: Option<Child>,
+    coordinators: Vec<CoordinatorSlot>,
+    /// The coordinator `rollbackctl` and every helper talk to (the first one unless
+    /// [`LabFleet::use_coordinator`] said otherwise).
     pub url: String,
+    /// The shared store of a cluster fleet (dropped after the coordinators are stopped).
+    store: Option<pg::Cluster>,
 }
 
 impl std::fmt::Debug for LabFleet<'_> {
@@ -81,15 +105,27 @@ impl<'a> LabFleet<'a> {
     /// Issues certificates, starts the coordinator and an agent on every host, and waits until
     /// every agent is online.
     pub fn start(lab: &'a Lab) -> Result<Self> {
+        Self::start_with(lab, 1)
+    }
+
+    /// Like [`LabFleet::start`] with `n` (2 or 3) coordinators named `a`, `b`, `c` on ports
+    /// 7443, 7444, 7445 of the coordinator namespace's address, sharing one PostgreSQL store
+    /// (a cluster started in the coordinator namespace, password auth), every agent configured
+    /// with all of them. Waits until every agent is online.
+    pub fn start_cluster(lab: &'a Lab, n: usize) -> Result<Self> {
+        if !(2..=CLUSTER_NAMES.len()).contains(&n) {
+            bail!("a cluster fleet has 2 or 3 coordinators, not {n}");
+        }
+        Self::start_with(lab, n)
+    }
+
+    fn start_with(lab: &'a Lab, n: usize) -> Result<Self> {
         let dir = lab.shared_dir().join("fleet");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let pki = Pki::init(&dir.join("pki"), "lab.fleet")?;
         let addr = lab.coordinator_addr().to_string();
-        let coord = pki.coordinator("coordinator", &[&addr])?;
         let operator = pki.operator(OPERATOR)?;
         let approver = pki.operator(APPROVER)?;
-        let url = format!("https://{addr}:{COORDINATOR_PORT}");
-        let config = dir.join("coordinator.toml");
         // The inventory (what targets each host) says what each host's agent reports too.
         let inventory: String = lab
             .hosts()
@@ -102,27 +138,76 @@ impl<'a> LabFleet<'a> {
                 format!("[inventory.\"{}\"]\n{labels}", h.id())
             })
             .collect();
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"{addr}:{COORDINATOR_PORT}\"\ndatabase = \"coordinator.sqlite\"\nheartbeat_interval_secs = 2\n\
-                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n{APPROVER} = \"approver\"\n{inventory}",
-                pki.ca().display(),
-                coord.cert.display(),
-                coord.key.display()
-            ),
-        )
-        .context("writing coordinator config")?;
+        let store = if n > 1 {
+            let cluster = pg::Cluster::start_in(&dir.join("store"), Some(&lab.coordinator_netns()))
+                .context("starting the coordinators' PostgreSQL store in the lab")?;
+            cluster
+                .server
+                .psql("postgres", &format!("CREATE DATABASE {CLUSTER_DB}"))
+                .context("creating the coordinators' database")?;
+            Some(cluster)
+        } else {
+            None
+        };
+        let mut coordinators = Vec::new();
+        for (i, cluster_name) in CLUSTER_NAMES.iter().take(n).enumerate() {
+            let port = COORDINATOR_PORT + u16::try_from(i).context("coordinator index")?;
+            let (name, cdir, cert_name, database) = match &store {
+                None => (
+                    None,
+                    dir.clone(),
+                    "coordinator".to_string(),
+                    "database = \"coordinator.sqlite\"\n".to_string(),
+                ),
+                Some(cluster) => {
+                    let name = *cluster_name;
+                    (
+                        Some(name.to_string()),
+                        dir.join(format!("coordinator-{name}")),
+                        format!("coordinator-{name}"),
+                        format!(
+                            "name = \"{name}\"\ndatabase = \"{}\"\ndatabase_password_file = \"{}\"\n",
+                            cluster.server.url(CLUSTER_DB),
+                            cluster.server.password_file.display()
+                        ),
+                    )
+                }
+            };
+            std::fs::create_dir_all(&cdir)
+                .with_context(|| format!("creating {}", cdir.display()))?;
+            let coord = pki.coordinator(&cert_name, &[&addr])?;
+            std::fs::write(
+                cdir.join("coordinator.toml"),
+                format!(
+                    "listen = \"{addr}:{port}\"\n{database}heartbeat_interval_secs = 2\n\
+                     [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n{APPROVER} = \"approver\"\n{inventory}",
+                    pki.ca().display(),
+                    coord.cert.display(),
+                    coord.key.display()
+                ),
+            )
+            .with_context(|| format!("writing {}/coordinator.toml", cdir.display()))?;
+            coordinators.push(CoordinatorSlot {
+                name,
+                dir: cdir,
+                url: format!("https://{addr}:{port}"),
+                child: None,
+            });
+        }
+        let url = coordinators[0].url.clone();
         let mut fleet = LabFleet {
             lab,
             dir,
             pki,
             operator,
             approver,
-            coordinator: None,
+            coordinators,
             url,
+            store,
         };
-        fleet.start_coordinator()?;
+        for i in 0..n {
+            fleet.start_coordinator_at(i)?;
+        }
         let hosts: Vec<String> = lab.hosts().iter().map(|h| h.id().to_string()).collect();
         for host in &hosts {
             fleet.install_agent(host)?;
@@ -133,25 +218,89 @@ impl<'a> LabFleet<'a> {
 
     /// Starts (or restarts) the coordinator process in the coordinator namespace.
     pub fn start_coordinator(&mut self) -> Result<()> {
-        self.stop_coordinator()?;
+        self.start_coordinator_at(0)
+    }
+
+    /// Starts (or restarts) coordinator `i` (0 is `a`) in the coordinator namespace.
+    pub fn start_coordinator_at(&mut self, i: usize) -> Result<()> {
+        self.stop_coordinator_at(i)?;
+        let lab = self.lab;
+        let slot = self.slot_mut(i)?;
+        let log_path = slot.dir.join("coordinator.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("coordinator.log"))
-            .context("opening coordinator log")?;
-        let mut cmd = self.lab.coordinator_command(bin("rollback-coordinator"));
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut cmd = lab.coordinator_command(bin("rollback-coordinator"));
         cmd.arg("--config")
-            .arg(self.dir.join("coordinator.toml"))
+            .arg(slot.dir.join("coordinator.toml"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        self.coordinator = Some(cmd.spawn().context("starting the coordinator in the lab")?);
+        slot.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting coordinator {} in the lab", slot.label()))?,
+        );
         Ok(())
+    }
+
+    fn slot_mut(&mut self, i: usize) -> Result<&mut CoordinatorSlot> {
+        let n = self.coordinators.len();
+        self.coordinators
+            .get_mut(i)
+            .with_context(|| format!("the fleet has {n} coordinator(s), no number {i}"))
+    }
+
+    /// How many coordinators the fleet runs.
+    pub fn coordinator_count(&self) -> usize {
+        self.coordinators.len()
+    }
+
+    /// Coordinator `i`'s URL (as agents and `rollbackctl` reach it inside the lab).
+    pub fn coordinator_url(&self, i: usize) -> Option<&str> {
+        self.coordinators.get(i).map(|c| c.url.as_str())
+    }
+
+    /// Coordinator `i`'s `name` (`a`, `b`, `c`; `None` in the single-coordinator fleet).
+    pub fn coordinator_name(&self, i: usize) -> Option<&str> {
+        self.coordinators.get(i).and_then(|c| c.name.as_deref())
+    }
+
+    /// Coordinator `i`'s coordinator.toml.
+    pub fn coordinator_config(&self, i: usize) -> Option<PathBuf> {
+        self.coordinators
+            .get(i)
+            .map(|c| c.dir.join("coordinator.toml"))
+    }
+
+    /// Coordinator `i`'s process id while this fleet runs it.
+    pub fn coordinator_pid(&self, i: usize) -> Option<u32> {
+        self.coordinators
+            .get(i)
+            .and_then(|c| c.child.as_ref())
+            .map(Child::id)
+    }
+
+    /// Directs `rollbackctl` and every helper of this fleet to coordinator `i` from now on.
+    pub fn use_coordinator(&mut self, i: usize) -> Result<()> {
+        self.url = self.slot_mut(i)?.url.clone();
+        Ok(())
+    }
+
+    /// The shared store of a cluster fleet.
+    pub fn store(&self) -> Option<&pg::Server> {
+        self.store.as_ref().map(|c| &c.server)
     }
 
     /// SIGTERM to the coordinator; waits for it to exit.
     pub fn stop_coordinator(&mut self) -> Result<()> {
-        if let Some(mut child) = self.coordinator.take() {
+        self.stop_coordinator_at(0)
+    }
+
+    /// SIGTERM to coordinator `i`; waits for it to exit.
+    pub fn stop_coordinator_at(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.slot_mut(i)?.child.take() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -171,9 +320,20 @@ impl<'a> LabFleet<'a> {
     /// `kill -9` the coordinator (no shutdown at all: a crash at whatever instruction it was
     /// at); returns once it is gone.
     pub fn kill_coordinator(&mut self) -> Result<()> {
-        if let Some(mut child) = self.coordinator.take() {
-            child.kill().context("SIGKILL to the coordinator")?;
-            child.wait().context("reaping the coordinator")?;
+        self.kill_coordinator_at(0)
+    }
+
+    /// `kill -9` coordinator `i`; returns once it is gone.
+    pub fn kill_coordinator_at(&mut self, i: usize) -> Result<()> {
+        let slot = self.slot_mut(i)?;
+        let label = slot.label();
+        if let Some(mut child) = slot.child.take() {
+            child
+                .kill()
+                .with_context(|| format!("SIGKILL to coordinator {label}"))?;
+            child
+                .wait()
+                .with_context(|| format!("reaping coordinator {label}"))?;
         }
         Ok(())
     }
@@ -199,8 +359,28 @@ impl<'a> LabFleet<'a> {
         Ok(())
     }
 
+    /// Every coordinator's log (each headed by its name in a cluster fleet).
     pub fn coordinator_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+        if self.coordinators.len() == 1 {
+            return self.coordinator_log_at(0);
+        }
+        (0..self.coordinators.len())
+            .map(|i| {
+                format!(
+                    "--- coordinator {} ---\n{}",
+                    self.coordinators[i].label(),
+                    self.coordinator_log_at(i)
+                )
+            })
+            .collect()
+    }
+
+    /// Coordinator `i`'s log.
+    pub fn coordinator_log_at(&self, i: usize) -> String {
+        self.coordinators
+            .get(i)
+            .and_then(|c| std::fs::read_to_string(c.dir.join("coordinator.log")).ok())
+            .unwrap_or_default()
     }
 
     /// The host profile each host's agent gets.
@@ -214,11 +394,20 @@ impl<'a> LabFleet<'a> {
             .iter()
             .map(|(k, v)| format!("{k} = \"{v}\"\n"))
             .collect();
+        let coordinators = match self.coordinators.as_slice() {
+            [one] => format!("coordinator = \"{}\"", one.url),
+            all => format!(
+                "coordinators = [{}]",
+                all.iter()
+                    .map(|c| format!("\"{}\"", c.url))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         let mut toml = format!(
-            "host_id = \"{host}\"\ncoordinator = \"{}\"\nstate_dir = \"/var/lib/rollback-agent\"\n\
+            "host_id = \"{host}\"\n{coordinators}\nstate_dir = \"/var/lib/rollback-agent\"\n\
              reconnect_initial_ms = 100\nreconnect_max_ms = 1000\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[timeouts]\nkill_grace_secs = 2\n",
-            self.url,
             in_hosts(lab, &self.pki.ca())?,
             in_hosts(lab, &certs.cert)?,
             in_hosts(lab, &certs.key)?,
@@ -312,9 +501,68 @@ impl<'a> LabFleet<'a> {
 
     /// `rollbackctl ARGS` as `who`, from the coordinator namespace.
     pub fn rollbackctl_command_as(&self, who: &CertFiles, args: &[&str]) -> std::process::Command {
+        self.rollbackctl_command_to(&self.url, who, args)
+    }
+
+    /// `rollbackctl ARGS` as the operator against coordinator `i`, from the coordinator
+    /// namespace (stdin from /dev/null).
+    pub fn rollbackctl_command_at(&self, i: usize, args: &[&str]) -> Result<std::process::Command> {
+        let url = self
+            .coordinator_url(i)
+            .with_context(|| format!("the fleet has no coordinator number {i}"))?;
+        Ok(self.rollbackctl_command_to(url, &self.operator, args))
+    }
+
+    /// Runs `rollbackctl ARGS` as the operator against coordinator `i` (output captured).
+    pub fn rollbackctl_at(&self, i: usize, args: &[&str]) -> Result<Output> {
+        self.rollbackctl_command_at(i, args)?
+            .output()
+            .with_context(|| format!("running rollbackctl {} on coordinator {i}", args.join(" ")))
+    }
+
+    /// `rollbackctl --output json ARGS` against coordinator `i`, parsed; fails unless it
+    /// exits 0.
+    pub fn json_at(&self, i: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = self.rollbackctl_at(i, &all)?;
+        if !out.status.success() {
+            bail!(
+                "rollbackctl {} on coordinator {i} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing the JSON of rollbackctl {}", args.join(" ")))
+    }
+
+    /// (host, coordinator name) of every online agent, as coordinator `i` lists them.
+    pub fn holders_at(&self, i: usize) -> Result<Vec<(String, String)>> {
+        let agents = self.json_at(i, &["agents"])?;
+        Ok(agents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["status"] == "online")
+            .map(|a| {
+                (
+                    a["host_id"].as_str().unwrap_or_default().to_string(),
+                    a["coordinator"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+
+    fn rollbackctl_command_to(
+        &self,
+        url: &str,
+        who: &CertFiles,
+        args: &[&str],
+    ) -> std::process::Command {
         let mut cmd = self.lab.coordinator_command(bin("rollbackctl"));
         cmd.arg("--coordinator")
-            .arg(&self.url)
+            .arg(url)
             .arg("--ca")
             .arg(self.pki.ca())
             .arg("--cert")
@@ -596,8 +844,30 @@ pub fn outcomes(job: &serde_json::Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+impl LabFleet<'_> {
+    /// Leaves the coordinators (and the store) running after this value is gone, for `cargo
+    /// xtask lab up`: the lab's teardown kills them with everything else in its namespaces.
+    pub fn keep_running(mut self) {
+        for slot in &mut self.coordinators {
+            drop(slot.child.take());
+        }
+        if let Some(store) = self.store.take() {
+            store.leave_running();
+        }
+    }
+}
+
+impl CoordinatorSlot {
+    /// Its name, or its URL in the single-coordinator fleet (for messages).
+    fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.url.clone())
+    }
+}
+
 impl Drop for LabFleet<'_> {
     fn drop(&mut self) {
-        let _ = self.stop_coordinator();
+        for i in 0..self.coordinators.len() {
+            let _ = self.stop_coordinator_at(i);
+        }
     }
 }

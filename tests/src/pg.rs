@@ -32,6 +32,8 @@ pub const URL_ENV: &str = "ROLLBACK_TEST_POSTGRES";
 pub const PASSWORD_FILE_ENV: &str = "ROLLBACK_TEST_POSTGRES_PASSWORD_FILE";
 /// The cluster's login role (a superuser: tests create and drop databases).
 pub const USER: &str = "fleet";
+/// The port a cluster started in a network namespace of its own listens on.
+pub const LAB_PORT: u16 = 5432;
 
 /// Which store the suites run against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,18 @@ pub fn available() -> bool {
 pub struct Server {
     pub port: u16,
     pub password_file: PathBuf,
+    /// The network namespace the cluster listens in (`None`: this process's): psql is run
+    /// there, so a cluster inside the lab is reached from inside the lab only.
+    pub netns: Option<String>,
+}
+
+/// `program` (a path), run in `netns` when given (`nsenter --net`, which execs in place, so
+/// the child is the program itself), else here.
+fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => crate::lab::netns_command(ns, program),
+        None => Command::new(program),
+    }
 }
 
 impl Server {
@@ -79,6 +93,7 @@ impl Server {
             });
         Self {
             port,
+            netns: None,
             password_file: PathBuf::from(file),
         }
     }
@@ -118,7 +133,7 @@ impl Server {
     /// Runs SQL with psql in `database` (the password in psql's environment, never its
     /// arguments); returns the unaligned, tuples-only output, or the server's error.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
-        let out = Command::new(Path::new(PG_BIN).join("psql"))
+        let out = command_in(self.netns.as_deref(), Path::new(PG_BIN).join("psql"))
             .args([
                 "-X",
                 "-q",
@@ -187,8 +202,8 @@ pub struct Cluster {
 
 /// `setpriv ... PROGRAM`: the server and initdb run as `postgres`. setpriv execs in place, so
 /// the child is the program itself (signals reach the postmaster).
-fn as_postgres(program: &str) -> Command {
-    let mut cmd = Command::new("setpriv");
+fn as_postgres(netns: Option<&str>, program: &str) -> Command {
+    let mut cmd = command_in(netns, "setpriv");
     cmd.args([
         "--reuid=postgres",
         "--regid=postgres",
@@ -216,6 +231,12 @@ impl Cluster {
     /// Initializes a cluster in `dir` (which must not exist yet, on a path `postgres` can
     /// reach) and starts it; returns once it accepts connections.
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_in(dir, None)
+    }
+
+    /// Like [`Cluster::start`], with the server (and every psql run on it) in network
+    /// namespace `netns` when given, listening on that namespace's 127.0.0.1 at [`LAB_PORT`].
+    pub fn start_in(dir: &Path, netns: Option<&str>) -> Result<Self> {
         ensure!(
             available(),
             "PostgreSQL 15 server binaries are not installed in {PG_BIN} (apt-get install postgresql-15)"
@@ -255,7 +276,7 @@ impl Cluster {
             }
             up = parent.to_path_buf();
         }
-        let init = as_postgres("initdb")
+        let init = as_postgres(netns, "initdb")
             .arg("-D")
             .arg(&data)
             .args([
@@ -276,8 +297,12 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let port = free_port()?;
-        let mut cmd = as_postgres("postgres");
+        // A namespace of the lab's own has nothing listening but what the lab starts.
+        let port = match netns {
+            Some(_) => LAB_PORT,
+            None => free_port()?,
+        };
+        let mut cmd = as_postgres(netns, "postgres");
         cmd.arg("-D").arg(&data).args([
             "-c",
             "listen_addresses=127.0.0.1",
@@ -300,6 +325,7 @@ impl Cluster {
         let server = Server {
             port,
             password_file,
+            netns: netns.map(str::to_string),
         };
         let mut cluster = Self {
             server,
@@ -314,7 +340,7 @@ impl Cluster {
                 if let Some(status) = cluster.proc.exited()? {
                     bail!("postgres exited ({status}): {}", cluster.proc.log_text());
                 }
-                let out = Command::new(&isready)
+                let out = command_in(netns, &isready)
                     .args(["-h", "127.0.0.1", "-p", &port.to_string()])
                     .output()?;
                 ensure!(out.status.success(), "not ready");
@@ -338,6 +364,12 @@ impl Cluster {
                 self.server.password_file.display().to_string(),
             ),
         ]
+    }
+
+    /// Leaves the server running after this value is gone (`cargo xtask lab up`: the lab's
+    /// teardown stops it with everything else in the lab's namespaces).
+    pub fn leave_running(mut self) {
+        self.proc.detach();
     }
 
     /// Fast shutdown (SIGINT), waited for.

@@ -283,6 +283,11 @@ impl Proc {
         Ok(())
     }
 
+    /// Forgets the process without stopping it (it outlives this value).
+    pub fn detach(&mut self) {
+        drop(self.child.take());
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

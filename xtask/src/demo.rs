@@ -21,17 +21,17 @@ pub fn run() -> Result<()> {
 }
 
 fn build_and_tell() -> Result<()> {
-    build_binaries()?;
+    build_binaries("cargo xtask demo")?;
     crate::venv::ensure()?;
     // From here on Ctrl-C removes the lab instead of leaving it behind.
     demo::tear_down_on_interrupt(demo::LAB_NAME)?;
     demo::run(&mut std::io::stdout().lock())
 }
 
-/// `cargo build --workspace --bins`: the demo runs the coordinator, the agents and
+/// `cargo build --workspace --bins`: the demo and `lab up --coordinators N` run the coordinator, the agents and
 /// `rollbackctl` from target/debug.
-fn build_binaries() -> Result<()> {
-    eprintln!("cargo xtask demo: building the binaries (cargo build --workspace --bins)...");
+pub(crate) fn build_binaries(who: &str) -> Result<()> {
+    eprintln!("{who}: building the binaries (cargo build --workspace --bins)...");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--quiet", "--workspace", "--bins"])

@@ -43,6 +43,7 @@ pub use app::{
     APP_DIR, APP_LOG, APP_PORT, APP_UNIT, APP_USER, APP_VENV, DEPLOYED_RELEASE, NEXT_RELEASE,
     RELEASES, Release, assets_dir, release,
 };
+pub(crate) use enter::netns_command;
 pub use fleet::Lab;
 pub use footprint::Footprint;
 pub use host_ops::HostCommand;
