@@ -7,6 +7,7 @@ pub mod chain;
 #[cfg(test)]
 mod chain_tests;
 pub mod cluster;
+mod cluster_sql;
 #[cfg(test)]
 mod cluster_tests;
 mod postgres;
