@@ -851,6 +851,28 @@ pub fn rollbackctl(
         .context("running rollbackctl")
 }
 
+/// Runs `cmd` (output captured) and fails, killing it, if it has not exited within
+/// `timeout`: for a command that a bug would leave waiting forever.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.with_context(|| format!("waiting for {cmd:?}")),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            bail!("{cmd:?} had not exited after {timeout:?} (killed)")
+        }
+    }
+}
+
 /// The `rollbackctl` command `rollbackctl` runs, for a test that starts it and goes on.
 pub fn rollbackctl_command(
     coordinator_url: &str,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use rollback_tests::support::{
     Agent, CertFiles, Coordinator, NOOP_RUNBOOK, Pki, Simulator, agents_json, eventually,
-    rollbackctl, rollbackctl_command,
+    output_within, rollbackctl, rollbackctl_command,
 };
 use serde_json::Value;
 
@@ -338,7 +338,7 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
     drop(old);
     eventually("old-1 disconnected", DEADLINE, || {
         let s = status_of("old-1")?;
-        ensure!(s == "disconnected", "{s}");
+        ensure!(s == "disconnected", "{s}; the coordinator said:\n{}", f.coord.logs());
         Ok(())
     });
 
@@ -481,6 +481,17 @@ fn a_job_whose_end_cannot_be_audited_has_not_ended() -> Result<()> {
     assert_eq!(jobs[0]["state"], "running", "{jobs:#}");
     let job_id = str_of(&jobs[0], "job_id").to_string();
     assert_eq!(db.count("SELECT COUNT(*) FROM host_leases")?, 1);
+    // A watch begun after this process gave the job up ends (the job is not ended), rather
+    // than wait for an end nobody will write until the next start.
+    output_within(
+        rollbackctl_command(
+            &f.coord.url(),
+            &f.pki.ca(),
+            &f.admin,
+            &["--output", "json", "watch", &job_id],
+        ),
+        Duration::from_secs(30),
+    )?;
 
     // Once the store takes it, the next start settles the job, on the record.
     db.allow_audit("refuse_job_ends")?;

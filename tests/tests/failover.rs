@@ -361,13 +361,19 @@ fn the_coordinator_certificate_is_verified_against_the_url_host_name_not_the_add
         );
         Ok(())
     });
-    let log = agent.proc.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("session established") && l.contains(&by_name)),
-        "{log}"
-    );
+    // The coordinator lists the agent online on its hello, a moment before the agent logs
+    // the acknowledgement.
+    eventually("web-1 logs its session through the name", DEADLINE, || {
+        let log = agent.proc.log_text();
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("session established") && l.contains(&by_name)),
+            "{log}"
+        );
+        Ok(())
+    });
     // The same address under the IP URL was refused: the certificate is not valid for it.
+    let log = agent.proc.log_text();
     assert!(
         log.lines().any(
             |l| l.contains("session failed before the coordinator acknowledged it")

@@ -81,7 +81,8 @@ pub struct Jobs {
     /// Which jobs need a second person's approval.
     approval: crate::config::ApprovalPolicy,
     /// Jobs whose end this process could not store: left for the next start or a peer.
-    unsettled: Mutex<std::collections::HashSet<String>>,
+    /// Shared with store-following watches, which end when their job lands here.
+    unsettled: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Jobs {
@@ -108,7 +109,7 @@ impl Jobs {
             tasks,
             shutdown,
             approval,
-            unsettled: Mutex::new(std::collections::HashSet::new()),
+            unsettled: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }
     }
 

@@ -239,6 +239,16 @@ impl Jobs {
         // Driven here: when this process stops driving it without an end (its end could not
         // be stored, or it is stopping), the watch ends as it does on a store of its own.
         let mut local = self.live_job(&job_id).map(|l| l.events.subscribe());
+        // Given up here before this watch began (its end could not be stored): nobody drives
+        // it until this process restarts or its lease lapses, so the watch ends now rather
+        // than wait for an end that this process will not write.
+        let unsettled = self.unsettled.clone();
+        let given_up = move |job_id: &str| {
+            unsettled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(job_id)
+        };
         tokio::spawn(async move {
             let _slot = slot;
             let mut last = after_seq;
@@ -285,7 +295,7 @@ impl Jobs {
                 if ended && last_was_final {
                     return;
                 }
-                if local_closed {
+                if local_closed || (!ended && given_up(&job_id)) {
                     return;
                 }
                 loop {
