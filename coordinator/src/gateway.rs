@@ -92,21 +92,99 @@ impl AgentGateway for Gateway {
             )));
         }
 
+        // Every step from here on has an effect (the store's row, the registry, the
+        // announcement to peers), so it runs in a task of its own: tonic drops this handler
+        // when the agent's connection goes away mid-call, and a registration cut half-way
+        // would leave the host listed online with no session behind it. The task always ends
+        // by undoing what it did.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let session = Session {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            hub: self.hub.clone(),
+            cluster: self.cluster.clone(),
+            shutdown: self.shutdown.clone(),
+            heartbeat_interval_secs: self.heartbeat_interval_secs,
+        };
+        self.tasks.spawn(session.run(
+            cert_host,
+            address,
+            hello,
+            principal.cert_not_after_unix,
+            inbound,
+            ready_tx,
+        ));
+        match ready_rx.await {
+            Ok(answer) => answer.map(Response::new),
+            Err(_) => Err(Status::internal(
+                "the session ended before the coordinator answered its Hello",
+            )),
+        }
+    }
+}
+
+/// What one agent session's task needs of the gateway.
+struct Session {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    hub: Arc<RunHub>,
+    cluster: Arc<crate::cluster::Cluster>,
+    shutdown: CancellationToken,
+    heartbeat_interval_secs: u32,
+}
+
+type Answer = Result<ReceiverStream<Result<CoordinatorMessage, Status>>, Status>;
+
+impl Session {
+    /// Registers the agent, answers the handler through `ready` (the outbound stream, or why
+    /// not), then serves the session until it ends and records its end. Runs to the end even
+    /// when the handler is gone (its client went away): the inbound stream then ends at once.
+    async fn run(
+        self,
+        cert_host: String,
+        address: String,
+        hello: Hello,
+        cert_not_after_unix: Option<i64>,
+        mut inbound: Streaming<AgentMessage>,
+        ready: tokio::sync::oneshot::Sender<Answer>,
+    ) {
+        let Session {
+            store,
+            registry,
+            hub,
+            cluster,
+            shutdown,
+            heartbeat_interval_secs,
+        } = self;
         let now = now_unix_ms();
         let mut record = agent_record(&hello, address.clone(), now);
-        record.coordinator.clone_from(&self.cluster.me.name);
-        record.cert_not_after_ms = principal
-            .cert_not_after_unix
-            .map(|s| s.saturating_mul(1000));
-        warn_if_certificate_expires_soon(&cert_host, principal.cert_not_after_unix);
-        self.store.agent_connected(&record).await.map_err(|e| {
+        record.coordinator.clone_from(&cluster.me.name);
+        record.cert_not_after_ms = cert_not_after_unix.map(|s| s.saturating_mul(1000));
+        warn_if_certificate_expires_soon(&cert_host, cert_not_after_unix);
+        if let Err(e) = store.agent_connected(&record).await {
             warn!(host = %cert_host, error = %e, "store failed recording agent");
-            Status::unavailable(format!("coordinator store unavailable: {e}"))
-        })?;
-        let inventory = self.store.inventory(&cert_host).await.map_err(|e| {
-            warn!(host = %cert_host, error = %e, "store failed reading the inventory");
-            Status::unavailable(format!("coordinator store unavailable: {e}"))
-        })?;
+            let _ = ready.send(Err(Status::unavailable(format!(
+                "coordinator store unavailable: {e}"
+            ))));
+            return;
+        }
+        let inventory = match store.inventory(&cert_host).await {
+            Ok(inventory) => inventory,
+            Err(e) => {
+                warn!(host = %cert_host, error = %e, "store failed reading the inventory");
+                // Recorded online a moment ago, with no session: not any more.
+                if let Err(e) = store
+                    .agent_released(&cert_host, now, &cluster.me.name)
+                    .await
+                {
+                    warn!(host = %cert_host, error = %e, "store failed recording disconnect");
+                }
+                let _ = ready.send(Err(Status::unavailable(format!(
+                    "coordinator store unavailable: {e}"
+                ))));
+                return;
+            }
+        };
         let mismatch = label_mismatch(&inventory.effective(), &record.reported_labels);
         if !mismatch.is_empty() {
             warn!(
@@ -119,93 +197,90 @@ impl AgentGateway for Gateway {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let ack = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Ack(Ack {
-                heartbeat_interval_secs: self.heartbeat_interval_secs,
+                heartbeat_interval_secs,
                 coordinator_version: rollback_common::VERSION.to_string(),
             })),
         };
         // The channel is fresh, so this cannot be full.
         let _ = tx.try_send(Ok(ack));
         let session_tx = tx.clone();
-        let (session_id, replaced) = self.registry.insert(&cert_host, tx, now);
+        let (session_id, replaced) = registry.insert(&cert_host, tx, now);
         if replaced.is_some() {
             info!(host = %cert_host, "agent reconnected; replacing its previous session");
         }
         info!(host = %cert_host, address = %address, version = %hello.agent_version, "agent online");
-        self.cluster.agent_online(&cert_host).await;
+        cluster.agent_online(&cert_host).await;
+        // A handler that is gone drops the outbound stream with this answer: the session
+        // below then ends at its first read, and is recorded ended.
+        let _ = ready.send(Ok(ReceiverStream::new(rx)));
 
-        let store = self.store.clone();
-        let registry = self.registry.clone();
-        let hub = self.hub.clone();
-        let cluster = self.cluster.clone();
-        let shutdown = self.shutdown.clone();
         let span = info_span!("agent_session", host = %cert_host, session = session_id);
-        self.tasks.spawn(
-            async move {
-                // In the task, not the handler: the stream is only drained once the handler returns.
-                redeliver_unfinished_runs(&*store, &hub, &session_tx, &cert_host).await;
-                let mut last_written = now;
-                let mut last_seen = now;
-                loop {
-                    let msg = tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        msg = inbound.message() => msg,
-                    };
-                    match msg {
-                        Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) })) => {
-                            last_seen = now_unix_ms();
-                            registry.touch(&cert_host, session_id, last_seen);
-                            let state = hb.state.map(|s| s.encode_to_vec());
-                            if state.is_some() || last_seen - last_written >= SEEN_WRITE_INTERVAL_MS {
-                                if let Err(e) = store.agent_seen(&cert_host, last_seen, state.as_deref()).await {
-                                    warn!(error = %e, "store failed recording heartbeat");
-                                }
-                                last_written = last_seen;
+        async move {
+            // Here, not before the answer: the outbound stream is only drained once the
+            // handler has returned it.
+            redeliver_unfinished_runs(&*store, &hub, &session_tx, &cert_host).await;
+            let mut last_written = now;
+            let mut last_seen = now;
+            loop {
+                let msg = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    msg = inbound.message() => msg,
+                };
+                match msg {
+                    Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) })) => {
+                        last_seen = now_unix_ms();
+                        registry.touch(&cert_host, session_id, last_seen);
+                        let state = hb.state.map(|s| s.encode_to_vec());
+                        if state.is_some() || last_seen - last_written >= SEEN_WRITE_INTERVAL_MS {
+                            if let Err(e) = store.agent_seen(&cert_host, last_seen, state.as_deref()).await {
+                                warn!(error = %e, "store failed recording heartbeat");
                             }
+                            last_written = last_seen;
                         }
-                        Ok(Some(AgentMessage { kind: Some(agent_message::Kind::StepEvent(event)) })) => {
-                            last_seen = now_unix_ms();
-                            registry.touch(&cert_host, session_id, last_seen);
-                            let run_id = event.run_id.clone();
-                            cluster.step_event(&cert_host, &event).await;
-                            hub.publish(&cert_host, &run_id, &ExecEvent { kind: Some(exec_event::Kind::StepEvent(event)) });
-                        }
-                        Ok(Some(AgentMessage { kind: Some(agent_message::Kind::RunFinished(finished)) })) => {
-                            last_seen = now_unix_ms();
-                            registry.touch(&cert_host, session_id, last_seen);
-                            if let Err(refused) = record_run_result(&*store, &hub, &cluster, &session_tx, &cert_host, finished).await {
-                                let _ = session_tx.send(Err(refused)).await;
-                                break;
-                            }
-                        }
-                        Ok(Some(other)) => {
-                            last_seen = now_unix_ms();
-                            registry.touch(&cert_host, session_id, last_seen);
-                            warn!(message = ?other.kind.map(|k| kind_name(&k)), "ignoring unexpected message");
-                        }
-                        Ok(None) => {
-                            info!("agent closed its session");
-                            break;
-                        }
-                        Err(status) => {
-                            info!(error = %status.message(), "agent session ended");
+                    }
+                    Ok(Some(AgentMessage { kind: Some(agent_message::Kind::StepEvent(event)) })) => {
+                        last_seen = now_unix_ms();
+                        registry.touch(&cert_host, session_id, last_seen);
+                        let run_id = event.run_id.clone();
+                        cluster.step_event(&cert_host, &event).await;
+                        hub.publish(&cert_host, &run_id, &ExecEvent { kind: Some(exec_event::Kind::StepEvent(event)) });
+                    }
+                    Ok(Some(AgentMessage { kind: Some(agent_message::Kind::RunFinished(finished)) })) => {
+                        last_seen = now_unix_ms();
+                        registry.touch(&cert_host, session_id, last_seen);
+                        if let Err(refused) = record_run_result(&*store, &hub, &cluster, &session_tx, &cert_host, finished).await {
+                            let _ = session_tx.send(Err(refused)).await;
                             break;
                         }
                     }
-                }
-                drop(session_tx);
-                if registry.remove_if_current(&cert_host, session_id) {
-                    hub.host_gone(&cert_host);
-                    // Offline only if no other coordinator holds it by now.
-                    if let Err(e) = store.agent_released(&cert_host, last_seen, &cluster.me.name).await {
-                        warn!(error = %e, "store failed recording disconnect");
+                    Ok(Some(other)) => {
+                        last_seen = now_unix_ms();
+                        registry.touch(&cert_host, session_id, last_seen);
+                        warn!(message = ?other.kind.map(|k| kind_name(&k)), "ignoring unexpected message");
                     }
-                    cluster.agent_gone(&cert_host).await;
-                    info!("agent disconnected");
+                    Ok(None) => {
+                        info!("agent closed its session");
+                        break;
+                    }
+                    Err(status) => {
+                        info!(error = %status.message(), "agent session ended");
+                        break;
+                    }
                 }
             }
-            .instrument(span),
-        );
-        Ok(Response::new(ReceiverStream::new(rx)))
+            drop(session_tx);
+            if registry.remove_if_current(&cert_host, session_id) {
+                hub.host_gone(&cert_host);
+                // Offline only if no other coordinator holds it by now.
+                if let Err(e) = store.agent_released(&cert_host, last_seen, &cluster.me.name).await {
+                    warn!(error = %e, "store failed recording disconnect");
+                }
+                cluster.agent_gone(&cert_host).await;
+                info!("agent disconnected");
+            }
+        }
+        .instrument(span)
+        .await;
     }
 }
 

@@ -338,7 +338,11 @@ fn a_failed_audit_write_fails_the_operation_and_changes_nothing() -> Result<()> 
     drop(old);
     eventually("old-1 disconnected", DEADLINE, || {
         let s = status_of("old-1")?;
-        ensure!(s == "disconnected", "{s}; the coordinator said:\n{}", f.coord.logs());
+        ensure!(
+            s == "disconnected",
+            "{s}; the coordinator said:\n{}",
+            f.coord.logs()
+        );
         Ok(())
     });
 

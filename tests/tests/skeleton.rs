@@ -122,6 +122,15 @@ impl Fleet {
         certs: Option<&CertFiles>,
         ca: &Path,
     ) -> Result<Channel, tonic::transport::Error> {
+        self.endpoint(certs, ca)?.connect().await
+    }
+
+    /// The coordinator's endpoint with `certs` (if any) and `ca`, not connected yet.
+    fn endpoint(
+        &self,
+        certs: Option<&CertFiles>,
+        ca: &Path,
+    ) -> Result<Endpoint, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("ca")));
         if let Some(c) = certs {
@@ -130,10 +139,7 @@ impl Fleet {
                 std::fs::read(&c.key).expect("key"),
             ));
         }
-        Endpoint::from_shared(self.coordinator.url())?
-            .tls_config(tls)?
-            .connect()
-            .await
+        Endpoint::from_shared(self.coordinator.url())?.tls_config(tls)
     }
 }
 
@@ -321,6 +327,98 @@ async fn hello_with_another_host_id_is_refused_and_logged_with_both_ids() {
         "{}",
         agent.proc.log_text()
     );
+}
+
+/// A connection that goes away while the coordinator is still taking its Hello (recording the
+/// agent, reading its inventory, announcing it) must not leave the host listed online with no
+/// session behind it: the gRPC server drops a handler whose connection has closed, so nothing
+/// the handler began may depend on it running to the end. The TCP connection is shut down at
+/// moments swept across the first milliseconds of the call, where the store's writes are in
+/// flight (as when an agent is killed just after it said Hello).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_cut_while_its_hello_is_taken_leaves_the_host_disconnected() {
+    let f = fleet();
+    let addr: std::net::SocketAddr = f
+        .coordinator
+        .url()
+        .trim_start_matches("https://")
+        .parse()
+        .expect("coordinator address");
+    let mut cut_in_hello = 0;
+    // One host per cut, so that a session left behind by any of them shows.
+    for step in 0..80u64 {
+        let host = format!("cut-{step:02}");
+        let certs = f.pki.agent(&host).expect("cert");
+        // The connection's socket, kept to shut it down from here.
+        let socket: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpStream>>> =
+            std::sync::Arc::default();
+        let keep = socket.clone();
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let keep = keep.clone();
+            async move {
+                let tcp = std::net::TcpStream::connect(addr)?;
+                *keep.lock().expect("socket slot") = Some(tcp.try_clone()?);
+                tcp.set_nonblocking(true)?;
+                let tcp = tokio::net::TcpStream::from_std(tcp)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+            }
+        });
+        let ch = f
+            .endpoint(Some(&certs), &f.pki.ca())
+            .expect("endpoint")
+            .connect_with_connector(connector)
+            .await
+            .expect("connects");
+        let hello = AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello {
+                host_id: host.clone(),
+                agent_version: "test".into(),
+                ..Default::default()
+            })),
+        };
+        // The Hello, then a request stream that stays open (a live agent's).
+        let messages = tokio_stream::StreamExt::chain(
+            tokio_stream::iter(vec![hello]),
+            tokio_stream::pending(),
+        );
+        let mut client = AgentGatewayClient::new(ch);
+        let call = client.session(messages);
+        let cut = Duration::from_micros(step * 100);
+        let answered = tokio::time::timeout(cut, call).await;
+        if let Some(tcp) = socket.lock().expect("socket slot").take() {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+        match answered {
+            // Established before the cut: the shutdown ends it as a crash would.
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => panic!(
+                "session {step} refused: {status:?}; the coordinator said:\n{}",
+                f.coordinator.proc.log_text()
+            ),
+            Err(_) => cut_in_hello += 1,
+        }
+    }
+    assert!(
+        cut_in_hello > 0,
+        "no call was cut before its Hello was answered"
+    );
+    tokio::task::spawn_blocking(move || {
+        eventually("every cut host disconnected", DEADLINE, || {
+            let agents = agents_json(&f.coordinator.url(), &f.pki.ca(), &f.viewer, None)?;
+            let online: Vec<&str> = agents
+                .iter()
+                .filter(|a| a["status"] == "online")
+                .filter_map(|a| a["host_id"].as_str())
+                .collect();
+            anyhow::ensure!(
+                online.is_empty(),
+                "listed online with no session: {online:?}"
+            );
+            Ok(())
+        });
+    })
+    .await
+    .expect("the check ran");
 }
 
 fn operator_certs(f: &Fleet, name: &str) -> CertFiles {

@@ -14,6 +14,11 @@ use super::sys::{self, Daemon};
 pub const TRUST_DOMAIN: &str = "bench.test";
 pub const OPERATOR: &str = "bench";
 
+/// The bench times dispatch and execution, not the wait for a second person: its
+/// coordinators ask no approval for any job (the product's default asks it of jobs over 50
+/// hosts and of database actions).
+const NO_APPROVAL: &str = "[approval]\nprocedures = []\nactions = []\nmax_hosts = 0\n";
+
 /// The release binary `name` (the bench runs as target/release/xtask).
 pub fn bin(name: &str) -> PathBuf {
     support::bin(name)
@@ -64,11 +69,47 @@ pub struct Coordinator {
     pub op: CertFiles,
 }
 
+/// The store a bench coordinator keeps its state in.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A fresh SQLite file in the coordinator's directory (the embedded default).
+    Sqlite,
+    /// A PostgreSQL database (`postgres://USER@HOST:PORT/DB`), shared by every coordinator
+    /// given the same one; the password is read from `password_file`.
+    Postgres { url: String, password_file: PathBuf },
+}
+
+impl Store {
+    /// The coordinator.toml lines that select this store, for a coordinator named `name`.
+    fn config_lines(&self, name: &str) -> String {
+        match self {
+            Store::Sqlite => "database = \"coordinator.sqlite\"\n".into(),
+            Store::Postgres { url, password_file } => format!(
+                "database = \"{url}\"\ndatabase_password_file = \"{}\"\nname = \"{name}\"\n",
+                password_file.display()
+            ),
+        }
+    }
+}
+
 impl Coordinator {
-    /// Starts with a fresh store, the product's defaults (heartbeat 10 s) and `runbook`.
-    /// `inventory` is appended to coordinator.toml as is (`[inventory."HOST"]` tables: the
-    /// labels that target hosts).
+    /// Starts with a fresh SQLite store, the product's defaults (heartbeat 10 s) and
+    /// `runbook`. `inventory` is appended to coordinator.toml as is (`[inventory."HOST"]`
+    /// tables: the labels that target hosts).
     pub fn start(dir: &Path, pki: &Pki, runbook: &Path, inventory: &str) -> Result<Self> {
+        Self::start_on(dir, pki, runbook, inventory, &Store::Sqlite, "bench")
+    }
+
+    /// Like [`Coordinator::start`], on `store`, named `name` (unique among the coordinators
+    /// sharing a PostgreSQL store).
+    pub fn start_on(
+        dir: &Path,
+        pki: &Pki,
+        runbook: &Path,
+        inventory: &str,
+        store: &Store,
+        name: &str,
+    ) -> Result<Self> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let certs = cert(pki, "coordinator", "coordinator")?;
@@ -77,8 +118,9 @@ impl Coordinator {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.sqlite\"\nrunbook = \"{}\"\n\
-                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n{inventory}",
+                "listen = \"127.0.0.1:0\"\n{}runbook = \"{}\"\n\
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[operators]\n{OPERATOR} = \"admin\"\n{NO_APPROVAL}{inventory}",
+                store.config_lines(name),
                 runbook.display(),
                 pki.ca().display(),
                 certs.cert.display(),

@@ -28,6 +28,17 @@ pub enum Part {
     Footprint,
 }
 
+/// Where part (b) keeps the coordinators' state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScaleStore {
+    /// One coordinator on SQLite.
+    Sqlite,
+    /// One coordinator on PostgreSQL (a throwaway cluster under target/bench/postgres).
+    Postgres,
+    /// Two coordinators sharing that PostgreSQL, the agents spread over both.
+    Cluster,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// N = 10 and K = 1,000 only (under 5 minutes once the peers' venvs exist).
@@ -45,6 +56,10 @@ pub struct BenchArgs {
     /// Agent counts for part (b) instead of the default (1000, 10000; quick: 1000).
     #[arg(long, value_delimiter = ',')]
     agents: Vec<usize>,
+    /// Stores for part (b) (default: all): `sqlite`, `postgres` (one coordinator), `cluster`
+    /// (two coordinators on one PostgreSQL). PostgreSQL needs root and postgresql-15.
+    #[arg(long, value_delimiter = ',')]
+    stores: Vec<ScaleStore>,
     /// Measure and print, but leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
@@ -97,6 +112,18 @@ fn command_line(args: &BenchArgs) -> String {
     }
     if args.runs != 3 {
         c.push_str(&format!(" --runs {}", args.runs));
+    }
+    if !args.stores.is_empty() {
+        let names: Vec<&str> = args
+            .stores
+            .iter()
+            .map(|s| match s {
+                ScaleStore::Sqlite => "sqlite",
+                ScaleStore::Postgres => "postgres",
+                ScaleStore::Cluster => "cluster",
+            })
+            .collect();
+        c.push_str(&format!(" --stores {}", names.join(",")));
     }
     c
 }
@@ -173,13 +200,43 @@ fn measure(args: &BenchArgs) -> Result<()> {
         save(&data)?;
     }
     if want(Part::Scale) {
+        let stores = if args.stores.is_empty() {
+            vec![
+                ScaleStore::Sqlite,
+                ScaleStore::Postgres,
+                ScaleStore::Cluster,
+            ]
+        } else {
+            args.stores.clone()
+        };
+        // One throwaway PostgreSQL for the part (a fresh database per run), stopped when
+        // the part ends.
+        let pg = if stores.iter().any(|s| *s != ScaleStore::Sqlite) {
+            let dir = root.join("postgres");
+            let _ = std::fs::remove_dir_all(&dir);
+            eprintln!("bench: starting PostgreSQL 15 in {}", dir.display());
+            Some(
+                rollback_tests::pg::Cluster::start(&dir)
+                    .context("starting the bench's PostgreSQL (needs root and postgresql-15)")?,
+            )
+        } else {
+            None
+        };
         for &k in &agents {
-            let fig = scale::measure(&root, &pki, k, runs).unwrap_or_else(|e| {
-                eprintln!("bench: scale K={k}: {e:#}");
-                json!({"error": format!("{e:#}")})
-            });
-            merge(&mut data, &["scale", &k.to_string()], fig);
-            save(&data)?;
+            for store in &stores {
+                let setup = match (store, &pg) {
+                    (ScaleStore::Sqlite, _) => scale::Setup::Sqlite,
+                    (ScaleStore::Postgres, Some(pg)) => scale::Setup::Postgres(&pg.server),
+                    (ScaleStore::Cluster, Some(pg)) => scale::Setup::Cluster(&pg.server),
+                    (_, None) => continue,
+                };
+                let fig = scale::measure(&root, &pki, k, runs, setup).unwrap_or_else(|e| {
+                    eprintln!("bench: {} K={k}: {e:#}", setup.key());
+                    json!({"error": format!("{e:#}")})
+                });
+                merge(&mut data, &[setup.key(), &k.to_string()], fig);
+                save(&data)?;
+            }
         }
     }
     if want(Part::Fleet) {

@@ -287,6 +287,8 @@ fn render(data: &Value) -> String {
         None => out.push_str("- p99 dispatch latency at 1,000: not measured\n"),
     }
 
+    render_stores(&mut out, data, &ks);
+
     // (c)
     out.push_str("\n#### (c) Footprint\n\n");
     let fp = &data["footprint"];
@@ -350,4 +352,97 @@ fn render(data: &Value) -> String {
         }
     }
     out
+}
+
+/// Part (b) again on PostgreSQL: one coordinator, and two sharing one database with the
+/// agents spread over both, next to SQLite (`ks`: part (b)'s SQLite figures by K).
+fn render_stores(out: &mut String, data: &Value, ks: &[(u64, Value)]) {
+    out.push_str("\n#### (b2) The same job on PostgreSQL, and on two coordinators\n\n");
+    out.push_str(
+        "Part (b) again with the coordinator's store in PostgreSQL 15 (a throwaway cluster on \
+         127.0.0.1 started by the bench from the installed server binaries, default settings: \
+         `fsync` and `synchronous_commit` on; a fresh database per run), once with one \
+         coordinator and once with two coordinators sharing the database, each agent configured \
+         with both (`coordinators = [A, B]`) and spread over them by its host id. The job is \
+         started and watched on A; the hosts B holds get their runs through PostgreSQL \
+         (LISTEN/NOTIFY) and B records their results. CPU is both coordinators' together; RSS \
+         is the larger of the two.\n\n",
+    );
+    out.push_str("| K | store | agents held (A / B) | connect all | job to all K | × SQLite | start→result p50 / p99 | coordinator CPU: job | coordinator RSS peak |\n|---|---|---|---|---|---|---|---|---|\n");
+    let ms = |v: &Value| f(v).map_or("—".into(), |x| format!("{x:.0} ms"));
+    let mib = |v: &Value| f(v).map_or("—".into(), |x| format!("{x:.0} MiB"));
+    let mut goal = None;
+    let mut notes = String::new();
+    for (k, sqlite) in ks {
+        let base = f(&sqlite["median"]["job_wall_s"]);
+        for (key, label) in [
+            ("scale", "SQLite, 1 coordinator"),
+            ("scale_pg", "PostgreSQL, 1 coordinator"),
+            ("scale_cluster", "PostgreSQL, 2 coordinators"),
+        ] {
+            let v = &data[key][k.to_string()];
+            if v.is_null() {
+                continue;
+            }
+            if let Some(e) = v["error"].as_str() {
+                let short: String = e.chars().take(200).collect();
+                out.push_str(&format!(
+                    "| {k} | {label} | failed: {} | | | | | | |\n",
+                    short.replace('|', "/").replace('\n', " ")
+                ));
+                continue;
+            }
+            let m = &v["median"];
+            let ratio = match (f(&m["job_wall_s"]), base) {
+                (Some(x), Some(b)) if b > 0.0 => Some(x / b),
+                _ => None,
+            };
+            if key == "scale_pg" && *k == 10_000 {
+                goal = Some((f(&m["job_wall_s"]), ratio));
+            }
+            let held = v["runs"]
+                .as_array()
+                .and_then(|r| r.first())
+                .and_then(|r| r["held"].as_array())
+                .map(|h| {
+                    h.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                })
+                .unwrap_or_else(|| k.to_string());
+            out.push_str(&format!(
+                "| {k} | {label} | {held} | {} | {} ({}) | {} | {} / {} | {:.1} s | {} |\n",
+                secs(&m["connect_s"]),
+                secs(&m["job_wall_s"]),
+                secs(&m["job_coord_s"]),
+                ratio.map_or("—".into(), |r| format!("{r:.2}×")),
+                ms(&m["result_p50_ms"]),
+                ms(&m["result_p99_ms"]),
+                f(&m["job_cpu_s"]).unwrap_or(f64::NAN),
+                mib(&m["coord_peak_mib"]),
+            ));
+            if key != "scale" {
+                let runs = v["runs"].as_array().cloned().unwrap_or_default();
+                let job: Vec<Value> = runs.iter().map(|r| r["job_wall_s"].clone()).collect();
+                notes.push_str(&format!(
+                    "- K = {k}, {label}: {}. Runs (s): job {}.\n",
+                    meta_line(v),
+                    runs_text(&json!(job))
+                ));
+            }
+        }
+    }
+    out.push('\n');
+    out.push_str(&notes);
+    out.push_str("\nGoal:\n\n");
+    match goal {
+        Some((Some(wall), Some(r))) => out.push_str(&format!(
+            "- one-step job to 10,000 agents on PostgreSQL within 1.5× of SQLite: {wall:.2} s, {r:.2}× — {}\n",
+            verdict(r <= 1.5)
+        )),
+        _ => out.push_str(
+            "- one-step job to 10,000 agents on PostgreSQL within 1.5× of SQLite: not measured in this run (full `cargo xtask bench` only)\n",
+        ),
+    }
 }

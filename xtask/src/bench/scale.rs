@@ -1,7 +1,8 @@
 //! Part (b), scale: K simulated agents (`rollback-agent --simulate K`, one process, each a full
 //! agent with its own certificate and mTLS session whose steps are no-ops) against one
-//! coordinator. Measures the time for all K to connect, a one-step job to all K, per-host
-//! latencies from the job's events, and the coordinator's RSS and CPU time.
+//! coordinator on SQLite, one on PostgreSQL, or two sharing one PostgreSQL (the agents spread
+//! over both). Measures the time for all K to connect, a one-step job to all K, per-host
+//! latencies from the job's events, and the coordinators' RSS and CPU time.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use super::harness::{self, Coordinator};
+use super::harness::{self, Coordinator, Store};
 use super::sys::{self, Daemon};
 
 const RUNBOOK: &str = r#"# cargo xtask bench, part (b): one step; the simulated agents answer it with a no-op.
@@ -67,38 +68,105 @@ impl LogCounter {
     }
 }
 
+/// Where a scale run keeps its state.
+#[derive(Debug, Clone, Copy)]
+pub enum Setup<'a> {
+    /// One coordinator, SQLite (the part's original figure).
+    Sqlite,
+    /// One coordinator on a fresh database of this PostgreSQL server.
+    Postgres(&'a rollback_tests::pg::Server),
+    /// Two coordinators sharing a fresh database of this server; each agent is configured
+    /// with both and the simulator spreads them (as real agents do by their host id).
+    Cluster(&'a rollback_tests::pg::Server),
+}
+
+impl Setup<'_> {
+    /// The key of its figures in the results (`scale`, `scale_pg`, `scale_cluster`).
+    pub fn key(&self) -> &'static str {
+        match self {
+            Setup::Sqlite => "scale",
+            Setup::Postgres(_) => "scale_pg",
+            Setup::Cluster(_) => "scale_cluster",
+        }
+    }
+
+    fn coordinators(&self) -> usize {
+        match self {
+            Setup::Cluster(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
 /// One run at K agents.
 fn run_once(
     root: &Path,
     pki: &rollback_tests::support::Pki,
     k: usize,
     run: usize,
+    setup: Setup<'_>,
 ) -> Result<serde_json::Value> {
-    let dir = root.join(format!("scale-{k}")).join(format!("run-{run}"));
+    let dir = root
+        .join(format!("{}-{k}", setup.key()))
+        .join(format!("run-{run}"));
     let runbook = root.join("scale-runbook.toml");
     std::fs::write(&runbook, RUNBOOK).context("writing scale runbook")?;
     // Labels that target hosts come from the coordinator's inventory.
     let inventory: String = (1..=k)
         .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
         .collect();
-    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, &inventory)?;
-    let cpid = coord.daemon.pid()?;
+    let (store, database) = match setup {
+        Setup::Sqlite => (Store::Sqlite, None),
+        Setup::Postgres(server) | Setup::Cluster(server) => {
+            let db = server.create_database()?;
+            (
+                Store::Postgres {
+                    url: server.url(&db),
+                    password_file: server.password_file.clone(),
+                },
+                Some((server, db)),
+            )
+        }
+    };
+    let mut coords = Vec::new();
+    for i in 0..setup.coordinators() {
+        let name = format!("bench-{}", char::from(b'a' + i as u8));
+        coords.push(Coordinator::start_on(
+            &dir.join(&name),
+            pki,
+            &runbook,
+            &inventory,
+            &store,
+            &name,
+        )?);
+    }
+    let cpids = coords
+        .iter()
+        .map(|c| c.daemon.pid())
+        .collect::<Result<Vec<_>>>()?;
     std::thread::sleep(Duration::from_secs(3));
-    let coord_idle0_kib = sys::rss_kib(cpid)?;
+    let rss_max = |pids: &[u32], f: &dyn Fn(u32) -> Result<u64>| -> Result<u64> {
+        pids.iter()
+            .map(|&p| f(p))
+            .try_fold(0, |m, r| r.map(|v| m.max(v)))
+    };
+    let ticks = |pids: &[u32]| -> Result<u64> { pids.iter().map(|&p| sys::cpu_ticks(p)).sum() };
+    let coord_idle0_kib = rss_max(&cpids, &sys::rss_kib)?;
 
-    let state = PathBuf::from(SIM_STATE_ROOT).join(format!("scale-{k}-run-{run}"));
+    let state = PathBuf::from(SIM_STATE_ROOT).join(format!("{}-{k}-run-{run}", setup.key()));
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let template = dir.join("sim.toml");
+    let urls: Vec<String> = coords.iter().map(|c| format!("\"{}\"", c.url)).collect();
     rollback_tests::support::write_private(
         &template,
         format!(
-            "host_id = \"sim\"\ncoordinator = \"{}\"\nstate_dir = \"{}\"\n\
+            "host_id = \"sim\"\ncoordinators = [{}]\nstate_dir = \"{}\"\n\
              [labels]\nsim = \"yes\"\n\
              [tls]\nca = \"{ca}\"\ncert = \"{ca}\"\nkey = \"{ca}\"\n\
              [postgres]\npg_dump = \"/bin/true\"\npg_restore = \"/bin/true\"\nhost = \"127.0.0.1\"\n\
              user = \"bench\"\ndatabase = \"bench\"\nbackup_dir = \"{}\"\n",
-            coord.url,
+            urls.join(", "),
             state.display(),
             state.display(),
             ca = pki.ca().display(),
@@ -130,32 +198,40 @@ fn run_once(
     )?;
     let cert_secs = cert_wait.elapsed().as_secs_f64();
     let connect_start = Instant::now();
-    let ticks0 = sys::cpu_ticks(cpid)?;
-    let mut online = LogCounter::new(&coord.daemon.log);
+    let ticks0 = ticks(&cpids)?;
+    let mut online: Vec<LogCounter> = coords
+        .iter()
+        .map(|c| LogCounter::new(&c.daemon.log))
+        .collect();
+    let mut held = vec![0; coords.len()];
     sys::wait_for(
         &format!("{k} simulated agents online"),
         Duration::from_secs(600),
         Duration::from_millis(10),
         || {
             sim.check_alive()?;
-            coord.daemon.check_alive()?;
-            Ok((online.update("agent online")? >= k).then_some(()))
+            for (i, (c, n)) in coords.iter_mut().zip(online.iter_mut()).enumerate() {
+                c.daemon.check_alive()?;
+                held[i] = n.update("agent online")?;
+            }
+            Ok((held.iter().sum::<usize>() >= k).then_some(()))
         },
     )?;
     let connect_secs = connect_start.elapsed().as_secs_f64();
-    let ticks1 = sys::cpu_ticks(cpid)?;
+    let ticks1 = ticks(&cpids)?;
     std::thread::sleep(Duration::from_secs(5));
+    let coord = &coords[0];
     let listed = coord.online("sim=yes")?;
     if listed != k {
         bail!("{listed} of {k} simulated agents listed online after they connected");
     }
-    let coord_idle_k_kib = sys::rss_kib(cpid)?;
+    let coord_idle_k_kib = rss_max(&cpids, &sys::rss_kib)?;
     let sim_pid = sim.pid()?;
     let sim_rss_kib = sys::rss_kib(sim_pid)?;
 
-    let ticks2 = sys::cpu_ticks(cpid)?;
+    let ticks2 = ticks(&cpids)?;
     let (wall, job) = harness::rollback(
-        &coord,
+        coord,
         &[
             "--procedure",
             "noop",
@@ -174,20 +250,27 @@ fn run_once(
         &dir.join("rollback"),
         Duration::from_secs(900),
     )?;
-    let ticks3 = sys::cpu_ticks(cpid)?;
-    let coord_peak_kib = sys::peak_rss_kib(cpid)?;
+    let ticks3 = ticks(&cpids)?;
+    let coord_peak_kib = rss_max(&cpids, &sys::peak_rss_kib)?;
     let hosts = job["hosts"].as_array().map_or(0, Vec::len);
     if hosts != k {
         bail!("the job covered {hosts} hosts, not {k}");
     }
     let job_id = job["job_id"].as_str().unwrap_or_default().to_string();
-    let lat = latencies(&coord, &job_id, &dir.join("watch"), k)?;
+    let lat = latencies(coord, &job_id, &dir.join("watch"), k)?;
 
     sim.stop(Duration::from_secs(30));
-    coord.daemon.stop(Duration::from_secs(30));
+    for c in &mut coords {
+        c.daemon.stop(Duration::from_secs(30));
+    }
     let _ = std::fs::remove_dir_all(&state);
+    if let Some((server, db)) = database {
+        server.drop_database(&db)?;
+    }
     let clk = sys::clk_tck() as f64;
     Ok(json!({
+        "coordinators": coords.len(),
+        "held": held,
         "certs_s": cert_secs,
         "connect_s": connect_secs,
         "connect_cpu_s": (ticks1 - ticks0) as f64 / clk,
@@ -263,6 +346,7 @@ pub fn measure(
     pki: &rollback_tests::support::Pki,
     k: usize,
     runs: usize,
+    setup: Setup<'_>,
 ) -> Result<serde_json::Value> {
     if let Some(limit) = sys::open_files_limit()
         && limit < (k as u64) + 1024
@@ -275,9 +359,10 @@ pub fn measure(
     }
     let mut all = Vec::new();
     for run in 1..=runs {
-        eprintln!("bench: scale K={k}: run {run}/{runs}");
-        let r = run_once(root, pki, k, run).with_context(|| format!("scale K={k} run {run}"))?;
-        eprintln!("bench: scale K={k}: run {run}: {r}");
+        let what = format!("{} K={k}", setup.key());
+        eprintln!("bench: {what}: run {run}/{runs}");
+        let r = run_once(root, pki, k, run, setup).with_context(|| format!("{what} run {run}"))?;
+        eprintln!("bench: {what}: run {run}: {r}");
         all.push(r);
     }
     let med = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> serde_json::Value {
