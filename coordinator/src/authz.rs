@@ -193,6 +193,7 @@ impl<S, B> tower::Service<http::Request<B>> for Authz<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -214,7 +215,20 @@ where
                         remote_addr: Some(peer.remote_addr),
                     });
                 }
-                Box::pin(self.inner.call(req))
+                // Every handler runs to its end in a task of its own: the server drops a
+                // handler whose connection closed, and one cut between two of its effects
+                // (a job stored but not started, an agent recorded but not registered) would
+                // leave them half done. A handler that panicked answers `internal`.
+                let handler = tokio::spawn(self.inner.call(req));
+                Box::pin(async move {
+                    match handler.await {
+                        Ok(answer) => answer,
+                        Err(e) => Ok(tonic::Status::internal(format!(
+                            "the coordinator failed handling this call: {e}"
+                        ))
+                        .into_http()),
+                    }
+                })
             }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::lab::{
     APP_DB, APP_DIR, APP_LOG, APP_PORT, APP_UNIT, BACKUP_DIR, Lab, PG_BIN, PG_PORT, PG_UNIT,
@@ -102,8 +102,9 @@ fn host_labels(lab: &Lab, host: &str) -> Vec<(&'static str, &'static str)> {
 }
 
 impl<'a> LabFleet<'a> {
-    /// Issues certificates, starts the coordinator and an agent on every host, and waits until
-    /// every agent is online.
+    /// Issues certificates, starts the coordinator (its store a SQLite file, or a PostgreSQL
+    /// cluster in the coordinator namespace when the suite runs on PostgreSQL) and an agent on
+    /// every host, and waits until every agent is online.
     pub fn start(lab: &'a Lab) -> Result<Self> {
         Self::start_with(lab, 1)
     }
@@ -138,7 +139,9 @@ impl<'a> LabFleet<'a> {
                 format!("[inventory.\"{}\"]\n{labels}", h.id())
             })
             .collect();
-        let store = if n > 1 {
+        // Several coordinators share PostgreSQL; one does too when the suite runs on
+        // PostgreSQL (`cargo xtask test`'s second pass), else it keeps a SQLite file.
+        let store = if n > 1 || matches!(pg::backend(), pg::Backend::Postgres) {
             let cluster = pg::Cluster::start_in(&dir.join("store"), Some(&lab.coordinator_netns()))
                 .context("starting the coordinators' PostgreSQL store in the lab")?;
             cluster
@@ -213,6 +216,14 @@ impl<'a> LabFleet<'a> {
             fleet.install_agent(host)?;
         }
         fleet.wait_online(&hosts)?;
+        if fleet.store.is_some() {
+            // The PostgreSQL pass must not quietly run on SQLite.
+            let log = fleet.coordinator_log_at(0);
+            ensure!(
+                log.contains("opening the store database=postgres://"),
+                "the lab's coordinator did not open its PostgreSQL store:\n{log}"
+            );
+        }
         Ok(fleet)
     }
 
