@@ -831,12 +831,23 @@ impl Simulator {
     /// (A record being rewritten — `.RUN.tmp`, e.g. while its acknowledgement is saved — is
     /// the same run: only the records themselves are counted.)
     pub fn journaled_runs(&self, host: &str) -> usize {
-        std::fs::read_dir(self.state_dir.join(host).join("runs")).map_or(0, |dir| {
-            dir.filter_map(Result::ok)
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count()
-        })
+        journal_records(&self.state_dir.join(host).join("runs"))
     }
+}
+
+/// How many run records an agent's journal directory (`STATE_DIR/runs`) holds: `RUN.json`
+/// files. A record being rewritten (`.RUN.tmp`, e.g. while its acknowledgement is saved) is the
+/// same run and is not counted.
+pub fn journal_records(runs_dir: &Path) -> usize {
+    std::fs::read_dir(runs_dir).map_or(0, |dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                !name.starts_with('.') && name.ends_with(".json")
+            })
+            .count()
+    })
 }
 
 /// Runs `rollbackctl` with an operator's certificate against `coordinator_url`.

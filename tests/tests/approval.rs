@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rollback_tests::support::{
-    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl,
+    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, journal_records, rollbackctl,
 };
 use serde_json::Value;
 
@@ -21,11 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Runs journaled by every simulated host so far.
 fn journaled_runs(dir: &Path) -> usize {
     (1..=K)
-        .map(|i| {
-            std::fs::read_dir(dir.join(format!("sim-state/sim-{i:05}/runs")))
-                .map(|d| d.count())
-                .unwrap_or(0)
-        })
+        .map(|i| journal_records(&dir.join(format!("sim-state/sim-{i:05}/runs"))))
         .sum()
 }
 

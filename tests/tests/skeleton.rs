@@ -12,7 +12,7 @@ use rollback_common::proto::{
     AgentMessage, Hello, ListAgentsRequest, agent_message, service_methods,
 };
 use rollback_tests::support::{
-    Agent, CertFiles, Coordinator, Pki, agents_json, eventually, rollbackctl,
+    Agent, CertFiles, Coordinator, Pki, agents_json, eventually, journal_records, rollbackctl,
 };
 use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -866,13 +866,7 @@ async fn a_result_for_another_hosts_run_is_refused_and_changes_nothing() {
 
 /// Runs the agent `host` journaled (every run it was sent, run or refused).
 fn runs_on(f: &Fleet, host: &str) -> usize {
-    std::fs::read_dir(f.dir.join(format!("agent-{host}/state/runs")))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                .count()
-        })
-        .unwrap_or(0)
+    journal_records(&f.dir.join(format!("agent-{host}/state/runs")))
 }
 
 /// Acceptance: a viewer cannot cause any run on any host (a plan never starts anything, not
