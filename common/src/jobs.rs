@@ -105,6 +105,10 @@ named_enum!(
         BatchStarted => "batch.started",
         HostDispatched => "host.dispatched",
         HostWaiting => "host.waiting",
+        // A step began on a host; its output lines follow as `step.output` (a head and a
+        // tail of each step's lines are stored; the cut between them is marked).
+        StepStarted => "step.started",
+        StepOutput => "step.output",
         StepFinished => "step.finished",
         HostPhaseDone => "host.phase_done",
         HostFinished => "host.finished",

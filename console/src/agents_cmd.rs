@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::connect::{self, ConnectFlags};
 use crate::error::status_error;
-use crate::output::{Output, format_age, format_time};
+use crate::output::{Output, format_age, format_time, human_time};
 
 #[derive(Debug, Args)]
 pub struct AgentsArgs {
@@ -25,17 +25,23 @@ pub enum AgentsCmd {
     /// Remove a decommissioned host from the coordinator's agents (admin). Its job history
     /// stays. Refused while the agent is connected or the host is leased to a job; a host that
     /// comes back later is simply registered again.
-    Forget { host: String },
+    Forget {
+        /// The host, as `rollbackctl agents` lists it.
+        host: String,
+    },
     /// Set or remove inventory labels of a host (admin): the labels `--select` matches.
     ///
     /// Labels that choose hosts come from the coordinator's inventory (this command and
     /// [inventory] in coordinator.toml), never from the agent: what an agent reports is shown
     /// beside them in `agents`, and a mismatch is flagged there.
     ///
-    /// Examples: `rollbackctl agents label db-1 role=db`,
-    /// `rollbackctl agents label web-1 migrator=true --reason "new migrator"`,
-    /// `rollbackctl agents label web-2 migrator-` (removes the label).
+    /// KEY- removes a label.
+    #[command(after_help = "\
+Examples:
+    rollbackctl agents label app2 canary=true --reason 'first to take the next rollback'
+    rollbackctl agents label app2 canary-")]
     Label {
+        /// The host, as `rollbackctl agents` lists it.
         host: String,
         /// KEY=VALUE sets a label, KEY- removes one.
         #[arg(required = true, num_args = 1..)]
@@ -254,7 +260,7 @@ fn print_table(agents: &[AgentInfo], now: i64, select: &str) {
             println!(
                 "warning: {}'s certificate {mark} ({}): renew it with `rollbackctl pki renew agent {}`",
                 a.host_id,
-                format_time(a.cert_not_after_unix_ms),
+                human_time(a.cert_not_after_unix_ms),
                 a.host_id
             );
         }

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::connect::{self, ConnectFlags};
 use crate::error::status_error;
-use crate::output::{Output, format_time};
+use crate::output::{Output, format_time, human_time};
 
 #[derive(Debug, Args)]
 #[command(
@@ -21,7 +21,7 @@ Listing needs the approver role; `audit verify` needs operator.
 
 Examples:
     rollbackctl audit --since 1h
-    rollbackctl audit --job 7f3c2a --json
+    rollbackctl audit --job latest --json
     rollbackctl audit --actor alice --limit 20
     rollbackctl audit verify"
 )]
@@ -34,7 +34,8 @@ pub struct AuditArgs {
     /// operator/alice, web-1, coordinator).
     #[arg(long, value_name = "NAME")]
     pub actor: Option<String>,
-    /// Only records about this job: the job's own and its runs' results.
+    /// Only records about this job: the job's own and its runs' results. Its id, 4 or more
+    /// of its first hex digits, or `latest`.
     #[arg(long, value_name = "ID")]
     pub job: Option<String>,
     /// At most this many records, newest first (the coordinator returns at most 1000).
@@ -77,11 +78,16 @@ pub fn parse_since(text: &str, now_ms: i64) -> Result<i64> {
     let text = text.trim();
     let bad = || {
         anyhow::anyhow!(
-            "--since `{text}`: expected a duration back from now such as 90s, 15m, 1h, 2d or 1h30m, or a unix time in milliseconds"
+            "--since `{text}`: expected a duration back from now such as 90s, 15m, 1h, 2d or 1h30m, a time such as 2026-11-30T22:00:00+01:00, or a unix time in milliseconds"
         )
     };
     if text.is_empty() {
         return Err(bad());
+    }
+    if text.contains('T') && text.contains('-') {
+        return chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| bad());
     }
     if text.chars().all(|c| c.is_ascii_digit()) {
         return text.parse().map_err(|_| bad());
@@ -126,7 +132,10 @@ pub async fn run(args: AuditArgs, flags: &ConnectFlags, output: Output) -> Resul
         .list_audit(ListAuditRequest {
             since_unix_ms,
             actor: args.actor.clone().unwrap_or_default(),
-            job_id: args.job.clone().unwrap_or_default(),
+            job_id: match &args.job {
+                Some(given) => crate::jobs_cmd::resolve_id(flags, given).await?,
+                None => String::new(),
+            },
             limit: args.limit,
         })
         .await
@@ -180,7 +189,7 @@ fn print_table(records: &[AuditRecord], more: bool) {
         .map(|r| {
             [
                 r.seq.to_string(),
-                format_time(r.at_unix_ms),
+                human_time(r.at_unix_ms),
                 r.actor.clone(),
                 r.action.clone(),
                 r.target.clone(),
@@ -257,6 +266,11 @@ mod tests {
             1_699_990_000_000
         );
         assert_eq!(parse_since("100000w", NOW).expect("before 1970"), 0);
+        assert_eq!(
+            parse_since("2023-11-14T22:13:20Z", NOW).expect("a time"),
+            1_700_000_000_000
+        );
+        assert!(parse_since("2023-11-14T99:00:00Z", NOW).is_err());
     }
 
     #[test]

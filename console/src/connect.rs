@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use rollback_common::MAX_MESSAGE_BYTES;
 use rollback_common::proto::console_client::ConsoleClient;
@@ -30,24 +30,44 @@ pub struct ConnectFlags {
     /// TLS name to verify the coordinator certificate against, when the URL's host differs.
     #[arg(long, env = "ROLLBACK_SERVER_NAME", global = true)]
     pub server_name: Option<String>,
-    /// Console config file (TOML: coordinator, server_name, [tls] ca/cert/key).
+    /// Console config file (TOML: coordinator, server_name, [tls] ca/cert/key, and named
+    /// [contexts.NAME] tables).
     /// Default: $XDG_CONFIG_HOME/rollbackctl/config.toml or ~/.config/rollbackctl/config.toml.
     #[arg(long, env = "ROLLBACK_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// Named context of the config file to use (a fleet: its coordinator and certificates);
+    /// default: the file's `current_context` (`rollbackctl context use NAME` sets it).
+    #[arg(long, env = "ROLLBACK_CONTEXT", global = true)]
+    pub context: Option<String>,
 }
 
-/// The console config file.
+/// The console config file: one unnamed fleet at the top level, and/or named contexts.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub coordinator: Option<String>,
     pub server_name: Option<String>,
     pub tls: Option<FileTls>,
+    /// The context used when neither --context nor ROLLBACK_CONTEXT names one.
+    pub current_context: Option<String>,
+    #[serde(default)]
+    pub contexts: std::collections::BTreeMap<String, FileContext>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// One named fleet: `[contexts.prod]` with coordinator, server_name, ca, cert, key.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileContext {
+    pub coordinator: Option<String>,
+    pub server_name: Option<String>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -59,6 +79,19 @@ pub struct Settings {
     pub coordinator: String,
     pub server_name: Option<String>,
     pub tls: TlsFiles,
+    /// The named context these came from, if any.
+    pub context: Option<String>,
+}
+
+impl Settings {
+    /// What a command is about to act on, for confirmations: `context prod
+    /// (https://coord:7443)`, or the bare address when no context is in use.
+    pub fn target(&self) -> String {
+        match &self.context {
+            Some(name) => format!("context {name} ({})", self.coordinator),
+            None => format!("coordinator {}", self.coordinator),
+        }
+    }
 }
 
 fn default_config_path(xdg: Option<PathBuf>, home: Option<PathBuf>) -> Option<PathBuf> {
@@ -91,7 +124,30 @@ pub fn load_file(flags: &ConnectFlags) -> Result<(Option<PathBuf>, FileConfig)> 
     Ok((Some(path), file))
 }
 
-/// Flag (or env, which clap folds into the flag) wins over the file.
+/// The context to use: --context / ROLLBACK_CONTEXT, else the file's `current_context`.
+/// `None` means the file's top-level settings.
+fn pick_context(flags: &ConnectFlags, file: &FileConfig) -> Result<Option<(String, FileContext)>> {
+    let Some(name) = flags.context.clone().or(file.current_context.clone()) else {
+        return Ok(None);
+    };
+    match file.contexts.get(&name) {
+        Some(c) => Ok(Some((name, c.clone()))),
+        None => {
+            let known: Vec<&str> = file.contexts.keys().map(String::as_str).collect();
+            bail!(
+                "no context `{name}` in the console config file; {} (`rollbackctl context list`)",
+                if known.is_empty() {
+                    "it has no [contexts.NAME] table".to_string()
+                } else {
+                    format!("it has {}", known.join(", "))
+                }
+            )
+        }
+    }
+}
+
+/// Flag (or env, which clap folds into the flag) wins over the context, which wins over the
+/// file's top level.
 pub fn resolve(
     flags: &ConnectFlags,
     file_path: Option<&Path>,
@@ -99,8 +155,26 @@ pub fn resolve(
 ) -> Result<Settings> {
     let base = file_path.and_then(Path::parent).unwrap_or(Path::new("."));
     let from_file = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { base.join(p) } else { p });
+    let context = pick_context(flags, &file)?;
     let tls = file.tls.unwrap_or_default();
-    let hint = |what: &str, flag: &str, env: &str, key: &str| {
+    let (name, ctx) = match context {
+        Some((name, c)) => (Some(name), c),
+        None => (
+            None,
+            FileContext {
+                coordinator: file.coordinator,
+                server_name: file.server_name,
+                ca: tls.ca,
+                cert: tls.cert,
+                key: tls.key,
+            },
+        ),
+    };
+    let key_of = |top: &str, in_ctx: &str| match &name {
+        Some(n) => format!("contexts.{n}.{in_ctx}"),
+        None => top.to_string(),
+    };
+    let hint = |what: &str, flag: &str, env: &str, key: String| {
         anyhow!(
             "no {what}: pass {flag}, set {env}, or set `{key}` in the console config file (--config)"
         )
@@ -108,46 +182,60 @@ pub fn resolve(
     let coordinator = flags
         .coordinator
         .clone()
-        .or(file.coordinator)
+        .or(ctx.coordinator)
         .ok_or_else(|| {
             hint(
                 "coordinator address",
                 "--coordinator",
                 "ROLLBACK_COORDINATOR",
-                "coordinator",
+                key_of("coordinator", "coordinator"),
             )
         })?;
     let tls = TlsFiles {
-        ca: flags
-            .ca
-            .clone()
-            .or(from_file(tls.ca))
-            .ok_or_else(|| hint("CA certificate", "--ca", "ROLLBACK_CA", "tls.ca"))?,
-        cert: flags.cert.clone().or(from_file(tls.cert)).ok_or_else(|| {
+        ca: flags.ca.clone().or(from_file(ctx.ca)).ok_or_else(|| {
+            hint(
+                "CA certificate",
+                "--ca",
+                "ROLLBACK_CA",
+                key_of("tls.ca", "ca"),
+            )
+        })?,
+        cert: flags.cert.clone().or(from_file(ctx.cert)).ok_or_else(|| {
             hint(
                 "operator certificate",
                 "--cert",
                 "ROLLBACK_CERT",
-                "tls.cert",
+                key_of("tls.cert", "cert"),
             )
         })?,
-        key: flags
-            .key
-            .clone()
-            .or(from_file(tls.key))
-            .ok_or_else(|| hint("operator key", "--key", "ROLLBACK_KEY", "tls.key"))?,
+        key: flags.key.clone().or(from_file(ctx.key)).ok_or_else(|| {
+            hint(
+                "operator key",
+                "--key",
+                "ROLLBACK_KEY",
+                key_of("tls.key", "key"),
+            )
+        })?,
     };
+    // A context whose address a flag replaced is not that context any more.
+    let context = name.filter(|_| flags.coordinator.is_none());
     Ok(Settings {
         coordinator,
-        server_name: flags.server_name.clone().or(file.server_name),
+        server_name: flags.server_name.clone().or(ctx.server_name),
         tls,
+        context,
     })
+}
+
+/// The settings a command would connect with.
+pub fn settings(flags: &ConnectFlags) -> Result<Settings> {
+    let (path, file) = load_file(flags)?;
+    resolve(flags, path.as_deref(), file)
 }
 
 /// Connects to the coordinator's Console service.
 pub async fn console(flags: &ConnectFlags) -> Result<ConsoleClient<Channel>> {
-    let (path, file) = load_file(flags)?;
-    let settings = resolve(flags, path.as_deref(), file)?;
+    let settings = settings(flags)?;
     let tls = settings
         .tls
         .client_config(settings.server_name.as_deref())?;
@@ -197,6 +285,7 @@ mod tests {
                 cert: Some("/abs/op.pem".into()),
                 key: Some("op.key".into()),
             }),
+            ..Default::default()
         };
         let s = resolve(&flags, Some(Path::new("/etc/rb/config.toml")), file).expect("resolves");
         assert_eq!(s.coordinator, "https://flag:1");
@@ -215,6 +304,47 @@ mod tests {
             msg.contains("--coordinator") && msg.contains("ROLLBACK_COORDINATOR"),
             "{msg}"
         );
+    }
+
+    fn two_contexts() -> FileConfig {
+        toml::from_str(
+            r#"
+current_context = "staging"
+[contexts.prod]
+coordinator = "https://prod:7443"
+ca = "prod/ca.pem"
+cert = "prod/op.pem"
+key = "prod/op.key"
+[contexts.staging]
+coordinator = "https://staging:7443"
+ca = "/s/ca.pem"
+cert = "/s/op.pem"
+key = "/s/op.key"
+"#,
+        )
+        .expect("parses")
+    }
+
+    #[test]
+    fn the_named_context_wins_over_the_current_one_and_names_itself() {
+        let path = Some(Path::new("/etc/rb/config.toml"));
+        let s = resolve(&ConnectFlags::default(), path, two_contexts()).expect("current");
+        assert_eq!(s.coordinator, "https://staging:7443");
+        assert_eq!(s.target(), "context staging (https://staging:7443)");
+        let flags = ConnectFlags {
+            context: Some("prod".into()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, path, two_contexts()).expect("prod");
+        assert_eq!(s.coordinator, "https://prod:7443");
+        assert_eq!(s.tls.ca, PathBuf::from("/etc/rb/prod/ca.pem"));
+        assert_eq!(s.context.as_deref(), Some("prod"));
+        let flags = ConnectFlags {
+            context: Some("qa".into()),
+            ..Default::default()
+        };
+        let err = resolve(&flags, path, two_contexts()).expect_err("unknown");
+        assert!(err.to_string().contains("prod, staging"), "{err}");
     }
 
     #[test]

@@ -23,9 +23,9 @@ git.log [count=N], file.restore [file=env], http.check [endpoint=/readyz expect=
 interval_ms=MS], log.scan [patterns=ERROR,Traceback].
 
 Examples:
-    rollbackctl exec web-1 git.log
-    rollbackctl exec web-1 http.check endpoint=/readyz retries=10
-    rollbackctl exec db-1 alembic.current")]
+    rollbackctl exec app1 git.log
+    rollbackctl exec app1 http.check endpoint=/readyz retries=10
+    rollbackctl exec app1 alembic.current")]
 pub struct ExecArgs {
     /// The host to run on (its agent must be online).
     pub host: String,

@@ -8,20 +8,21 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use rollback_common::jobs::{EventKind, JobState, Outcome};
 use rollback_common::proto::{
-    CancelJobRequest, GetJobRequest, GetReportRequest, GetRunbookRequest, Job, JobEvent,
-    ListJobsRequest, PlanResponse, RollbackRequest, WatchJobRequest, step_status_name,
+    CancelJobRequest, GetJobRequest, GetReportRequest, GetRunbookRequest, Job, ListJobsRequest,
+    PlanResponse, RollbackRequest, WatchJobRequest, step_status_name,
 };
 use serde_json::json;
 
 use crate::connect::{self, ConnectFlags};
 use crate::error::status_error;
-use crate::output::{Output, format_time, print_columns};
+use crate::live;
+use crate::output::{Output, format_time, human_time, print_columns};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
     rollbackctl rollback --procedure configuration --select role=web --reason 'bad .env in 2026-11-25 deploy'
-    rollbackctl rollback --procedure application --revision 4d6e6d4 --select role=web --batch-size 25% --reason '...'
+    rollbackctl rollback --procedure application --revision v2 --select role=web --batch-size 25% --reason '...'
     rollbackctl rollback --procedure database --select role=web --once-on migrator=true --reason '...'
     rollbackctl rollback --to-snapshot latest --select role=web --reason 'back to the pre-deploy snapshot'
 Run `rollbackctl plan` with the same flags first to see the exact steps and batches.")]
@@ -75,6 +76,9 @@ pub struct RollbackArgs {
     /// instead of waiting for the decision (the job stays `awaiting_approval`).
     #[arg(long)]
     pub no_wait_approval: bool,
+    /// Hide the steps' output lines while following the job (events and the summary stay).
+    #[arg(long)]
+    pub quiet_output: bool,
 }
 
 impl RollbackArgs {
@@ -112,18 +116,30 @@ pub enum RunbookCmd {
 #[derive(Debug, Subcommand)]
 pub enum JobCmd {
     /// The whole record of a job: hosts, outcomes, every step.
-    Show { job: String },
+    #[command(after_help = "\
+Examples:
+    rollbackctl job show latest
+    rollbackctl job show latest --output json")]
+    Show {
+        /// The job: its id, 4 or more of its first hex digits, or `latest` (the newest
+        /// rollback).
+        job: String,
+    },
     /// Continue a halted, cancelled, failed or interrupted job: hosts that did not succeed are
     /// retried from the phase where each stopped, with the job's pinned targets (completed
     /// phases, and a completed database step, never run again). Follows it live.
     #[command(after_help = "\
 Example:
-    rollbackctl job resume 3f9a1c... --reason 'app2 agent back after OOM kill'")]
+    rollbackctl job resume latest --reason 'app2 agent back after OOM kill'")]
     Resume {
+        /// The job: its id, 4 or more of its first hex digits, or `latest`.
         job: String,
         /// Why (recorded in the audit trail). Required.
         #[arg(long)]
         reason: String,
+        /// Hide the steps' output lines while following the job.
+        #[arg(long)]
+        quiet_output: bool,
     },
 }
 
@@ -247,66 +263,48 @@ fn job_json(j: &Job) -> serde_json::Value {
     })
 }
 
-fn bar(done: u32, total: u32) -> String {
-    if total == 0 {
-        return String::new();
-    }
-    let width = 20usize;
-    let filled = (done as usize * width) / total as usize;
-    format!(
-        " [{}{}] {done}/{total}",
-        "#".repeat(filled),
-        "-".repeat(width - filled)
-    )
-}
-
-fn clock(ms: i64) -> String {
-    let t = format_time(ms);
-    t.get(11..19).unwrap_or_default().to_string()
-}
-
-/// One line per event, as an operator wants to read it.
-pub fn render_event(ev: &JobEvent) -> String {
-    let t = clock(ev.at_unix_ms);
-    let Ok(kind) = ev.kind.parse::<EventKind>() else {
-        // An event kind from a newer coordinator: shown as it is.
-        return format!("{t} {}: {}", ev.kind, ev.message);
-    };
-    match kind {
-        EventKind::JobAwaitingApproval => format!("{t} ?? awaiting approval: {}", ev.message),
-        EventKind::JobApproved => format!("{t} job {}", ev.message),
-        EventKind::JobStarted => format!("{t} job started: {}", ev.message),
-        EventKind::JobResumed => format!("{t} job resumed: {}", ev.message),
-        EventKind::PhaseStarted => format!("{t} ── {}", ev.message),
-        EventKind::BatchStarted => format!("{t}    {} {}", ev.phase, ev.message),
-        EventKind::HostDispatched => format!("{t}    → {}", ev.message),
-        EventKind::HostWaiting => format!("{t}    … {}", ev.message),
-        EventKind::StepFinished => format!("{t}      {}", ev.message),
-        EventKind::HostPhaseDone => format!("{t}    ✓ {}{}", ev.message, bar(ev.done, ev.total)),
-        EventKind::HostFinished if ev.message.contains(&format!(" {}", Outcome::Succeeded)) => {
-            format!("{t}    ✓ {}", ev.message)
-        }
-        EventKind::HostFinished => format!("{t}    ✗ {}{}", ev.message, bar(ev.done, ev.total)),
-        EventKind::PhaseFinished => format!("{t}    {}{}", ev.message, bar(ev.done, ev.total)),
-        EventKind::JobHalted => format!("{t} !! halted: {}", ev.message),
-        EventKind::JobCancelling => format!("{t} !! {}", ev.message),
-        EventKind::JobFinished => format!("{t} job {}", ev.message),
-    }
-}
-
 /// How long `follow` keeps trying to reach a coordinator that went away mid-job.
 const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Follows a job's events after `after_seq` until it finishes. A coordinator that restarts
-/// mid-job resumes it; the watch reconnects and goes on from the last event it printed.
-async fn follow(
-    flags: &ConnectFlags,
-    job_id: &str,
-    after_seq: u64,
-    output: Option<Output>,
-) -> Result<()> {
+/// How a followed job is shown.
+#[derive(Debug, Clone, Copy)]
+pub struct Follow {
+    /// `None`: quietly (for `--output json`, which prints only the final record).
+    pub output: Option<Output>,
+    /// Steps' output lines (`--quiet-output` hides them).
+    pub show_output: bool,
+}
+
+/// Follows a job's events after `after_seq` until it finishes. A dropped stream (the
+/// connection cut, the coordinator restarting) is picked up again from the last event seen, so
+/// no line is missed or shown twice.
+async fn follow(flags: &ConnectFlags, job_id: &str, after_seq: u64, how: Follow) -> Result<()> {
+    let mut screen = match how.output {
+        Some(Output::Table) => {
+            let pinned = std::io::stdout().is_terminal();
+            let mut summary = live::Summary::new(0, 0);
+            let mut elapsed = std::time::Duration::ZERO;
+            if pinned && let Ok(j) = find_job(flags, job_id).await {
+                if let Some(p) = &j.plan {
+                    summary = live::Summary::new(p.phases.len(), p.targets.len());
+                }
+                let ms = rollback_common::now_unix_ms().saturating_sub(j.created_at_unix_ms);
+                elapsed = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+            }
+            Some(live::Screen::new(pinned, how.show_output, summary, elapsed))
+        }
+        _ => None,
+    };
+    let say = |screen: &Option<live::Screen>, line: &str| {
+        if let Some(s) = screen {
+            s.println(line);
+        }
+    };
     let mut last = after_seq;
     let mut lost_at: Option<std::time::Instant> = None;
+    // Set when a stream ended without the job's end: a second such end with nothing new in
+    // between means nobody drives the job now, and the watch stops there.
+    let mut ended_early_at: Option<u64> = None;
     loop {
         let attempt = async {
             let mut client = connect::console(flags).await?;
@@ -329,25 +327,34 @@ async fn follow(
             }
             Err(e) => return Err(e),
         };
-        if lost_at.take().is_some() && output == Some(Output::Table) {
-            println!("(reconnected to the coordinator; continuing after event {last})");
+        if lost_at.take().is_some() {
+            say(
+                &screen,
+                &format!("(reconnected to the coordinator; continuing after event {last})"),
+            );
         }
+        let mut final_seen = false;
         let ended = loop {
             match stream.message().await {
                 Ok(Some(ev)) => {
                     last = ev.seq;
-                    match output {
-                        None => {}
-                        Some(Output::Table) => println!("{}", render_event(&ev)),
-                        Some(Output::Json) => println!(
+                    final_seen = ev.kind == EventKind::JobFinished.as_str();
+                    match (&mut screen, how.output) {
+                        (Some(screen), _) => screen.event(&ev),
+                        (None, Some(Output::Json)) => println!(
                             "{}",
                             json!({"seq": ev.seq, "at": format_time(ev.at_unix_ms), "kind": ev.kind, "host_id": ev.host_id,
                                    "phase": ev.phase, "message": ev.message, "job_state": ev.job_state, "done": ev.done, "total": ev.total})
                         ),
+                        _ => {}
                     }
                     let _ = std::io::stdout().flush();
                 }
-                Ok(None) => break true,
+                Ok(None) if final_seen || ended_early_at == Some(last) => break true,
+                Ok(None) => {
+                    ended_early_at = Some(last);
+                    break false;
+                }
                 // A refusal is final; anything else is the connection going away (the
                 // coordinator restarting): reconnect.
                 Err(s)
@@ -366,24 +373,62 @@ async fn follow(
             }
         };
         if ended {
+            if let Some(s) = &mut screen {
+                s.finish();
+            }
             return Ok(());
         }
-        if output == Some(Output::Table) {
-            eprintln!(
+        if ended_early_at != Some(last) && how.output.is_some() {
+            let lost = format!(
                 "(lost the coordinator while following job {job_id}; the job is kept in its store and resumed when it restarts — reconnecting for up to {}s)",
                 RECONNECT_FOR.as_secs()
             );
+            // On stderr, as every notice about the connection; above the pinned summary when
+            // there is one.
+            match &screen {
+                Some(s) if s.pinned() => s.println(&lost),
+                _ => eprintln!("{lost}"),
+            }
         }
         lost_at = Some(std::time::Instant::now());
     }
 }
 
+/// The job `given` names (its id, a unique prefix of 4+ hex digits, or `latest`), without
+/// its runs: the coordinator resolves it and refuses an ambiguous prefix, naming the jobs.
+pub async fn find_job(flags: &ConnectFlags, given: &str) -> Result<Job> {
+    let mut client = connect::console(flags).await?;
+    let jobs = client
+        .list_jobs(ListJobsRequest {
+            job: given.to_string(),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error(&format!("finding job {given}"), s))?
+        .into_inner()
+        .jobs;
+    jobs.into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no job {given}"))
+}
+
+/// The full id of the job `given` names.
+pub async fn resolve_id(flags: &ConnectFlags, given: &str) -> Result<String> {
+    Ok(find_job(flags, given).await?.job_id)
+}
+
 fn print_job(j: &Job) {
-    println!("job {} — {} — {}", j.job_id, j.procedure, j.state);
+    println!(
+        "job {} — {} — {}",
+        j.job_id,
+        j.procedure,
+        state_cell(&j.state)
+    );
     println!(
         "requested by {} at {}: {}",
         j.requested_by,
-        format_time(j.created_at_unix_ms),
+        human_time(j.created_at_unix_ms),
         j.reason
     );
     if !j.halt_reason.is_empty() {
@@ -396,13 +441,13 @@ fn print_job(j: &Job) {
                 a.rule,
                 a.requested_by,
                 j.job_id,
-                format_time(a.expires_at_unix_ms)
+                human_time(a.expires_at_unix_ms)
             ),
             d => println!(
                 "approval ({}): {d} by {} at {}: {}",
                 a.rule,
                 a.decided_by,
-                format_time(a.decided_at_unix_ms),
+                human_time(a.decided_at_unix_ms),
                 a.reason
             ),
         }
@@ -420,7 +465,7 @@ fn print_job(j: &Job) {
     {
         for h in j.history.iter().filter(|h| h.contains(" job.resumed ")) {
             let (at, rest) = h.split_once(' ').unwrap_or((h, ""));
-            println!("{} {rest}", format_time(at.parse().unwrap_or(0)));
+            println!("{} {rest}", human_time(at.parse().unwrap_or(0)));
         }
     }
     let rows: Vec<[String; 5]> = j
@@ -433,7 +478,7 @@ fn print_job(j: &Job) {
                     h.host_id,
                     if h.once_only { " (once-host)" } else { "" }
                 ),
-                h.outcome.clone(),
+                outcome_cell(&h.outcome),
                 h.phase.clone(),
                 if h.failed_step.is_empty() {
                     String::new()
@@ -514,16 +559,23 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
         print_plan(&plan);
         println!();
     }
-    if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to start without confirmation: pass --yes (stdin is not a terminal)");
+    let target = connect::settings(flags)?.target();
+    let what = format!(
+        "roll back {} host(s) with `{}` on {target}",
+        plan.targets.len(),
+        plan.procedure
+    );
+    if args.yes {
+        if output == Output::Table {
+            eprintln!("{what} (--yes: not asking)");
         }
-        print!(
-            "roll back {} host(s) with `{}`? [y/N] ",
-            plan.targets.len(),
-            plan.procedure
-        );
-        let _ = std::io::stdout().flush();
+    } else {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to {what} without confirmation: pass --yes (stdin is not a terminal)");
+        }
+        // On stderr: stdout stays the command's output (e.g. `--output json`).
+        eprint!("{what}? [y/N] ");
+        let _ = std::io::stderr().flush();
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
@@ -539,7 +591,7 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
             started.job_id,
             a.rule,
             started.job_id,
-            format_time(a.expires_at_unix_ms),
+            human_time(a.expires_at_unix_ms),
             started.job_id,
             started.job_id
         );
@@ -557,7 +609,11 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
             "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)\n",
             started.job_id, started.job_id
         );
-        follow(flags, &started.job_id, 0, Some(output)).await?;
+        let how = Follow {
+            output: Some(output),
+            show_output: !args.quiet_output,
+        };
+        follow(flags, &started.job_id, 0, how).await?;
     } else {
         // Wait for the end quietly, then print the whole record.
         follow_quietly(flags, &started.job_id, 0).await?;
@@ -656,14 +712,109 @@ pub async fn runbook(cmd: RunbookCmd, flags: &ConnectFlags, output: Output) -> R
     Ok(())
 }
 
-pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()> {
+/// `rollbackctl jobs`: which jobs to list.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+    rollbackctl jobs
+    rollbackctl jobs --state halted
+    rollbackctl jobs --procedure database --since 24h
+    rollbackctl jobs --kind all --limit 5")]
+pub struct JobsArgs {
+    /// How many (newest first).
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Only jobs in this state: running, succeeded, failed, halted, cancelled, interrupted,
+    /// awaiting_approval, denied, expired.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only jobs of this runbook procedure, e.g. database.
+    #[arg(long)]
+    pub procedure: Option<String>,
+    /// Only jobs that targeted this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only jobs started within this long (30m, 24h, 7d) or since this time
+    /// (2026-11-30T22:00:00+01:00).
+    #[arg(long, value_name = "AGE|TIME")]
+    pub since: Option<String>,
+    /// Which jobs: rollbacks (default), the snapshot and diagnose jobs `snapshot` and
+    /// `rollback --to-snapshot` run, or all of them.
+    #[arg(long, value_enum, default_value_t = Kind::Rollback)]
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Rollback jobs (every runbook procedure, and `--to-snapshot`).
+    Rollback,
+    /// `rollbackctl snapshot` jobs.
+    Snapshot,
+    /// The diagnose jobs of `rollbackctl diagnose` and `rollback --to-snapshot`.
+    Diagnose,
+    /// Every job.
+    All,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Rollback => "rollback",
+            Kind::Snapshot => "snapshot",
+            Kind::Diagnose => "diagnose",
+            Kind::All => "all",
+        }
+    }
+}
+
+async fn list_jobs(flags: &ConnectFlags, req: ListJobsRequest) -> Result<Vec<Job>> {
     let mut client = connect::console(flags).await?;
-    let jobs = client
-        .list_jobs(ListJobsRequest { limit })
+    Ok(client
+        .list_jobs(req)
         .await
         .map_err(|s| status_error("listing jobs", s))?
         .into_inner()
-        .jobs;
+        .jobs)
+}
+
+fn outcome_cell(outcome: &str) -> String {
+    use crate::output::{Paint, paint};
+    match outcome.parse::<Outcome>() {
+        Ok(Outcome::Succeeded) => paint(Paint::Good, outcome),
+        Ok(o) if o.is_failure() => paint(Paint::Bad, outcome),
+        Ok(_) => paint(Paint::Warn, outcome),
+        Err(_) => outcome.to_string(),
+    }
+}
+
+fn state_cell(state: &str) -> String {
+    use crate::output::{Paint, paint};
+    match state.parse::<JobState>() {
+        Ok(JobState::Succeeded) => paint(Paint::Good, state),
+        Ok(JobState::Running | JobState::AwaitingApproval) => paint(Paint::Warn, state),
+        Ok(_) => paint(Paint::Bad, state),
+        Err(_) => state.to_string(),
+    }
+}
+
+pub async fn jobs(args: JobsArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let since_unix_ms = match &args.since {
+        Some(s) => crate::audit_cmd::parse_since(s, rollback_common::now_unix_ms())?,
+        None => 0,
+    };
+    let jobs = list_jobs(
+        flags,
+        ListJobsRequest {
+            limit: args.limit,
+            state: args.state.clone().unwrap_or_default(),
+            procedure: args.procedure.clone().unwrap_or_default(),
+            host_id: args.host.clone().unwrap_or_default(),
+            since_unix_ms,
+            kind: args.kind.as_str().to_string(),
+            job: String::new(),
+        },
+    )
+    .await?;
     match output {
         Output::Json => println!(
             "{}",
@@ -671,7 +822,20 @@ pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()
         ),
         Output::Table => {
             if jobs.is_empty() {
-                println!("no rollback jobs yet");
+                let filtered = args.state.is_some()
+                    || args.procedure.is_some()
+                    || args.host.is_some()
+                    || args.since.is_some();
+                println!(
+                    "{}",
+                    if filtered {
+                        "no job matches these filters"
+                    } else if args.kind == Kind::Rollback {
+                        "no rollback jobs yet (`--kind all` lists snapshot and diagnose jobs too)"
+                    } else {
+                        "no jobs yet"
+                    }
+                );
                 return Ok(());
             }
             let rows: Vec<[String; 6]> = jobs
@@ -685,9 +849,9 @@ pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()
                     [
                         j.job_id.clone(),
                         j.procedure.clone(),
-                        j.state.clone(),
+                        state_cell(&j.state),
                         format!("{ok}/{}", j.hosts.len()),
-                        format_time(j.created_at_unix_ms),
+                        human_time(j.created_at_unix_ms),
                         j.reason.chars().take(50).collect(),
                     ]
                 })
@@ -701,27 +865,169 @@ pub async fn jobs(flags: &ConnectFlags, output: Output, limit: u32) -> Result<()
     Ok(())
 }
 
+/// `rollbackctl history HOST`: the host's jobs, newest first, with what each changed on it.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+    rollbackctl history app1
+    rollbackctl history app1 --kind all --limit 50")]
+pub struct HistoryArgs {
+    /// The host, as `rollbackctl agents` lists it.
+    pub host: String,
+    /// How many jobs (newest first).
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Which jobs: rollbacks (default), snapshot, diagnose or all.
+    #[arg(long, value_enum, default_value_t = Kind::Rollback)]
+    pub kind: Kind,
+}
+
+/// What one job changed on `host`: each pinned target as `param before → after`.
+fn host_change(j: &Job, host: &str) -> String {
+    let Some(plan) = &j.plan else {
+        return String::new();
+    };
+    plan.pins
+        .iter()
+        .map(|p| {
+            let before = p.from_by_host.get(host).map(String::as_str).unwrap_or("?");
+            let short = |v: &str| v.chars().take(12).collect::<String>();
+            format!("{} {} → {}", p.param, short(before), short(&p.to))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub async fn history(args: HistoryArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
+    rollback_common::identity::validate_name("host id", &args.host)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let jobs = list_jobs(
+        flags,
+        ListJobsRequest {
+            limit: args.limit,
+            host_id: args.host.clone(),
+            kind: args.kind.as_str().to_string(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mine = |j: &Job| j.hosts.iter().find(|h| h.host_id == args.host).cloned();
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &jobs
+                    .iter()
+                    .map(|j| {
+                        let h = mine(j).unwrap_or_default();
+                        json!({
+                            "job_id": j.job_id,
+                            "procedure": j.procedure,
+                            "state": j.state,
+                            "created_at": format_time(j.created_at_unix_ms),
+                            "created_at_unix_ms": j.created_at_unix_ms,
+                            "reason": j.reason,
+                            "outcome": h.outcome,
+                            "phase": h.phase,
+                            "detail": h.detail,
+                            "pins": j.plan.as_ref().map(|p| p.pins.iter().map(|pin| json!({
+                                "param": pin.param,
+                                "before": pin.from_by_host.get(&args.host),
+                                "after": pin.to,
+                            })).collect::<Vec<_>>()).unwrap_or_default(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            )?
+        ),
+        Output::Table => {
+            if jobs.is_empty() {
+                println!(
+                    "no {} job targeted {} (`rollbackctl agents` lists hosts)",
+                    if args.kind == Kind::All {
+                        ""
+                    } else {
+                        args.kind.as_str()
+                    },
+                    args.host
+                );
+                return Ok(());
+            }
+            let rows: Vec<[String; 6]> = jobs
+                .iter()
+                .map(|j| {
+                    let h = mine(j).unwrap_or_default();
+                    [
+                        human_time(j.created_at_unix_ms),
+                        j.job_id.clone(),
+                        j.procedure.clone(),
+                        outcome_cell(&h.outcome),
+                        host_change(j, &args.host),
+                        j.reason.chars().take(40).collect(),
+                    ]
+                })
+                .collect();
+            print_columns(
+                &[
+                    "STARTED",
+                    "JOB",
+                    "PROCEDURE",
+                    "OUTCOME",
+                    "CHANGED (BEFORE → AFTER)",
+                    "REASON",
+                ],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Waits for a job to end without printing its events (for `--output json`: only the final
 /// record is printed).
 async fn follow_quietly(flags: &ConnectFlags, job_id: &str, after_seq: u64) -> Result<()> {
-    follow(flags, job_id, after_seq, None).await
+    let how = Follow {
+        output: None,
+        show_output: false,
+    };
+    follow(flags, job_id, after_seq, how).await
 }
 
 pub async fn job(cmd: JobCmd, flags: &ConnectFlags, output: Output) -> Result<()> {
     match cmd {
         JobCmd::Show { job } => {
-            let j = get_job(flags, &job).await?;
+            let id = resolve_id(flags, &job).await?;
+            let j = get_job(flags, &id).await?;
             match output {
                 Output::Table => print_job(&j),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&j))?),
             }
             Ok(())
         }
-        JobCmd::Resume { job, reason } => resume(&job, reason, flags, output).await,
+        JobCmd::Resume {
+            job,
+            reason,
+            quiet_output,
+        } => {
+            let id = resolve_id(flags, &job).await?;
+            resume(&id, reason, quiet_output, flags, output).await
+        }
     }
 }
 
-async fn resume(job: &str, reason: String, flags: &ConnectFlags, output: Output) -> Result<()> {
+async fn resume(
+    job: &str,
+    reason: String,
+    quiet_output: bool,
+    flags: &ConnectFlags,
+    output: Output,
+) -> Result<()> {
+    if output == Output::Table {
+        eprintln!(
+            "resuming job {job} on {}",
+            connect::settings(flags)?.target()
+        );
+    }
     let mut client = connect::console(flags).await?;
     let resumed = client
         .resume_job(rollback_common::proto::ResumeJobRequest {
@@ -737,7 +1043,11 @@ async fn resume(job: &str, reason: String, flags: &ConnectFlags, output: Output)
             "job {job} resumed: retrying {}; following it\n",
             resumed.hosts.join(", ")
         );
-        follow(flags, job, after, Some(output)).await?;
+        let how = Follow {
+            output: Some(output),
+            show_output: !quiet_output,
+        };
+        follow(flags, job, after, how).await?;
     } else {
         follow_quietly(flags, job, after).await?;
     }
@@ -752,9 +1062,22 @@ async fn resume(job: &str, reason: String, flags: &ConnectFlags, output: Output)
     job_result(&j)
 }
 
-pub async fn watch(job: String, flags: &ConnectFlags, output: Output) -> Result<()> {
-    follow(flags, &job, 0, Some(output)).await?;
-    let j = get_job(flags, &job).await?;
+pub async fn watch(
+    job: String,
+    quiet_output: bool,
+    flags: &ConnectFlags,
+    output: Output,
+) -> Result<()> {
+    let id = resolve_id(flags, &job).await?;
+    if output == Output::Table && id != job {
+        println!("job {id}");
+    }
+    let how = Follow {
+        output: Some(output),
+        show_output: !quiet_output,
+    };
+    follow(flags, &id, 0, how).await?;
+    let j = get_job(flags, &id).await?;
     if output == Output::Table {
         println!();
         print_job(&j);
@@ -768,6 +1091,13 @@ pub async fn cancel(
     flags: &ConnectFlags,
     output: Output,
 ) -> Result<()> {
+    let job = resolve_id(flags, &job).await?;
+    if output == Output::Table {
+        eprintln!(
+            "cancelling job {job} on {}",
+            connect::settings(flags)?.target()
+        );
+    }
     let mut client = connect::console(flags).await?;
     let resp = client
         .cancel_job(CancelJobRequest {
@@ -795,6 +1125,14 @@ pub async fn decide(
     flags: &ConnectFlags,
     output: Output,
 ) -> Result<()> {
+    let job = resolve_id(flags, &job).await?;
+    if output == Output::Table {
+        eprintln!(
+            "{} job {job} on {}",
+            if approve { "approving" } else { "denying" },
+            connect::settings(flags)?.target()
+        );
+    }
     let mut client = connect::console(flags).await?;
     let state = if approve {
         client
@@ -828,6 +1166,7 @@ pub async fn decide(
 }
 
 pub async fn report(job: String, flags: &ConnectFlags, output: Output) -> Result<()> {
+    let job = resolve_id(flags, &job).await?;
     let mut client = connect::console(flags).await?;
     let md = client
         .get_report(GetReportRequest {

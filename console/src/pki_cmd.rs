@@ -37,6 +37,7 @@ pub enum PkiCmd {
     /// the same --san names for a coordinator), replacing the pair atomically; the old pair
     /// is kept as NAME.pem.prev and NAME.key.prev. Agents pick a renewed pair up on their own.
     Renew {
+        /// Whose certificate: agent, operator or coordinator.
         #[arg(value_enum)]
         role: crate::cert_cmd::RoleArg,
         /// The host id, operator or coordinator name it was issued for.
@@ -115,18 +116,21 @@ pub struct CrlOpts {
 pub enum IssueCmd {
     /// For the agent on host HOST_ID (the id must match host_id in its agent.toml).
     Agent {
+        /// The host's id, as `host_id` in its agent.toml (e.g. web-1).
         host_id: String,
         #[command(flatten)]
         opts: IssueOpts,
     },
     /// For an operator; give them a role in the coordinator's [operators] table.
     Operator {
+        /// The operator's name (e.g. alice), as the coordinator's [operators] table names them.
         name: String,
         #[command(flatten)]
         opts: IssueOpts,
     },
     /// For a coordinator; --san lists every DNS name or IP agents and operators dial.
     Coordinator {
+        /// The coordinator's name (e.g. coord-1).
         name: String,
         /// A DNS name or IP address the coordinator is reached at (repeatable).
         #[arg(long = "san", required = true, num_args = 1..)]

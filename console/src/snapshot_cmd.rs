@@ -9,12 +9,12 @@ use serde_json::json;
 
 use crate::connect::{self, ConnectFlags};
 use crate::error::status_error;
-use crate::output::{Output, format_time, print_columns};
+use crate::output::{Output, format_time, human_time, print_columns};
 
 #[derive(Debug, Args)]
-#[command(after_help = "\\
+#[command(after_help = "\
 Take one before every deployment:
-    rollbackctl snapshot --select role=web,env=prod --label 'before 2026-11-25 deploy'
+    rollbackctl snapshot --select role=web --label 'before 2026-11-25 deploy'
     rollbackctl snapshot --select role=web --label 'before deploy' --db-backup --once-on role=db")]
 pub struct SnapshotArgs {
     /// Hosts that record their state, e.g. role=web.
@@ -47,7 +47,7 @@ fn print_snapshots(list: &[HostSnapshotInfo]) {
             [
                 s.snapshot_id.clone(),
                 s.host_id.clone(),
-                format_time(s.taken_at_unix_ms),
+                human_time(s.taken_at_unix_ms),
                 format!(
                     "{} {}",
                     s.git_sha.chars().take(10).collect::<String>(),

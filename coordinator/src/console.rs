@@ -130,7 +130,8 @@ impl Console for ConsoleService {
         let principal = principal(&request)?;
         let slot = self.watchers.acquire(&principal.identity.to_string())?;
         let req = request.into_inner();
-        let rx = self.jobs.watch(&req.job_id, req.after_seq, slot).await?;
+        let job_id = self.jobs.resolve(&req.job_id).await?;
+        let rx = self.jobs.watch(&job_id, req.after_seq, slot).await?;
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
@@ -138,7 +139,9 @@ impl Console for ConsoleService {
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         Ok(Response::new(
-            self.jobs.get(&request.get_ref().job_id).await?,
+            self.jobs
+                .get(&self.jobs.resolve(&request.get_ref().job_id).await?)
+                .await?,
         ))
     }
 
@@ -146,13 +149,8 @@ impl Console for ConsoleService {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        let limit = if request.get_ref().limit == 0 {
-            20
-        } else {
-            request.get_ref().limit
-        };
         Ok(Response::new(ListJobsResponse {
-            jobs: self.jobs.list(limit).await?,
+            jobs: self.jobs.list(request.get_ref()).await?,
         }))
     }
 
@@ -164,7 +162,11 @@ impl Console for ConsoleService {
         let req = request.into_inner();
         let state = self
             .jobs
-            .cancel(&principal, &req.job_id, &req.reason)
+            .cancel(
+                &principal,
+                &self.jobs.resolve(&req.job_id).await?,
+                &req.reason,
+            )
             .await?;
         Ok(Response::new(CancelJobResponse { state }))
     }
@@ -177,7 +179,11 @@ impl Console for ConsoleService {
         let req = request.into_inner();
         Ok(Response::new(
             self.jobs
-                .resume(&principal, &req.job_id, &req.reason)
+                .resume(
+                    &principal,
+                    &self.jobs.resolve(&req.job_id).await?,
+                    &req.reason,
+                )
                 .await?,
         ))
     }
@@ -228,14 +234,9 @@ impl Console for ConsoleService {
     ) -> Result<Response<ApproveJobResponse>, Status> {
         let principal = principal(&request)?;
         let req = request.into_inner();
-        let state = self
-            .jobs
-            .approve(&principal, &req.job_id, &req.reason)
-            .await?;
-        Ok(Response::new(ApproveJobResponse {
-            job_id: req.job_id,
-            state,
-        }))
+        let job_id = self.jobs.resolve(&req.job_id).await?;
+        let state = self.jobs.approve(&principal, &job_id, &req.reason).await?;
+        Ok(Response::new(ApproveJobResponse { job_id, state }))
     }
 
     async fn deny_job(
@@ -244,11 +245,9 @@ impl Console for ConsoleService {
     ) -> Result<Response<DenyJobResponse>, Status> {
         let principal = principal(&request)?;
         let req = request.into_inner();
-        let state = self.jobs.deny(&principal, &req.job_id, &req.reason).await?;
-        Ok(Response::new(DenyJobResponse {
-            job_id: req.job_id,
-            state,
-        }))
+        let job_id = self.jobs.resolve(&req.job_id).await?;
+        let state = self.jobs.deny(&principal, &job_id, &req.reason).await?;
+        Ok(Response::new(DenyJobResponse { job_id, state }))
     }
 
     async fn label_agent(
@@ -265,9 +264,13 @@ impl Console for ConsoleService {
         &self,
         request: Request<GetReportRequest>,
     ) -> Result<Response<GetReportResponse>, Status> {
-        let job = self.jobs.get(&request.get_ref().job_id).await?;
+        let job = self
+            .jobs
+            .get(&self.jobs.resolve(&request.get_ref().job_id).await?)
+            .await?;
+        let output = self.jobs.step_output(&job.job_id).await?;
         Ok(Response::new(GetReportResponse {
-            markdown: crate::jobs::report::render(&job),
+            markdown: crate::jobs::report::render(&job, &output),
         }))
     }
 

@@ -74,7 +74,7 @@ pub async fn dispatch(
     }
     // Stored before it is sent: the holder of a host elsewhere reads it from the store.
     if let Some(row) = &d.record {
-        store.create_run(row).await?;
+        store.create_run(row, &cluster.me.instance).await?;
     }
     hub.watch(&run_id, d.host, d.watcher);
     hub.dispatched(&run_id, d.job_id);

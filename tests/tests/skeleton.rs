@@ -708,7 +708,10 @@ async fn a_start_retried_with_the_same_request_id_never_starts_twice() {
     assert_eq!(a, b, "the racing retry got the same job");
     assert_eq!(a, c, "the later retry got the same job");
     let jobs = console
-        .list_jobs(rollback_common::proto::ListJobsRequest { limit: 50 })
+        .list_jobs(rollback_common::proto::ListJobsRequest {
+            limit: 50,
+            ..Default::default()
+        })
         .await
         .expect("jobs")
         .into_inner()

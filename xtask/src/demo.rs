@@ -21,6 +21,11 @@ pub fn run() -> Result<()> {
 }
 
 fn build_and_tell() -> Result<()> {
+    eprintln!(
+        "cargo xtask demo: builds fleet-rollback (the first build takes a few minutes on 2 cores; later ones seconds), \
+         boots a lab of {} app hosts and a database host, takes a snapshot, deploys badly, and rolls the fleet back live",
+        demo::APP_HOSTS
+    );
     build_binaries("cargo xtask demo")?;
     crate::venv::ensure()?;
     // From here on Ctrl-C removes the lab instead of leaving it behind.
@@ -33,8 +38,9 @@ fn build_and_tell() -> Result<()> {
 pub(crate) fn build_binaries(who: &str) -> Result<()> {
     eprintln!("{who}: building the binaries (cargo build --workspace --bins)...");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // Not --quiet: cargo's own progress (crates compiled, the bar) shows the build moving.
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "--workspace", "--bins"])
+        .args(["build", "--workspace", "--bins"])
         .current_dir(crate::workspace_root())
         .status()
         .context("starting cargo build --workspace --bins")?;

@@ -1,10 +1,12 @@
 //! `cargo xtask`: the developer entry points — `test` (install what the suites need, run them
 //! all), `demo` (a real fleet rollback on a local lab), `lab up|status|down|exec`, `bench`
-//! (speed and footprint against the bash bound, Ansible and Salt).
+//! (speed and footprint against the bash bound, Ansible and Salt), `man` (rollbackctl's man
+//! pages).
 
 mod bench;
 mod demo;
 mod lab;
+mod man;
 mod test_cmd;
 mod venv;
 
@@ -30,6 +32,8 @@ enum Cmd {
     Lab(lab::LabArgs),
     /// Benchmarks against the bash bound, Ansible and Salt; rewrites BENCHMARKS.md's results.
     Bench(bench::BenchArgs),
+    /// Man pages for rollbackctl and its subcommands (clap_mangen), into target/man.
+    Man(man::ManArgs),
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -44,5 +48,6 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Lab(args) => lab::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Man(args) => man::run(args),
     }
 }

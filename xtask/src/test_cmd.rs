@@ -33,9 +33,31 @@ fn required() -> bool {
         || std::env::var("ROLLBACK_LAB_REQUIRED").is_ok_and(|v| v == "1")
 }
 
+/// Installs a Debian package that provides `program` when it is missing (idempotent).
+fn ensure_program(program: &str, package: &str, why: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()));
+    if found {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {package} ({why})");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .with_context(|| format!("running apt-get install {package}"))?;
+    if !status.success() {
+        bail!(
+            "apt-get install {package} failed ({status}); {why} needs it: install it and run again"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: TestArgs) -> Result<()> {
     let root = crate::workspace_root();
     let venv = crate::venv::ensure()?;
+    ensure_program("tmux", "tmux", "the terminal tests of `rollbackctl` run it")?;
     cargo(
         Command::new("cargo")
             .current_dir(&root)

@@ -163,10 +163,17 @@ impl Cluster {
                 }
             };
             if let Ok(agents) = self.store.list_agents().await {
+                // A row naming this process counts only through the registry below, as in
+                // `holder`: the row is written before the session is registered, and a host
+                // listed online must be one an exec or a run can reach.
                 out.extend(
                     agents
                         .into_iter()
-                        .filter(|a| a.online && live.contains(&a.coordinator))
+                        .filter(|a| {
+                            a.online
+                                && a.coordinator != self.me.name
+                                && live.contains(&a.coordinator)
+                        })
                         .map(|a| a.host_id),
                 );
             }
@@ -213,6 +220,14 @@ impl Cluster {
                 .await;
             }
             None => {}
+        }
+    }
+
+    /// A write for `job_id` was refused because another coordinator claimed the job: it
+    /// stops here (its new owner drives it).
+    pub fn job_lost(&self, job_id: &str) {
+        if let Some(jobs) = self.jobs.get().and_then(Weak::upgrade) {
+            jobs.lease_lost(job_id);
         }
     }
 
@@ -456,4 +471,88 @@ async fn send_procedure(
         .map_err(|_| DispatchError::Disconnected {
             host: host.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::AgentRecord;
+    use crate::store::SqliteStore;
+    use crate::store::cluster::CoordinatorRow;
+
+    /// Test double for the PostgreSQL NOTIFY bus (no server in a unit test): it only says the
+    /// store is shared, which is all `holder` and `online_hosts` ask of it.
+    struct SharedBusDouble;
+
+    #[async_trait::async_trait]
+    impl Bus for SharedBusDouble {
+        fn shared(&self) -> bool {
+            true
+        }
+        async fn publish(&self, _envelope: Envelope) {}
+    }
+
+    /// The gateway stores a host as online here before it registers the session. In that
+    /// window (or after a crash left the row) the host must not be listed online, since an
+    /// exec or run sent to it would find no session: `agents` and `exec` agree.
+    #[tokio::test]
+    async fn a_host_stored_online_here_without_a_session_is_not_listed_online() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("store.db"))
+                .await
+                .expect("store"),
+        );
+        let now = now_unix_ms();
+        let me = Owner {
+            name: "a".into(),
+            instance: "a1".into(),
+        };
+        let row = CoordinatorRow {
+            name: "a".into(),
+            instance: "a1".into(),
+            address: "a:7443".into(),
+            version: "test".into(),
+            started_at_ms: now,
+            heartbeat_ms: now,
+        };
+        assert_eq!(
+            store
+                .register_coordinator(&row, 60_000)
+                .await
+                .expect("store"),
+            Ok(())
+        );
+        let registry = Arc::new(Registry::default());
+        let cluster = Cluster::new(
+            me,
+            "a:7443".into(),
+            Duration::from_secs(60),
+            store.clone(),
+            registry.clone(),
+            Arc::new(RunHub::default()),
+            Arc::new(SharedBusDouble),
+        );
+        let record = AgentRecord {
+            host_id: "web-1".into(),
+            labels: Default::default(),
+            reported_labels: Default::default(),
+            agent_version: "1".into(),
+            address: "127.0.0.1:1".into(),
+            online: true,
+            connected_at_ms: now,
+            last_seen_ms: now,
+            state: Vec::new(),
+            cert_not_after_ms: None,
+            coordinator: "a".into(),
+        };
+        store.agent_connected(&record).await.expect("store");
+        assert!(!cluster.online_hosts().await.contains("web-1"));
+        assert!(!cluster.online("web-1").await);
+
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        registry.insert("web-1", tx, now);
+        assert!(cluster.online_hosts().await.contains("web-1"));
+        assert!(cluster.online("web-1").await);
+    }
 }

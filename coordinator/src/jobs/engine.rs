@@ -23,6 +23,7 @@ use tonic::Status;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::batch::{PhaseWork, phase_work};
+use super::output::StepOutput;
 use super::settle::{HostSoFar, Stop, settle};
 use super::{Jobs, LiveJob, outcome};
 use crate::authz::Principal;
@@ -464,6 +465,7 @@ impl Jobs {
             lease_until_ms: std::sync::atomic::AtomicI64::new(
                 now_unix_ms().saturating_add(self.cluster.lease_ms()),
             ),
+            output_bytes: std::sync::atomic::AtomicUsize::new(0),
         });
         self.live_jobs().insert(job_id.to_string(), live.clone());
         live
@@ -602,6 +604,7 @@ impl Jobs {
                     .store
                     .update_job_state(
                         &job_id,
+                        &self.cluster.me.instance,
                         JobState::Interrupted.as_str(),
                         Some(now_unix_ms()),
                         &why,
@@ -870,9 +873,21 @@ impl Jobs {
         }
     }
 
-    async fn save_host(&self, row: &JobHostRow) {
-        if let Err(e) = self.store.update_job_host(row).await {
-            warn!(job = %row.job_id, host = %row.host_id, error = %e, "store failed recording host progress");
+    /// Stores host rows of one job in one write (a batch of 10,000 hosts is one commit, not
+    /// 10,000).
+    async fn save_hosts(&self, job_id: &str, rows: &[JobHostRow]) {
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .update_job_hosts(rows, &self.cluster.me.instance)
+            .await
+        {
+            if matches!(e, StoreError::NotOwner { .. }) {
+                return self.lease_lost(job_id);
+            }
+            warn!(job = %job_id, hosts = rows.len(), error = %e, "store failed recording host progress");
         }
     }
 
@@ -930,6 +945,9 @@ impl Jobs {
                 });
                 let results = futures::future::join_all(runs).await;
                 let mut stopping = false;
+                // The batch's host rows are stored in one write, then their events go out.
+                let mut saved: Vec<JobHostRow> = Vec::new();
+                let mut told: Vec<(EventKind, &str, String, u32)> = Vec::new();
                 for (host, end) in runnable.iter().zip(results) {
                     let Some(track) = d.tracks.get_mut(host) else {
                         continue;
@@ -944,21 +962,17 @@ impl Jobs {
                             if !note.is_empty() {
                                 track.detail = note.clone();
                             }
-                            self.save_host(track).await;
-                            self.emit(
-                                live,
-                                &job_id,
+                            saved.push(track.clone());
+                            told.push((
                                 EventKind::HostPhaseDone,
                                 host,
-                                &phase.name,
-                                &if note.is_empty() {
+                                if note.is_empty() {
                                     format!("{host} finished phase {}", phase.name)
                                 } else {
                                     format!("{host} finished phase {} ({note})", phase.name)
                                 },
                                 done,
-                                total,
-                            );
+                            ));
                         }
                         RunEnd::Failed(f) => {
                             done += 1;
@@ -966,20 +980,16 @@ impl Jobs {
                                 failures += 1;
                             }
                             apply_failure(track, &phase.name, &f);
-                            self.save_host(track).await;
-                            self.emit(
-                                live,
-                                &job_id,
+                            saved.push(track.clone());
+                            told.push((
                                 EventKind::HostFinished,
                                 host,
-                                &phase.name,
-                                &format!(
+                                format!(
                                     "{host} {}: {} at {} (exit {}): {}",
                                     f.outcome, phase.name, f.step, f.exit_code, f.detail
                                 ),
                                 done,
-                                total,
-                            );
+                            ));
                             if phase.scope == Scope::Once && f.outcome != Outcome::Cancelled {
                                 halt = Some(format!(
                                     "phase `{}` (once, on {host}) failed: {}",
@@ -988,6 +998,19 @@ impl Jobs {
                             }
                         }
                     }
+                }
+                self.save_hosts(&job_id, &saved).await;
+                for (kind, host, message, done) in told {
+                    self.emit(
+                        live,
+                        &job_id,
+                        kind,
+                        host,
+                        &phase.name,
+                        &message,
+                        done,
+                        total,
+                    );
                 }
                 if stopping {
                     info!(job = %job_id, "coordinator shutting down; the job stays running and is resumed at the next start");
@@ -1065,14 +1088,11 @@ impl Jobs {
                 );
             }
         }
-        // Saved concurrently: the store commits them together.
-        futures::future::join_all(
-            settled
-                .iter()
-                .filter_map(|s| d.tracks.get(&s.host_id))
-                .map(|t| self.save_host(t)),
-        )
-        .await;
+        let rows: Vec<JobHostRow> = settled
+            .iter()
+            .filter_map(|s| d.tracks.get(&s.host_id).cloned())
+            .collect();
+        self.save_hosts(&job_id, &rows).await;
         *live
             .state
             .lock()
@@ -1104,6 +1124,7 @@ impl Jobs {
             .store
             .update_job_state(
                 &job_id,
+                &self.cluster.me.instance,
                 final_state.as_str(),
                 Some(now_unix_ms()),
                 &halt_text,
@@ -1111,6 +1132,10 @@ impl Jobs {
             )
             .await
         {
+            // Another coordinator drives the job now: its end is that one's to store.
+            if matches!(e, StoreError::NotOwner { .. }) {
+                return self.lease_lost(&job_id);
+            }
             error!(job = %job_id, state = %final_state, error = %e, "store failed recording the job's end with its audit record; the job stays running in the store and is settled again at the next start (or by another coordinator once this one's lease lapses)");
             self.unsettled_jobs().insert(job_id.clone());
             return;
@@ -1239,6 +1264,11 @@ impl Jobs {
         )
         .await;
         if let Err(e) = sent {
+            if matches!(e, DispatchError::Store(StoreError::NotOwner { .. })) {
+                // Another coordinator drives the job now; the run was not stored or sent.
+                self.lease_lost(job_id);
+                return with_step(RunEnd::Stopping);
+            }
             let outcome = match e {
                 DispatchError::Store(_) => Outcome::Failed,
                 _ => Outcome::Unreachable,
@@ -1331,6 +1361,8 @@ impl Jobs {
         let run_id = procedure.run_id.clone();
         let mut cancel_sent = false;
         let mut busy_since: Option<Instant> = None;
+        // The output of the step running now, on its way into `step.output` events.
+        let mut out: Option<StepOutput> = None;
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
@@ -1365,15 +1397,43 @@ impl Jobs {
                         return Ok(result);
                     }
                     Some(Ok(ExecEvent { kind: Some(exec_event::Kind::StepEvent(se)) })) => {
-                        if let Some(step_event::Kind::Finished(f)) = se.kind {
-                            let msg = format!(
-                                "{host} {} {} (exit {}) in {:.1}s",
-                                f.action,
-                                step_status_name(f.status),
-                                f.exit_code,
-                                f.duration_ms as f64 / 1000.0
-                            );
-                            self.emit(live, job_id, EventKind::StepFinished, host, &phase.name, &msg, 0, 0);
+                        let action = |i: u32| {
+                            procedure
+                                .steps
+                                .get(usize::try_from(i).unwrap_or(usize::MAX))
+                                .map_or("step", |s| s.action.as_str())
+                        };
+                        match se.kind {
+                            Some(step_event::Kind::Started(_)) => {
+                                out = Some(StepOutput::new(se.step_index, action(se.step_index)));
+                                let msg = format!("{host} {} started", action(se.step_index));
+                                self.emit(live, job_id, EventKind::StepStarted, host, &phase.name, &msg, 0, 0);
+                            }
+                            Some(step_event::Kind::Output(chunk)) => {
+                                let step = match &mut out {
+                                    Some(o) if o.index == se.step_index => o,
+                                    _ => out.insert(StepOutput::new(se.step_index, action(se.step_index))),
+                                };
+                                for msg in step.chunk(chunk.seq, &chunk.data, &live.output_bytes) {
+                                    self.emit(live, job_id, EventKind::StepOutput, host, &phase.name, &msg, 0, 0);
+                                }
+                            }
+                            Some(step_event::Kind::Finished(f)) => {
+                                if let Some(mut step) = out.take().filter(|o| o.index == se.step_index) {
+                                    for msg in step.finish(&f.output_tail, &live.output_bytes) {
+                                        self.emit(live, job_id, EventKind::StepOutput, host, &phase.name, &msg, 0, 0);
+                                    }
+                                }
+                                let msg = format!(
+                                    "{host} {} {} (exit {}) in {:.1}s",
+                                    f.action,
+                                    step_status_name(f.status),
+                                    f.exit_code,
+                                    f.duration_ms as f64 / 1000.0
+                                );
+                                self.emit(live, job_id, EventKind::StepFinished, host, &phase.name, &msg, 0, 0);
+                            }
+                            None => {}
                         }
                     }
                     Some(Ok(_)) => {}
@@ -1571,8 +1631,18 @@ async fn event_pipeline(
             .iter()
             .map(|e| (e.seq, e.at_unix_ms, e.encode_to_vec()))
             .collect();
-        if let Err(e) = store.append_job_events(&job_id, rows).await {
-            warn!(job = %job_id, error = %e, "store failed recording job events");
+        match store
+            .append_job_events(&job_id, &cluster.me.instance, rows)
+            .await
+        {
+            Ok(()) => {}
+            // Another coordinator drives the job now: these events are not the job's (they
+            // are not stored, so no watcher sees them), and the job stops here.
+            Err(StoreError::NotOwner { .. }) => {
+                cluster.job_lost(&job_id);
+                continue;
+            }
+            Err(e) => warn!(job = %job_id, error = %e, "store failed recording job events"),
         }
         for ev in batch {
             let _ = events.send(ev);

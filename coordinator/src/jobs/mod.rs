@@ -9,6 +9,7 @@ mod approval;
 mod batch;
 mod diagnosis;
 mod engine;
+mod output;
 mod takeover;
 pub use engine::leased_status;
 mod pins;
@@ -63,6 +64,8 @@ struct LiveJob {
     lease_lost: CancellationToken,
     /// Until when this process's lease holds, as last renewed.
     lease_until_ms: std::sync::atomic::AtomicI64,
+    /// Bytes of step output stored for it by this process (bounded by `output::JOB_BYTES`).
+    output_bytes: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Jobs {

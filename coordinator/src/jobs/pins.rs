@@ -69,7 +69,14 @@ impl Jobs {
         &self,
         req: &RollbackRequest,
     ) -> Result<Option<(String, Vec<Pin>)>, Status> {
-        for row in self.store.list_jobs(50).await? {
+        for row in self
+            .store
+            .list_jobs(&crate::store::JobFilter {
+                limit: 50,
+                ..Default::default()
+            })
+            .await?
+        {
             let Ok(prev) = RollbackRequest::decode(row.request.as_slice()) else {
                 continue;
             };

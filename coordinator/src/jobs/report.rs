@@ -9,7 +9,7 @@ use rollback_common::proto::{Job, JobHost, StepStatus, step_status_name};
 
 use super::outcome;
 
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     if ms <= 0 {
         return "—".into();
     }
@@ -65,7 +65,10 @@ fn ran_ok(host: &JobHost, action: &str) -> Option<bool> {
     }
 }
 
-pub fn render(job: &Job) -> String {
+/// Stored `step.output` lines of a job, by host, phase and action (the last run of each).
+pub type StepLines = std::collections::HashMap<(String, String, String), Vec<String>>;
+
+pub fn render(job: &Job, output: &StepLines) -> String {
     let mut md = String::new();
     let plan = job.plan.clone().unwrap_or_default();
     let req = job.request.clone().unwrap_or_default();
@@ -191,11 +194,11 @@ pub fn render(job: &Job) -> String {
                 if s.status != StepStatus::Succeeded as i32
                     && s.status != StepStatus::Skipped as i32
                 {
-                    failing.push(s.clone());
+                    failing.push((run.phase.clone(), s.clone()));
                 }
             }
         }
-        for s in failing {
+        for (phase, s) in failing {
             let _ = writeln!(
                 md,
                 "\n**`{}` {}:** {}\n",
@@ -203,7 +206,11 @@ pub fn render(job: &Job) -> String {
                 step_status_name(s.status),
                 s.error
             );
-            let out = tail(&s.output_tail, 20);
+            let stored = output.get(&(h.host_id.clone(), phase.clone(), s.action.clone()));
+            let out = match stored {
+                Some(lines) if !lines.is_empty() => lines.join("\n"),
+                _ => tail(&s.output_tail, 20),
+            };
             if !out.is_empty() {
                 let _ = writeln!(md, "```text\n{out}\n```");
             }

@@ -4,13 +4,13 @@
 use prost::Message;
 use rollback_common::jobs::{EventKind, JobState};
 use rollback_common::proto::{
-    HostRun, Job, JobEvent, JobHost, PlanResponse, RollbackRequest, RunFinished,
+    HostRun, Job, JobEvent, JobHost, ListJobsRequest, PlanResponse, RollbackRequest, RunFinished,
 };
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use super::Jobs;
-use crate::store::{JobHostRow, JobRow};
+use crate::store::{JobFilter, JobHostRow, JobRow};
 
 fn job_proto(row: JobRow, hosts: Vec<JobHostRow>) -> Job {
     Job {
@@ -63,6 +63,37 @@ fn history_line(ev: &JobEvent) -> Option<String> {
     .then(|| format!("{} {} — {}", ev.at_unix_ms, ev.kind, ev.message))
 }
 
+/// The one job `given` matched among `rows`; none or several is refused, naming them.
+fn pick(given: &str, rows: &[JobRow]) -> Result<String, Status> {
+    match rows {
+        [] if given == "latest" => Err(Status::not_found(
+            "no rollback job yet (`rollbackctl jobs --kind all` lists snapshots and diagnoses too)",
+        )),
+        [] => Err(Status::not_found(format!("no job starts with {given}"))),
+        [one] => Ok(one.job_id.clone()),
+        many => {
+            let shown: Vec<String> = many
+                .iter()
+                .take(5)
+                .map(|r| {
+                    format!(
+                        "{} ({} {}, {})",
+                        r.job_id,
+                        r.procedure,
+                        r.state,
+                        super::report::time(r.created_at_ms)
+                    )
+                })
+                .collect();
+            Err(Status::invalid_argument(format!(
+                "job prefix {given} is ambiguous: it matches {}{}; give more of the id",
+                shown.join(", "),
+                if many.len() > 5 { " and more" } else { "" }
+            )))
+        }
+    }
+}
+
 impl Jobs {
     /// The whole record of a job: request, plan, hosts with every run's result.
     pub async fn get(&self, job_id: &str) -> Result<Job, Status> {
@@ -108,9 +139,87 @@ impl Jobs {
         Ok(job)
     }
 
-    pub async fn list(&self, limit: u32) -> Result<Vec<Job>, Status> {
+    /// The stored output of each step of a job (head, cut marker and tail), for its report.
+    pub async fn step_output(&self, job_id: &str) -> Result<super::report::StepLines, Status> {
+        let mut lines = super::report::StepLines::new();
+        let mut current: std::collections::HashMap<String, String> = Default::default();
+        for (_, bytes) in self.store.job_events(job_id, 0).await? {
+            let Ok(ev) = JobEvent::decode(bytes.as_slice()) else {
+                continue;
+            };
+            match ev.kind.parse::<EventKind>() {
+                Ok(EventKind::StepStarted) => {
+                    let action = ev
+                        .message
+                        .strip_prefix(ev.host_id.as_str())
+                        .unwrap_or(&ev.message)
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let key = (ev.host_id.clone(), ev.phase.clone(), action.clone());
+                    // A step run again (a resumed job): its latest run is the one reported.
+                    lines.insert(key, Vec::new());
+                    current.insert(ev.host_id, action);
+                }
+                Ok(EventKind::StepOutput) => {
+                    if let Some(action) = current.get(&ev.host_id) {
+                        lines
+                            .entry((ev.host_id.clone(), ev.phase.clone(), action.clone()))
+                            .or_default()
+                            .extend(ev.message.lines().map(str::to_string));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Jobs matching the request's filters (or the one job it names), newest first.
+    pub async fn list(&self, req: &ListJobsRequest) -> Result<Vec<Job>, Status> {
+        let kind = match req.kind.as_str() {
+            "" => "rollback",
+            "all" => "",
+            k @ ("rollback" | "snapshot" | "diagnose") => k,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "--kind `{other}`: expected rollback, snapshot, diagnose or all"
+                )));
+            }
+        };
+        if !req.state.is_empty() {
+            req.state
+                .parse::<JobState>()
+                .map_err(|e| Status::invalid_argument(format!("--state: {e}")))?;
+        }
+        let rows = if req.job.is_empty() {
+            self.store
+                .list_jobs(&JobFilter {
+                    limit: if req.limit == 0 {
+                        20
+                    } else {
+                        req.limit.min(500)
+                    },
+                    state: req.state.clone(),
+                    procedure: req.procedure.clone(),
+                    host_id: req.host_id.clone(),
+                    since_ms: req.since_unix_ms,
+                    kind: kind.to_string(),
+                    id_prefix: String::new(),
+                })
+                .await?
+        } else {
+            let id = self.resolve(&req.job).await?;
+            self.store
+                .get_job(&id)
+                .await?
+                .map(|(row, _)| row)
+                .into_iter()
+                .collect()
+        };
         let mut jobs = Vec::new();
-        for row in self.store.list_jobs(limit.clamp(1, 500)).await? {
+        for row in rows {
             let hosts = self
                 .store
                 .get_job(&row.job_id)
@@ -120,6 +229,32 @@ impl Jobs {
             jobs.push(job_proto(row, hosts));
         }
         Ok(jobs)
+    }
+
+    /// The full id of the job `given` names: a full id, `latest` (the newest rollback), or a
+    /// unique prefix of 4 or more hex digits. An ambiguous prefix is refused with the jobs it
+    /// matches, so nobody acts on a job they did not mean.
+    pub async fn resolve(&self, given: &str) -> Result<String, Status> {
+        const FULL: usize = 32;
+        let is_hex = !given.is_empty() && given.bytes().all(|b| b.is_ascii_hexdigit());
+        if given.len() == FULL && is_hex {
+            return Ok(given.to_ascii_lowercase());
+        }
+        let mut filter = JobFilter {
+            limit: 6,
+            ..Default::default()
+        };
+        if given == "latest" {
+            filter.kind = "rollback".into();
+            filter.limit = 1;
+        } else if is_hex && given.len() >= 4 && given.len() < FULL {
+            filter.id_prefix = given.to_ascii_lowercase();
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "`{given}` is not a job: give its id, 4 or more of its first hex digits, or `latest` (`rollbackctl jobs` lists them)"
+            )));
+        }
+        pick(given, &self.store.list_jobs(&filter).await?)
     }
 
     /// Events after `after_seq`, then live ones until the job finishes or the watcher goes
@@ -326,5 +461,42 @@ impl Jobs {
             }
         });
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> JobRow {
+        JobRow {
+            job_id: id.into(),
+            procedure: "database".into(),
+            request: Vec::new(),
+            plan: Vec::new(),
+            state: "halted".into(),
+            reason: String::new(),
+            requested_by: String::new(),
+            created_at_ms: 1_700_000_000_000,
+            finished_at_ms: None,
+            halt_reason: String::new(),
+            request_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_ambiguous_prefix_is_refused_naming_the_jobs_it_matches() {
+        let a = "3fa90000000000000000000000000001";
+        let b = "3fa91111111111111111111111111111";
+        let err = pick("3fa9", &[row(a), row(b)]).expect_err("ambiguous");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains(a) && err.message().contains(b),
+            "{}",
+            err.message()
+        );
+        assert_eq!(pick("3fa91", &[row(b)]).expect("unique"), b);
+        let none = pick("0000", &[]).expect_err("none");
+        assert_eq!(none.code(), tonic::Code::NotFound);
     }
 }

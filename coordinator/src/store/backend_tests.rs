@@ -209,6 +209,7 @@ async fn a_reopen_refused_by_a_lease_writes_nothing_and_one_allowed_writes_every
     store
         .update_job_state(
             "old",
+            "test",
             "halted",
             Some(2),
             "halted",
@@ -242,6 +243,7 @@ async fn a_reopen_refused_by_a_lease_writes_nothing_and_one_allowed_writes_every
     store
         .update_job_state(
             "holder",
+            "test",
             "succeeded",
             Some(3),
             "",

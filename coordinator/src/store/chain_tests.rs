@@ -115,7 +115,10 @@ async fn every_write_path_appends_to_one_chain_even_concurrently() {
     let fixture = Fixture::new().await;
     let store = fixture.open().await.shared();
     assert_eq!(intact(&*store).await, 0, "an empty chain is intact");
-    store.create_run(&run("r1", "j0", "h1")).await.expect("run");
+    store
+        .create_run(&run("r1", "j0", "h1"), "test")
+        .await
+        .expect("run");
 
     // The group-commit writer and the store's own transactions, all at once.
     let mut tasks = tokio::task::JoinSet::new();
@@ -244,7 +247,7 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         .await
         .expect("job");
     store
-        .create_run(&run("r1", "old", "h1"))
+        .create_run(&run("r1", "old", "h1"), "test")
         .await
         .expect("run");
     // An ended job, for the reopen below (only an ended job can be reopened).
@@ -260,6 +263,7 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
     store
         .update_job_state(
             "ended",
+            "test",
             "halted",
             Some(2),
             "test",
@@ -306,6 +310,7 @@ async fn a_failed_audit_write_fails_the_change_and_leaves_nothing() {
         store
             .update_job_state(
                 "old",
+                "test",
                 "succeeded",
                 Some(5),
                 "",

@@ -5,6 +5,11 @@
 //! (SQLite: `BEGIN IMMEDIATE`, the write lock at once) and `LOCK` ends the row read that
 //! decides (PostgreSQL: ` FOR UPDATE`, the row locked until commit). A name's row is made to
 //! exist before it is read, so even its first registration is decided on a locked row.
+//!
+//! The cluster's clock (`leases::tick`: heartbeat, lease renewals, takeovers) runs on the
+//! store's `clock` pool, which nothing else uses: on PostgreSQL a coordinator whose main
+//! pool is saturated by a large job still renews its leases in time (before, a 10,000-host
+//! job lost its lease to the other coordinator this way).
 
 macro_rules! cluster_store {
     ($store:ty, $lock:literal, $begin:literal) => {
@@ -65,7 +70,7 @@ macro_rules! cluster_store {
                 .bind(&me.name)
                 .bind(&me.instance)
                 .bind(now_ms)
-                .execute(&self.pool)
+                .execute(&self.clock)
                 .await
                 .map_err(query_err("coordinator_heartbeat"))?
                 .rows_affected();
@@ -93,7 +98,7 @@ macro_rules! cluster_store {
                          (SELECT name FROM coordinators WHERE heartbeat_ms < $1)",
                 )
                 .bind(now_ms - lease_ms)
-                .execute(&self.pool)
+                .execute(&self.clock)
                 .await
                 .map_err(query_err("release_agents_of_dead"))?
                 .rows_affected();
@@ -163,7 +168,7 @@ macro_rules! cluster_store {
             ) -> Result<$crate::store::cluster::Claim, StoreError> {
                 use $crate::store::cluster::Claim;
                 let mut tx = self
-                    .pool
+                    .clock
                     .begin_with($begin)
                     .await
                     .map_err(query_err("claim_job"))?;
@@ -222,7 +227,7 @@ macro_rules! cluster_store {
                     .bind(&me.instance)
                     .bind(job_id)
                     .bind(until_ms)
-                    .execute(&self.pool)
+                    .execute(&self.clock)
                     .await
                     .map_err(query_err("renew_jobs"))?
                     .rows_affected();
@@ -262,7 +267,7 @@ macro_rules! cluster_store {
                 )
                 .bind(now_ms)
                 .bind(now_ms - lease_ms)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.clock)
                 .await
                 .map_err(query_err("orphaned_jobs"))?;
                 Ok(rows

@@ -354,3 +354,273 @@ async fn the_store_keeps_the_cluster_contract() {
     leases(&*store).await;
     agents(&*store).await;
 }
+
+fn host_row(job_id: &str, outcome: &str) -> super::JobHostRow {
+    super::JobHostRow {
+        job_id: job_id.into(),
+        host_id: "web-1".into(),
+        outcome: outcome.into(),
+        ..Default::default()
+    }
+}
+
+fn run_row(run_id: &str, job_id: &str) -> super::RunRow {
+    super::RunRow {
+        run_id: run_id.into(),
+        job_id: job_id.into(),
+        host_id: "web-1".into(),
+        requested_by: "test".into(),
+        ..Default::default()
+    }
+}
+
+fn is_not_owner<T: std::fmt::Debug>(r: Result<T, super::StoreError>, what: &str) {
+    assert!(
+        matches!(r, Err(super::StoreError::NotOwner { ref job_id }) if job_id == "j"),
+        "{what} by the coordinator that lost the job: {r:?}"
+    );
+}
+
+async fn seqs(store: &dyn Store, job_id: &str) -> Vec<u64> {
+    store
+        .job_events(job_id, 0)
+        .await
+        .expect("store")
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+/// A coordinator whose job was claimed by another (its lease lapsed while it went on) writes
+/// nothing more for it — events, host rows, runs, its end — so the new owner, which reads
+/// the job once it holds it, numbers its events after the last one stored and never meets a
+/// write of the old owner. Two stores of one database, as two coordinator processes have.
+#[tokio::test]
+async fn a_coordinator_that_lost_a_job_writes_nothing_more_for_it() {
+    let fixture = super::backend_tests::Fixture::new().await;
+    let (a_opened, b_opened) = (fixture.open().await, fixture.open().await);
+    let (a, b) = (a_opened.shared(), b_opened.shared());
+    let now = 3_000_000;
+    let (a_me, b_me) = (owner("a", "a1"), owner("b", "b1"));
+    a.create_job(&job("j", now), &[], &[], &audit("job/j"))
+        .await
+        .expect("store");
+    // Written before the job is claimed, and by its owner once it is: taken.
+    a.append_job_events("j", "a1", vec![(1, now, b"e1".to_vec())])
+        .await
+        .expect("nobody's job yet");
+    assert!(matches!(
+        a.claim_job("j", &a_me, now, LEASE).await.expect("store"),
+        Claim::Claimed { .. }
+    ));
+    a.append_job_events("j", "a1", vec![(2, now, b"e2".to_vec())])
+        .await
+        .expect("the owner's event");
+    a.update_job_hosts(&[host_row("j", "running")], "a1")
+        .await
+        .expect("the owner's host row");
+    a.create_run(&run_row("r1", "j"), "a1")
+        .await
+        .expect("the owner's run");
+
+    // a stalls past its lease; b takes the job over.
+    assert!(matches!(
+        b.claim_job("j", &b_me, now + 2 * LEASE, LEASE).await.expect("store"),
+        Claim::Claimed { previous } if previous == "a"
+    ));
+    is_not_owner(
+        a.append_job_events("j", "a1", vec![(3, now, b"late".to_vec())])
+            .await,
+        "an event",
+    );
+    is_not_owner(
+        a.update_job_hosts(&[host_row("j", "failed")], "a1").await,
+        "a host row",
+    );
+    is_not_owner(a.create_run(&run_row("r2", "j"), "a1").await, "a run");
+    is_not_owner(
+        a.update_job_state("j", "a1", "failed", Some(now), "", &audit("job/j"))
+            .await,
+        "the job's end",
+    );
+    // Nothing of it is stored; b writes on from where the store says.
+    assert_eq!(seqs(&*b, "j").await, vec![1, 2]);
+    let (_, hosts) = b.get_job("j").await.expect("store").expect("job");
+    assert_eq!(
+        hosts[0].outcome, "running",
+        "a's late host row is not stored"
+    );
+    assert!(
+        b.get_run("r2").await.expect("store").is_none(),
+        "a's late run is not stored"
+    );
+    b.append_job_events("j", "b1", vec![(3, now, b"b3".to_vec())])
+        .await
+        .expect("the new owner's event");
+    b.update_job_state("j", "b1", "succeeded", Some(now), "", &audit("job/j"))
+        .await
+        .expect("the new owner ends the job");
+
+    // The race: a appends as fast as it can while b claims at some moment. Whatever b reads
+    // once its claim is stored is all a ever stored.
+    for round in 0..25_i64 {
+        let id = format!("race-{round}");
+        a.create_job(&job(&id, now), &[], &[], &audit(&format!("job/{id}")))
+            .await
+            .expect("store");
+        assert!(matches!(
+            a.claim_job(&id, &a_me, now, LEASE).await.expect("store"),
+            Claim::Claimed { .. }
+        ));
+        let writer = {
+            let (a, id) = (a.clone(), id.clone());
+            tokio::spawn(async move {
+                for seq in 1..10_000_u64 {
+                    match a
+                        .append_job_events(&id, "a1", vec![(seq, now, vec![1])])
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(super::StoreError::NotOwner { .. }) => return seq,
+                        Err(e) => panic!("store failed: {e}"),
+                    }
+                }
+                panic!("a was never refused");
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_micros(
+            u64::try_from(round % 5).unwrap_or(0) * 700 + 300,
+        ))
+        .await;
+        assert!(matches!(
+            b.claim_job(&id, &b_me, now + 2 * LEASE, LEASE)
+                .await
+                .expect("store"),
+            Claim::Claimed { .. }
+        ));
+        let seen_by_b = seqs(&*b, &id).await;
+        let refused_at = writer.await.expect("writer task");
+        let stored = seqs(&*b, &id).await;
+        assert_eq!(
+            stored, seen_by_b,
+            "round {round}: a stored events after b's claim (a was refused at seq {refused_at})"
+        );
+    }
+}
+
+/// `list_jobs` filters: state, procedure, a host the job targeted, since, kind (rollbacks are
+/// every procedure but snapshot and diagnose) and an id prefix; newest first, within the limit.
+#[tokio::test]
+async fn jobs_are_listed_by_filter_newest_first() {
+    use super::JobFilter;
+    let fixture = super::backend_tests::Fixture::new().await;
+    let opened = fixture.open().await;
+    let store = opened.shared();
+    let jobs = [
+        (
+            "3fa90000000000000000000000000001",
+            "database",
+            "halted",
+            10,
+            "web-1",
+        ),
+        (
+            "3fa91111111111111111111111111111",
+            "configuration",
+            "succeeded",
+            20,
+            "web-2",
+        ),
+        (
+            "abcd0000000000000000000000000000",
+            "snapshot",
+            "succeeded",
+            30,
+            "web-1",
+        ),
+        (
+            "abce0000000000000000000000000000",
+            "diagnose",
+            "succeeded",
+            40,
+            "web-1",
+        ),
+    ];
+    for (id, procedure, state, at, host) in jobs {
+        let mut row = job(id, at);
+        row.procedure = procedure.into();
+        row.state = state.into();
+        let hosts = [super::JobHostRow {
+            job_id: id.into(),
+            host_id: host.into(),
+            outcome: "pending".into(),
+            ..Default::default()
+        }];
+        store
+            .create_job(&row, &hosts, &[], &audit(&format!("job/{id}")))
+            .await
+            .expect("store");
+    }
+    let ids = |f: JobFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .list_jobs(&JobFilter { limit: 10, ..f })
+                .await
+                .expect("store")
+                .into_iter()
+                .map(|r| r.job_id[..4].to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        ids(JobFilter::default()).await,
+        ["abce", "abcd", "3fa9", "3fa9"]
+    );
+    let kind = |k: &str| JobFilter {
+        kind: k.into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(kind("rollback")).await, ["3fa9", "3fa9"]);
+    assert_eq!(ids(kind("snapshot")).await, ["abcd"]);
+    assert_eq!(ids(kind("diagnose")).await, ["abce"]);
+    let f = JobFilter {
+        state: "halted".into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(f).await, ["3fa9"]);
+    let f = JobFilter {
+        procedure: "configuration".into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(f).await, ["3fa9"]);
+    let f = JobFilter {
+        host_id: "web-1".into(),
+        kind: "rollback".into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(f).await, ["3fa9"]);
+    let f = JobFilter {
+        since_ms: 20,
+        ..Default::default()
+    };
+    assert_eq!(ids(f).await, ["abce", "abcd", "3fa9"]);
+    let f = JobFilter {
+        id_prefix: "3fa9".into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(f).await.len(), 2, "both jobs of the prefix");
+    let f = JobFilter {
+        id_prefix: "3fa91".into(),
+        ..Default::default()
+    };
+    assert_eq!(ids(f).await, ["3fa9"]);
+    let one = store
+        .list_jobs(&JobFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("store");
+    assert_eq!(one.len(), 1);
+}

@@ -121,6 +121,12 @@ pub enum StoreError {
     /// A conditional change found the row changed by someone else (another coordinator).
     #[error("{what} changed meanwhile (another coordinator acted on it first)")]
     Changed { what: String },
+    /// A write for a job that another coordinator process has claimed since: the writer
+    /// lost the job's lease, and nothing was written.
+    #[error(
+        "job {job_id} is now driven by another coordinator (this one lost its lease); nothing was written for it here"
+    )]
+    NotOwner { job_id: String },
     #[error("hosts are leased to another job: {}", holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     Leased { holders: Vec<LeaseHolder> },
     /// The audit record of a change could not be written: the change was not made either.
@@ -147,7 +153,7 @@ pub enum ResultTaken {
 }
 
 /// A run as the coordinator dispatched it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunRow {
     pub run_id: String,
     pub job_id: String,
@@ -163,6 +169,22 @@ pub struct RunRow {
     pub result: Option<Vec<u8>>,
     /// The job phase this run belongs to ("" for exec).
     pub phase: String,
+}
+
+/// Which jobs `Store::list_jobs` returns; an empty field matches every job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub limit: u32,
+    pub state: String,
+    pub procedure: String,
+    /// Jobs that targeted this host.
+    pub host_id: String,
+    /// Created at or after (unix ms; 0: any time).
+    pub since_ms: i64,
+    /// `rollback` (every procedure but `snapshot` and `diagnose`), `snapshot` or `diagnose`.
+    pub kind: String,
+    /// Job ids starting with this (hex digits only: checked by the caller).
+    pub id_prefix: String,
 }
 
 /// A rollback job.
@@ -185,7 +207,7 @@ pub struct JobRow {
 }
 
 /// One host's outcome in a job.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobHostRow {
     pub job_id: String,
     pub host_id: String,
@@ -314,8 +336,10 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
     /// Marks every agent disconnected (at start-up: no session survives a restart).
     async fn mark_all_disconnected(&self) -> Result<u64, StoreError>;
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
-    /// Records a run before it is dispatched.
-    async fn create_run(&self, run: &RunRow) -> Result<(), StoreError>;
+    /// Records a run before it is dispatched. `by` is the instance of the coordinator process
+    /// writing: a run of a job another process has claimed since is refused
+    /// (`StoreError::NotOwner`), as every job write below is.
+    async fn create_run(&self, run: &RunRow, by: &str) -> Result<(), StoreError>;
     /// Records a run's result as reported by `host_id`, with its audit record, in one
     /// transaction — only if the run was sent to that host and has no result yet (a result
     /// speaks only for its own host, and only once). The audit record says what was done.
@@ -367,23 +391,19 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
     async fn update_job_state(
         &self,
         job_id: &str,
+        by: &str,
         state: &str,
         finished_at_ms: Option<i64>,
         halt_reason: &str,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
-    async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError>;
-    async fn append_job_event(
-        &self,
-        job_id: &str,
-        seq: u64,
-        at_ms: i64,
-        event: &[u8],
-    ) -> Result<(), StoreError>;
+    /// Stores host rows (inserted, or their progress updated), committed together.
+    async fn update_job_hosts(&self, hosts: &[JobHostRow], by: &str) -> Result<(), StoreError>;
     /// Several events of one job, committed together: (seq, at_ms, encoded event).
     async fn append_job_events(
         &self,
         job_id: &str,
+        by: &str,
         events: Vec<(u64, i64, Vec<u8>)>,
     ) -> Result<(), StoreError>;
     /// Encoded events of a job with seq > `after_seq`, in order.
@@ -395,8 +415,8 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
     async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError>;
     /// The job a StartRollback with this idempotency key created, if any.
     async fn job_for_request(&self, request_id: &str) -> Result<Option<JobRow>, StoreError>;
-    /// Newest first.
-    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError>;
+    /// Jobs matching `filter`, newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRow>, StoreError>;
     async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError>;
     /// Records one host's snapshot with its audit record, in one transaction.
     async fn insert_snapshot(

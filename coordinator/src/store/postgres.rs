@@ -1,7 +1,9 @@
 //! The PostgreSQL store: `database = "postgres://USER@HOST:PORT/DB"` in coordinator.toml.
 //! Schema from the migrations embedded from `coordinator/migrations_pg`; its SQL is `shared`'s,
-//! the same as SQLite's. Every write commits in a pooled transaction of its own before it
-//! returns (no group commit). A transaction that appends to the audit chain first takes
+//! the same as SQLite's. Hot-path writes are group-committed by the `writer`, as on SQLite: one
+//! transaction for everything queued, so a busy coordinator neither pays a commit and its
+//! round trips per write nor holds a pool connection per waiting write. A transaction that
+//! appends to the audit chain first takes
 //! `pg_advisory_xact_lock(CHAIN_LOCK)`, so appends — and the lease checks and conditional
 //! updates made with them — are serialized across every coordinator process sharing the
 //! database, as SQLite's `BEGIN IMMEDIATE` serializes them on one file.
@@ -20,6 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 
 use super::chain::{self, Seen};
 use super::shared::{Write, pg_sql, query_err};
+use super::writer::{Commit, Writer};
 use super::{AuditEvent, StoreError};
 
 /// The advisory lock every transaction that appends to the audit chain takes first
@@ -199,6 +202,11 @@ fn connect_error(target: &PgTarget, password: Option<&Password>, e: &sqlx::Error
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pub(super) pool: PgPool,
+    /// The cluster clock's own connections (`cluster_sql`): lease renewals never wait behind
+    /// the main pool's work.
+    pub(super) clock: PgPool,
+    /// Hot-path writes, group-committed.
+    writer: Writer,
     /// The newest audit record this process has seen committed (other coordinators may have
     /// appended after it: `Seen::chain_from` takes a head ahead of it as it is).
     seen: Arc<Seen>,
@@ -209,12 +217,16 @@ impl PgStore {
     /// does, so coordinators starting together migrate once) and reads the chain's head.
     pub async fn open(target: &PgTarget, password: Option<&Password>) -> Result<Self, StoreError> {
         let shown = target.to_string();
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(15))
-            .connect_with(target.connect_options(password))
-            .await
-            .map_err(|e| connect_error(target, password, &e))?;
+        let connect = |connections: u32| async move {
+            PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(Duration::from_secs(15))
+                .connect_with(target.connect_options(password))
+                .await
+                .map_err(|e| connect_error(target, password, &e))
+        };
+        let pool = connect(16).await?;
+        let clock = connect(2).await?;
         sqlx::migrate!("./migrations_pg")
             .run(&pool)
             .await
@@ -222,17 +234,13 @@ impl PgStore {
                 path: shown.clone(),
                 source,
             })?;
-        let mut store = Self {
-            pool,
-            seen: Arc::new(Seen::default()),
-        };
         // As SQLite does: rows without a place in the chain are chained once, while no record
         // has one (only rows planted with the triggers dropped can be such rows here).
         let what = "chaining the audit records written before the chain";
-        let mut tx = store.begin_audited(what).await?;
+        let mut tx = begin_audited(&pool, what).await?;
         let chained = pg_sql::chain_unchained_history(&mut tx).await?;
         tx.commit().await.map_err(query_err(what))?;
-        let head = pg_sql::stored_head(&store.pool).await?;
+        let head = pg_sql::stored_head(&pool).await?;
         // The head in the log is an anchor outside the store: `audit verify` reports it too.
         tracing::info!(
             store = %shown,
@@ -241,23 +249,25 @@ impl PgStore {
             chained_history = chained,
             "audit chain opened"
         );
-        store.seen = Arc::new(Seen::new(head));
+        let seen = Arc::new(Seen::new(head));
+        let store = Self {
+            writer: Writer::start(Arc::new(Batches {
+                pool: pool.clone(),
+                seen: seen.clone(),
+            })),
+            pool,
+            clock,
+            seen,
+        };
         Ok(store)
     }
 
-    /// Begins a transaction that appends to the audit chain: the chain's advisory lock is
-    /// held until it commits or rolls back.
+    /// Begins a transaction that appends to the audit chain.
     async fn begin_audited(
         &self,
         what: &'static str,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(query_err(what))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CHAIN_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err(what))?;
-        Ok(tx)
+        begin_audited(&self.pool, what).await
     }
 
     /// Appends `audit` in `tx`, commits, then remembers the new head.
@@ -273,28 +283,57 @@ impl PgStore {
         Ok(())
     }
 
-    /// One write in a transaction of its own (one that appends when the write may); returns
-    /// once it is committed.
+    /// One write, group-committed; returns once it is committed.
     async fn write(&self, write: Write) -> Result<u64, StoreError> {
-        let mut tx = if write.appends() {
-            self.begin_audited("begin").await?
-        } else {
-            self.pool.begin().await.map_err(query_err("begin"))?
-        };
-        let (n, link) = pg_sql::apply(&mut tx, &self.seen, &write).await?;
-        tx.commit().await.map_err(query_err("commit"))?;
-        if let Some(link) = link {
-            self.seen.advance(&link);
-        }
-        Ok(n)
+        self.writer.write(write).await
     }
 
     pub async fn close(&self) {
+        self.clock.close().await;
         self.pool.close().await;
     }
 }
 
 super::shared::store_impl!(PgStore, pg_sql);
+
+/// Begins a transaction that appends to the audit chain: the chain's advisory lock is held
+/// until it commits or rolls back.
+async fn begin_audited(
+    pool: &PgPool,
+    what: &'static str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await.map_err(query_err(what))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(CHAIN_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err(what))?;
+    Ok(tx)
+}
+
+/// The group commit's transactions: one that appends to the chain (under its advisory lock)
+/// when any write of the batch may.
+struct Batches {
+    pool: PgPool,
+    seen: Arc<Seen>,
+}
+
+#[async_trait::async_trait]
+impl Commit for Batches {
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
+        let mut tx = if writes.iter().any(Write::appends) {
+            begin_audited(&self.pool, "begin").await?
+        } else {
+            self.pool.begin().await.map_err(query_err("begin"))?
+        };
+        let (counts, appended) = pg_sql::apply_all(&mut tx, &self.seen, writes).await?;
+        tx.commit().await.map_err(query_err("commit"))?;
+        if let Some(link) = appended {
+            self.seen.advance(&link);
+        }
+        Ok(counts)
+    }
+}
 
 #[cfg(test)]
 mod tests {

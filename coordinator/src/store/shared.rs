@@ -70,9 +70,17 @@ const APPROVAL_COLUMNS: &str = "job_id, rule, requested_by, requested_at_ms, exp
 pub(super) const AUDIT_COLUMNS: &str =
     "id, seq, at_ms, actor, action, target, detail, job_id, prev_hash, hash";
 
-pub(super) const UPSERT_JOB_HOST: &str = "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only, done_phases)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-     ON CONFLICT(job_id, host_id) DO UPDATE SET outcome = $4, phase = $5, failed_step = $6, exit_code = $7, detail = $8, duration_ms = $9, done_phases = $11";
+/// What one transaction of the group commit knows so far: the jobs it fenced (`fence`) and,
+/// once it appended to the audit chain, the chain's head (its own record, not read back).
+#[derive(Default)]
+pub(super) struct TxState {
+    fenced: std::collections::HashSet<String>,
+    head: Option<Link>,
+}
+
+/// Host rows stored by one statement (`upsert_job_hosts`), events by one statement: 11 and 4
+/// parameters a row, well under SQLite's and PostgreSQL's limits on one statement's.
+const ROWS_PER_INSERT: usize = 500;
 
 pub(super) fn run_row(row: &impl Cols) -> RunRow {
     RunRow {
@@ -249,7 +257,12 @@ pub(super) const TAKEN_ALREADY: u64 = 3;
 /// them, the PostgreSQL store commits each in a transaction of its own.
 #[derive(Debug)]
 pub(super) enum Write {
-    CreateRun(RunRow),
+    /// Writes for a job name the coordinator process making them (`by`, its instance): see
+    /// `fence`.
+    CreateRun {
+        run: RunRow,
+        by: String,
+    },
     /// Answers one of the `TAKEN_*` codes.
     FinishRun {
         run_id: String,
@@ -262,9 +275,13 @@ pub(super) enum Write {
     Audit(AuditEvent),
     JobEvents {
         job_id: String,
+        by: String,
         events: Vec<(u64, i64, Vec<u8>)>,
     },
-    JobHost(JobHostRow),
+    JobHosts {
+        rows: Vec<JobHostRow>,
+        by: String,
+    },
     AgentSeen {
         host_id: String,
         last_seen_ms: i64,
@@ -385,7 +402,7 @@ fn link(seq: i64, hash: String) -> Link {
 /// Defines, for one sqlx database, the functions that run the shared SQL: reads on a pool,
 /// and writes on a connection inside the caller's transaction.
 macro_rules! backend {
-    ($module:ident, $db:ty) => {
+    ($module:ident, $db:ty, $key_share:literal) => {
         pub(super) mod $module {
             use std::collections::HashMap;
 
@@ -395,28 +412,61 @@ macro_rules! backend {
             use super::super::chain::{self, Link, Seen, Walk};
             use super::super::{
                 AgentRecord, ApprovalRow, AuditEvent, AuditFilter, AuditRecord, Broken, Inventory,
-                JobHostRow, JobRow, LeaseHolder, Problem, RunRow, SnapshotRow, StoreError,
+                JobFilter, JobHostRow, JobRow, LeaseHolder, Problem, RunRow, SnapshotRow, StoreError,
                 Verdict,
             };
             use super::*;
 
             type Conn = <$db as sqlx::Database>::Connection;
             type Pool = sqlx::Pool<$db>;
-            type Query<'q> =
-                sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>;
 
-            pub(in crate::store) fn bind_job_host<'q>(q: Query<'q>, h: &'q JobHostRow) -> Query<'q> {
-                q.bind(&h.job_id)
-                    .bind(&h.host_id)
-                    .bind(h.ord)
-                    .bind(&h.outcome)
-                    .bind(&h.phase)
-                    .bind(&h.failed_step)
-                    .bind(h.exit_code)
-                    .bind(&h.detail)
-                    .bind(h.duration_ms)
-                    .bind(i64::from(h.once_only))
-                    .bind(h.done_phases.join("\n"))
+            /// Inserts or updates host rows, one statement per `ROWS_PER_INSERT` (on
+            /// PostgreSQL every statement is a round trip, and a large job has thousands);
+            /// a host named twice keeps its last row. Returns the rows changed.
+            pub(in crate::store) async fn upsert_job_hosts(
+                conn: &mut Conn,
+                rows: &[JobHostRow],
+                what: &'static str,
+            ) -> Result<u64, StoreError> {
+                let mut last: HashMap<(&str, &str), &JobHostRow> = HashMap::new();
+                let mut order = Vec::new();
+                for h in rows {
+                    if last.insert((h.job_id.as_str(), h.host_id.as_str()), h).is_none() {
+                        order.push((h.job_id.as_str(), h.host_id.as_str()));
+                    }
+                }
+                let unique: Vec<&JobHostRow> = order.iter().filter_map(|k| last.get(k).copied()).collect();
+                let mut n = 0;
+                for chunk in unique.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only, done_phases) ",
+                    );
+                    insert.push_values(chunk, |mut row, h| {
+                        row.push_bind(&h.job_id)
+                            .push_bind(&h.host_id)
+                            .push_bind(h.ord)
+                            .push_bind(&h.outcome)
+                            .push_bind(&h.phase)
+                            .push_bind(&h.failed_step)
+                            .push_bind(h.exit_code)
+                            .push_bind(&h.detail)
+                            .push_bind(h.duration_ms)
+                            .push_bind(i64::from(h.once_only))
+                            .push_bind(h.done_phases.join("\n"));
+                    });
+                    insert.push(
+                        " ON CONFLICT(job_id, host_id) DO UPDATE SET outcome = excluded.outcome, phase = excluded.phase,
+                         failed_step = excluded.failed_step, exit_code = excluded.exit_code, detail = excluded.detail,
+                         duration_ms = excluded.duration_ms, done_phases = excluded.done_phases",
+                    );
+                    n += insert
+                        .build()
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(query_err(what))?
+                        .rows_affected();
+                }
+                Ok(n)
             }
 
             // ---- the audit chain -------------------------------------------------------
@@ -465,12 +515,31 @@ macro_rules! backend {
                 event: &AuditEvent,
                 seen: &Seen,
             ) -> Result<Link, StoreError> {
+                append_in(conn, event, seen, &mut TxState::default(), None).await
+            }
+
+            /// `append` in a group commit's transaction: chains from the record this
+            /// transaction appended last, if any (else from the stored head), and takes the
+            /// record's job as `job`, when the caller knows it, instead of reading it.
+            async fn append_in(
+                conn: &mut Conn,
+                event: &AuditEvent,
+                seen: &Seen,
+                cx: &mut TxState,
+                job: Option<&str>,
+            ) -> Result<Link, StoreError> {
                 check_attributed(event)?;
                 let refused = |e: sqlx::Error| audit_refused(event, e.to_string());
-                let stored = head(conn).await.map_err(refused)?;
+                let stored = match cx.head.take() {
+                    Some(mine) => Some(mine),
+                    None => head(conn).await.map_err(refused)?,
+                };
                 let prev = seen.chain_from(stored);
                 let seq = prev.seq + 1;
-                let job_id = job_of(conn, &event.target).await.map_err(refused)?;
+                let job_id = match job {
+                    Some(job) => job.to_string(),
+                    None => job_of(conn, &event.target).await.map_err(refused)?,
+                };
                 let hash = chain::hash_of(seq, event, &job_id, &prev.hash);
                 sqlx::query(
                     "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id)
@@ -488,7 +557,9 @@ macro_rules! backend {
                 .execute(&mut *conn)
                 .await
                 .map_err(refused)?;
-                Ok(Link { seq, hash })
+                let link = Link { seq, hash };
+                cx.head = Some(link.clone());
+                Ok(link)
             }
 
             /// Chains the records written before the chain existed, in id order — once: only
@@ -600,17 +671,76 @@ macro_rules! backend {
 
             // ---- writes in the caller's transaction ------------------------------------
 
+            /// Refuses a write for `job_id` by the coordinator process `by` once another
+            /// process has claimed the job (`by` lost its lease; `StoreError::NotOwner`). The
+            /// job's row stays key-share locked until the caller commits (PostgreSQL; SQLite's
+            /// writer holds the database's write lock), so a claim (`SELECT … FOR UPDATE`)
+            /// waits for a write that passed here, and a write after the claim fails here: the
+            /// new owner, reading the job once it holds the claim, sees everything the old
+            /// one wrote and nothing is written after. `cx` holds the jobs this
+            /// transaction has fenced already. A job that is not stored, or is claimed by
+            /// nobody yet, is no one else's.
+            pub(in crate::store) async fn fence(
+                conn: &mut Conn,
+                job_id: &str,
+                by: &str,
+                cx: &mut TxState,
+            ) -> Result<(), StoreError> {
+                if job_id.is_empty() || cx.fenced.contains(job_id) {
+                    return Ok(());
+                }
+                let owner: Option<String> = sqlx::query_scalar(concat!(
+                    "SELECT owner_instance FROM jobs WHERE job_id = $1",
+                    $key_share
+                ))
+                .bind(job_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(query_err("job owner"))?;
+                match owner {
+                    Some(o) if !o.is_empty() && o != by => Err(StoreError::NotOwner {
+                        job_id: job_id.to_string(),
+                    }),
+                    _ => {
+                        cx.fenced.insert(job_id.to_string());
+                        Ok(())
+                    }
+                }
+            }
+
+            /// Applies a group commit's writes in order in the caller's transaction; returns
+            /// the rows each changed and the last audit record appended, if any.
+            pub(in crate::store) async fn apply_all(
+                conn: &mut Conn,
+                seen: &Seen,
+                writes: &[Write],
+            ) -> Result<(Vec<u64>, Option<Link>), StoreError> {
+                let mut counts = Vec::with_capacity(writes.len());
+                let mut appended: Option<Link> = None;
+                let mut cx = TxState::default();
+                for w in writes {
+                    let (n, link) = apply(conn, seen, w, &mut cx).await?;
+                    appended = link.or(appended);
+                    counts.push(n);
+                }
+                Ok((counts, appended))
+            }
+
             /// Applies one write in the caller's transaction; returns the rows it changed
-            /// (`TAKEN_*` for a result) and the audit record it appended, if any.
+            /// (`TAKEN_*` for a result) and the audit record it appended, if any. `cx`: what
+            /// this transaction knows so far (`TxState`).
             pub(in crate::store) async fn apply(
                 conn: &mut Conn,
                 seen: &Seen,
                 w: &Write,
+                cx: &mut TxState,
             ) -> Result<(u64, Option<Link>), StoreError> {
                 let q = query_err;
                 let mut appended = None;
                 let n = match w {
-                    Write::CreateRun(r) => sqlx::query(
+                    Write::CreateRun { run: r, by } => {
+                        fence(conn, &r.job_id, by, cx).await?;
+                        sqlx::query(
                         "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase)
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     )
@@ -626,65 +756,82 @@ macro_rules! backend {
                     .execute(&mut *conn)
                     .await
                     .map_err(q("create_run"))?
-                    .rows_affected(),
+                    .rows_affected()
+                    }
                     Write::FinishRun { run_id, host_id, status, finished_at_ms, result, audit } => {
-                        let row: Option<(String, bool)> = sqlx::query_as(
-                            "SELECT host_id, result IS NOT NULL FROM runs WHERE run_id = $1",
+                        // Recorded only for the host it was sent to, and only once: one
+                        // statement when it is (the usual case), a look at why when not.
+                        let recorded: Option<String> = sqlx::query_scalar(
+                            "UPDATE runs SET status = $2, finished_at_ms = $3, result = $4
+                             WHERE run_id = $1 AND host_id = $5 AND result IS NULL RETURNING job_id",
                         )
                         .bind(run_id)
+                        .bind(status)
+                        .bind(finished_at_ms)
+                        .bind(result)
+                        .bind(host_id)
                         .fetch_optional(&mut *conn)
                         .await
                         .map_err(q("finish_run"))?;
-                        let (code, action) = match row {
-                            None => (TAKEN_UNKNOWN, "run.result_unknown_run"),
-                            Some((owner, _)) if owner != *host_id => {
-                                (TAKEN_OTHER_HOST, "run.result_refused")
-                            }
-                            Some((_, true)) => (TAKEN_ALREADY, "run.result_repeated"),
-                            Some(_) => {
-                                sqlx::query(
-                                    "UPDATE runs SET status = $2, finished_at_ms = $3, result = $4 WHERE run_id = $1",
+                        let (code, action) = match &recorded {
+                            Some(_) => (TAKEN_RECORDED, audit.action.as_str()),
+                            None => {
+                                let row: Option<(String, bool)> = sqlx::query_as(
+                                    "SELECT host_id, result IS NOT NULL FROM runs WHERE run_id = $1",
                                 )
                                 .bind(run_id)
-                                .bind(status)
-                                .bind(finished_at_ms)
-                                .bind(result)
-                                .execute(&mut *conn)
+                                .fetch_optional(&mut *conn)
                                 .await
                                 .map_err(q("finish_run"))?;
-                                (TAKEN_RECORDED, audit.action.as_str())
+                                match row {
+                                    None => (TAKEN_UNKNOWN, "run.result_unknown_run"),
+                                    Some((owner, _)) if owner != *host_id => {
+                                        (TAKEN_OTHER_HOST, "run.result_refused")
+                                    }
+                                    Some(_) => (TAKEN_ALREADY, "run.result_repeated"),
+                                }
                             }
                         };
                         let event = AuditEvent { action: action.to_string(), ..audit.clone() };
-                        appended = Some(append(conn, &event, seen).await?);
+                        // The record's job is the run's, known once the run was updated.
+                        let job = recorded.as_deref().filter(|_| event.target == format!("run/{run_id}"));
+                        appended = Some(append_in(conn, &event, seen, cx, job).await?);
                         code
                     }
                     Write::Audit(e) => {
-                        appended = Some(append(conn, e, seen).await?);
+                        appended = Some(append_in(conn, e, seen, cx, None).await?);
                         1
                     }
-                    Write::JobEvents { job_id, events } => {
+                    Write::JobEvents { job_id, by, events } => {
+                        fence(conn, job_id, by, cx).await?;
+                        // One statement per chunk, not one per event: on PostgreSQL each
+                        // statement is a round trip, and a large job stores thousands.
                         let mut n = 0;
-                        for (seq, at_ms, event) in events {
-                            n += sqlx::query(
-                                "INSERT INTO job_events (job_id, seq, at_ms, event) VALUES ($1, $2, $3, $4)",
-                            )
-                            .bind(job_id)
-                            .bind(db_seq(*seq))
-                            .bind(at_ms)
-                            .bind(event)
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(q("append_job_event"))?
-                            .rows_affected();
+                        for chunk in events.chunks(ROWS_PER_INSERT) {
+                            let mut insert = sqlx::QueryBuilder::<$db>::new(
+                                "INSERT INTO job_events (job_id, seq, at_ms, event) ",
+                            );
+                            insert.push_values(chunk, |mut row, (seq, at_ms, event)| {
+                                row.push_bind(job_id)
+                                    .push_bind(db_seq(*seq))
+                                    .push_bind(*at_ms)
+                                    .push_bind(event);
+                            });
+                            n += insert
+                                .build()
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(q("append_job_event"))?
+                                .rows_affected();
                         }
                         n
                     }
-                    Write::JobHost(h) => bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(q("update_job_host"))?
-                        .rows_affected(),
+                    Write::JobHosts { rows, by } => {
+                        for h in rows {
+                            fence(conn, &h.job_id, by, cx).await?;
+                        }
+                        upsert_job_hosts(conn, rows, "update_job_hosts").await?
+                    }
                     Write::AgentSeen { host_id, last_seen_ms, state } => sqlx::query(
                         "UPDATE agents SET last_seen_ms = CASE WHEN last_seen_ms > $2 THEN last_seen_ms ELSE $2 END,
                              state = COALESCE($3, state) WHERE host_id = $1",
@@ -725,7 +872,7 @@ macro_rules! backend {
                             .map_err(q("label_host"))?
                             .rows_affected();
                         }
-                        appended = Some(append(conn, audit, seen).await?);
+                        appended = Some(append_in(conn, audit, seen, cx, None).await?);
                         n
                     }
                     Write::ConfigInventory { labels, audit } => {
@@ -756,7 +903,7 @@ macro_rules! backend {
                                 .await
                                 .map_err(q("sync_config_inventory"))?;
                             }
-                            appended = Some(append(conn, audit, seen).await?);
+                            appended = Some(append_in(conn, audit, seen, cx, None).await?);
                             1
                         }
                     }
@@ -770,22 +917,33 @@ macro_rules! backend {
                 hosts: &[String],
                 job_id: &str,
             ) -> Result<Vec<LeaseHolder>, StoreError> {
-                let mut out = Vec::new();
-                for h in hosts {
-                    let holder: Option<String> =
-                        sqlx::query_scalar("SELECT job_id FROM host_leases WHERE host_id = $1")
-                            .bind(h)
-                            .fetch_optional(&mut *conn)
-                            .await
-                            .map_err(query_err("lease holders"))?;
-                    if let Some(holder) = holder.filter(|holder| holder != job_id) {
-                        out.push(LeaseHolder {
-                            host_id: h.clone(),
-                            job_id: holder,
-                        });
+                let mut held: HashMap<String, String> = HashMap::new();
+                for chunk in hosts.chunks(ROWS_PER_INSERT) {
+                    let mut select = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT host_id, job_id FROM host_leases WHERE host_id IN (",
+                    );
+                    let mut list = select.separated(", ");
+                    for h in chunk {
+                        list.push_bind(h);
                     }
+                    select.push(")");
+                    let rows: Vec<(String, String)> = select
+                        .build_query_as()
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(query_err("lease holders"))?;
+                    held.extend(rows);
                 }
-                Ok(out)
+                // In the order asked.
+                Ok(hosts
+                    .iter()
+                    .filter_map(|h| {
+                        held.get(h).filter(|holder| *holder != job_id).map(|holder| LeaseHolder {
+                            host_id: h.clone(),
+                            job_id: holder.clone(),
+                        })
+                    })
+                    .collect())
             }
 
             /// Leases `hosts` to `job_id`, failing with `StoreError::Leased` (writing nothing)
@@ -796,17 +954,19 @@ macro_rules! backend {
                     return Err(StoreError::Leased { holders });
                 }
                 let now = rollback_common::now_unix_ms();
-                for h in hosts {
-                    sqlx::query(
-                        "INSERT INTO host_leases (host_id, job_id, acquired_at_ms) VALUES ($1, $2, $3)
-                         ON CONFLICT(host_id) DO NOTHING",
-                    )
-                    .bind(h)
-                    .bind(job_id)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(query_err("insert lease"))?;
+                for chunk in hosts.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO host_leases (host_id, job_id, acquired_at_ms) ",
+                    );
+                    insert.push_values(chunk, |mut row, h| {
+                        row.push_bind(h).push_bind(job_id).push_bind(now);
+                    });
+                    insert.push(" ON CONFLICT(host_id) DO NOTHING");
+                    insert
+                        .build()
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(query_err("insert lease"))?;
                 }
                 Ok(())
             }
@@ -837,12 +997,7 @@ macro_rules! backend {
                 .execute(&mut *conn)
                 .await
                 .map_err(query_err("create_job"))?;
-                for h in hosts {
-                    bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(query_err("create_job hosts"))?;
-                }
+                upsert_job_hosts(conn, hosts, "create_job hosts").await?;
                 Ok(())
             }
 
@@ -932,12 +1087,7 @@ macro_rules! backend {
                 reset: &[JobHostRow],
             ) -> Result<(), StoreError> {
                 lease(conn, leased, job_id).await?;
-                for h in reset {
-                    bind_job_host(sqlx::query(UPSERT_JOB_HOST), h)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(query_err("reopen_job hosts"))?;
-                }
+                upsert_job_hosts(conn, reset, "reopen_job hosts").await?;
                 let reopened = sqlx::query(
                     "UPDATE jobs SET state = 'running', finished_at_ms = NULL, halt_reason = '' WHERE job_id = $1 AND state <> 'running'",
                 )
@@ -974,14 +1124,17 @@ macro_rules! backend {
                 Ok(true)
             }
 
-            /// Sets a job's state; any state but `running` releases its leases.
+            /// Sets a job's state, if the coordinator process `by` may write for it (`fence`);
+            /// any state but `running` releases its leases.
             pub(in crate::store) async fn set_job_state(
                 conn: &mut Conn,
                 job_id: &str,
+                by: &str,
                 state: &str,
                 finished_at_ms: Option<i64>,
                 halt_reason: &str,
             ) -> Result<(), StoreError> {
+                fence(conn, job_id, by, &mut TxState::default()).await?;
                 sqlx::query(
                     "UPDATE jobs SET state = $2, finished_at_ms = $3, halt_reason = $4 WHERE job_id = $1",
                 )
@@ -1201,11 +1354,26 @@ macro_rules! backend {
                 Ok(Some((job_row(&row), hosts.iter().map(job_host_row).collect())))
             }
 
-            pub(in crate::store) async fn list_jobs(pool: &Pool, limit: u32) -> Result<Vec<JobRow>, StoreError> {
+            pub(in crate::store) async fn list_jobs(pool: &Pool, f: &JobFilter) -> Result<Vec<JobRow>, StoreError> {
                 let rows = sqlx::query(&format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at_ms DESC LIMIT $1"
+                    "SELECT {JOB_COLUMNS} FROM jobs
+                     WHERE ($1 = '' OR state = $1)
+                       AND ($2 = '' OR procedure = $2)
+                       AND ($3 = '' OR job_id IN (SELECT job_id FROM job_hosts WHERE host_id = $3))
+                       AND created_at_ms >= $4
+                       AND ($5 = '' OR procedure = $5
+                            OR ($5 = 'rollback' AND procedure <> 'snapshot' AND procedure <> 'diagnose'))
+                       AND ($6 = '' OR job_id LIKE $7)
+                     ORDER BY created_at_ms DESC LIMIT $8"
                 ))
-                .bind(i64::from(limit))
+                .bind(&f.state)
+                .bind(&f.procedure)
+                .bind(&f.host_id)
+                .bind(f.since_ms)
+                .bind(&f.kind)
+                .bind(&f.id_prefix)
+                .bind(format!("{}%", f.id_prefix))
+                .bind(i64::from(f.limit))
                 .fetch_all(pool)
                 .await
                 .map_err(query_err("list_jobs"))?;
@@ -1246,8 +1414,9 @@ macro_rules! backend {
     };
 }
 
-backend!(sqlite_sql, sqlx::Sqlite);
-backend!(pg_sql, sqlx::Postgres);
+// SQLite takes no row locks: the writer's transaction holds the database's write lock.
+backend!(sqlite_sql, sqlx::Sqlite, "");
+backend!(pg_sql, sqlx::Postgres, " FOR KEY SHARE");
 
 /// The `Store` trait for a store type `$store` whose SQL is the `backend!` module `$sql`. The
 /// type provides `pool` and `seen`, `begin_audited`/`commit_audited` (a transaction that
@@ -1261,8 +1430,8 @@ macro_rules! store_impl {
             use $crate::store::shared::{self, $sql};
             use $crate::store::{
                 AgentRecord, ApprovalRow, AuditEvent, AuditFilter, AuditRecord, Inventory,
-                JobHostRow, JobRow, LeaseHolder, ResultTaken, RunRow, SnapshotRow, Store,
-                StoreError, Verdict,
+                JobFilter, JobHostRow, JobRow, LeaseHolder, ResultTaken, RunRow, SnapshotRow,
+                Store, StoreError, Verdict,
             };
 
             #[async_trait::async_trait]
@@ -1302,10 +1471,13 @@ macro_rules! store_impl {
                     $sql::list_agents(&self.pool).await
                 }
 
-                async fn create_run(&self, r: &RunRow) -> Result<(), StoreError> {
-                    self.write(shared::Write::CreateRun(r.clone()))
-                        .await
-                        .map(|_| ())
+                async fn create_run(&self, r: &RunRow, by: &str) -> Result<(), StoreError> {
+                    self.write(shared::Write::CreateRun {
+                        run: r.clone(),
+                        by: by.to_string(),
+                    })
+                    .await
+                    .map(|_| ())
                 }
 
                 async fn finish_run(
@@ -1481,42 +1653,41 @@ macro_rules! store_impl {
                 async fn update_job_state(
                     &self,
                     job_id: &str,
+                    by: &str,
                     state: &str,
                     finished_at_ms: Option<i64>,
                     halt_reason: &str,
                     audit: &AuditEvent,
                 ) -> Result<(), StoreError> {
                     let mut tx = self.begin_audited("update_job_state").await?;
-                    $sql::set_job_state(&mut tx, job_id, state, finished_at_ms, halt_reason)
+                    $sql::set_job_state(&mut tx, job_id, by, state, finished_at_ms, halt_reason)
                         .await?;
                     self.commit_audited(tx, audit, "update_job_state commit")
                         .await
                 }
 
-                async fn update_job_host(&self, host: &JobHostRow) -> Result<(), StoreError> {
-                    self.write(shared::Write::JobHost(host.clone()))
-                        .await
-                        .map(|_| ())
-                }
-
-                async fn append_job_event(
+                async fn update_job_hosts(
                     &self,
-                    job_id: &str,
-                    seq: u64,
-                    at_ms: i64,
-                    event: &[u8],
+                    hosts: &[JobHostRow],
+                    by: &str,
                 ) -> Result<(), StoreError> {
-                    self.append_job_events(job_id, vec![(seq, at_ms, event.to_vec())])
-                        .await
+                    self.write(shared::Write::JobHosts {
+                        rows: hosts.to_vec(),
+                        by: by.to_string(),
+                    })
+                    .await
+                    .map(|_| ())
                 }
 
                 async fn append_job_events(
                     &self,
                     job_id: &str,
+                    by: &str,
                     events: Vec<(u64, i64, Vec<u8>)>,
                 ) -> Result<(), StoreError> {
                     self.write(shared::Write::JobEvents {
                         job_id: job_id.to_string(),
+                        by: by.to_string(),
                         events,
                     })
                     .await
@@ -1545,8 +1716,8 @@ macro_rules! store_impl {
                     $sql::get_job(&self.pool, job_id).await
                 }
 
-                async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>, StoreError> {
-                    $sql::list_jobs(&self.pool, limit).await
+                async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRow>, StoreError> {
+                    $sql::list_jobs(&self.pool, filter).await
                 }
 
                 async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError> {

@@ -13,12 +13,15 @@ use sqlx::sqlite::{
 
 use super::chain::{self, Seen};
 use super::shared::{query_err, sqlite_sql as sql};
-use super::writer::{Write, Writer};
+use super::writer::{Commit, Write, Writer};
 use super::{AuditEvent, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
+    /// The cluster clock's pool (`cluster_sql`): the same pool here, where one file has one
+    /// writer at a time anyway and nobody else can take a job over.
+    pub(super) clock: SqlitePool,
     /// Hot-path writes, group-committed.
     writer: Writer,
     /// The newest audit record this process has seen committed.
@@ -74,8 +77,16 @@ impl SqliteStore {
             "audit chain opened"
         );
         let seen = Arc::new(Seen::new(head));
-        let writer = Writer::start(pool.clone(), seen.clone());
-        Ok(Self { pool, writer, seen })
+        let writer = Writer::start(Arc::new(Batches {
+            pool: pool.clone(),
+            seen: seen.clone(),
+        }));
+        Ok(Self {
+            clock: pool.clone(),
+            pool,
+            writer,
+            seen,
+        })
     }
 
     /// Begins a transaction that appends to the audit chain (under the write lock).
@@ -113,6 +124,30 @@ impl SqliteStore {
 }
 
 super::shared::store_impl!(SqliteStore, sqlite_sql);
+
+/// The group commit's transactions on the file.
+struct Batches {
+    pool: SqlitePool,
+    seen: Arc<Seen>,
+}
+
+#[async_trait::async_trait]
+impl Commit for Batches {
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
+        // IMMEDIATE: the audit chain's head is read and extended under the write lock.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("begin"))?;
+        let (counts, appended) = sql::apply_all(&mut tx, &self.seen, writes).await?;
+        tx.commit().await.map_err(query_err("commit"))?;
+        if let Some(link) = appended {
+            self.seen.advance(&link);
+        }
+        Ok(counts)
+    }
+}
 
 /// SQLite's own upgrade path (PostgreSQL's schema starts where SQLite's is now); the tests of
 /// both stores are in `backend_tests` and `chain_tests`.

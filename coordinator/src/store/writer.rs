@@ -1,21 +1,28 @@
-//! Group commit for the SQLite store. Every write on the hot path (runs, results, job events,
-//! host outcomes, audit entries, heartbeats; `shared::Write`) goes to one writer task, which takes everything
-//! queued, commits it in one transaction (one fsync), then answers each caller. A caller still
-//! returns only once its write is durable; concurrent callers share the fsync. A batch that
-//! fails is retried write by write, so one bad write fails alone. Audit records (on their own
-//! or with a run's result) are appended to the chain inside the batch's transaction, which
-//! begins `IMMEDIATE` like every transaction that appends.
+//! Group commit for both stores. Every write on the hot path (runs, results, job events,
+//! host outcomes, audit entries, heartbeats; `shared::Write`) goes to one writer task, which
+//! takes everything queued, applies it in one transaction (`Commit`: one fsync on SQLite, one
+//! WAL flush and a handful of round trips fewer per write on PostgreSQL), then answers each
+//! caller. A caller still returns only once its write is durable; concurrent callers share the
+//! commit. A batch that fails is retried write by write, so one bad write (a refused job
+//! write, `StoreError::NotOwner`, among them) fails alone. Audit records (on their own or
+//! with a run's result) are appended to the chain inside the batch's transaction, which is
+//! one that appends (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: the chain's advisory lock).
 
 use std::sync::Arc;
 
-use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::StoreError;
-use super::chain::{Link, Seen};
 pub(super) use super::shared::Write;
-use super::shared::{query_err, sqlite_sql};
+
+/// Applies writes in one transaction of a store's database and commits them.
+#[async_trait::async_trait]
+pub(super) trait Commit: Send + Sync + 'static {
+    /// Applies `writes` in order in one transaction, commits, and returns the rows each
+    /// changed; on error nothing of them is committed.
+    async fn commit(&self, writes: &[Write]) -> Result<Vec<u64>, StoreError>;
+}
 
 /// Writes committed together at most.
 const MAX_BATCH: usize = 1024;
@@ -28,9 +35,9 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(pool: SqlitePool, seen: Arc<Seen>) -> Self {
+    pub(super) fn start(db: Arc<dyn Commit>) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(pool, seen, rx));
+        tokio::spawn(run(db, rx));
         Self { tx }
     }
 
@@ -45,7 +52,7 @@ impl Writer {
     }
 }
 
-async fn run(pool: SqlitePool, seen: Arc<Seen>, mut rx: mpsc::Receiver<(Write, Reply)>) {
+async fn run(db: Arc<dyn Commit>, mut rx: mpsc::Receiver<(Write, Reply)>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -55,7 +62,7 @@ async fn run(pool: SqlitePool, seen: Arc<Seen>, mut rx: mpsc::Receiver<(Write, R
             }
         }
         let (writes, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
-        match commit(&pool, &seen, &writes).await {
+        match db.commit(&writes).await {
             Ok(counts) => {
                 for (reply, n) in replies.into_iter().zip(counts) {
                     let _ = reply.send(Ok(n));
@@ -64,7 +71,8 @@ async fn run(pool: SqlitePool, seen: Arc<Seen>, mut rx: mpsc::Receiver<(Write, R
             Err(e) if writes.len() > 1 => {
                 warn!(error = %e, writes = writes.len(), "group commit failed; retrying each write alone");
                 for (write, reply) in writes.into_iter().zip(replies) {
-                    let one = commit(&pool, &seen, std::slice::from_ref(&write))
+                    let one = db
+                        .commit(std::slice::from_ref(&write))
                         .await
                         .map(|c| c.first().copied().unwrap_or(0));
                     let _ = reply.send(one);
@@ -81,24 +89,4 @@ async fn run(pool: SqlitePool, seen: Arc<Seen>, mut rx: mpsc::Receiver<(Write, R
             }
         }
     }
-}
-
-async fn commit(pool: &SqlitePool, seen: &Seen, writes: &[Write]) -> Result<Vec<u64>, StoreError> {
-    // IMMEDIATE: the audit chain's head is read and extended under the write lock.
-    let mut tx = pool
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(query_err("begin"))?;
-    let mut counts = Vec::with_capacity(writes.len());
-    let mut appended: Option<Link> = None;
-    for w in writes {
-        let (n, link) = sqlite_sql::apply(&mut tx, seen, w).await?;
-        appended = link.or(appended);
-        counts.push(n);
-    }
-    tx.commit().await.map_err(query_err("commit"))?;
-    if let Some(link) = appended {
-        seen.advance(&link);
-    }
-    Ok(counts)
 }
