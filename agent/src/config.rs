@@ -50,6 +50,9 @@ pub struct Config {
     pub postgres: Option<PostgresProfile>,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// `[[smoke]]`: checks of the app's critical functionality.
+    #[serde(default)]
+    pub smoke: Vec<crate::profile::SmokeCheck>,
 }
 
 fn default_backoff_initial_ms() -> u64 {
@@ -221,6 +224,10 @@ impl Config {
             profile(p.validate())?;
         }
         profile(self.timeouts.validate())?;
+        profile(crate::profile::validate_smoke(
+            &self.smoke,
+            self.app.as_ref(),
+        ))?;
         Ok(())
     }
 

@@ -78,6 +78,139 @@ pub struct PostgresProfile {
     pub password_file: Option<PathBuf>,
 }
 
+/// `[[smoke]]`: a named check of the app's critical functionality, one HTTP request to the
+/// app's own `app.health_base_url` (`smoke.run`, the guard's samples, the snapshot baseline).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeCheck {
+    /// Names the check in output, facts and the report: 1-40 of [a-z0-9_-].
+    pub name: String,
+    /// `GET` (default) or `HEAD`: a smoke check never changes the app.
+    #[serde(default = "default_smoke_method")]
+    pub method: String,
+    /// Path on the health base URL, e.g. `/api/incidents`.
+    pub path: String,
+    /// The status that means it works (default 200).
+    #[serde(default = "default_smoke_status")]
+    pub expect_status: u16,
+    /// A substring the body must hold.
+    pub body_contains: Option<String>,
+    /// A JSON field (dotted path, e.g. `status` or `data.count`) the body must have; with
+    /// `json_equals`, the value it must have (a string, or a number or boolean as text).
+    pub json_field: Option<String>,
+    pub json_equals: Option<String>,
+    /// Milliseconds the whole request may take (default 2000).
+    #[serde(default = "default_smoke_timeout_ms")]
+    pub timeout_ms: u32,
+}
+
+fn default_smoke_method() -> String {
+    "GET".into()
+}
+fn default_smoke_status() -> u16 {
+    200
+}
+fn default_smoke_timeout_ms() -> u32 {
+    2000
+}
+
+/// At most this many smoke checks per host (each guard sample runs all of them).
+pub const MAX_SMOKE_CHECKS: usize = 20;
+
+impl SmokeCheck {
+    pub fn validate(&self, index: usize) -> Result<(), ProfileProblem> {
+        let key = |k: &str| format!("smoke[{index}].{k}");
+        if self.name.is_empty()
+            || self.name.len() > 40
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        {
+            return Err(problem(
+                &key("name"),
+                format!("`{}` is not 1-40 of [a-z0-9_-]", self.name.escape_default()),
+            ));
+        }
+        if self.method != "GET" && self.method != "HEAD" {
+            return Err(problem(
+                &key("method"),
+                format!(
+                    "`{}`: a smoke check is GET or HEAD",
+                    self.method.escape_default()
+                ),
+            ));
+        }
+        crate::actions::validate::endpoint(&self.path).map_err(|r| {
+            problem(
+                &key("path"),
+                format!("`{}` {r}", self.path.escape_default()),
+            )
+        })?;
+        if !(100..=599).contains(&self.expect_status) {
+            return Err(problem(&key("expect_status"), "must be 100-599"));
+        }
+        if !(50..=60_000).contains(&self.timeout_ms) {
+            return Err(problem(&key("timeout_ms"), "must be 50-60000"));
+        }
+        for (k, v) in [
+            ("body_contains", &self.body_contains),
+            ("json_field", &self.json_field),
+            ("json_equals", &self.json_equals),
+        ] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 200 || v.chars().any(char::is_control))
+            {
+                return Err(problem(&key(k), "must be 1-200 printable characters"));
+            }
+        }
+        if self.json_equals.is_some() && self.json_field.is_none() {
+            return Err(problem(&key("json_equals"), "needs json_field"));
+        }
+        if self.method == "HEAD" && (self.body_contains.is_some() || self.json_field.is_some()) {
+            return Err(problem(
+                &key("method"),
+                "a HEAD answer has no body to check: use GET",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the `[[smoke]]` list: each check, unique names, at most [`MAX_SMOKE_CHECKS`], and an
+/// `app.health_base_url` to send them to.
+pub fn validate_smoke(
+    checks: &[SmokeCheck],
+    app: Option<&AppProfile>,
+) -> Result<(), ProfileProblem> {
+    if checks.is_empty() {
+        return Ok(());
+    }
+    if checks.len() > MAX_SMOKE_CHECKS {
+        return Err(problem(
+            "smoke",
+            format!("{} checks; at most {MAX_SMOKE_CHECKS}", checks.len()),
+        ));
+    }
+    if app.and_then(|a| a.health_base_url.as_ref()).is_none() {
+        return Err(problem(
+            "smoke",
+            "smoke checks are sent to app.health_base_url, which is not set",
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in checks.iter().enumerate() {
+        c.validate(i)?;
+        if !names.insert(c.name.as_str()) {
+            return Err(problem(
+                &format!("smoke[{i}].name"),
+                format!("`{}` is used by an earlier check", c.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `[timeouts]`: seconds a step may run before its process group is stopped.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

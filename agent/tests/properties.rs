@@ -883,6 +883,8 @@ fn params_of(action: &str) -> Option<&'static [&'static str]> {
         "http.check" => &["endpoint", "expect", "retries", "interval_ms"],
         "snapshot.take" => &["id", "label"],
         "log.scan" => &["patterns"],
+        "smoke.run" => &["rounds"],
+        "guard.sample" => &["rounds", "log_offset"],
         _ => return None,
     };
     Some(params)
@@ -903,6 +905,8 @@ const ALL_PARAMS: &[&str] = &[
     "id",
     "label",
     "patterns",
+    "rounds",
+    "log_offset",
 ];
 
 /// Values valid for some parameter, to be paired with any key.
@@ -1039,6 +1043,9 @@ fn param_ok(host: &Host, param: &str, value: &str) -> bool {
         "id" => id_ok(value),
         "label" => label_text_ok(value),
         "patterns" => patterns_expected(value).is_some(),
+        // smoke.run and guard.sample both take 1-20 rounds.
+        "rounds" => number(1, 20),
+        "log_offset" => decimal(value, false).is_some(),
         _ => false,
     }
 }
@@ -1061,6 +1068,8 @@ fn built_for(name: &str, action: &Action) -> bool {
         Action::SnapshotTake { .. } => name == "snapshot.take",
         Action::PostgresVerify { .. } => name == "postgres.verify",
         Action::LogScan { .. } => name == "log.scan",
+        Action::SmokeRun { .. } => name == "smoke.run",
+        Action::GuardSample { .. } => name == "guard.sample",
         #[allow(unreachable_patterns)]
         _ => false,
     }
@@ -1146,6 +1155,22 @@ fn accepted_step_ok(host: &Host, s: &Step, action: &Action) -> Result<(), TestCa
         Action::FileRestore { snapshot } => {
             prop_assert_eq!(snapshot.as_deref(), get("snapshot"));
         }
+        Action::GuardSample { rounds, log_offset } => {
+            prop_assert_eq!(
+                *rounds,
+                get("rounds").map_or(1, |c| count_ok(c, 20, false).expect("ok"))
+            );
+            prop_assert_eq!(
+                *log_offset,
+                get("log_offset").and_then(|v| decimal(v, false))
+            );
+        }
+        Action::SmokeRun { rounds } => {
+            prop_assert_eq!(
+                *rounds,
+                get("rounds").map_or(1, |c| count_ok(c, 20, false).expect("ok"))
+            );
+        }
         Action::HttpCheck(http) => {
             prop_assert_eq!(
                 http.endpoint.as_str(),
@@ -1188,7 +1213,10 @@ fn step_validation_on_a_host_without_a_profile_accepts_only_profile_free_actions
         let s = step(&name, params);
         if let Ok(action) = validate(&s, &bare) {
             prop_assert!(
-                matches!(s.action.as_str(), "state.read" | "snapshot.take"),
+                matches!(
+                    s.action.as_str(),
+                    "state.read" | "snapshot.take" | "smoke.run" | "guard.sample"
+                ),
                 "{:?} accepted on a host with no profile as {action:?}",
                 s.action
             );
@@ -1366,6 +1394,8 @@ fn valid_value(param: &str) -> BoxedStrategy<String> {
         "id" => valid_id(),
         "label" => "[^\\p{Cc}]{0,50}".boxed(),
         "patterns" => valid_patterns().prop_map(|(t, _)| t).boxed(),
+        "rounds" => num(1, 20),
+        "log_offset" => (0u64..10_000_000_000).prop_map(|n| n.to_string()).boxed(),
         other => panic!("no valid values for {other}"),
     }
 }

@@ -116,6 +116,13 @@ named_enum!(
         JobHalted => "job.halted",
         JobCancelling => "job.cancelling",
         JobFinished => "job.finished",
+        // The deployment guard: a sampling round judged, a criterion that holds on a host
+        // (with its evidence), the rollback it proposes (or started, with --auto), and the
+        // end of a window without a breach (with the figures).
+        GuardSample => "guard.sample",
+        GuardBreach => "guard.breach",
+        GuardProposal => "guard.proposal",
+        GuardHealthy => "guard.healthy",
     }
 );
 
@@ -150,6 +157,25 @@ pub mod fact {
     pub const ALEMBIC_REVISION: &str = "alembic_revision";
     pub const ENV_SHA256: &str = "env_sha256";
     pub const UNIT_STATE: &str = "unit_state";
+    /// `smoke.run`: how many `[[smoke]]` checks the host has, and which passed or failed
+    /// (comma-separated names).
+    pub const SMOKE_CHECKS: &str = "smoke_checks";
+    pub const SMOKE_PASSED: &str = "smoke_passed";
+    pub const SMOKE_FAILED: &str = "smoke_failed";
+
+    /// `guard.sample` / `snapshot.take`: what the guard measures (see the agent's `guard`).
+    pub const READYZ_STATUS: &str = "readyz_status";
+    pub const RESTARTS: &str = "restarts";
+    pub const ERROR_LINES: &str = "error_lines";
+    pub const LOG_OFFSET: &str = "log_offset";
+    pub const WINDOW_MS: &str = "window_ms";
+    /// When the agent took the sample (its clock, Unix ms).
+    pub const SAMPLED_AT_MS: &str = "sampled_at_ms";
+
+    /// `smoke.run`: a check's latency percentile (`p50`, `p95`) in milliseconds.
+    pub fn smoke_latency(check: &str, percentile: &str) -> String {
+        format!("smoke.{check}.{percentile}_ms")
+    }
 }
 
 #[cfg(test)]

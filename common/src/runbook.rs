@@ -29,6 +29,8 @@ pub const ACTIONS: &[&str] = &[
     "postgres.verify",
     "alembic.resolve",
     "git.resolve",
+    "smoke.run",
+    "guard.sample",
 ];
 
 /// Actions that only read the host; every other action changes it (and needs the host's
@@ -43,6 +45,8 @@ pub const READ_ONLY_ACTIONS: &[&str] = &[
     "log.scan",
     "state.read",
     "postgres.verify",
+    "smoke.run",
+    "guard.sample",
 ];
 
 /// Values a rollback request may fill into `{...}` placeholders.
@@ -93,6 +97,76 @@ pub struct Procedure {
 #[serde(deny_unknown_fields)]
 pub struct Runbook {
     pub procedures: BTreeMap<String, Procedure>,
+    /// The deployment guard's thresholds for the runbook's "When to Rollback" criteria.
+    #[serde(default)]
+    pub guard: GuardCriteria,
+}
+
+/// `[guard]`: when the deployment guard calls for a rollback (the runbook's "When to
+/// Rollback": critical functionality broken, system stability compromised, performance
+/// degradation over 50%, and error rates well above normal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardCriteria {
+    /// Performance: a smoke check's p95 latency up more than this percentage over the
+    /// baseline's...
+    pub latency_increase_pct: u32,
+    /// ...and by at least this many milliseconds (a 2 ms check doubling is noise).
+    pub latency_min_increase_ms: u32,
+    /// ...judged on the median p95 of this many newest samples.
+    pub latency_samples: u32,
+    /// Stability: the unit restarted this many times since the baseline.
+    pub max_restarts: u32,
+    /// Critical functionality (readyz or a smoke check failing while the unit runs) and a
+    /// unit that is not running: this many consecutive samples.
+    pub failing_samples: u32,
+    /// Errors: error-log lines per minute above both the baseline's rate times this...
+    pub error_rate_factor: u32,
+    /// ...and the baseline's rate plus this.
+    pub error_rate_min_per_min: u32,
+}
+
+impl Default for GuardCriteria {
+    fn default() -> Self {
+        Self {
+            latency_increase_pct: 50,
+            latency_min_increase_ms: 20,
+            latency_samples: 3,
+            max_restarts: 3,
+            failing_samples: 3,
+            error_rate_factor: 3,
+            error_rate_min_per_min: 10,
+        }
+    }
+}
+
+impl GuardCriteria {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v, lo, hi) in [
+            ("latency_increase_pct", self.latency_increase_pct, 1, 10_000),
+            (
+                "latency_min_increase_ms",
+                self.latency_min_increase_ms,
+                0,
+                600_000,
+            ),
+            ("latency_samples", self.latency_samples, 1, 100),
+            ("max_restarts", self.max_restarts, 1, 1000),
+            ("failing_samples", self.failing_samples, 1, 100),
+            ("error_rate_factor", self.error_rate_factor, 1, 1000),
+            (
+                "error_rate_min_per_min",
+                self.error_rate_min_per_min,
+                0,
+                1_000_000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("[guard] {name} = {v}: must be {lo} to {hi}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -101,6 +175,8 @@ pub enum RunbookError {
     Toml(String),
     #[error("runbook has no procedures")]
     Empty,
+    #[error("{0}")]
+    Guard(String),
     #[error("procedure `{procedure}`: {reason}")]
     Procedure { procedure: String, reason: String },
     #[error("procedure `{procedure}`, phase `{phase}`, step {step} ({action}): {reason}")]
@@ -145,6 +221,7 @@ impl Runbook {
         if self.procedures.is_empty() {
             return Err(RunbookError::Empty);
         }
+        self.guard.validate().map_err(RunbookError::Guard)?;
         for (name, p) in &self.procedures {
             let perr = |reason: String| RunbookError::Procedure {
                 procedure: name.clone(),

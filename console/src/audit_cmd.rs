@@ -92,8 +92,17 @@ pub fn parse_since(text: &str, now_ms: i64) -> Result<i64> {
     if text.chars().all(|c| c.is_ascii_digit()) {
         return text.parse().map_err(|_| bad());
     }
+    let total = duration_ms(text).ok_or_else(bad)?;
+    Ok(now_ms.saturating_sub(total).max(0))
+}
+
+/// A duration such as `90s`, `15m`, `1h30m` or `2d`, in milliseconds.
+pub fn duration_ms(text: &str) -> Option<i64> {
     let mut total: i64 = 0;
-    let mut rest = text;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !c.is_ascii_digit())
@@ -102,17 +111,14 @@ pub fn parse_since(text: &str, now_ms: i64) -> Result<i64> {
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len() - digits);
         if digits == 0 || unit_len == 0 {
-            return Err(bad());
+            return None;
         }
-        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
-        let ms = unit_ms(&rest[digits..digits + unit_len]).ok_or_else(bad)?;
-        total = n
-            .checked_mul(ms)
-            .and_then(|part| total.checked_add(part))
-            .ok_or_else(bad)?;
+        let n: i64 = rest[..digits].parse().ok()?;
+        let ms = unit_ms(&rest[digits..digits + unit_len])?;
+        total = n.checked_mul(ms).and_then(|part| total.checked_add(part))?;
         rest = &rest[digits + unit_len..];
     }
-    Ok(now_ms.saturating_sub(total).max(0))
+    Some(total)
 }
 
 pub async fn run(args: AuditArgs, flags: &ConnectFlags, output: Output) -> Result<()> {

@@ -212,7 +212,7 @@ pub fn print_plan(p: &PlanResponse) {
     }
 }
 
-fn job_json(j: &Job) -> serde_json::Value {
+pub(crate) fn job_json(j: &Job) -> serde_json::Value {
     json!({
         "job_id": j.job_id,
         "procedure": j.procedure,
@@ -278,7 +278,12 @@ pub struct Follow {
 /// Follows a job's events after `after_seq` until it finishes. A dropped stream (the
 /// connection cut, the coordinator restarting) is picked up again from the last event seen, so
 /// no line is missed or shown twice.
-async fn follow(flags: &ConnectFlags, job_id: &str, after_seq: u64, how: Follow) -> Result<()> {
+pub(crate) async fn follow(
+    flags: &ConnectFlags,
+    job_id: &str,
+    after_seq: u64,
+    how: Follow,
+) -> Result<()> {
     let mut screen = match how.output {
         Some(Output::Table) => {
             let pinned = std::io::stdout().is_terminal();
@@ -418,7 +423,7 @@ pub async fn resolve_id(flags: &ConnectFlags, given: &str) -> Result<String> {
     Ok(find_job(flags, given).await?.job_id)
 }
 
-fn print_job(j: &Job) {
+pub(crate) fn print_job(j: &Job) {
     println!(
         "job {} — {} — {}",
         j.job_id,
@@ -512,7 +517,7 @@ fn print_job(j: &Job) {
     }
 }
 
-async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
+pub(crate) async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
     let mut client = connect::console(flags).await?;
     Ok(client
         .get_job(GetJobRequest {
@@ -524,7 +529,7 @@ async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
 }
 
 /// Exit status for a finished job: success only when every targeted host succeeded.
-fn job_result(j: &Job) -> Result<()> {
+pub(crate) fn job_result(j: &Job) -> Result<()> {
     if j.state == JobState::Succeeded.as_str() {
         return Ok(());
     }
@@ -752,6 +757,8 @@ pub enum Kind {
     Snapshot,
     /// The diagnose jobs of `rollbackctl diagnose` and `rollback --to-snapshot`.
     Diagnose,
+    /// `rollbackctl guard` jobs (deployment guards).
+    Guard,
     /// Every job.
     All,
 }
@@ -762,6 +769,7 @@ impl Kind {
             Kind::Rollback => "rollback",
             Kind::Snapshot => "snapshot",
             Kind::Diagnose => "diagnose",
+            Kind::Guard => "guard",
             Kind::All => "all",
         }
     }
@@ -985,7 +993,11 @@ pub async fn history(args: HistoryArgs, flags: &ConnectFlags, output: Output) ->
 
 /// Waits for a job to end without printing its events (for `--output json`: only the final
 /// record is printed).
-async fn follow_quietly(flags: &ConnectFlags, job_id: &str, after_seq: u64) -> Result<()> {
+pub(crate) async fn follow_quietly(
+    flags: &ConnectFlags,
+    job_id: &str,
+    after_seq: u64,
+) -> Result<()> {
     let how = Follow {
         output: None,
         show_output: false,

@@ -8,6 +8,7 @@ pub mod context_cmd;
 pub mod coordinators_cmd;
 pub mod error;
 pub mod exec_cmd;
+pub mod guard_cmd;
 pub mod jobs_cmd;
 pub mod live;
 pub mod output;
@@ -84,6 +85,10 @@ pub enum Command {
     Rollback(jobs_cmd::RollbackArgs),
     /// Dry run: show the exact per-host steps and batches a rollback would run.
     Plan(jobs_cmd::RollbackArgs),
+    /// After a deployment: sample the hosts for a window and judge them by the runbook's
+    /// "When to Rollback" criteria against a snapshot's baseline; on a breach, show the
+    /// evidence and propose (with --auto, start) the rollback.
+    Guard(guard_cmd::GuardArgs),
     /// The runbook the coordinator has loaded.
     #[command(subcommand)]
     Runbook(jobs_cmd::RunbookCmd),
@@ -194,6 +199,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Exec(args) => exec_cmd::run(args, &cli.connect, cli.output).await,
         Command::Rollback(args) => jobs_cmd::rollback(args, &cli.connect, cli.output).await,
         Command::Plan(args) => jobs_cmd::plan(args, &cli.connect, cli.output).await,
+        Command::Guard(args) => guard_cmd::guard(args, &cli.connect, cli.output).await,
         Command::Runbook(cmd) => jobs_cmd::runbook(cmd, &cli.connect, cli.output).await,
         Command::Jobs(args) => jobs_cmd::jobs(args, &cli.connect, cli.output).await,
         Command::Job(cmd) => jobs_cmd::job(cmd, &cli.connect, cli.output).await,

@@ -187,6 +187,15 @@ pub fn render(ev: &JobEvent, show_output: bool) -> Option<String> {
         EventKind::JobCancelling => {
             format!("{t} {}", paint(Paint::Warn, &format!("!! {}", ev.message)))
         }
+        EventKind::GuardSample => format!("{t}    guard: {}", ev.message),
+        EventKind::GuardBreach => format!(
+            "{t} {}",
+            paint(Paint::Bad, &format!("!! breach: {}", ev.message))
+        ),
+        EventKind::GuardProposal => {
+            format!("{t} {}", paint(Paint::Warn, &format!(">> {}", ev.message)))
+        }
+        EventKind::GuardHealthy => format!("{t} {}", paint(Paint::Good, &ev.message)),
         EventKind::JobFinished if ev.job_state == "succeeded" => {
             format!("{t} {}", paint(Paint::Good, &format!("job {}", ev.message)))
         }

@@ -37,11 +37,37 @@ fn snap_json(s: &HostSnapshotInfo) -> serde_json::Value {
         "taken_at": format_time(s.taken_at_unix_ms), "git_sha": s.git_sha, "git_subject": s.git_subject,
         "alembic_revision": s.alembic_revision, "env_sha256": s.env_sha256, "unit_state": s.unit_state,
         "db_backup": s.db_backup, "job_id": s.job_id,
+        "baseline": {
+            "smoke": s.smoke.iter().map(|b| json!({"check": b.check, "p50_ms": b.p50_ms, "p95_ms": b.p95_ms, "ok": b.ok})).collect::<Vec<_>>(),
+            "error_lines_per_min": s.error_lines_per_min,
+            "restarts": (s.restarts >= 0).then_some(s.restarts),
+        },
     })
 }
 
+/// The guard's baseline in one cell: each smoke check's p95, the error rate, restarts.
+fn baseline_cell(s: &HostSnapshotInfo) -> String {
+    let mut parts: Vec<String> = s
+        .smoke
+        .iter()
+        .map(|b| {
+            format!(
+                "{} p95 {:.0}ms{}",
+                b.check,
+                b.p95_ms,
+                if b.ok { "" } else { " FAILING" }
+            )
+        })
+        .collect();
+    parts.push(format!("{:.1} err/min", s.error_lines_per_min));
+    if s.restarts >= 0 {
+        parts.push(format!("{} restarts", s.restarts));
+    }
+    parts.join(", ")
+}
+
 fn print_snapshots(list: &[HostSnapshotInfo]) {
-    let rows: Vec<[String; 7]> = list
+    let rows: Vec<[String; 8]> = list
         .iter()
         .map(|s| {
             [
@@ -64,6 +90,7 @@ fn print_snapshots(list: &[HostSnapshotInfo]) {
                 } else {
                     format!("{} (backup {})", s.label, s.db_backup)
                 },
+                baseline_cell(s),
             ]
         })
         .collect();
@@ -76,6 +103,7 @@ fn print_snapshots(list: &[HostSnapshotInfo]) {
             "ALEMBIC",
             "ENV SHA256",
             "LABEL",
+            "BASELINE",
         ],
         &rows,
     );

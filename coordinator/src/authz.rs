@@ -40,6 +40,20 @@ pub struct Principal {
     pub cert_not_after_unix: Option<i64>,
 }
 
+impl Principal {
+    /// The operator a job was started by, acting again through that job (a deployment
+    /// guard's `--auto` rollback): their stored identity with the operator role `StartGuard`
+    /// required of them. `None` when the stored identity is not an operator's.
+    pub fn acting_for(identity: &str) -> Option<Self> {
+        let identity = Identity::parse_uri(identity).ok()?;
+        (identity.role == rollback_common::identity::Role::Operator).then_some(Self {
+            identity,
+            operator_role: Some(OperatorRole::Operator),
+            cert_not_after_unix: None,
+        })
+    }
+}
+
 /// What a method requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -60,9 +74,10 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
             "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs" | "GetReport"
             | "ListSnapshots",
         ) => Some(Rule::Console(OperatorRole::Viewer)),
-        ("Console", "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose") => {
-            Some(Rule::Console(OperatorRole::Operator))
-        }
+        (
+            "Console",
+            "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose" | "StartGuard",
+        ) => Some(Rule::Console(OperatorRole::Operator)),
         ("Console", "ApproveJob" | "DenyJob") => Some(Rule::Console(OperatorRole::Approver)),
         // The inventory decides which hosts destructive steps reach: admin only.
         ("Console", "ForgetAgent" | "LabelAgent") => Some(Rule::Console(OperatorRole::Admin)),

@@ -10,12 +10,13 @@ use rollback_common::proto::{
     AgentInfo, AgentStatus, ApproveJobRequest, ApproveJobResponse, CancelJobRequest,
     CancelJobResponse, DenyJobRequest, DenyJobResponse, DiagnoseRequest, DiagnoseResponse,
     ExecEvent, ExecRequest, ForgetAgentRequest, ForgetAgentResponse, GetJobRequest,
-    GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse, HostState, Job,
-    JobEvent, LabelAgentRequest, LabelAgentResponse, ListAgentsRequest, ListAgentsResponse,
-    ListAuditRequest, ListAuditResponse, ListCoordinatorsRequest, ListCoordinatorsResponse,
-    ListJobsRequest, ListJobsResponse, ListSnapshotsRequest, ListSnapshotsResponse, PlanResponse,
-    ResumeJobRequest, ResumeJobResponse, RollbackRequest, SnapshotRequest, SnapshotResponse,
-    StartRollbackResponse, VerifyAuditRequest, VerifyAuditResponse, WatchJobRequest,
+    GetReportRequest, GetReportResponse, GetRunbookRequest, GetRunbookResponse, GuardRequest,
+    HostState, Job, JobEvent, LabelAgentRequest, LabelAgentResponse, ListAgentsRequest,
+    ListAgentsResponse, ListAuditRequest, ListAuditResponse, ListCoordinatorsRequest,
+    ListCoordinatorsResponse, ListJobsRequest, ListJobsResponse, ListSnapshotsRequest,
+    ListSnapshotsResponse, PlanResponse, ResumeJobRequest, ResumeJobResponse, RollbackRequest,
+    SnapshotRequest, SnapshotResponse, StartRollbackResponse, VerifyAuditRequest,
+    VerifyAuditResponse, WatchJobRequest,
 };
 use rollback_common::selector::Selector;
 use tonic::{Request, Response, Status};
@@ -120,6 +121,18 @@ impl Console for ConsoleService {
         let principal = principal(&request)?;
         Ok(Response::new(
             self.jobs.start(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn start_guard(
+        &self,
+        request: Request<GuardRequest>,
+    ) -> Result<Response<StartRollbackResponse>, Status> {
+        let principal = principal(&request)?;
+        Ok(Response::new(
+            self.jobs
+                .start_guard(&principal, request.into_inner())
+                .await?,
         ))
     }
 

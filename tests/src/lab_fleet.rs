@@ -30,6 +30,9 @@ pub const AGENT_UNIT: &str = "rollback-agent.service";
 pub const MIGRATIONS_DIR: &str = "/srv/app-migrations";
 /// Agent config path inside hosts.
 pub const AGENT_CONFIG: &str = "/etc/rollback/agent.toml";
+/// The app hosts' `[[smoke]]` checks of the sample app's critical functionality.
+pub const SMOKE_CHECKS: &str = "[[smoke]]\nname = \"incidents\"\npath = \"/api/incidents\"\njson_field = \"status\"\njson_equals = \"ok\"\n\
+     [[smoke]]\nname = \"reports\"\npath = \"/api/reports\"\njson_field = \"status\"\njson_equals = \"ok\"\n";
 /// Agent log inside hosts.
 pub const AGENT_LOG: &str = "/var/log/rollback-agent.log";
 /// The operator the fleet's `rollbackctl` acts as (role admin).
@@ -435,7 +438,7 @@ impl<'a> LabFleet<'a> {
                 "[service]\nunit = \"{APP_UNIT}\"\n\
                  [app]\ndir = \"{APP_DIR}\"\nenv_file = \"{APP_DIR}/.env\"\nenv_backup = \"{APP_DIR}/.env.backup\"\n\
                  log_file = \"{APP_LOG}\"\nhealth_base_url = \"http://127.0.0.1:{APP_PORT}\"\n\
-                 [alembic]\nbinary = \"{}\"\nworkdir = \"{MIGRATIONS_DIR}\"\n[alembic.env]\nDATABASE_URL = \"{}\"\n",
+                 [alembic]\nbinary = \"{}\"\nworkdir = \"{MIGRATIONS_DIR}\"\n[alembic.env]\nDATABASE_URL = \"{}\"\n{SMOKE_CHECKS}",
                 lab.venv().join("bin/alembic").display(),
                 lab.database_url()?
             );

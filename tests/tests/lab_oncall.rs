@@ -714,6 +714,9 @@ fn every_example_of_the_help_runs_in_the_lab() -> Result<()> {
         "jobs --state halted",
         "snapshot --select role=web --label 'before 2026-11-25 deploy'",
         "snapshot --select role=web --label 'before deploy' --db-backup --once-on role=db",
+        "snapshot --select role=web --label 'before v2.4'",
+        "guard --select role=web --window 10s --interval 5s --reason 'deploy v2.4'",
+        "guard --select role=web --window 10s --interval 5s --auto --reason 'deploy v2.4'",
         "agents label app2 canary=true --reason 'first to take the next rollback'",
         "agents label app2 canary-",
     ] {

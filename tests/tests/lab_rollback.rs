@@ -93,6 +93,13 @@ fn configuration_rollback_repairs_every_host_and_survives_a_coordinator_restart(
         md.contains("- [x] Verify application health checks passing"),
         "{md}"
     );
+    // Every host ran its smoke checks after /readyz, and they all passed.
+    assert!(
+        md.contains(
+            "- [x] Test critical functionality — verified: smoke checks `incidents`, `reports` passed on every targeted host"
+        ),
+        "{md}"
+    );
     assert!(
         md.contains("bad FEATURE_REPORTS flag"),
         "the reason is in the report"
@@ -115,6 +122,65 @@ fn configuration_rollback_repairs_every_host_and_survives_a_coordinator_restart(
         report(&fleet, &id)?,
         md,
         "report is the same after a restart"
+    );
+    Ok(())
+}
+
+/// A configuration rollback whose restored `.env` is valid (so `/readyz` passes) but turns a
+/// feature off: the smoke check of that feature fails after the restart, the host fails at
+/// `smoke.run`, the job fails, and the report leaves "Test critical functionality" unticked,
+/// naming the host and the check.
+#[test]
+fn a_failing_smoke_check_fails_the_rollback_and_leaves_critical_functionality_unticked()
+-> Result<()> {
+    let Some(lab) = lab::boot_or_skip(LabSpec::new("t-smoke"))? else {
+        return Ok(());
+    };
+    let fleet = LabFleet::start(&lab)?;
+    lab.bad_config(&["app1"])?;
+    // The "last good" copy ready but with the reports feature off.
+    let backup = format!("{APP_DIR}/.env.backup");
+    let text = String::from_utf8(lab.read_file("app1", &backup)?)?;
+    let off = text.replace("FEATURE_REPORTS=on", "FEATURE_REPORTS=off");
+    ensure!(
+        off != text,
+        "the lab's good .env turns FEATURE_REPORTS on: {text}"
+    );
+    lab.write_file("app1", &backup, off.as_bytes(), 0o600)?;
+
+    let out = fleet.rollbackctl(&[
+        "rollback",
+        "--yes",
+        "--procedure",
+        "configuration",
+        "--select",
+        "host=app1",
+        "--reason",
+        "smoke test",
+    ])?;
+    assert!(
+        !out.status.success(),
+        "the rollback fails: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = latest_job(&fleet)?;
+    // The one host failed: the default threshold (one failure) halts the job.
+    assert_eq!(record["state"], "halted", "{record:#}");
+    let app1 = &record["hosts"][0];
+    assert_eq!(app1["outcome"], "failed", "{record:#}");
+    assert_eq!(app1["failed_step"], "smoke.run", "{record:#}");
+    assert_eq!(
+        lab.readyz("app1")?.status,
+        200,
+        "/readyz passes all the same"
+    );
+    let md = report(&fleet, record["job_id"].as_str().unwrap_or_default())?;
+    assert!(
+        md.contains(
+            "- [ ] Test critical functionality — not verified: app1: smoke check(s) reports failed"
+        ),
+        "{md}"
     );
     Ok(())
 }

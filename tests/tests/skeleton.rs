@@ -469,7 +469,7 @@ async fn every_method_is_authorized_by_certificate_role() {
             "ListAgents" | "GetRunbook" | "Plan" | "WatchJob" | "GetJob" | "ListJobs"
             | "GetReport" | "ListSnapshots" | "ListCoordinators" => 0,
             "Exec" | "StartRollback" | "CancelJob" | "ResumeJob" | "Snapshot" | "Diagnose"
-            | "VerifyAudit" => 1,
+            | "VerifyAudit" | "StartGuard" => 1,
             // The audit trail shows every operator's actions: reading it is for approvers.
             "ListAudit" | "ApproveJob" | "DenyJob" => 2,
             "ForgetAgent" | "LabelAgent" => 3,

@@ -22,19 +22,47 @@ pub struct Check {
     pub interval: Duration,
 }
 
-/// One attempt: the status code, or why there was none. Also returns the body's first line.
-pub async fn get(
+/// An HTTP answer: its status and the first [`MAX_BODY`] bytes of its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Bytes of an answer that are read (headers included); the rest is not waited for.
+pub const MAX_BODY: usize = 64 * 1024;
+
+impl Answer {
+    /// The body's first line, at most 200 characters (what output lines show).
+    pub fn first_line(&self) -> String {
+        String::from_utf8_lossy(&self.body)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect()
+    }
+}
+
+/// One request (`GET` or `HEAD`, nothing else) to the app, bounded by `timeout` as a whole:
+/// the answer, or why there was none.
+pub async fn request(
+    method: &str,
     host: &str,
     port: u16,
     path: &str,
     timeout: Duration,
-) -> Result<(u16, String), String> {
+) -> Result<Answer, String> {
+    if method != "GET" && method != "HEAD" {
+        return Err(format!("method {method} is not allowed"));
+    }
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
             .await
             .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rollback-agent\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rollback-agent\r\nConnection: close\r\n\r\n"
         );
         stream
             .write_all(request.as_bytes())
@@ -42,7 +70,7 @@ pub async fn get(
             .map_err(|e| format!("send: {e}"))?;
         let mut buf = Vec::with_capacity(4096);
         let mut chunk = [0u8; 4096];
-        while buf.len() < 64 * 1024 {
+        while buf.len() < MAX_BODY {
             match stream.read(&mut chunk).await {
                 Ok(0) => break,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -50,28 +78,36 @@ pub async fn get(
                 Err(_) => break,
             }
         }
-        let text = String::from_utf8_lossy(&buf);
-        let status = text
+        let head_end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(buf.len(), |i| i + 4);
+        let status = String::from_utf8_lossy(&buf[..head_end])
             .lines()
             .next()
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|c| c.parse::<u16>().ok())
             .ok_or_else(|| "answer is not HTTP".to_string())?;
-        let body = text
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .chars()
-            .take(200)
-            .collect();
-        Ok((status, body))
+        Ok(Answer {
+            status,
+            body: buf[head_end..].to_vec(),
+        })
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+/// One GET: the status code and the body's first line, or why there was none.
+pub async fn get(
+    host: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    request("GET", host, port, path, timeout)
+        .await
+        .map(|a| (a.status, a.first_line()))
 }
 
 /// How one wait of the check ended.

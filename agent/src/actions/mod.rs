@@ -7,10 +7,12 @@
 mod alembic;
 mod file;
 mod git;
+mod guard;
 mod http;
 mod logscan;
 mod postgres;
 mod service;
+pub mod smoke;
 pub mod snapshot;
 pub mod trust;
 pub mod validate;
@@ -38,18 +40,44 @@ pub enum Action {
     Service(service::Verb),
     AlembicDowngrade(alembic::Target),
     AlembicCurrent,
-    AlembicResolve { steps: u32 },
-    PostgresRestore { backup: PathBuf },
+    AlembicResolve {
+        steps: u32,
+    },
+    PostgresRestore {
+        backup: PathBuf,
+    },
     PostgresBackup,
-    GitCheckout { revision: String },
-    GitResolve { revision: String },
-    GitLog { count: u32 },
-    FileRestore { snapshot: Option<String> },
+    GitCheckout {
+        revision: String,
+    },
+    GitResolve {
+        revision: String,
+    },
+    GitLog {
+        count: u32,
+    },
+    FileRestore {
+        snapshot: Option<String>,
+    },
     HttpCheck(http::Check),
     StateRead,
-    SnapshotTake { id: String, label: String },
-    PostgresVerify { backup: PathBuf },
-    LogScan { patterns: Vec<String> },
+    SnapshotTake {
+        id: String,
+        label: String,
+    },
+    PostgresVerify {
+        backup: PathBuf,
+    },
+    LogScan {
+        patterns: Vec<String>,
+    },
+    SmokeRun {
+        rounds: u32,
+    },
+    GuardSample {
+        rounds: u32,
+        log_offset: Option<u64>,
+    },
 }
 
 /// Why a step was refused before anything ran.
@@ -352,6 +380,19 @@ pub fn validate(step: &Step, config: &Config) -> Result<Action, Refusal> {
                 .unwrap_or_else(logscan::default_patterns);
             Action::LogScan { patterns }
         }
+        "guard.sample" => {
+            let rounds = p
+                .check("rounds", |v| validate::count(v, guard::MAX_ROUNDS))?
+                .unwrap_or(1);
+            let log_offset = p.check("log_offset", validate::number)?;
+            Action::GuardSample { rounds, log_offset }
+        }
+        "smoke.run" => {
+            let rounds = p
+                .check("rounds", |v| validate::count(v, smoke::MAX_ROUNDS))?
+                .unwrap_or(1);
+            Action::SmokeRun { rounds }
+        }
         other => {
             return Err(Refusal {
                 action: other.to_string(),
@@ -538,6 +579,10 @@ pub async fn execute(action: &Action, mut ctx: StepCtx<'_>) -> StepResult {
         Action::PostgresVerify { backup } => postgres::verify(backup, &mut ctx).await,
         Action::HttpCheck(check) => http::run(check, &mut ctx).await,
         Action::LogScan { patterns } => logscan::run(patterns, &mut ctx).await,
+        Action::SmokeRun { rounds } => smoke::run(*rounds, &mut ctx).await,
+        Action::GuardSample { rounds, log_offset } => {
+            guard::sample(*rounds, *log_offset, &mut ctx).await
+        }
     };
     let (status, exit_code, error) = match result {
         Ok(()) => (StepStatus::Succeeded, 0, String::new()),

@@ -1,6 +1,7 @@
 //! `state.read`: the host's state now (git HEAD, alembic revision, env file hash, unit state,
 //! /readyz). `snapshot.take {id, label}`: records that state as last known good in
-//! `<state_dir>/snapshots/<id>/` with a copy of the env file, which also becomes the env backup.
+//! `<state_dir>/snapshots/<id>/` with a copy of the env file, which also becomes the env backup,
+//! and measures the deployment guard's baseline (smoke latency, error-log rate, restarts).
 
 use rollback_common::jobs::fact;
 use std::path::{Path, PathBuf};
@@ -125,8 +126,21 @@ pub(super) async fn state(ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Smoke rounds (five groups of a guard sample's three) and the shortest window of the
+/// baseline a snapshot records.
+const BASELINE_ROUNDS: u32 = 15;
+const BASELINE_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) async fn take(id: &str, label: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
     let mut snap = read_state(ctx).await;
+    // The guard's baseline: smoke latency, error-log rate, restart count (facts only).
+    let baseline = super::guard::measure(ctx, BASELINE_ROUNDS, None, BASELINE_WINDOW).await?;
+    if let Some(failed) = baseline.iter().find(|r| !r.ok()) {
+        ctx.say(&format!(
+            "baseline: smoke check {} fails now ({}); the snapshot records it as it is",
+            failed.name, failed.last_failure
+        ));
+    }
     snap.id = id.to_string();
     snap.label = label.to_string();
     snap.taken_at_ms = rollback_common::now_unix_ms();

@@ -59,8 +59,10 @@ enum RunEnd {
 
 /// Everything `drive` needs, rebuilt from the store on resume.
 pub(super) struct Drive {
-    job_id: String,
+    pub(super) job_id: String,
     pub(super) plan: Plan,
+    /// Set for a deployment guard (its phases are sampling rounds; see `guard`).
+    pub(super) guard: Option<rollback_common::proto::GuardSpec>,
     reason: String,
     tracks: BTreeMap<String, JobHostRow>,
     /// Runs dispatched but without a result: (phase, host) → run.
@@ -290,7 +292,7 @@ impl Jobs {
     }
 
     /// The job a start with `req`'s idempotency key made, if any.
-    async fn started_for(
+    pub(super) async fn started_for(
         &self,
         req: &RollbackRequest,
     ) -> Result<Option<StartRollbackResponse>, Status> {
@@ -426,6 +428,7 @@ impl Jobs {
         );
         let drive = Drive {
             job_id: job_id.clone(),
+            guard: plan_proto.guard.clone(),
             plan,
             reason: req.reason.clone(),
             tracks: hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect(),
@@ -528,6 +531,7 @@ impl Jobs {
             row,
             Drive {
                 job_id: job_id.to_string(),
+                guard: plan_proto.guard.clone(),
                 plan,
                 reason,
                 tracks,
@@ -891,7 +895,7 @@ impl Jobs {
         }
     }
 
-    async fn drive(&self, mut d: Drive, live: &LiveJob) {
+    async fn drive(self: &Arc<Self>, mut d: Drive, live: &LiveJob) {
         let job_id = d.job_id.clone();
         let mut failures = d
             .tracks
@@ -902,7 +906,8 @@ impl Jobs {
         let plan = d.plan.clone();
         let canary_batches = plan.phases.first().is_some_and(|p| p.batches.len() > 1);
 
-        'phases: for phase in &plan.phases {
+        let guard = d.guard.clone();
+        'phases: for (index, phase) in plan.phases.iter().enumerate() {
             let (batches, mut done, total) = match phase_work(phase, canary_batches, &d.tracks) {
                 PhaseWork::Nothing => continue,
                 PhaseWork::Blocked(reason) => {
@@ -914,6 +919,23 @@ impl Jobs {
                     done,
                     total,
                 } => (batches, done, total),
+            };
+            // A guard judges what is stored, then waits for the round's time; its round
+            // carries each host's log offset.
+            let round;
+            let phase = match &guard {
+                None => phase,
+                Some(spec) => match self.guard_round(&d, spec, index, phase, live).await {
+                    super::guard::Round::Go(p) => {
+                        round = p;
+                        &round
+                    }
+                    super::guard::Round::Breach(reason) => {
+                        halt = Some(reason);
+                        break 'phases;
+                    }
+                    super::guard::Round::Stop => break 'phases,
+                },
             };
             self.emit(
                 live,
@@ -1037,6 +1059,20 @@ impl Jobs {
                 done,
                 total,
             );
+        }
+        if live.stop.is_cancelled() {
+            return;
+        }
+        // After a guard's last round: judged once more (healthy, or a breach at the end).
+        if let Some(spec) = &guard
+            && let Some(last) = plan.phases.last()
+            && halt.is_none()
+            && !live.cancel.is_cancelled()
+            && let super::guard::Round::Breach(reason) = self
+                .guard_round(&d, spec, plan.phases.len(), last, live)
+                .await
+        {
+            halt = Some(reason);
         }
         if live.stop.is_cancelled() {
             return;

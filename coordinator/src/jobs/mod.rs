@@ -9,6 +9,7 @@ mod approval;
 mod batch;
 mod diagnosis;
 mod engine;
+pub mod guard;
 mod output;
 mod takeover;
 pub use engine::leased_status;

@@ -77,6 +77,7 @@ pub(super) fn to_proto(plan: &Plan, s: &Strategy, description: &str) -> PlanResp
         description: description.to_string(),
         pins: Vec::new(),
         offline: Vec::new(),
+        guard: None,
     }
 }
 

@@ -49,6 +49,66 @@ fn health(host: &JobHost) -> Vec<(String, String, bool)> {
         .collect()
 }
 
+/// The last `smoke.run` a host ran: whether it passed, how many checks the host has, and the
+/// names that passed and failed.
+fn smoke(host: &JobHost) -> Option<(bool, usize, String, String)> {
+    host.runs
+        .iter()
+        .filter_map(|r| r.result.as_ref())
+        .flat_map(|r| r.steps.iter())
+        .rfind(|s| s.action == "smoke.run")
+        .map(|s| {
+            let get = |k: &str| s.facts.get(k).cloned().unwrap_or_default();
+            (
+                s.status == StepStatus::Succeeded as i32,
+                get(fact::SMOKE_CHECKS).parse().unwrap_or(0),
+                get(fact::SMOKE_PASSED),
+                get(fact::SMOKE_FAILED),
+            )
+        })
+}
+
+/// The checklist's "Test critical functionality": ticked only when every targeted host ran
+/// its smoke checks, had at least one and all passed.
+fn critical_functionality(targets: &[&JobHost]) -> (bool, String) {
+    if targets.is_empty() {
+        return (false, " — not verified by the tool".into());
+    }
+    let mut passed = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for h in targets {
+        match smoke(h) {
+            None => problems.push(format!("{}: no smoke checks ran", h.host_id)),
+            Some((_, 0, _, _)) => problems.push(format!(
+                "{}: no [[smoke]] checks configured in its agent.toml",
+                h.host_id
+            )),
+            Some((true, _, ok, _)) => passed.extend(ok.split(',').map(str::to_string)),
+            Some((false, _, _, failed)) => problems.push(format!(
+                "{}: smoke check(s) {} failed",
+                h.host_id,
+                if failed.is_empty() { "?" } else { &failed }
+            )),
+        }
+    }
+    passed.remove("");
+    if problems.is_empty() {
+        let names: Vec<String> = passed.into_iter().map(|n| format!("`{n}`")).collect();
+        (
+            true,
+            format!(
+                " — verified: smoke checks {} passed on every targeted host",
+                names.join(", ")
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(" — not verified: {}", cell(&problems.join("; "))),
+        )
+    }
+}
+
 fn ran_ok(host: &JobHost, action: &str) -> Option<bool> {
     let steps: Vec<bool> = host
         .runs
@@ -263,7 +323,12 @@ pub fn render(job: &Job, output: &StepLines) -> String {
             " — not verified by the tool"
         }
     );
-    let _ = writeln!(md, "- [ ] Test critical functionality");
+    let (critical_ok, critical_note) = critical_functionality(&targets);
+    let _ = writeln!(
+        md,
+        "- [{}] Test critical functionality{critical_note}",
+        tick(critical_ok)
+    );
     let _ = writeln!(md, "- [ ] Notify stakeholders of rollback");
     let _ = writeln!(
         md,
@@ -274,4 +339,70 @@ pub fn render(job: &Job, output: &StepLines) -> String {
     let _ = writeln!(md, "- [x] Create incident report — this report");
     let _ = writeln!(md, "- [ ] Schedule post-mortem");
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollback_common::proto::{HostRun, RunFinished, StepFinished};
+
+    fn host(id: &str, smoke: Option<(StepStatus, &str, &str, &str)>) -> JobHost {
+        let steps = smoke
+            .map(|(status, checks, passed, failed)| StepFinished {
+                action: "smoke.run".into(),
+                status: status as i32,
+                facts: [
+                    (fact::SMOKE_CHECKS, checks),
+                    (fact::SMOKE_PASSED, passed),
+                    (fact::SMOKE_FAILED, failed),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect();
+        JobHost {
+            host_id: id.into(),
+            runs: vec![HostRun {
+                result: Some(RunFinished {
+                    steps,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn critical_functionality_is_ticked_only_when_every_host_passed_a_smoke_check() {
+        let ok = StepStatus::Succeeded;
+        let a = host("app-1", Some((ok, "2", "incidents,reports", "")));
+        let b = host("app-2", Some((ok, "1", "incidents", "")));
+        let (ticked, note) = critical_functionality(&[&a, &b]);
+        assert!(ticked, "{note}");
+        assert!(note.contains("`incidents`, `reports`"), "{note}");
+
+        let failing = host(
+            "app-2",
+            Some((StepStatus::Failed, "2", "incidents", "reports")),
+        );
+        let (ticked, note) = critical_functionality(&[&a, &failing]);
+        assert!(!ticked);
+        assert!(
+            note.contains("app-2: smoke check(s) reports failed"),
+            "{note}"
+        );
+
+        let none_configured = host("app-2", Some((ok, "0", "", "")));
+        let (ticked, note) = critical_functionality(&[&a, &none_configured]);
+        assert!(!ticked);
+        assert!(note.contains("no [[smoke]] checks configured"), "{note}");
+
+        let never_ran = host("app-2", None);
+        assert!(!critical_functionality(&[&a, &never_ran]).0);
+        assert!(!critical_functionality(&[]).0);
+    }
 }

@@ -66,6 +66,7 @@ fn all_at_once(procedure: &str, selector: &str, once_on: &str, reason: String) -
 }
 
 fn info(row: &SnapshotRow) -> HostSnapshotInfo {
+    let baseline = super::guard::Baseline::parse(&row.baseline);
     HostSnapshotInfo {
         snapshot_id: row.snapshot_id.clone(),
         host_id: row.host_id.clone(),
@@ -78,6 +79,15 @@ fn info(row: &SnapshotRow) -> HostSnapshotInfo {
         unit_state: row.unit_state.clone(),
         db_backup: row.db_backup.clone(),
         job_id: row.job_id.clone(),
+        smoke: baseline
+            .as_ref()
+            .map(|b| b.smoke_info())
+            .unwrap_or_default(),
+        error_lines_per_min: baseline.as_ref().map_or(0.0, |b| b.error_lines_per_min),
+        restarts: baseline
+            .and_then(|b| b.restarts)
+            .and_then(|r| i64::try_from(r).ok())
+            .unwrap_or(-1),
     }
 }
 
@@ -171,6 +181,7 @@ impl Jobs {
                     phases,
                 },
             )]),
+            guard: Default::default(),
         };
         let job_id = self
             .run_internal(
@@ -208,6 +219,11 @@ impl Jobs {
                     .get(host)
                     .and_then(|b| b.get(fact::BACKUP).cloned())
                     .unwrap_or_default(),
+                baseline: if f.is_empty() {
+                    String::new()
+                } else {
+                    super::guard::Baseline::from_facts(&f).to_json()
+                },
             };
             let audit = AuditEvent {
                 at_ms: row.taken_at_ms,
@@ -267,7 +283,10 @@ impl Jobs {
     }
 
     /// Each selected host's snapshot: the latest, or the one named `id`.
-    async fn snapshots_for(&self, id: &str) -> Result<HashMap<String, SnapshotRow>, Status> {
+    pub(super) async fn snapshots_for(
+        &self,
+        id: &str,
+    ) -> Result<HashMap<String, SnapshotRow>, Status> {
         let mut out: HashMap<String, SnapshotRow> = HashMap::new();
         for row in self.store.list_snapshots().await? {
             let wanted = id == "latest" || id.is_empty() || row.snapshot_id == id;
@@ -287,7 +306,7 @@ impl Jobs {
             .await
     }
 
-    async fn diagnose_against(
+    pub(super) async fn diagnose_against(
         self: &Arc<Self>,
         principal: &Principal,
         selector: &str,
@@ -308,6 +327,7 @@ impl Jobs {
                     }],
                 },
             )]),
+            guard: Default::default(),
         };
         let job_id = self
             .run_internal(
@@ -476,6 +496,7 @@ impl Jobs {
                     ("interval_ms", "250"),
                 ],
             ));
+            steps.push(planned("smoke.run", &[]));
             steps.push(planned("log.scan", &[]));
             host_steps.insert(host.clone(), steps);
         }

@@ -181,10 +181,10 @@ impl Jobs {
         let kind = match req.kind.as_str() {
             "" => "rollback",
             "all" => "",
-            k @ ("rollback" | "snapshot" | "diagnose") => k,
+            k @ ("rollback" | "snapshot" | "diagnose" | "guard") => k,
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "--kind `{other}`: expected rollback, snapshot, diagnose or all"
+                    "--kind `{other}`: expected rollback, snapshot, diagnose, guard or all"
                 )));
             }
         };

@@ -317,6 +317,8 @@ pub struct SnapshotRow {
     pub env_sha256: String,
     pub unit_state: String,
     pub db_backup: String,
+    /// The guard's baseline measured with the snapshot (JSON of `jobs::guard::Baseline`).
+    pub baseline: String,
 }
 
 /// Everything the coordinator persists. Each call is durable when it returns.

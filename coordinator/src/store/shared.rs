@@ -157,6 +157,7 @@ fn snapshot_row(r: &impl Cols) -> SnapshotRow {
         env_sha256: r.text("env_sha256"),
         unit_state: r.text("unit_state"),
         db_backup: r.text("db_backup"),
+        baseline: r.text("baseline"),
     }
 }
 
@@ -1154,9 +1155,11 @@ macro_rules! backend {
             pub(in crate::store) async fn upsert_snapshot(conn: &mut Conn, r: &SnapshotRow) -> Result<(), StoreError> {
                 sqlx::query(
                     "INSERT INTO snapshots (snapshot_id, host_id, job_id, label, taken_at_ms, git_sha, git_subject,
-                     alembic_revision, env_sha256, unit_state, db_backup) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     alembic_revision, env_sha256, unit_state, db_backup, baseline)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                      ON CONFLICT (snapshot_id, host_id) DO UPDATE SET job_id = $3, label = $4, taken_at_ms = $5,
-                     git_sha = $6, git_subject = $7, alembic_revision = $8, env_sha256 = $9, unit_state = $10, db_backup = $11",
+                     git_sha = $6, git_subject = $7, alembic_revision = $8, env_sha256 = $9, unit_state = $10,
+                     db_backup = $11, baseline = $12",
                 )
                 .bind(&r.snapshot_id)
                 .bind(&r.host_id)
@@ -1169,6 +1172,7 @@ macro_rules! backend {
                 .bind(&r.env_sha256)
                 .bind(&r.unit_state)
                 .bind(&r.db_backup)
+                .bind(&r.baseline)
                 .execute(&mut *conn)
                 .await
                 .map_err(query_err("insert_snapshot"))?;
@@ -1362,7 +1366,8 @@ macro_rules! backend {
                        AND ($3 = '' OR job_id IN (SELECT job_id FROM job_hosts WHERE host_id = $3))
                        AND created_at_ms >= $4
                        AND ($5 = '' OR procedure = $5
-                            OR ($5 = 'rollback' AND procedure <> 'snapshot' AND procedure <> 'diagnose'))
+                            OR ($5 = 'rollback' AND procedure <> 'snapshot' AND procedure <> 'diagnose'
+                                AND procedure <> 'guard'))
                        AND ($6 = '' OR job_id LIKE $7)
                      ORDER BY created_at_ms DESC LIMIT $8"
                 ))

@@ -2,7 +2,10 @@
 
 Serves /healthz (200 while the process serves) and /readyz (200 only when the .env settings
 are valid and the database schema revision equals the one this release expects; otherwise 503
-with the reason). Reads release.json (which this release's code is) and .env (its settings)
+with the reason), and two endpoints of its critical functionality that the agents' smoke checks
+call: /api/incidents (JSON, answered after the release's `api_delay_ms`, default 20) and
+/api/reports (JSON status "ok" only while FEATURE_REPORTS=on). A release whose release.json sets
+`crash_after_s` exits with an error that long after it starts (a crash loop under systemd). Reads release.json (which this release's code is) and .env (its settings)
 from its own directory at startup, so a changed checkout or .env needs a restart, as in the
 runbook. Python stdlib + psycopg2 only.
 """
@@ -12,6 +15,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 
 import psycopg2
 
@@ -102,6 +107,14 @@ def make_handler(release, settings, problems):
                 self.reply(*self.readiness())
             elif path == "/version":
                 self.reply(200, json.dumps(release, sort_keys=True))
+            elif path == "/api/incidents":
+                time.sleep(release.get("api_delay_ms", 20) / 1000.0)
+                self.reply(200, json.dumps({"status": "ok", "incidents": []}))
+            elif path == "/api/reports":
+                if settings.get("FEATURE_REPORTS") == "on":
+                    self.reply(200, json.dumps({"status": "ok", "reports": []}))
+                else:
+                    self.reply(503, json.dumps({"status": "disabled"}))
             else:
                 self.reply(404, "not found")
 
@@ -136,6 +149,15 @@ def main():
                  release["release"], release["schema_revision"], port)
     for problem in problems:
         logging.error("config: %s", problem)
+    crash_after = release.get("crash_after_s")
+    if crash_after:
+        # A release that crash-loops: it serves for a moment, then dies (systemd restarts it).
+        def crash():
+            logging.error("crash: release %s hit a fatal error after %ss", release["release"], crash_after)
+            logging.shutdown()
+            os._exit(1)
+
+        threading.Timer(float(crash_after), crash).start()
     server = Server(("0.0.0.0", port), make_handler(release, settings, problems))
     try:
         server.serve_forever()

@@ -142,8 +142,40 @@ pub fn build_origin(shared: &Path) -> Result<()> {
         )?;
         git(&origin, &["tag", r.tag])?;
     }
+    // Variants of the deployed release for the deployment guard: same code and schema, one
+    // setting changed (see [`VARIANTS`]), each a commit of its own on top of it.
+    let deployed = release(DEPLOYED_RELEASE)?;
+    for (tag, key, value) in VARIANTS {
+        git(&origin, &["checkout", "-q", "--detach", deployed.tag])?;
+        let mut meta = serde_json::json!({
+            "release": tag,
+            "schema_revision": deployed.schema_revision,
+            "required_settings": REQUIRED_SETTINGS,
+        });
+        meta[*key] = serde_json::json!(value);
+        fs::write(origin.join("release.json"), format!("{meta:#}\n"))?;
+        git(
+            &origin,
+            &[
+                "commit",
+                "-q",
+                "-am",
+                &format!("release {tag}: {key} = {value}"),
+            ],
+        )?;
+        git(&origin, &["tag", tag])?;
+    }
+    git(&origin, &["checkout", "-q", "main"])?;
     Ok(())
 }
+
+/// Releases of the deployed code with one setting changed, for the deployment guard:
+/// `v2-slow` answers `/api/incidents` three times slower than v2's 20 ms, `v2-crash` dies
+/// 1.5 s after it starts (a crash loop under systemd's `Restart=on-failure`).
+pub const VARIANTS: &[(&str, &str, f64)] = &[
+    ("v2-slow", "api_delay_ms", 60.0),
+    ("v2-crash", "crash_after_s", 1.5),
+];
 
 /// The app's good `.env` in this lab.
 pub fn good_env(lab: &Lab) -> Result<String> {

@@ -108,6 +108,17 @@ impl Lab {
         })
     }
 
+    /// Deploys release `tag` (one of [`super::app::VARIANTS`], or any release) on `hosts`:
+    /// checks it out as the app user and restarts the app. Waits for nothing: a crash-looping
+    /// release never becomes ready.
+    pub fn deploy_release(&self, hosts: &[&str], tag: &str) -> Result<()> {
+        for host in hosts {
+            self.run_as_app(host, &["git", "-C", APP_DIR, "checkout", "-q", tag])?;
+            self.restart_unit(host, APP_UNIT)?;
+        }
+        Ok(())
+    }
+
     /// Option 3: keeps the good `.env` as `.env.backup` (`cp -p`), writes a broken `.env`
     /// (empty DATABASE_URL, invalid feature flag) on `hosts` and restarts their app. Targets
     /// exactly `hosts`.
