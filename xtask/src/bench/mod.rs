@@ -8,6 +8,7 @@
 
 mod fleet;
 mod footprint;
+mod guard_cost;
 mod harness;
 mod hosts;
 mod peers;
@@ -26,6 +27,8 @@ pub enum Part {
     Fleet,
     Scale,
     Footprint,
+    /// What the deployment guard costs the agents and the app.
+    Guard,
 }
 
 /// Where part (b) keeps the coordinators' state.
@@ -197,6 +200,18 @@ fn measure(args: &BenchArgs) -> Result<()> {
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
         eprintln!("bench: footprint: {fig}");
         merge(&mut data, &["footprint"], fig);
+        save(&data)?;
+    }
+    if want(Part::Guard) {
+        let fig = guard_cost::measure(
+            &root,
+            &pki,
+            Duration::from_secs(120),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        eprintln!("bench: guard: {fig}");
+        merge(&mut data, &["guard"], fig);
         save(&data)?;
     }
     if want(Part::Scale) {

@@ -334,6 +334,49 @@ fn render(data: &Value) -> String {
         out.push_str("not measured yet\n");
     }
 
+    // (d)
+    out.push_str("\n#### (d) What the deployment guard costs\n\n");
+    let g = &data["guard"];
+    if g.is_object() && g["error"].is_null() {
+        let median = |v: &Value| -> Option<f64> {
+            let mut xs: Vec<f64> = v.as_array()?.iter().filter_map(Value::as_f64).collect();
+            xs.sort_by(f64::total_cmp);
+            xs.get(xs.len() / 2).copied()
+        };
+        out.push_str(&format!(
+            "`rollbackctl guard` over {:.0} s sampling every {:.0} s ({:.0} samples) on {} agents, each with {} `[[smoke]]` checks against an app that counts what it serves.\n\n",
+            f(&g["window_s"]).unwrap_or(0.0),
+            f(&g["interval_s"]).unwrap_or(0.0),
+            f(&g["samples"]).unwrap_or(0.0),
+            g["agents"],
+            g["smoke_checks"]
+        ));
+        out.push_str("| what | figure |\n|---|---|\n");
+        out.push_str(&format!(
+            "| requests per host per minute (to the app) | {} |\n",
+            f(&g["requests_per_host_per_min"]).map_or("—".into(), |x| format!("{x:.1}"))
+        ));
+        out.push_str(&format!(
+            "| agent CPU over the window (median; each: {} %) | {} |\n",
+            runs_text(&g["agent_cpu_pct"]),
+            median(&g["agent_cpu_pct"]).map_or("—".into(), |x| format!("{x:.3}%"))
+        ));
+        out.push_str(&format!(
+            "| agent CPU per sample (median; each: {} ms) | {} |\n",
+            runs_text(&g["agent_cpu_ms_per_sample"]),
+            median(&g["agent_cpu_ms_per_sample"]).map_or("—".into(), |x| format!("{x:.1} ms"))
+        ));
+        out.push_str(&format!(
+            "\n- {}. CPU is user+system time from /proc ({:.0} ticks per second). Outside the lab there is no systemd, so these hosts have no `[service]`: on a real host each sample also runs `systemctl is-active` and `systemctl show` (two short processes).\n",
+            meta_line(g),
+            f(&g["clk_tck"]).unwrap_or(100.0)
+        ));
+    } else if g.is_object() {
+        out.push_str(&format!("not measured: {}\n", g["error"]));
+    } else {
+        out.push_str("not measured yet\n");
+    }
+
     // versions
     out.push_str("\n#### Versions measured\n\n");
     let v = &data["versions"];
