@@ -4,7 +4,8 @@
 //! after latency and proposes `application` back to the snapshot's commit, and with `--auto`
 //! the fleet ends on that commit; a healthy deployment ends "deployment healthy" with no
 //! alarm; a release that crash-loops on one host is a stability breach on that host alone,
-//! within one sampling interval of its third restart.
+//! within one sampling interval of its third restart; a host the guard could not sample is
+//! never called healthy; a guard survives `kill -9` of its coordinator.
 //! Without root this prints one skip line and passes (unless `ROLLBACK_LAB_REQUIRED=1`).
 
 use std::io::{BufRead, BufReader};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use rollback_tests::lab::{self, Lab, LabSpec};
-use rollback_tests::lab_fleet::LabFleet;
+use rollback_tests::lab_fleet::{AGENT_UNIT, LabFleet};
 use serde_json::Value;
 
 /// Sampling interval of the guards here.
@@ -250,11 +251,41 @@ fn a_healthy_deployment_ends_healthy_and_a_crash_loop_on_one_host_is_its_stabili
     assert!(ok, "healthy exits 0:\n{out}");
     assert!(breaches(&lines).is_empty(), "no false alarm:\n{out}");
     assert!(
-        out.contains("deployment healthy: no criterion held on 3 host(s) over 6 sample(s)"),
+        out.contains("deployment healthy: no criterion held on 3 host(s) over 7 sample(s)"),
         "{out}"
     );
     assert!(out.contains("incidents p95"), "the figures:\n{out}");
     assert_eq!(latest(&fleet, "guard")?["state"], "succeeded");
+
+    // A host the guard cannot sample (its agent stopped) is not called healthy.
+    lab.run("app3", &["systemctl", "stop", AGENT_UNIT])?;
+    fleet.eventually("app3 offline", || {
+        let agents = fleet.agents()?;
+        ensure!(
+            agents
+                .iter()
+                .any(|a| a["host_id"] == "app3" && a["status"] != "online"),
+            "still online"
+        );
+        Ok(())
+    });
+    let (ok, lines) = guard(
+        &fleet,
+        &[
+            "--window",
+            "4s",
+            "--interval",
+            "2s",
+            "--reason",
+            "app3 unsampled",
+        ],
+    )?;
+    let out = text(&lines);
+    assert!(!ok, "{out}");
+    assert!(!out.contains("deployment healthy"), "{out}");
+    assert!(out.contains("no sample from app3"), "{out}");
+    lab.run("app3", &["systemctl", "start", AGENT_UNIT])?;
+    fleet.wait_online(&hosts)?;
 
     // app2 crash-loops; the guard is started first, and the third restart is timed.
     let started = Instant::now();
@@ -362,7 +393,7 @@ fn a_guard_resumes_after_its_coordinator_is_killed_and_runs_every_round_once() -
     );
     assert!(out.status.success(), "the guard ends healthy:\n{text}");
     assert!(
-        text.contains("deployment healthy: no criterion held on 3 host(s) over 8 sample(s)"),
+        text.contains("deployment healthy: no criterion held on 3 host(s) over 9 sample(s)"),
         "{text}"
     );
     let record = fleet.job(&id)?;
@@ -375,7 +406,7 @@ fn a_guard_resumes_after_its_coordinator_is_killed_and_runs_every_round_once() -
             .filter_map(|r| r["phase"].as_str())
             .collect();
         phases.sort_unstable();
-        let mut want: Vec<String> = (1..=8).map(|i| format!("sample-{i}")).collect();
+        let mut want: Vec<String> = (1..=9).map(|i| format!("sample-{i}")).collect();
         want.sort_unstable();
         assert_eq!(phases, want, "every round once on {}: {h:#}", h["host_id"]);
     }

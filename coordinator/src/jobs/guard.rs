@@ -480,7 +480,8 @@ impl Jobs {
                 "--window must be 1s to 24h and at least one --interval",
             ));
         }
-        let rounds = (window / interval) as usize;
+        // A sample at the start and one every interval until the window's end.
+        let rounds = (window / interval) as usize + 1;
         if rounds > 2000 {
             return Err(Status::invalid_argument(format!(
                 "--window {window}s / --interval {interval}s is {rounds} samples; at most 2000: use a longer interval"
@@ -621,6 +622,21 @@ impl Jobs {
             return Round::Breach(self.guard_breach(d, spec, live, &judged).await);
         }
         if index >= d.plan.phases.len() {
+            // A host never sampled (its agent could not run guard.sample) was not judged: the
+            // guard cannot call the deployment healthy.
+            let unsampled: Vec<&str> = d
+                .plan
+                .targets
+                .iter()
+                .filter(|h| !judged.hosts.contains(*h))
+                .map(String::as_str)
+                .collect();
+            if !unsampled.is_empty() {
+                return Round::Breach(format!(
+                    "deployment guard: no sample from {}: they could not be judged (their runs say why)",
+                    unsampled.join(", ")
+                ));
+            }
             let mut msg = format!(
                 "deployment healthy: no criterion held on {} host(s) over {} sample(s) in {}s",
                 judged.sampled,
@@ -693,6 +709,7 @@ impl Jobs {
                 continue;
             };
             judged.sampled += 1;
+            judged.hosts.push(h.host_id.clone());
             if let Some(o) = last.log_offset {
                 judged.offsets.insert(h.host_id.clone(), o);
             }
@@ -857,6 +874,7 @@ impl Jobs {
 struct Judged {
     /// Hosts with at least one sample.
     sampled: usize,
+    hosts: Vec<String>,
     breaches: Vec<Breach>,
     /// Where each host's next sample starts reading the app log.
     offsets: HashMap<String, u64>,

@@ -21,7 +21,11 @@ pub fn measure(root: &Path, pki: &Pki, window: Duration) -> Result<serde_json::V
     let hosts = hosts::setup(&dir.join("hosts"), AGENTS)?;
     let runbook = dir.join("runbook.toml");
     std::fs::write(&runbook, super::fleet::RUNBOOK).context("writing footprint runbook")?;
-    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, "")?;
+    // Labels that target hosts come from the coordinator's inventory (since #12).
+    let inventory: String = (1..=AGENTS)
+        .map(|i| format!("[inventory.\"idle{i}\"]\nbench = \"idle\"\n"))
+        .collect();
+    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, &inventory)?;
     let cpid = coord.daemon.pid()?;
     std::thread::sleep(Duration::from_secs(3));
     let coord_idle0_kib = sys::rss_kib(cpid)?;

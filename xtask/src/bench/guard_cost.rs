@@ -65,10 +65,20 @@ pub fn measure(
     let hosts = hosts::setup(&dir.join("hosts"), AGENTS)?;
     let runbook = dir.join("runbook.toml");
     std::fs::write(&runbook, super::fleet::RUNBOOK).context("writing the guard bench runbook")?;
-    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, "")?;
+    // Labels that target hosts come from the coordinator's inventory.
+    let inventory: String = (1..=AGENTS)
+        .map(|i| format!("[inventory.\"guarded{i}\"]\nbench = \"guard\"\n"))
+        .collect();
+    let mut coord = Coordinator::start(&dir.join("coordinator"), pki, &runbook, &inventory)?;
     let (url, requests) = counting_app()?;
     let mut agents = Vec::new();
     for (i, d) in hosts.dirs.iter().enumerate() {
+        // The snapshot keeps the env file (and makes it the backup).
+        let env = d.join(".env");
+        if !env.exists() {
+            std::fs::write(&env, "APP_PORT=8000\n")
+                .with_context(|| format!("writing {}", env.display()))?;
+        }
         let id = format!("guarded{}", i + 1);
         let certs = harness::cert(pki, "agent", &id)?;
         let profile = format!("{}{SMOKE}", harness::app_profile(d, &hosts.git, &url));
