@@ -140,7 +140,8 @@ pub fn measure(
     drop(agents);
     coord.daemon.stop(Duration::from_secs(15));
     let clk = sys::clk_tck() as f64;
-    let samples = (window_s / interval_s.max(1)) as f64;
+    // One at the start, then one every interval to the end of the window.
+    let samples = (window_s / interval_s.max(1) + 1) as f64;
     let cpu_s: Vec<f64> = before
         .iter()
         .zip(&after)
