@@ -8,7 +8,7 @@ use rollback_common::proto::GuardRequest;
 
 use crate::connect::{self, ConnectFlags};
 use crate::error::status_error;
-use crate::jobs_cmd::{Follow, follow, follow_quietly, get_job, job_json, job_result, print_job};
+use crate::jobs_cmd::follow_to_end;
 use crate::output::Output;
 
 const GUARD_HELP: &str = "\
@@ -90,35 +90,26 @@ pub async fn guard(args: GuardArgs, flags: &ConnectFlags, output: Output) -> Res
         .map_err(|s| status_error("starting the deployment guard", s))?
         .into_inner();
     drop(client);
-    if output == Output::Table {
-        println!(
-            "guard job {} on {target}: {} host(s), sampled every {} for {}{} (Ctrl-C stops watching, not the guard; `rollbackctl cancel {}` stops it)\n",
-            started.job_id,
-            started.plan.as_ref().map_or(0, |p| p.targets.len()),
-            args.interval,
-            args.window,
-            if args.auto {
-                "; --auto: a breach starts the rollback"
-            } else {
-                ""
-            },
-            started.job_id
-        );
-        let how = Follow {
-            output: Some(output),
-            show_output: !args.quiet_output,
-        };
-        follow(flags, &started.job_id, 0, how).await?;
-    } else {
-        follow_quietly(flags, &started.job_id, 0).await?;
-    }
-    let job = get_job(flags, &started.job_id).await?;
-    match output {
-        Output::Table => {
-            println!();
-            print_job(&job);
-        }
-        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&job))?),
-    }
-    job_result(&job)
+    let intro = format!(
+        "guard job {} on {target}: {} host(s), sampled every {} for {}{} (Ctrl-C stops watching, not the guard; `rollbackctl cancel {}` stops it)",
+        started.job_id,
+        started.plan.as_ref().map_or(0, |p| p.targets.len()),
+        args.interval,
+        args.window,
+        if args.auto {
+            "; --auto: a breach starts the rollback"
+        } else {
+            ""
+        },
+        started.job_id
+    );
+    follow_to_end(
+        flags,
+        &started.job_id,
+        output,
+        !args.quiet_output,
+        &intro,
+        None,
+    )
+    .await
 }

@@ -212,7 +212,7 @@ pub fn print_plan(p: &PlanResponse) {
     }
 }
 
-pub(crate) fn job_json(j: &Job) -> serde_json::Value {
+fn job_json(j: &Job) -> serde_json::Value {
     json!({
         "job_id": j.job_id,
         "procedure": j.procedure,
@@ -278,12 +278,7 @@ pub struct Follow {
 /// Follows a job's events after `after_seq` until it finishes. A dropped stream (the
 /// connection cut, the coordinator restarting) is picked up again from the last event seen, so
 /// no line is missed or shown twice.
-pub(crate) async fn follow(
-    flags: &ConnectFlags,
-    job_id: &str,
-    after_seq: u64,
-    how: Follow,
-) -> Result<()> {
+async fn follow(flags: &ConnectFlags, job_id: &str, after_seq: u64, how: Follow) -> Result<()> {
     let mut screen = match how.output {
         Some(Output::Table) => {
             let pinned = std::io::stdout().is_terminal();
@@ -423,7 +418,7 @@ pub async fn resolve_id(flags: &ConnectFlags, given: &str) -> Result<String> {
     Ok(find_job(flags, given).await?.job_id)
 }
 
-pub(crate) fn print_job(j: &Job) {
+fn print_job(j: &Job) {
     println!(
         "job {} — {} — {}",
         j.job_id,
@@ -517,7 +512,7 @@ pub(crate) fn print_job(j: &Job) {
     }
 }
 
-pub(crate) async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
+async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
     let mut client = connect::console(flags).await?;
     Ok(client
         .get_job(GetJobRequest {
@@ -529,7 +524,7 @@ pub(crate) async fn get_job(flags: &ConnectFlags, job_id: &str) -> Result<Job> {
 }
 
 /// Exit status for a finished job: success only when every targeted host succeeded.
-pub(crate) fn job_result(j: &Job) -> Result<()> {
+fn job_result(j: &Job) -> Result<()> {
     if j.state == JobState::Succeeded.as_str() {
         return Ok(());
     }
@@ -609,26 +604,51 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
         }
         eprintln!("{msg}\nwaiting for the decision (Ctrl-C stops waiting, not the job)");
     }
+    let intro = format!(
+        "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)",
+        started.job_id, started.job_id
+    );
+    let footer = format!("report: rollbackctl report {}", started.job_id);
+    follow_to_end(
+        flags,
+        &started.job_id,
+        output,
+        !args.quiet_output,
+        &intro,
+        Some(&footer),
+    )
+    .await
+}
+
+/// Follows a job just started to its end — live on a table after `intro`, quietly for JSON —
+/// then prints its record (and `footer` under the table); Ok only when it succeeded.
+pub(crate) async fn follow_to_end(
+    flags: &ConnectFlags,
+    job_id: &str,
+    output: Output,
+    show_output: bool,
+    intro: &str,
+    footer: Option<&str>,
+) -> Result<()> {
     if output == Output::Table {
-        println!(
-            "job {} persisted; following it (Ctrl-C stops watching, not the job; `rollbackctl cancel {}` stops it)\n",
-            started.job_id, started.job_id
-        );
+        println!("{intro}\n");
         let how = Follow {
             output: Some(output),
-            show_output: !args.quiet_output,
+            show_output,
         };
-        follow(flags, &started.job_id, 0, how).await?;
+        follow(flags, job_id, 0, how).await?;
     } else {
         // Wait for the end quietly, then print the whole record.
-        follow_quietly(flags, &started.job_id, 0).await?;
+        follow_quietly(flags, job_id, 0).await?;
     }
-    let job = get_job(flags, &started.job_id).await?;
+    let job = get_job(flags, job_id).await?;
     match output {
         Output::Table => {
             println!();
             print_job(&job);
-            println!("\nreport: rollbackctl report {}", job.job_id);
+            if let Some(footer) = footer {
+                println!("\n{footer}");
+            }
         }
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&job))?),
     }
@@ -993,11 +1013,7 @@ pub async fn history(args: HistoryArgs, flags: &ConnectFlags, output: Output) ->
 
 /// Waits for a job to end without printing its events (for `--output json`: only the final
 /// record is printed).
-pub(crate) async fn follow_quietly(
-    flags: &ConnectFlags,
-    job_id: &str,
-    after_seq: u64,
-) -> Result<()> {
+async fn follow_quietly(flags: &ConnectFlags, job_id: &str, after_seq: u64) -> Result<()> {
     let how = Follow {
         output: None,
         show_output: false,
