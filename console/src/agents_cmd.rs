@@ -187,7 +187,7 @@ fn cert_expiry(a: &AgentInfo, now_ms: i64) -> Option<Expiry> {
         .then(|| Expiry::at(a.cert_not_after_unix_ms / 1000, now_ms / 1000))
 }
 
-fn agent_json(a: &AgentInfo, now_ms: i64) -> serde_json::Value {
+pub(crate) fn agent_json(a: &AgentInfo, now_ms: i64) -> serde_json::Value {
     let state = a.state.as_ref();
     let cert = cert_expiry(a, now_ms);
     json!({

@@ -143,7 +143,7 @@ Example:
     },
 }
 
-fn plan_json(p: &PlanResponse) -> serde_json::Value {
+pub(crate) fn plan_json(p: &PlanResponse) -> serde_json::Value {
     json!({
         "procedure": p.procedure,
         "description": p.description,
@@ -212,7 +212,7 @@ pub fn print_plan(p: &PlanResponse) {
     }
 }
 
-fn job_json(j: &Job) -> serde_json::Value {
+pub(crate) fn job_json(j: &Job) -> serde_json::Value {
     json!({
         "job_id": j.job_id,
         "procedure": j.procedure,

@@ -14,6 +14,7 @@ pub mod live;
 pub mod output;
 pub mod pki_cmd;
 pub mod snapshot_cmd;
+pub mod ui;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -180,6 +181,9 @@ Examples:
     /// command would connect to.
     #[command(subcommand)]
     Context(context_cmd::ContextCmd),
+    /// The web console: the fleet, jobs live, reports, new rollbacks and diagnoses in a
+    /// browser, served on 127.0.0.1 with your certificate and context, behind a token URL.
+    Ui(ui::UiArgs),
     /// Print a shell completion script.
     #[command(after_help = "\
 Examples:
@@ -195,6 +199,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     output::use_utc(cli.utc);
     match cli.cmd {
         Command::Agents(args) => agents_cmd::run(args, &cli.connect, cli.output).await,
+        Command::Ui(args) => ui::run(args, &cli.connect).await,
         Command::Coordinators => coordinators_cmd::run(&cli.connect, cli.output).await,
         Command::Exec(args) => exec_cmd::run(args, &cli.connect, cli.output).await,
         Command::Rollback(args) => jobs_cmd::rollback(args, &cli.connect, cli.output).await,

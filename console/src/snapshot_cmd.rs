@@ -31,7 +31,7 @@ pub struct SnapshotArgs {
     pub once_on: Option<String>,
 }
 
-fn snap_json(s: &HostSnapshotInfo) -> serde_json::Value {
+pub(crate) fn snap_json(s: &HostSnapshotInfo) -> serde_json::Value {
     json!({
         "snapshot_id": s.snapshot_id, "host_id": s.host_id, "label": s.label,
         "taken_at": format_time(s.taken_at_unix_ms), "git_sha": s.git_sha, "git_subject": s.git_subject,
@@ -172,6 +172,20 @@ pub async fn snapshots(select: String, flags: &ConnectFlags, output: Output) -> 
     Ok(())
 }
 
+/// A diagnosis as `--output json` prints it (and the web console shows it).
+pub(crate) fn diagnose_json(resp: &rollback_common::proto::DiagnoseResponse) -> serde_json::Value {
+    json!({
+        "job_id": resp.job_id,
+        "command": resp.command,
+        "hosts": resp.hosts.iter().map(|h| json!({
+            "host_id": h.host_id, "snapshot_id": h.snapshot_id,
+            "changes": h.changes.iter().map(|c| json!({"what": c.what, "old": c.old, "new": c.new})).collect::<Vec<_>>(),
+            "readyz_status": h.readyz_status, "readyz_body": h.readyz_body,
+            "procedures": h.procedures, "command": h.command, "note": h.note,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 pub async fn diagnose(select: String, flags: &ConnectFlags, output: Output) -> Result<()> {
     let mut client = connect::console(flags).await?;
     let resp = client
@@ -180,19 +194,7 @@ pub async fn diagnose(select: String, flags: &ConnectFlags, output: Output) -> R
         .map_err(|s| status_error("diagnosing", s))?
         .into_inner();
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "job_id": resp.job_id,
-                "command": resp.command,
-                "hosts": resp.hosts.iter().map(|h| json!({
-                    "host_id": h.host_id, "snapshot_id": h.snapshot_id,
-                    "changes": h.changes.iter().map(|c| json!({"what": c.what, "old": c.old, "new": c.new})).collect::<Vec<_>>(),
-                    "readyz_status": h.readyz_status, "readyz_body": h.readyz_body,
-                    "procedures": h.procedures, "command": h.command, "note": h.note,
-                })).collect::<Vec<_>>(),
-            }))?
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&diagnose_json(&resp))?),
         Output::Table => {
             for h in &resp.hosts {
                 let verdict = if h.procedures.is_empty() {

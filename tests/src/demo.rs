@@ -51,19 +51,35 @@ static TEARDOWN: Mutex<()> = Mutex::new(());
 /// stays quiet about the failures that follow.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Whether the demo runs the web console alongside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebUi {
+    Off,
+    /// `rollbackctl ui` on this machine's 127.0.0.1 (relayed into the lab), its URL printed.
+    On,
+    /// As `On`, for a person: the rollback waits [`UI_GRACE`] for them to open the URL, and
+    /// the console and the lab stay up after the story until Ctrl-C.
+    Interactive,
+}
+
+/// How long `cargo xtask demo --ui` waits for the browser before rolling back.
+pub const UI_GRACE: Duration = Duration::from_secs(15);
+
 /// Runs the interactive demo on lab [`LAB_NAME`], narrating to `out`.
-pub fn run(out: &mut dyn Write) -> Result<()> {
-    run_with(LAB_NAME, out, |_| Ok(()))
+pub fn run(out: &mut dyn Write, ui: WebUi) -> Result<()> {
+    run_with(LAB_NAME, out, ui, |_, _| Ok(()))
 }
 
 /// Runs the demo on a lab named `lab_name`, narrating to `out`; `inspect` is called with the
-/// lab once the story is told, before the teardown (tests check the end state there).
+/// lab and the web console's URL (with `ui`) once the story is told, before the teardown
+/// (tests check the end state there).
 pub fn run_with(
     lab_name: &str,
     out: &mut dyn Write,
-    inspect: impl FnOnce(&Lab) -> Result<()>,
+    ui: WebUi,
+    inspect: impl FnOnce(&Lab, Option<&str>) -> Result<()>,
 ) -> Result<()> {
-    let result = boot_and_tell(lab_name, out, inspect);
+    let result = boot_and_tell(lab_name, out, ui, inspect);
     if result.is_err() && INTERRUPTED.load(Ordering::SeqCst) {
         // The failure is the interrupt's doing: the interrupt watcher is removing the lab and
         // ends the process.
@@ -77,7 +93,8 @@ pub fn run_with(
 fn boot_and_tell(
     lab_name: &str,
     out: &mut dyn Write,
-    inspect: impl FnOnce(&Lab) -> Result<()>,
+    ui: WebUi,
+    inspect: impl FnOnce(&Lab, Option<&str>) -> Result<()>,
 ) -> Result<()> {
     let mut story = Story::new(out);
     story.say(format!(
@@ -109,7 +126,7 @@ fn boot_and_tell(
         ))?;
     }
 
-    let told = tell(lab_ref, &mut story, inspect);
+    let told = tell(lab_ref, &mut story, ui, inspect);
     if told.is_err() && INTERRUPTED.load(Ordering::SeqCst) {
         return told;
     }
@@ -137,7 +154,12 @@ fn boot_and_tell(
 
 /// The story on a booted lab: the fleet, the breakage, the rollback, the check; then
 /// `inspect`, and the fleet stopped (the caller removes the lab).
-fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
+fn tell(
+    lab: &Lab,
+    story: &mut Story<'_>,
+    ui: WebUi,
+    inspect: impl FnOnce(&Lab, Option<&str>) -> Result<()>,
+) -> Result<()> {
     let hosts = lab.app_host_ids();
 
     story.chapter(
@@ -151,6 +173,18 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
         started.elapsed().as_secs_f64()
     ))?;
     story.rollbackctl(&fleet, &["agents"])?;
+    let console = match ui {
+        WebUi::Off => None,
+        WebUi::On | WebUi::Interactive => {
+            story.chapter("the web console: `rollbackctl ui`, with the operator's certificate")?;
+            let console = web_console(lab, &fleet)?;
+            story.say(format!(
+                "  open {}\n  (this machine only; the token in the URL is the key)",
+                console.url
+            ))?;
+            Some(console)
+        }
+    };
 
     story.chapter("before deploying: every web host records its last-known-good state")?;
     story.rollbackctl(
@@ -195,6 +229,16 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
     story.chapter(
         "rolling back to the snapshot with one command: canary first, then batches, live",
     )?;
+    if ui == WebUi::Interactive
+        && let Some(console) = &console
+    {
+        story.say(format!(
+            "  (starting in {}s: open {}#/jobs to watch it in the browser)",
+            UI_GRACE.as_secs(),
+            console.url
+        ))?;
+        std::thread::sleep(UI_GRACE);
+    }
     let started = Instant::now();
     story
         .rollbackctl(&fleet, ROLLBACK_COMMAND)
@@ -263,11 +307,35 @@ fn tell(lab: &Lab, story: &mut Story<'_>, inspect: impl FnOnce(&Lab) -> Result<(
             story.say(format!("  {line}"))?;
         }
     }
-    inspect(lab)?;
+    inspect(lab, console.as_ref().map(|c| c.url.as_str()))?;
+    if ui == WebUi::Interactive
+        && let Some(console) = &console
+    {
+        story.say(format!(
+            "\nthe web console stays up with the lab: {}\nCtrl-C ends the demo and removes the lab",
+            console.url
+        ))?;
+        loop {
+            // The interrupt watcher tears the lab down and ends the process.
+            std::thread::park();
+        }
+    }
 
     story.chapter("tearing down: stopping the agents and the coordinator, removing the lab...")?;
     drop(fleet);
     Ok(())
+}
+
+/// `rollbackctl ui` as the demo's operator, in the coordinator's namespace, reachable from
+/// this machine's 127.0.0.1 on the same port through a relay.
+fn web_console(lab: &Lab, fleet: &LabFleet<'_>) -> Result<crate::browser::Console> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("a port on 127.0.0.1 for the web console")?;
+    let port = listener.local_addr()?.port().to_string();
+    let console =
+        crate::browser::Console::start(fleet.rollbackctl_command(&["ui", "--port", &port]))?;
+    crate::browser::relay_loopback(listener, &lab.coordinator_netns())?;
+    Ok(console)
 }
 
 /// Waits until every agent reports a `.env` whose sha256 is that of the host's `.env.backup`

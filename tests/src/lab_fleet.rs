@@ -33,6 +33,40 @@ pub const AGENT_CONFIG: &str = "/etc/rollback/agent.toml";
 /// The app hosts' `[[smoke]]` checks of the sample app's critical functionality.
 pub const SMOKE_CHECKS: &str = "[[smoke]]\nname = \"incidents\"\npath = \"/api/incidents\"\njson_field = \"status\"\njson_equals = \"ok\"\n\
      [[smoke]]\nname = \"reports\"\npath = \"/api/reports\"\njson_field = \"status\"\njson_equals = \"ok\"\n";
+/// The lab's `0003` migration (for `{MIGRATIONS_DIR}/migrations/versions/0003_risk_scores.py`)
+/// with a downgrade that reports its progress as a long backfill does: one line every 100 ms,
+/// each with the time it was printed.
+pub const SLOW_DOWNGRADE_0003: &str = r#""""risk scores; the downgrade reports its progress."""
+
+import time
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.add_column("incidents", sa.Column("risk_score", sa.Integer, nullable=False, server_default="0"))
+    op.create_table(
+        "risk_register",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("risk", sa.Text, nullable=False),
+        sa.Column("owner", sa.Text, nullable=False),
+    )
+
+
+def downgrade():
+    for i in range(1, 51):
+        print(f"rewinding risk scores: batch {i}/50 at {time.time():.3f}", flush=True)
+        time.sleep(0.1)
+    op.drop_table("risk_register")
+    op.drop_column("incidents", "risk_score")
+"#;
+
 /// Agent log inside hosts.
 pub const AGENT_LOG: &str = "/var/log/rollback-agent.log";
 /// The operator the fleet's `rollbackctl` acts as (role admin).

@@ -3,6 +3,7 @@
 //! processes, the suites' PostgreSQL cluster, and the fleet lab of real hosts (network
 //! namespaces + systemd).
 
+pub mod browser;
 pub mod demo;
 pub mod lab;
 pub mod lab_fleet;

@@ -1,12 +1,13 @@
 //! The README's first command proven: runs the same demo code as `cargo xtask demo` on a lab
 //! of its own and checks the end state on the hosts before the teardown — every app host's
 //! `/readyz` 200 again, `.env` byte-identical to `.env.backup`, the app and agent units
-//! active — and that the story showed every host. Without root this prints one skip line and
-//! passes (unless `ROLLBACK_LAB_REQUIRED=1`).
+//! active — and that the story showed every host. It runs as `cargo xtask demo --ui` does: the
+//! web console's URL is printed and answers from this machine's loopback. Without root this
+//! prints one skip line and passes (unless `ROLLBACK_LAB_REQUIRED=1`).
 
-use anyhow::{Result, ensure};
-use rollback_tests::demo;
+use anyhow::{Context, Result, ensure};
 use rollback_tests::lab::{self, APP_DIR, Lab};
+use rollback_tests::{browser, demo};
 
 /// The test's lab name (the interactive demo uses `demo`).
 const LAB: &str = "t-demo";
@@ -33,6 +34,29 @@ fn end_state(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask demo --ui`: the printed URL answers on this machine's own loopback (not only
+/// inside the lab), and its jobs list has the demo's rollback, succeeded.
+fn console_answers(url: &str) -> Result<()> {
+    let rest = url.trim_start_matches("http://");
+    let (addr, path) = rest.split_once('/').context("a URL with a path")?;
+    let addr: std::net::SocketAddr = addr.parse()?;
+    ensure!(addr.ip().is_loopback(), "{url}");
+    let page = browser::request(None, addr, "GET", &format!("/{path}"), &[], None)?;
+    ensure!(
+        page.status == 200 && page.text().contains("app.js"),
+        "{url}: {} {}",
+        page.status,
+        page.text()
+    );
+    let jobs = browser::request(None, addr, "GET", &format!("/{path}api/jobs"), &[], None)?;
+    let jobs = jobs.json()?;
+    ensure!(
+        jobs[0]["state"] == "succeeded" && jobs[0]["procedure"].as_str().is_some(),
+        "the console lists the demo's rollback: {jobs}"
+    );
+    Ok(())
+}
+
 #[test]
 fn demo_breaks_the_fleet_and_rolls_it_back() -> Result<()> {
     // The demo boots its own lab; this only decides whether this machine can run one.
@@ -47,8 +71,12 @@ fn demo_breaks_the_fleet_and_rolls_it_back() -> Result<()> {
     }
     let mut out = Vec::new();
     let mut checked = false;
-    let result = demo::run_with(LAB, &mut out, |lab| {
+    let mut console_url = None;
+    let result = demo::run_with(LAB, &mut out, demo::WebUi::On, |lab, url| {
         end_state(lab)?;
+        let url = url.context("the demo with --ui runs the web console")?;
+        console_answers(url)?;
+        console_url = Some(url.to_string());
         checked = true;
         Ok(())
     });
@@ -56,6 +84,11 @@ fn demo_breaks_the_fleet_and_rolls_it_back() -> Result<()> {
     eprintln!("{text}");
     result?;
     assert!(checked, "the end state was inspected");
+    let url = console_url.unwrap_or_default();
+    assert!(
+        text.contains(&format!("open {url}")),
+        "the story prints the console's URL"
+    );
     for host in ["app1", "app2", "app3", "db"] {
         assert!(text.contains(host), "the story mentions {host}");
     }

@@ -16,42 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use rollback_tests::lab::{self, LabSpec};
-use rollback_tests::lab_fleet::{LabFleet, MIGRATIONS_DIR, assert_healthy};
+use rollback_tests::lab_fleet::{LabFleet, MIGRATIONS_DIR, SLOW_DOWNGRADE_0003, assert_healthy};
 
 const LINES: usize = 50;
-
-/// The lab's `0003` migration with a downgrade that reports its progress as a long backfill
-/// does: one line every 100 ms, each with the time it was printed.
-const SLOW_0003: &str = r#""""risk scores; the downgrade reports its progress."""
-
-import time
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0003"
-down_revision = "0002"
-branch_labels = None
-depends_on = None
-
-
-def upgrade():
-    op.add_column("incidents", sa.Column("risk_score", sa.Integer, nullable=False, server_default="0"))
-    op.create_table(
-        "risk_register",
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("risk", sa.Text, nullable=False),
-        sa.Column("owner", sa.Text, nullable=False),
-    )
-
-
-def downgrade():
-    for i in range(1, 51):
-        print(f"rewinding risk scores: batch {i}/50 at {time.time():.3f}", flush=True)
-        time.sleep(0.1)
-    op.drop_table("risk_register")
-    op.drop_column("incidents", "risk_score")
-"#;
 
 fn now_secs() -> f64 {
     SystemTime::now()
@@ -347,7 +314,7 @@ fn every_watcher_sees_a_long_steps_lines_live_once_and_the_terminal_pins_a_summa
     lab.write_file(
         migrator,
         &format!("{MIGRATIONS_DIR}/migrations/versions/0003_risk_scores.py"),
-        SLOW_0003.as_bytes(),
+        SLOW_DOWNGRADE_0003.as_bytes(),
         0o644,
     )?;
     lab.bad_migration()?;
@@ -679,6 +646,34 @@ impl Examples<'_> {
         );
         Ok(())
     }
+
+    /// A server example (`rollbackctl ui`): it prints its URL, serves it, and stops with
+    /// status 0 on Ctrl-C.
+    fn run_server(&mut self, example: &str) -> Result<()> {
+        ensure!(
+            self.pending.remove(example),
+            "`rollbackctl {example}` is not an example of the help (or ran twice)"
+        );
+        let mut cmd = self.fleet.rollbackctl_command(&[]);
+        cmd.args(words(example)).current_dir(self.cwd.path());
+        let console = rollback_tests::browser::Console::start(cmd)?;
+        let page = rollback_tests::browser::request(
+            Some(&self.fleet.lab.coordinator_netns()),
+            console.addr()?,
+            "GET",
+            &console.path(),
+            &[],
+            None,
+        )?;
+        ensure!(
+            page.status == 200,
+            "`rollbackctl {example}`: {}",
+            page.status
+        );
+        let status = console.interrupt()?;
+        ensure!(status.success(), "`rollbackctl {example}` ended {status}");
+        Ok(())
+    }
 }
 
 #[test]
@@ -721,6 +716,10 @@ fn every_example_of_the_help_runs_in_the_lab() -> Result<()> {
         "agents label app2 canary-",
     ] {
         ex.run(e)?;
+    }
+    // (No desktop here: --open says it could not open a browser and serves on.)
+    for e in ["ui", "ui --port 8080 --open"] {
+        ex.run_server(e)?;
     }
     lab.bad_config(&refs)?;
     ex.run("rollback --procedure configuration --select role=web --reason 'bad .env in 2026-11-25 deploy'")?;

@@ -8,19 +8,19 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use rollback_tests::{demo, lab};
 
-pub fn run() -> Result<()> {
+pub fn run(ui: bool) -> Result<()> {
     if let Err(reason) = lab::check_prerequisites() {
         eprintln!("cargo xtask demo: cannot run: {reason}; run it as root on Linux");
         std::process::exit(1);
     }
-    if let Err(e) = build_and_tell() {
+    if let Err(e) = build_and_tell(ui) {
         eprintln!("\ncargo xtask demo: failed: {e:#}");
         std::process::exit(1);
     }
     Ok(())
 }
 
-fn build_and_tell() -> Result<()> {
+fn build_and_tell(ui: bool) -> Result<()> {
     eprintln!(
         "cargo xtask demo: builds fleet-rollback (the first build takes a few minutes on 2 cores; later ones seconds), \
          boots a lab of {} app hosts and a database host, takes a snapshot, deploys badly, and rolls the fleet back live",
@@ -30,7 +30,12 @@ fn build_and_tell() -> Result<()> {
     crate::venv::ensure()?;
     // From here on Ctrl-C removes the lab instead of leaving it behind.
     demo::tear_down_on_interrupt(demo::LAB_NAME)?;
-    demo::run(&mut std::io::stdout().lock())
+    let web = if ui {
+        demo::WebUi::Interactive
+    } else {
+        demo::WebUi::Off
+    };
+    demo::run(&mut std::io::stdout().lock(), web)
 }
 
 /// `cargo build --workspace --bins`: the demo and `lab up --coordinators N` run the coordinator, the agents and

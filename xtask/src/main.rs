@@ -27,7 +27,13 @@ enum Cmd {
     /// Install what the tests need (alembic venv under target/), build, run the whole suite.
     Test(test_cmd::TestArgs),
     /// Boot a local fleet lab, break a deployment, roll it back live, tear down.
-    Demo,
+    Demo {
+        /// Also open the web console (`rollbackctl ui`) on this machine's 127.0.0.1 and print
+        /// its URL: the rollback waits 15 s for you to open it, and the console (and the lab)
+        /// stay up after the story until Ctrl-C.
+        #[arg(long)]
+        ui: bool,
+    },
     /// Boot, inspect, use and tear down a fleet lab by hand.
     Lab(lab::LabArgs),
     /// Benchmarks against the bash bound, Ansible and Salt; rewrites BENCHMARKS.md's results.
@@ -45,7 +51,7 @@ pub fn workspace_root() -> PathBuf {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test(args) => test_cmd::run(args),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo { ui } => demo::run(ui),
         Cmd::Lab(args) => lab::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Man(args) => man::run(args),

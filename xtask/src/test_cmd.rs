@@ -41,11 +41,25 @@ fn ensure_program(program: &str, package: &str, why: &str) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing {package} ({why})");
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .with_context(|| format!("running apt-get install {package}"))?;
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .with_context(|| format!("running apt-get install {package}"))
+    };
+    let mut status = install()?;
+    if !status.success() {
+        // Stale package lists on a fresh machine: refresh them once and try again.
+        eprintln!("xtask: apt-get install {package} failed; refreshing the package lists");
+        let updated = Command::new("apt-get")
+            .args(["update", "-q"])
+            .status()
+            .context("running apt-get update")?;
+        if updated.success() {
+            status = install()?;
+        }
+    }
     if !status.success() {
         bail!(
             "apt-get install {package} failed ({status}); {why} needs it: install it and run again"
@@ -58,6 +72,16 @@ pub fn run(args: TestArgs) -> Result<()> {
     let root = crate::workspace_root();
     let venv = crate::venv::ensure()?;
     ensure_program("tmux", "tmux", "the terminal tests of `rollbackctl` run it")?;
+    ensure_program(
+        "chromium",
+        "chromium",
+        "the web console's browser tests (lab_ui) drive it",
+    )?;
+    ensure_program(
+        "chromedriver",
+        "chromium-driver",
+        "the web console's browser tests (lab_ui) drive chromium through it",
+    )?;
     cargo(
         Command::new("cargo")
             .current_dir(&root)

@@ -22,7 +22,7 @@ mod enter;
 mod fleet;
 mod footprint;
 mod host_ops;
-mod net;
+pub mod net;
 pub mod poll;
 mod postgres;
 mod prerequisites;
