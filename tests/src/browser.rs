@@ -336,16 +336,23 @@ impl Session<'_> {
             .map(str::to_string))
     }
 
-    /// Waits up to `timeout` for an element matching `css`.
-    pub fn wait_for(&self, css: &str, timeout: Duration) -> Result<String> {
+    /// Polls `found` every 100 ms for up to `timeout`; the failure names `what` and shows
+    /// what the page says.
+    fn poll<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        timeout: Duration,
+        mut found: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
         let start = Instant::now();
         loop {
-            if let Some(e) = self.find(css)? {
-                return Ok(e);
+            if let Some(t) = found()? {
+                return Ok(t);
             }
             if start.elapsed() > timeout {
                 bail!(
-                    "no {css} on the page after {timeout:?}; the page says:\n{}",
+                    "{} within {timeout:?}; the page says:\n{}",
+                    what(),
                     self.page_text().unwrap_or_default()
                 );
             }
@@ -353,24 +360,27 @@ impl Session<'_> {
         }
     }
 
+    /// Waits up to `timeout` for an element matching `css`.
+    pub fn wait_for(&self, css: &str, timeout: Duration) -> Result<String> {
+        self.poll(
+            || format!("no {css} on the page"),
+            timeout,
+            || self.find(css),
+        )
+    }
+
     /// Waits up to `timeout` until the text of the element matching `css` contains `want`.
     pub fn wait_text(&self, css: &str, want: &str, timeout: Duration) -> Result<String> {
-        let start = Instant::now();
-        loop {
-            if let Some(e) = self.find(css)?
-                && let Ok(text) = self.text(&e)
-                && text.contains(want)
-            {
-                return Ok(text);
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "{css} did not show {want:?} within {timeout:?}; the page says:\n{}",
-                    self.page_text().unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.poll(
+            || format!("{css} did not show {want:?}"),
+            timeout,
+            || {
+                Ok(self
+                    .find(css)?
+                    .and_then(|e| self.text(&e).ok())
+                    .filter(|text| text.contains(want)))
+            },
+        )
     }
 
     pub fn text(&self, element: &str) -> Result<String> {
