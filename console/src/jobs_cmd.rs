@@ -103,6 +103,7 @@ impl RollbackArgs {
             wait: self.wait,
             skip_offline: self.skip_offline,
             request_id: String::new(),
+            pin: false,
         }
     }
 }

@@ -293,6 +293,11 @@ impl Drop for Driver {
     }
 }
 
+/// WebDriver's Tab key.
+pub const TAB: &str = "\u{E004}";
+/// WebDriver's Enter key.
+pub const ENTER: &str = "\u{E007}";
+
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// One browser window.
@@ -416,6 +421,16 @@ impl Session<'_> {
             Some(&json!({ "text": text })),
         )
         .with_context(|| format!("typing into {css}"))?;
+        Ok(())
+    }
+
+    /// Presses and releases one key (WebDriver key codes: [`TAB`], [`ENTER`]) on whatever
+    /// has the focus, as a keyboard does.
+    pub fn press(&self, key: &str) -> Result<()> {
+        let actions = json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+            {"type": "keyDown", "value": key}, {"type": "keyUp", "value": key}
+        ]}]});
+        self.call("POST", "/actions", Some(&actions))?;
         Ok(())
     }
 

@@ -32,6 +32,51 @@ fn batch_of(line: &str) -> Option<(usize, f64)> {
     Some((n.parse().ok()?, at))
 }
 
+/// Writes the slow `0003` (whose first output line is [`HOSTILE`]) on `migrator` and runs
+/// the bad migration: every app host's /readyz fails until the schema is rolled back.
+fn break_with_a_slow_migration(lab: &lab::Lab, migrator: &str) -> Result<()> {
+    // The host is hostile too: its first output line is markup that would run script.
+    let migration = SLOW_DOWNGRADE_0003.replace(
+        "def downgrade():\n",
+        // A Rust debug string is a valid Python string literal for this text.
+        &format!("def downgrade():\n    print({HOSTILE:?}, flush=True)\n"),
+    );
+    ensure!(
+        migration != SLOW_DOWNGRADE_0003,
+        "the hostile line is in the migration"
+    );
+    lab.write_file(
+        migrator,
+        &format!("{MIGRATIONS_DIR}/migrations/versions/0003_risk_scores.py"),
+        migration.as_bytes(),
+        0o644,
+    )?;
+    lab.bad_migration()?;
+    Ok(())
+}
+
+/// The batch numbers of the output lines on the page (and, for each, how late it was shown
+/// after it was printed, in seconds).
+fn lines_on_the_page(op: &browser::Session<'_>, migrator: &str) -> Result<Vec<(usize, f64)>> {
+    let lines = op.exec(
+        "return Array.from(document.querySelectorAll('#outputs .line')).map(l => [l.parentElement.dataset.host, l.textContent, Number(l.dataset.at)]);",
+        json!([]),
+    )?;
+    let mut batches = Vec::new();
+    for l in lines.as_array().context("lines")? {
+        let (host, text, shown_ms) = (
+            l[0].as_str().unwrap_or_default(),
+            l[1].as_str().unwrap_or_default(),
+            l[2].as_f64().unwrap_or_default(),
+        );
+        if let Some((n, printed)) = batch_of(text) {
+            ensure!(host == migrator, "batch {n} under {host}");
+            batches.push((n, shown_ms / 1000.0 - printed));
+        }
+    }
+    Ok(batches)
+}
+
 #[test]
 fn the_fleet_is_rolled_back_from_the_browser_and_the_job_page_follows_it_live() -> Result<()> {
     if let Some(why) = browser::missing() {
@@ -52,23 +97,7 @@ fn the_fleet_is_rolled_back_from_the_browser_and_the_job_page_follows_it_live() 
         "snapshot: {}",
         String::from_utf8_lossy(&snap.stderr)
     );
-    // The host is hostile too: its first output line is markup that would run script.
-    let migration = SLOW_DOWNGRADE_0003.replace(
-        "def downgrade():\n",
-        // A Rust debug string is a valid Python string literal for this text.
-        &format!("def downgrade():\n    print({HOSTILE:?}, flush=True)\n"),
-    );
-    ensure!(
-        migration != SLOW_DOWNGRADE_0003,
-        "the hostile line is in the migration"
-    );
-    lab.write_file(
-        migrator,
-        &format!("{MIGRATIONS_DIR}/migrations/versions/0003_risk_scores.py"),
-        migration.as_bytes(),
-        0o644,
-    )?;
-    lab.bad_migration()?;
+    break_with_a_slow_migration(&lab, migrator)?;
 
     let netns = lab.coordinator_netns();
     let ui = Console::start(fleet.rollbackctl_command(&["ui"]))?;
@@ -134,8 +163,10 @@ fn the_fleet_is_rolled_back_from_the_browser_and_the_job_page_follows_it_live() 
     )?;
     let plan = op.wait_text("#plan", "alembic.downgrade", PAGE)?;
     ensure!(
-        plan.contains("alembic.downgrade steps=1") && plan.contains("canary:"),
-        "the plan shows the exact steps and the canary: {plan}"
+        plan.contains("alembic.downgrade to_revision=0002")
+            && plan.contains("to_revision = 0002 (asked steps=1")
+            && plan.contains("canary:"),
+        "the plan shows the exact steps, the pinned target and the canary: {plan}"
     );
     op.screenshot(&shots.join("new-rollback.png"))?;
     op.click("#confirm-btn")?;
@@ -182,27 +213,14 @@ fn the_fleet_is_rolled_back_from_the_browser_and_the_job_page_follows_it_live() 
     op.screenshot(&shots.join("job.png"))?;
 
     // Every line once, each on the page within a second of its printing.
-    let lines = op.exec(
-        "return Array.from(document.querySelectorAll('#outputs .line')).map(l => [l.parentElement.dataset.host, l.textContent, Number(l.dataset.at)]);",
-        json!([]),
-    )?;
-    let mut batches = Vec::new();
-    for l in lines.as_array().context("lines")? {
-        let (host, text, shown_ms) = (
-            l[0].as_str().unwrap_or_default(),
-            l[1].as_str().unwrap_or_default(),
-            l[2].as_f64().unwrap_or_default(),
+    let shown = lines_on_the_page(&op, migrator)?;
+    for (n, late) in &shown {
+        ensure!(
+            *late < 1.0,
+            "batch {n} shown {late:.3} s after it was printed"
         );
-        if let Some((n, printed)) = batch_of(text) {
-            ensure!(host == migrator, "batch {n} under {host}");
-            let late = shown_ms / 1000.0 - printed;
-            ensure!(
-                late < 1.0,
-                "batch {n} shown {late:.3} s after it was printed"
-            );
-            batches.push(n);
-        }
     }
+    let batches: Vec<usize> = shown.iter().map(|(n, _)| *n).collect();
     let want: Vec<usize> = (1..=LINES).collect();
     ensure!(
         batches == want,
@@ -256,6 +274,30 @@ fn the_fleet_is_rolled_back_from_the_browser_and_the_job_page_follows_it_live() 
     op.goto(&format!("{}#/jobs", ui.url))?;
     op.wait_text(&format!("#jobs tr[data-job='{job_id}']"), "succeeded", PAGE)?;
     op.screenshot(&shots.join("jobs.png"))?;
+    // Keyboard only: the skip link moves the focus to the content without leaving the page;
+    // Tab reaches the job's link and Enter opens it.
+    op.exec("document.querySelector('.skip').focus();", json!([]))?;
+    op.press(browser::ENTER)?;
+    let focused = op.exec(
+        "return [document.activeElement.id, location.hash];",
+        json!([]),
+    )?;
+    ensure!(focused == json!(["main", "#/jobs"]), "skip link: {focused}");
+    let mut on_link = false;
+    for _ in 0..40 {
+        op.press(browser::TAB)?;
+        let href = op.exec(
+            "return document.activeElement.getAttribute('href') || '';",
+            json!([]),
+        )?;
+        if href == json!(format!("#/job/{job_id}")) {
+            on_link = true;
+            break;
+        }
+    }
+    ensure!(on_link, "Tab never reached the job's link");
+    op.press(browser::ENTER)?;
+    op.wait_text("#job-state", "succeeded", PAGE)?;
     op.goto(&format!("{}#/fleet", ui.url))?;
     for host in &hosts {
         op.wait_text(
@@ -366,4 +408,105 @@ fn browser_job_id(op: &browser::Session<'_>) -> Result<String> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The job page keeps following across a coordinator killed with `kill -9` and started again
+/// (its stream is refused while the coordinator is down, then picked up after the last event
+/// shown: every output line exactly once), and a halted job resumed from the page is
+/// followed again to its end.
+#[test]
+fn the_job_page_survives_a_coordinator_restart_and_follows_a_resume() -> Result<()> {
+    if let Some(why) = browser::missing() {
+        ensure!(!lab::required(), "{why}");
+        eprintln!("SKIPPED lab_ui: {why}");
+        return Ok(());
+    }
+    let Some(lab) = lab::boot_or_skip(LabSpec::new("t-ui-restart"))? else {
+        return Ok(());
+    };
+    let mut fleet = LabFleet::start(&lab)?;
+    let hosts = lab.app_host_ids();
+    let migrator = hosts.first().context("an app host")?.clone();
+    break_with_a_slow_migration(&lab, &migrator)?;
+    // (Not `fleet.rollbackctl`, which approves a waiting rollback meanwhile.)
+    let out = fleet
+        .rollbackctl_command(&[
+            "rollback",
+            "--yes",
+            "--no-wait-approval",
+            "--procedure",
+            "database",
+            "--select",
+            "role=web",
+            "--reason",
+            "0003 broke readyz",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "rollback: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job_id = fleet.latest_job()?["job_id"]
+        .as_str()
+        .context("the job")?
+        .to_string();
+
+    let netns = lab.coordinator_netns();
+    let ui = Console::start(fleet.rollbackctl_command(&["ui"]))?;
+    let driver = Driver::start(lab.coordinator_command(browser::CHROMEDRIVER), &netns)?;
+    let op = driver.session()?;
+    op.goto(&format!("{}#/job/{job_id}", ui.url))?;
+    op.wait_text("#job-state", "awaiting_approval", PAGE)?;
+    op.wait_text("#live-status", "live", PAGE)?;
+
+    // The coordinator dies under the page and comes back.
+    fleet.kill_coordinator()?;
+    op.wait_text("#live-status", "reconnecting", PAGE)?;
+    fleet.start_coordinator()?;
+    let all: Vec<String> = lab.hosts().iter().map(|h| h.id().to_string()).collect();
+    fleet.wait_online(&all)?;
+    fleet.approve_waiting();
+    op.wait_text("#job-state", "succeeded", Duration::from_secs(180))?;
+    op.wait_text("#live-status", "the job ended", PAGE)?;
+    let batches: Vec<usize> = lines_on_the_page(&op, &migrator)?
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    let want: Vec<usize> = (1..=LINES).collect();
+    ensure!(
+        batches == want,
+        "every line exactly once across the restart: {batches:?}"
+    );
+    assert_healthy(&lab, "0002")?;
+
+    // A job halted by a host, fixed by hand, resumed from the page, followed to its end.
+    let refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    // (A bad .env everywhere, with its backup, and a bad release on app2 that the
+    // configuration procedure cannot fix.)
+    lab.bad_config(&refs)?;
+    lab.bad_release(&refs[1..2])?;
+    let (ok, text) =
+        fleet.rollback_web(&["--procedure", "configuration", "--reason", "halts on app2"])?;
+    ensure!(!ok, "the rollback halts on app2: {text}");
+    let halted = fleet.latest_job()?["job_id"]
+        .as_str()
+        .context("the halted job")?
+        .to_string();
+    op.goto(&format!("{}#/job/{halted}", ui.url))?;
+    op.wait_text("#job-state", "halted", PAGE)?;
+    op.wait_text("#live-status", "the job ended", PAGE)?;
+    lab.run_as_app(
+        &hosts[1],
+        &["git", "-C", lab::APP_DIR, "checkout", "-q", "v2"],
+    )?;
+    lab.restart_unit(&hosts[1], lab::APP_UNIT)?;
+    lab.wait_ready(&hosts[1])?;
+    op.type_into("#resume-reason", "app2 fixed by hand")?;
+    op.click("#resume-btn")?;
+    op.wait_text("#job-state", "succeeded", Duration::from_secs(120))?;
+    op.wait_text("#events", "job.resumed", PAGE)?;
+    op.wait_text("#hosts", "succeeded", PAGE)?;
+    op.screenshot(&screenshot_dir().join("job-resumed.png"))?;
+    Ok(())
 }

@@ -61,9 +61,10 @@ impl From<anyhow::Error> for ApiError {
             .chain()
             .find_map(|c| c.downcast_ref::<StatusError>())
             .map_or(StatusCode::BAD_GATEWAY, |s| match s.status.code() {
-                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                    StatusCode::FORBIDDEN
-                }
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+                tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+                tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+                tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
                 tonic::Code::NotFound => StatusCode::NOT_FOUND,
                 tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
                 tonic::Code::FailedPrecondition
@@ -169,15 +170,17 @@ async fn runbook(State(st): St) -> ApiResult {
         .await
         .map_err(status("reading the runbook"))?
         .into_inner();
-    let parsed = rollback_common::runbook::Runbook::parse(&rb.toml).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "the coordinator's runbook ({}) does not parse here: {e}",
-                rb.source
-            ),
-        )
-    })?;
+    let parsed = match rollback_common::runbook::Runbook::parse(&rb.toml) {
+        Ok(p) => p,
+        // A coordinator newer than this rollbackctl: the page asks for the procedure by name.
+        Err(e) => {
+            return Ok(Json(json!({
+                "source": rb.source,
+                "procedures": [],
+                "note": format!("this rollbackctl cannot read the coordinator's runbook ({e}); type the procedure's name"),
+            })));
+        }
+    };
     let procedures: Vec<Value> = parsed
         .procedures
         .iter()
@@ -207,15 +210,24 @@ struct JobsQuery {
     host: String,
     #[serde(default)]
     kind: String,
+    /// As the CLI's `--since`: 30m, 24h, 7d, or a time.
+    #[serde(default)]
+    since: String,
     limit: Option<u32>,
 }
 
 async fn jobs(State(st): St, Query(q): Query<JobsQuery>) -> ApiResult {
+    let since_unix_ms = match q.since.trim() {
+        "" => 0,
+        s => crate::audit_cmd::parse_since(s, rollback_common::now_unix_ms())
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("since: {e:#}")))?,
+    };
     let jobs = st
         .client
         .clone()
         .list_jobs(ListJobsRequest {
-            limit: q.limit.unwrap_or(50).clamp(1, 200),
+            limit: q.limit.unwrap_or(50).clamp(1, 500),
+            since_unix_ms,
             state: q.state,
             procedure: q.procedure,
             host_id: q.host,
@@ -295,13 +307,21 @@ async fn events(
     let stream = st
         .client
         .clone()
-        .watch_job(WatchJobRequest { job_id, after_seq })
+        .watch_job(WatchJobRequest {
+            job_id: job_id.clone(),
+            after_seq,
+        })
         .await
         .map_err(status("watching the job"))?
         .into_inner();
-    let events = futures::stream::unfold(Some(stream), |state| async move {
-        let mut stream = state?;
-        match stream.message().await {
+    let state = Follow {
+        stream,
+        st: st.clone(),
+        job_id,
+    };
+    let events = futures::stream::unfold(Some(state), |state| async move {
+        let mut f = state?;
+        match f.stream.message().await {
             Ok(Some(ev)) => {
                 let event = Event::default()
                     .id(ev.seq.to_string())
@@ -309,18 +329,62 @@ async fn events(
                     .retry(std::time::Duration::from_secs(1))
                     .json_data(event_json(&ev))
                     .unwrap_or_else(|_| Event::default().comment("unencodable event"));
-                Some((Ok(event), Some(stream)))
+                Some((Ok(event), Some(f)))
             }
-            Ok(None) => Some((
-                Ok(Event::default().event("end").data("the job ended")),
-                None,
-            )),
-            // The coordinator went away: end the response; the browser reconnects with the
-            // last id it saw.
+            // The coordinator ends a watch at the job's end, but also when it stops driving the
+            // job (shutting down, the job given up or held by a peer): `end` only when the job's
+            // record says it ended; otherwise the response ends and the browser reconnects
+            // after the last id it saw.
+            Ok(None) => {
+                let state = ended(&f.st, &f.job_id).await?;
+                let end = Event::default()
+                    .event("end")
+                    .data(format!("the job ended: {state}"));
+                Some((Ok(end), None))
+            }
+            // Refusals a reconnect would only repeat end the page's stream for good.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::NotFound
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                let msg = format!("watching the job: {}", s.message());
+                Some((Ok(Event::default().event("fatal").data(msg)), None))
+            }
+            // The coordinator went away: end the response; the browser reconnects.
             Err(_) => None,
         }
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// A job's event stream being relayed to a page.
+struct Follow {
+    stream: tonic::Streaming<JobEvent>,
+    st: Arc<UiState>,
+    job_id: String,
+}
+
+/// The job's final state, when its record says it ended.
+async fn ended(st: &UiState, job_id: &str) -> Option<String> {
+    use rollback_common::jobs::JobState;
+    let job = st
+        .client
+        .clone()
+        .get_job(GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    match job.state.parse::<JobState>() {
+        Ok(JobState::Running | JobState::AwaitingApproval) => None,
+        _ => Some(job.state),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,15 +557,20 @@ impl RollbackForm {
             wait: false,
             skip_offline: self.skip_offline,
             request_id: self.request_id.clone(),
+            pin: false,
         }
     }
 }
 
+/// The plan with its relative targets pinned now (read-only runs on the hosts), so the
+/// operator confirms what the job will use; the start pins again and the page compares.
 async fn plan(State(st): St, Json(form): Json<RollbackForm>) -> ApiResult {
+    let mut req = form.request();
+    req.pin = true;
     let plan = st
         .client
         .clone()
-        .plan(form.request())
+        .plan(req)
         .await
         .map_err(status("planning the rollback"))?
         .into_inner();
@@ -538,7 +607,11 @@ async fn start(State(st): St, Json(form): Json<RollbackForm>) -> ApiResult {
         .await
         .map_err(status("starting the rollback"))?
         .into_inner();
-    Ok(Json(json!({ "job_id": started.job_id })))
+    // What the job pinned and targets, for the page to compare with the plan it confirmed.
+    Ok(Json(json!({
+        "job_id": started.job_id,
+        "plan": started.plan.as_ref().map(crate::jobs_cmd::plan_json),
+    })))
 }
 
 async fn diagnose(State(st): St, Json(q): Json<SelectQuery>) -> ApiResult {

@@ -1,6 +1,6 @@
 //! The incident report's Markdown as HTML for the web console. Hosts' output is quoted in the
 //! report, and a host may be hostile: raw HTML in the Markdown is shown as text, never as
-//! markup, and only web and in-page links survive.
+//! markup, and only http(s) links survive (the page opens them in a new tab).
 
 use pulldown_cmark::{CowStr, Event, Options, Parser, Tag};
 
@@ -35,7 +35,9 @@ pub fn to_safe_html(md: &str) -> String {
 
 fn safe_url(url: CowStr<'_>) -> CowStr<'_> {
     let lower = url.to_ascii_lowercase();
-    if lower.starts_with("https://") || lower.starts_with("http://") || lower.starts_with('#') {
+    // Not even in-page links: `#/...` is a route of the console (a host could point one at a
+    // page that acts).
+    if lower.starts_with("https://") || lower.starts_with("http://") {
         url
     } else {
         CowStr::from("#")
@@ -58,9 +60,15 @@ mod tests {
 
     #[test]
     fn a_hosts_html_is_shown_as_text() {
-        let hostile = "output:\n\n<script>alert(1)</script>\n\nline <img src=x onerror=alert(2)> here\n\n[x](javascript:alert(3)) ![y](http://evil/p.png)\n\n```\n</code><script>alert(4)</script>\n```\n";
+        let hostile = "output:\n\n<script>alert(1)</script>\n\nline <img src=x onerror=alert(2)> here\n\n[x](javascript:alert(3)) ![y](http://evil/p.png) [z](#/diagnose?select=role=web)\n\n```\n</code><script>alert(4)</script>\n```\n";
         let html = to_safe_html(hostile);
-        for bad in ["<script", "<img", "javascript:", "onerror=alert(2)>"] {
+        for bad in [
+            "<script",
+            "<img",
+            "javascript:",
+            "onerror=alert(2)>",
+            "#/diagnose",
+        ] {
             assert!(!html.contains(bad), "{bad} in {html}");
         }
         assert!(

@@ -94,11 +94,6 @@ pub async fn run(args: UiArgs, flags: &ConnectFlags) -> Result<()> {
     println!(
         "(this machine only; the URL's token is the key: do not paste it anywhere. Ctrl-C stops the console)"
     );
-    if args.open
-        && let Err(e) = open::browser(&url)
-    {
-        eprintln!("rollbackctl: could not open a browser ({e:#}); open the URL above yourself");
-    }
     let app = service(state);
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
@@ -109,6 +104,20 @@ pub async fn run(args: UiArgs, flags: &ConnectFlags) -> Result<()> {
     .with_graceful_shutdown(async move { stopped.notified().await })
     .into_future();
     tokio::pin!(serve);
+    // The listener is bound: a browser opened now is answered as soon as serving starts.
+    let opened = if args.open {
+        match open::browser(&url) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                eprintln!(
+                    "rollbackctl: could not open a browser ({e:#}); open the URL above yourself"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     tokio::select! {
         served = &mut serve => return served.context("serving the web console"),
         _ = tokio::signal::ctrl_c() => {}
@@ -116,6 +125,7 @@ pub async fn run(args: UiArgs, flags: &ConnectFlags) -> Result<()> {
     // Pages that follow a job keep their event stream open: give requests a moment to
     // finish, then stop regardless.
     stop.notify_one();
+    drop(opened);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), serve).await;
     eprintln!("rollbackctl ui: stopped");
     Ok(())
@@ -159,18 +169,19 @@ fn host_ok(headers: &HeaderMap, port: u16) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
         return false;
     };
-    ["127.0.0.1", "localhost", "[::1]"]
+    ["127.0.0.1", "localhost"]
         .iter()
-        .any(|name| host == format!("{name}:{port}"))
+        .any(|name| host == format!("{name}:{port}") || (port == 80 && host == *name))
 }
 
 /// A state-changing request from a browser says where it comes from: only the console itself.
 fn origin_ok(headers: &HeaderMap, port: u16) -> bool {
     match headers.get(header::ORIGIN).and_then(|h| h.to_str().ok()) {
         None => true,
-        Some(origin) => ["127.0.0.1", "localhost", "[::1]"]
-            .iter()
-            .any(|name| origin == format!("http://{name}:{port}")),
+        Some(origin) => ["127.0.0.1", "localhost"].iter().any(|name| {
+            origin == format!("http://{name}:{port}")
+                || (port == 80 && origin == format!("http://{name}"))
+        }),
     }
 }
 
@@ -369,6 +380,60 @@ mod tests {
         }
         let dir = get("/s/0123abcd", "127.0.0.1:5000", "localhost:8080").await;
         assert_eq!(dir.status(), StatusCode::SEE_OTHER);
+        for path in [
+            "/s/0123abcd/../app.css",
+            "/s/0123abcd//app.css",
+            "/s/0123abcd/%2e%2e/app.css",
+        ] {
+            let odd = get(path, "127.0.0.1:5000", "127.0.0.1:8080").await;
+            assert_eq!(odd.status(), StatusCode::NOT_FOUND, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_from_another_origin_is_refused() {
+        use tower::ServiceExt as _;
+        let post = |origin: Option<&'static str>| {
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri("/s/0123abcd/api/jobs/abcd/cancel")
+                .header(header::HOST, "127.0.0.1:8080")
+                .header(header::CONTENT_TYPE, "application/json");
+            if let Some(o) = origin {
+                req = req.header(header::ORIGIN, o);
+            }
+            let mut req = req.body(axum::body::Body::from("{}")).expect("a request");
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 5000))));
+            req
+        };
+        for origin in ["http://evil.example", "null", "http://127.0.0.1:8081"] {
+            let resp = match service(state()).oneshot(post(Some(origin))).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{origin}");
+        }
+        // Its own origin passes the gate (and then fails on the unreachable coordinator).
+        let resp = match service(state())
+            .oneshot(post(Some("http://127.0.0.1:8080")))
+            .await
+        {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        assert_ne!(resp.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn port_80_may_be_left_out() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1"));
+        assert!(host_ok(&h, 80));
+        assert!(!host_ok(&h, 8080));
+        h.insert(header::ORIGIN, HeaderValue::from_static("http://localhost"));
+        assert!(origin_ok(&h, 80));
+        assert!(!origin_ok(&h, 8080));
     }
 
     #[test]

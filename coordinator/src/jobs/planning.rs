@@ -108,7 +108,8 @@ impl Jobs {
     }
 
     /// The plan `rollbackctl plan` shows: like `plan`, but it never starts anything (a
-    /// `--to-snapshot` plan is made from the state the agents last reported).
+    /// `--to-snapshot` plan is made from the state the agents last reported). Relative targets
+    /// are pinned only when the request asks (`pin`: the web console's plan before confirm).
     pub async fn preview(
         self: &Arc<Self>,
         principal: &Principal,
@@ -118,7 +119,7 @@ impl Jobs {
             return Ok(self.to_snapshot_plan(principal, req, false).await?.1);
         }
         let runbook = self.runbook.clone();
-        Ok(self.plan_in(req, &runbook, false).await?.1)
+        Ok(self.plan_in(req, &runbook, req.pin).await?.1)
     }
 
     /// The plan for `req` with procedures from `runbook`. `pin`: resolve relative targets on

@@ -37,13 +37,14 @@ async function api(path, body) {
     const why = data && data.error ? data.error : `${resp.status} ${resp.statusText}`;
     const err = new Error(why);
     err.status = resp.status;
+    err.fromCoordinator = Boolean(data && data.error);
     throw err;
   }
   return data;
 }
 
 function errorBox(err) {
-  const denied = err.status === 403 ? "Not allowed for your role: " : "";
+  const denied = err.status === 403 && err.fromCoordinator ? "Not allowed for your role: " : "";
   return h("p", { class: "error", role: "alert" }, denied + err.message);
 }
 
@@ -97,19 +98,31 @@ function query(params) {
   return s ? "?" + s : "";
 }
 
-// A page's periodic refresh; a new page stops the old one's.
+// Each navigation gets a number: a page whose awaited answer arrives after the operator moved
+// on draws nothing, and its refresh and event stream stop.
+let nav = 0;
+const gone = (me) => me !== nav;
+
+// A page's periodic refresh: the next one starts only after the last one answered (no pile-up
+// against a slow coordinator); a new page stops it.
 let timer = null;
 function every(ms, fn) {
   stopTimer();
-  timer = setInterval(fn, ms);
+  const me = nav;
+  const tick = async () => {
+    if (gone(me)) return;
+    try { await fn(); } finally { if (!gone(me)) timer = setTimeout(tick, ms); }
+  };
+  timer = setTimeout(tick, ms);
 }
 function stopTimer() {
-  if (timer) { clearInterval(timer); timer = null; }
+  if (timer) { clearTimeout(timer); timer = null; }
 }
 
 // ---- Fleet -----------------------------------------------------------------------------
 
 async function fleetPage(params) {
+  const me = nav;
   const select = params.get("select") || "";
   const form = h("form", { class: "bar", role: "search" },
     h("label", {}, "Selector", h("input", { name: "select", value: select, placeholder: "role=web", size: 30 })),
@@ -125,6 +138,7 @@ async function fleetPage(params) {
     try { agents = await api("agents" + query({ select })); } catch (err) {
       return put(body, errorBox(err));
     }
+    if (gone(me)) return;
     const rows = agents.map((a) => {
       const st = a.state || {};
       const snap = a.last_snapshot;
@@ -148,7 +162,7 @@ async function fleetPage(params) {
         : h("p", {}, select ? `No agents match ${select}.` : "No agent has connected yet."));
   }
   await refresh();
-  every(5000, refresh);
+  if (!gone(me)) every(5000, refresh);
 }
 
 // ---- Jobs ------------------------------------------------------------------------------
@@ -161,18 +175,20 @@ function jobDuration(j) {
 }
 
 async function jobsPage(params) {
-  const f = Object.fromEntries(["state", "procedure", "host", "kind", "limit"].map((k) => [k, params.get(k) || ""]));
+  const me = nav;
+  const f = Object.fromEntries(["state", "procedure", "host", "kind", "since", "limit"].map((k) => [k, params.get(k) || ""]));
   const form = h("form", { class: "bar", role: "search" },
     h("label", {}, "State", h("select", { name: "state" }, JOB_STATES.map((s) => h("option", { value: s, selected: s === f.state }, s || "any")))),
     h("label", {}, "Procedure", h("input", { name: "procedure", value: f.procedure, size: 14 })),
     h("label", {}, "Host", h("input", { name: "host", value: f.host, size: 14 })),
     h("label", {}, "Kind", h("select", { name: "kind" }, ["rollback", "snapshot", "diagnose", "guard", "all"].map((k) => h("option", { value: k, selected: k === (f.kind || "rollback") }, k)))),
+    h("label", {}, "Since (30m, 24h, 7d or a time)", h("input", { name: "since", value: f.since, size: 12 })),
     h("label", {}, "Limit", h("input", { name: "limit", value: f.limit || "50", size: 4, inputmode: "numeric" })),
     h("button", { type: "submit" }, "Filter"));
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const q = {};
-    for (const k of ["state", "procedure", "host", "kind", "limit"]) q[k] = form[k].value.trim();
+    for (const k of ["state", "procedure", "host", "kind", "since", "limit"]) q[k] = form[k].value.trim();
     if (q.kind === "rollback") q.kind = "";
     if (q.limit === "50") q.limit = "";
     location.hash = "#/jobs" + query(q);
@@ -182,6 +198,7 @@ async function jobsPage(params) {
   async function refresh() {
     let jobs;
     try { jobs = await api("jobs" + query(f)); } catch (err) { return put(body, errorBox(err)); }
+    if (gone(me)) return;
     const rows = jobs.map((j) => h("tr", { "data-job": j.job_id },
       h("th", { scope: "row" }, h("a", { href: `#/job/${j.job_id}`, class: "mono" }, j.job_id.slice(0, 12))),
       h("td", {}, j.procedure),
@@ -195,7 +212,7 @@ async function jobsPage(params) {
       : h("p", {}, "No jobs match."));
   }
   await refresh();
-  every(5000, refresh);
+  if (!gone(me)) every(5000, refresh);
 }
 
 // ---- One job, live ---------------------------------------------------------------------
@@ -206,13 +223,15 @@ function closeLive() {
   if (live) { live.close(); live = null; }
 }
 
-function stepCell(runs) {
+function stepCell(runs, now) {
   const steps = [];
   for (const r of runs || []) for (const s of r.steps || []) steps.push(s);
-  if (!steps.length) return "";
-  return h("ol", { class: "steps" }, steps.map((s) => h("li", {},
-    h("span", { class: "mono" }, s.action), " ", badge(s.status), " ", fmtDuration(s.duration_ms),
-    s.error ? h("div", { class: "bad" }, s.error) : null)));
+  if (!steps.length && !now) return "";
+  return h("div", {},
+    steps.length ? h("ol", { class: "steps" }, steps.map((s) => h("li", {},
+      h("span", { class: "mono" }, s.action), " ", badge(s.status), " ", fmtDuration(s.duration_ms),
+      s.error ? h("div", { class: "bad" }, s.error) : null))) : null,
+    now ? h("div", { class: "muted now" }, "now: ", now) : null);
 }
 
 function actionForm(id, label, name, cls, required, onDone, errors) {
@@ -234,16 +253,25 @@ function actionForm(id, label, name, cls, required, onDone, errors) {
   return form;
 }
 
+const LIVE_STATES = ["running", "awaiting_approval"];
+// Events after which the job's record is read again (the others change only the log).
+const RELOAD_ON = ["host.phase_done", "host.finished", "phase.finished", "phase.started", "batch.started"];
+
 async function jobPage(id) {
+  const me = nav;
   closeLive();
   render(`Job ${id.slice(0, 12)}`, h("p", { class: "muted" }, "Loading the job…"));
   let job;
   try { job = await api(`jobs/${encodeURIComponent(id)}`); } catch (err) {
-    return render(`Job ${id.slice(0, 12)}`, errorBox(err));
+    if (!gone(me)) render(`Job ${id.slice(0, 12)}`, errorBox(err));
+    return;
   }
+  if (gone(me)) return;
   id = job.job_id;
+  const warning = notice;
+  notice = null;
   const head = h("div", { id: "job-head" });
-  const actions = h("div", { class: "actions" });
+  const actions = h("div", { class: "actions", id: "actions" });
   const errors = h("div", { id: "action-error", "aria-live": "assertive" });
   const progress = h("div", { id: "progress" });
   const hosts = h("div", { id: "hosts" });
@@ -252,6 +280,9 @@ async function jobPage(id) {
   const status = h("p", { id: "live-status", class: "muted", "aria-live": "polite" }, "connecting…");
   const outputOf = new Map();
   const phaseProgress = new Map();
+  const stepNow = new Map(); // host -> what its current step is doing, from the events
+  let lastSeq = 0;
+  let actionsFor = null; // the job state the action forms were built for
 
   function outputFor(host) {
     let pre = outputOf.get(host);
@@ -271,10 +302,9 @@ async function jobPage(id) {
       const p = phaseProgress.get(ph.name);
       const total = p ? p.total : ph.batches.reduce((n, b) => n + b.length, 0);
       const done = p ? p.done : 0;
-      const pct = total ? Math.round((done * 100) / total) : 0;
       return h("div", { class: "phase" },
         h("h3", {}, `Phase ${i + 1}: ${ph.name} (${ph.scope})`),
-        h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": total, "aria-valuenow": done, "aria-label": `${ph.name}: ${done} of ${total} hosts done` }, h("span", { style: null })),
+        h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": total, "aria-valuenow": done, "aria-label": `${ph.name}: ${done} of ${total} hosts done` }, h("span", {})),
         h("p", { class: "muted" }, `${done}/${total} done`),
         h("div", {}, ph.batches.map((b, bi) => h("div", { class: "chips" },
           h("span", { class: "muted" }, ph.scope === "once" ? "host:" : (bi === 0 && ph.batches.length > 1 ? "canary:" : `batch ${bi + 1}:`)),
@@ -288,9 +318,20 @@ async function jobPage(id) {
     });
   }
 
+  function drawHosts() {
+    put(hosts, table(["Host", "Outcome", "Phase", "Stopped at", "Steps", "Duration"], job.hosts.map((x) => h("tr", { "data-host": x.host_id },
+      h("th", { scope: "row" }, x.host_id, x.once_only ? h("span", { class: "muted" }, " (once)") : null),
+      h("td", {}, badge(x.outcome)),
+      h("td", {}, x.phase),
+      h("td", {}, x.failed_step, x.detail ? h("div", { class: "muted" }, x.detail) : null),
+      h("td", {}, stepCell(x.runs, LIVE_STATES.includes(job.state) ? stepNow.get(x.host_id) : null)),
+      h("td", {}, fmtDuration(x.duration_ms))))));
+  }
+
   function drawJob() {
     const a = job.approval;
     put(head,
+      warning ? h("p", { class: "error", id: "notice", role: "alert" }, warning) : null,
       h("p", {}, badge(job.state), " ", h("span", { id: "job-state" }, job.state), " · ", job.procedure, " · ",
         `${job.plan ? job.plan.targets.length : job.hosts.length} host(s)`, " · requested by ", job.requested_by, " · ", job.created_at,
         job.finished_at ? ` → ${job.finished_at}` : "", " · ", jobDuration(job)),
@@ -301,51 +342,51 @@ async function jobPage(id) {
           : `Awaiting approval (${a.rule}) by an approver other than ${a.requested_by}; expires ${a.expires_at}.`) : null,
       job.plan && job.plan.pins.length ? pinsView(job.plan.pins) : null,
       h("p", {}, h("a", { href: `#/report/${id}` }, "Incident report")));
-    const refresh = () => loadJob();
-    const forms = [];
-    if (job.state === "awaiting_approval") {
-      forms.push(actionForm(id, "Approve", "approve", "primary", true, refresh, errors));
-      forms.push(actionForm(id, "Deny", "deny", "danger", true, refresh, errors));
+    // The forms are rebuilt only when what may be done changes: a half-typed reason and the
+    // keyboard focus survive the live updates.
+    if (actionsFor !== job.state) {
+      actionsFor = job.state;
+      const done = () => loadJob();
+      const forms = [];
+      if (job.state === "awaiting_approval") {
+        forms.push(actionForm(id, "Approve", "approve", "primary", true, done, errors));
+        forms.push(actionForm(id, "Deny", "deny", "danger", true, done, errors));
+      }
+      if (LIVE_STATES.includes(job.state)) forms.push(actionForm(id, "Cancel job", "cancel", "danger", false, done, errors));
+      if (["halted", "cancelled", "failed", "interrupted"].includes(job.state)) forms.push(actionForm(id, "Resume", "resume", "primary", false, done, errors));
+      put(actions, ...forms);
     }
-    if (["running", "awaiting_approval"].includes(job.state)) forms.push(actionForm(id, "Cancel job", "cancel", "danger", false, refresh, errors));
-    if (["halted", "cancelled", "failed", "interrupted"].includes(job.state)) forms.push(actionForm(id, "Resume", "resume", "primary", false, refresh, errors));
-    put(actions, ...forms);
-    put(hosts, table(["Host", "Outcome", "Phase", "Stopped at", "Steps", "Duration"], job.hosts.map((x) => h("tr", { "data-host": x.host_id },
-      h("th", { scope: "row" }, x.host_id, x.once_only ? h("span", { class: "muted" }, " (once)") : null),
-      h("td", {}, badge(x.outcome)),
-      h("td", {}, x.phase),
-      h("td", {}, x.failed_step, x.detail ? h("div", { class: "muted" }, x.detail) : null),
-      h("td", {}, stepCell(x.runs)),
-      h("td", {}, fmtDuration(x.duration_ms))))));
+    drawHosts();
     drawProgress();
   }
 
+  // Reads of the record can overlap; only the newest one's answer is drawn.
+  let asked = 0;
   let pending = null;
   async function loadJob() {
-    try {
-      const was = job.state;
-      job = await api(`jobs/${id}`);
-      // An error about what the job was (e.g. a refused approval) is old news once it moved on.
-      if (job.state !== was) put(errors);
-      drawJob();
-    } catch (err) { put(errors, errorBox(err)); }
+    const mine = ++asked;
+    let fresh;
+    try { fresh = await api(`jobs/${id}`); } catch (err) {
+      if (!gone(me)) put(errors, errorBox(err));
+      return;
+    }
+    if (gone(me) || mine !== asked) return;
+    // An error about what the job was (e.g. a refused approval) is old news once it moved on.
+    if (fresh.state !== job.state) put(errors);
+    job = fresh;
+    drawJob();
+    // A resumed or approved job goes on: follow it again.
+    if (LIVE_STATES.includes(job.state) && !live) follow();
   }
   function loadSoon() {
     if (!pending) pending = setTimeout(() => { pending = null; loadJob(); }, 250);
   }
 
-  render(`Job ${id.slice(0, 12)}`, head, actions, errors, h("h2", {}, "Progress"), progress,
-    h("h2", {}, "Hosts"), hosts, h("h2", {}, "Output"), outputs, h("h2", {}, "Events"), status, events);
-  drawJob();
-
-  const es = new EventSource(`api/jobs/${id}/events`);
-  live = es;
-  es.addEventListener("open", () => { status.textContent = "live"; });
-  es.addEventListener("error", () => { if (live === es) status.textContent = "connection lost; reconnecting…"; });
-  es.addEventListener("end", () => { status.textContent = "the job ended"; es.close(); loadJob(); });
-  es.addEventListener("job", (msg) => {
+  function onEvent(msg) {
     let ev;
     try { ev = JSON.parse(msg.data); } catch (_) { return; }
+    if (ev.seq <= lastSeq) return; // already shown (a replay after a reconnect)
+    lastSeq = ev.seq;
     const at = Date.now();
     if (ev.kind === "step.output") {
       const pre = outputFor(ev.host_id);
@@ -359,22 +400,67 @@ async function jobPage(id) {
     if (ev.total) phaseProgress.set(ev.phase, { done: ev.done, total: ev.total });
     events.append(h("li", { "data-kind": ev.kind }, `${new Date(ev.at_unix_ms).toLocaleTimeString()} ${ev.kind}${ev.host_id ? " " + ev.host_id : ""}: ${ev.message}`));
     events.scrollTop = events.scrollHeight;
-    if (!["step.started", "host.dispatched"].includes(ev.kind)) loadSoon();
+    if (ev.kind === "step.started" || ev.kind === "step.finished") {
+      stepNow.set(ev.host_id, ev.message);
+      drawHosts();
+    }
+    if (ev.kind.startsWith("job.") || RELOAD_ON.includes(ev.kind)) loadSoon();
     else drawProgress();
-  });
+  }
+
+  // The job's events, live. The browser reconnects by itself after a cut stream (sending the
+  // last id); a refused reconnect (the coordinator restarting) closes it, and it is opened
+  // again here after the last event seen, backing off to 5 s.
+  let retryIn = 1000;
+  function follow() {
+    closeLive();
+    const es = new EventSource(`api/jobs/${id}/events?after=${lastSeq}`);
+    live = es;
+    es.addEventListener("open", () => { status.textContent = "live"; retryIn = 1000; });
+    es.addEventListener("job", onEvent);
+    es.addEventListener("end", (msg) => {
+      status.textContent = msg.data || "the job ended";
+      es.close();
+      if (live === es) live = null;
+      loadJob();
+    });
+    es.addEventListener("fatal", (msg) => {
+      status.textContent = msg.data;
+      es.close();
+      if (live === es) live = null;
+    });
+    es.addEventListener("error", () => {
+      if (live !== es || gone(me)) return;
+      status.textContent = "connection lost; reconnecting…";
+      if (es.readyState === EventSource.CLOSED) {
+        live = null;
+        setTimeout(() => { if (!gone(me) && !live) follow(); }, retryIn);
+        retryIn = Math.min(retryIn * 2, 5000);
+      }
+    });
+  }
+
+  render(`Job ${id.slice(0, 12)}`, head, actions, errors, h("h2", {}, "Progress"), progress,
+    h("h2", {}, "Hosts"), hosts, h("h2", {}, "Output"), outputs, h("h2", {}, "Events"), status, events);
+  drawJob();
+  follow();
 }
 
 // ---- Report ----------------------------------------------------------------------------
 
 async function reportPage(id) {
+  const me = nav;
   render(`Report ${id.slice(0, 12)}`, h("p", { class: "muted" }, "Loading the report…"));
   let r;
   try { r = await api(`jobs/${encodeURIComponent(id)}/report`); } catch (err) {
     return render(`Report ${id.slice(0, 12)}`, errorBox(err));
   }
   const body = h("article", { id: "report", class: "report" });
-  // Safe: the server renders the Markdown with every HTML tag of the text escaped.
+  if (gone(me)) return;
+  // Safe: the server renders the Markdown with every HTML tag of the text escaped and only
+  // http(s) links kept; they open in a new tab, never over the console.
   body.innerHTML = r.html;
+  body.querySelectorAll("a[href]").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
   render(`Report ${r.job_id.slice(0, 12)}`,
     h("p", {}, h("a", { id: "download", href: `api/jobs/${r.job_id}/report.md`, download: `rollback-report-${r.job_id}.md` }, "Download (Markdown)"),
       " · ", h("a", { href: `#/job/${r.job_id}` }, "Back to the job")),
@@ -382,6 +468,23 @@ async function reportPage(id) {
 }
 
 // ---- New rollback ----------------------------------------------------------------------
+
+// What the job page says first (set by the New rollback page when the started job differs
+// from the plan that was confirmed).
+let notice = null;
+
+function pinKey(p) {
+  return JSON.stringify({
+    targets: [...p.targets].sort(),
+    pins: p.pins.map((x) => [x.param, x.to, Object.entries(x.from_by_host).sort()]).sort(),
+  });
+}
+
+function differences(planned, started) {
+  if (!planned || !started || pinKey(planned) === pinKey(started)) return null;
+  return `The job differs from the plan you confirmed (a host changed in between): planned targets ${planned.targets.join(", ")}; pins ${planned.pins.map((x) => `${x.param}=${x.to}`).join(", ") || "none"}. ` +
+    `Started with targets ${started.targets.join(", ")}; pins ${started.pins.map((x) => `${x.param}=${x.to}`).join(", ") || "none"}. Check them below; cancel it if they are wrong.`;
+}
 
 function newRequestId() {
   const b = new Uint8Array(16);
@@ -413,13 +516,17 @@ function planView(p) {
 }
 
 async function newPage() {
+  const me = nav;
   render("New rollback", h("p", { class: "muted" }, "Loading the runbook…"));
   let rb;
   try { rb = await api("runbook"); } catch (err) { return render("New rollback", errorBox(err)); }
+  if (gone(me)) return;
   const procs = rb.procedures;
-  const procSelect = h("select", { id: "procedure", name: "procedure" },
+  // A runbook this rollbackctl cannot read (a newer coordinator): the procedure by name.
+  const procSelect = procs.length ? h("select", { id: "procedure", name: "procedure" },
     procs.map((p) => h("option", { value: p.name }, `${p.name}: ${p.description}`)),
-    h("option", { value: "@snapshot" }, "back to a snapshot (each host to its own last-known-good state)"));
+    h("option", { value: "@snapshot" }, "back to a snapshot (each host to its own last-known-good state)"))
+    : h("input", { id: "procedure", name: "procedure", required: true });
   const values = h("div", { class: "grid", id: "values" });
   const form = h("form", { id: "new-form" },
     h("div", { class: "grid" },
@@ -437,6 +544,10 @@ async function newPage() {
   let requestId = null;
 
   function drawValues() {
+    if (!procs.length) {
+      // Values cannot be known without the runbook: both, optional.
+      return put(values, ["revision", "backup"].map((need) => h("label", {}, `${need} (if the procedure needs it)`, h("input", { id: `value-${need}`, "data-value": need }))));
+    }
     const name = procSelect.value;
     if (name === "@snapshot") {
       put(values, h("label", {}, "Snapshot (id or latest)", h("input", { id: "to-snapshot", name: "to_snapshot", value: "latest" })));
@@ -447,7 +558,7 @@ async function newPage() {
       h("input", { id: `value-${need}`, "data-value": need, required: true }))));
   }
   function request() {
-    const proc = procSelect.value;
+    const proc = procSelect.value.trim();
     const req = {
       procedure: proc === "@snapshot" ? "" : proc,
       to_snapshot: proc === "@snapshot" ? form.querySelector("#to-snapshot").value : "",
@@ -470,9 +581,13 @@ async function newPage() {
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     const req = request();
+    if (req.canary !== undefined && !(Number.isInteger(req.canary) && req.canary >= 0)) {
+      return put(result, errorBox(new Error("canary: a whole number of hosts (0 or more)")));
+    }
     put(result, h("p", { class: "muted" }, "Planning…"));
     let planned;
     try { planned = await api("plan", req); } catch (err) { return put(result, errorBox(err)); }
+    if (gone(me)) return;
     requestId = newRequestId();
     const mine = requestId;
     const confirm = h("button", { id: "confirm-btn", type: "button", class: "primary" }, `Confirm: ${planned.confirm}`);
@@ -482,6 +597,9 @@ async function newPage() {
       confirm.disabled = true;
       try {
         const started = await api("rollback", Object.assign(req, { request_id: mine }));
+        // The start resolves the selector and pins again: if a host changed since the plan,
+        // the job page says so first thing.
+        notice = differences(planned.plan, started.plan);
         location.hash = `#/job/${started.job_id}`;
       } catch (err) { put(errs, errorBox(err)); confirm.disabled = false; }
     });
@@ -489,12 +607,13 @@ async function newPage() {
     confirm.focus();
   });
   drawValues();
-  render("New rollback", form, result);
+  render("New rollback", rb.note ? h("p", { class: "warn" }, rb.note) : null, form, result);
 }
 
 // ---- Diagnose and snapshots ------------------------------------------------------------
 
 async function diagnosePage(params) {
+  const me = nav;
   const select = params.get("select") || "";
   const form = h("form", { class: "bar" },
     h("label", {}, "Selector", h("input", { id: "diag-select", name: "select", value: select, required: true, placeholder: "role=web" })),
@@ -508,6 +627,7 @@ async function diagnosePage(params) {
     put(out, h("p", { class: "muted" }, "Diagnosing (each host reads its state)…"));
     try {
       const d = await api("diagnose", { select: sel });
+      if (gone(me)) return;
       put(out, ...d.hosts.map((x) => h("section", { class: "panel", "data-host": x.host_id },
         h("h3", {}, x.host_id, ": ", x.procedures.length ? x.procedures.join(" + ") : (x.snapshot_id ? "no rollback needed" : "no snapshot to compare with")),
         h("p", {}, `Snapshot ${x.snapshot_id || "none"} · /readyz `, badge(x.readyz_status || "none")),
@@ -523,6 +643,7 @@ async function diagnosePage(params) {
   async function loadSnapshots(sel) {
     try {
       const list = await api("snapshots" + query({ select: sel }));
+      if (gone(me)) return;
       put(snaps, list.length ? table(["Host", "Snapshot", "Label", "Taken", "Git", "Alembic", ".env", "Unit", "Baseline"], list.map((s) => h("tr", {},
         h("th", { scope: "row" }, s.host_id), h("td", { class: "mono" }, short(s.snapshot_id)), h("td", {}, s.label), h("td", {}, s.taken_at),
         h("td", { class: "mono" }, short(s.git_sha), h("div", { class: "muted" }, s.git_subject)), h("td", { class: "mono" }, s.alembic_revision),
@@ -532,12 +653,16 @@ async function diagnosePage(params) {
   }
   render("Diagnose & snapshots", h("p", {}, "Compares each host with its newest snapshot and walks the runbook's decision tree."), form, out, h("h2", {}, "Snapshots"), snaps);
   loadSnapshots(select);
-  if (select) form.requestSubmit();
 }
 
 // ---- Routing ---------------------------------------------------------------------------
 
+function decoded(part) {
+  try { return decodeURIComponent(part); } catch (_) { return part; }
+}
+
 async function route() {
+  nav += 1;
   const hash = location.hash || "#/fleet";
   const [path, q] = hash.slice(1).split("?");
   const params = new URLSearchParams(q || "");
@@ -550,8 +675,8 @@ async function route() {
   stopTimer();
   switch (parts[0]) {
     case "jobs": return jobsPage(params);
-    case "job": return jobPage(decodeURIComponent(parts[1] || "latest"));
-    case "report": return reportPage(decodeURIComponent(parts[1] || "latest"));
+    case "job": return jobPage(decoded(parts[1] || "latest"));
+    case "report": return reportPage(decoded(parts[1] || "latest"));
     case "new": return newPage();
     case "diagnose": return diagnosePage(params);
     default: return fleetPage(params);
@@ -565,6 +690,8 @@ async function start() {
   } catch (err) {
     document.getElementById("target").textContent = "coordinator unreachable: " + err.message;
   }
+  // The skip link moves the focus; it is not a page of the router.
+  document.querySelector(".skip").addEventListener("click", (e) => { e.preventDefault(); main().focus(); });
   window.addEventListener("hashchange", () => { route().then(() => main().focus()); });
   route();
 }
