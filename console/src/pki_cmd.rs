@@ -114,10 +114,28 @@ pub struct CrlOpts {
 
 #[derive(Debug, Subcommand)]
 pub enum IssueCmd {
-    /// For the agent on host HOST_ID (the id must match host_id in its agent.toml).
+    /// For the agent on host HOST_ID (the id must match host_id in its agent.toml), or for
+    /// every host of --from-file at once.
+    #[command(after_help = "\
+Enrolling many hosts: --from-file takes one host id per line (blank lines and # comments are
+skipped). Every id is checked before anything is written. Hosts already issued are kept (so a
+run cut off half-way is finished by running it again); --force replaces them. With --out-dir,
+each host also gets DIR/HOST/ with ca.pem, agent.pem and agent.key (0600), ready for your
+configuration management to copy to /etc/fleet-rollback/ on that host.
+
+Examples:
+    rollbackctl pki --dir pki issue agent web-1
+    rollbackctl pki --dir pki issue agent --from-file hosts.txt --out-dir enrol")]
     Agent {
         /// The host's id, as `host_id` in its agent.toml (e.g. web-1).
-        host_id: String,
+        #[arg(required_unless_present = "from_file", conflicts_with = "from_file")]
+        host_id: Option<String>,
+        /// Issue for every host id in this file (one per line).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        /// With --from-file: also write DIR/HOST/{ca.pem,agent.pem,agent.key} per host.
+        #[arg(long, value_name = "DIR", requires = "from_file")]
+        out_dir: Option<PathBuf>,
         #[command(flatten)]
         opts: IssueOpts,
     },
@@ -169,9 +187,20 @@ pub fn run(args: PkiArgs, output: crate::output::Output) -> Result<()> {
                 );
             }
         }
+        PkiCmd::Issue(IssueCmd::Agent {
+            host_id: None,
+            from_file: Some(file),
+            out_dir,
+            opts,
+        }) => issue_agents(&pki, &file, out_dir.as_deref(), &opts, json)?,
         PkiCmd::Issue(cmd) => {
             let (role, name, sans, opts) = match cmd {
-                IssueCmd::Agent { host_id, opts } => (Role::Agent, host_id, Vec::new(), opts),
+                IssueCmd::Agent { host_id, opts, .. } => (
+                    Role::Agent,
+                    host_id.context("a host id, or --from-file")?,
+                    Vec::new(),
+                    opts,
+                ),
                 IssueCmd::Operator { name, opts } => (Role::Operator, name, Vec::new(), opts),
                 IssueCmd::Coordinator { name, sans, opts } => (Role::Coordinator, name, sans, opts),
             };
@@ -212,6 +241,133 @@ pub fn run(args: PkiArgs, output: crate::output::Output) -> Result<()> {
                 .with_context(|| format!("writing the CRL in {}", args.dir.display()))?;
             print_crl(&written, None, json)?;
         }
+    }
+    Ok(())
+}
+
+/// The host ids of an enrolment file: one per line, blank lines and `#` comments skipped.
+/// Every problem (an invalid id, a repeat) is reported at once, naming its line.
+fn host_ids(text: &str, file: &std::path::Path) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let id = line.split('#').next().unwrap_or_default().trim();
+        if id.is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        if let Err(e) = rollback_common::identity::validate_name("host id", id) {
+            problems.push(format!("line {n}: {e}"));
+        } else if let Some(first) = seen.insert(id.to_string(), n) {
+            problems.push(format!("line {n}: `{id}` again (first on line {first})"));
+        } else {
+            ids.push(id.to_string());
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "{}: nothing was issued:\n  {}",
+            file.display(),
+            problems.join("\n  ")
+        );
+    }
+    if ids.is_empty() {
+        anyhow::bail!("{}: no host ids in it", file.display());
+    }
+    Ok(ids)
+}
+
+/// Writes `data` to `path` with `mode` through a temporary file renamed over it, so a crash
+/// leaves the old file or the new one, never half of one (and a planted symlink is replaced,
+/// not followed).
+fn write_replacing(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `pki issue agent --from-file`: every host of the file, all checked first; hosts already
+/// issued (certificate and key both present) are kept unless `--force`.
+fn issue_agents(
+    pki: &PkiDir,
+    file: &std::path::Path,
+    out_dir: Option<&std::path::Path>,
+    opts: &IssueOpts,
+    json: bool,
+) -> Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the host list {}", file.display()))?;
+    let ids = host_ids(&text, file)?;
+    let ca = std::fs::read(pki.ca_cert())
+        .with_context(|| format!("reading the fleet CA {}", pki.ca_cert().display()))?;
+    let mut rows = Vec::new();
+    let (mut issued, mut kept) = (0usize, 0usize);
+    for (i, id) in ids.iter().enumerate() {
+        let (cert, key) = (pki.cert(Role::Agent, id), pki.key(Role::Agent, id));
+        // Both present: issued before (kept). One of the two: a run cut off between them,
+        // never complete, so never deployed: issued again.
+        let complete = cert.exists() && key.exists();
+        let what = if complete && !opts.force {
+            kept += 1;
+            "kept"
+        } else {
+            let force = opts.force || cert.exists() || key.exists();
+            pki.issue(Role::Agent, id, &[], opts.days, force)
+                .with_context(|| format!("issuing the agent certificate for `{id}` (host {} of {}); the hosts before it are issued, run the command again to finish", i + 1, ids.len()))?;
+            issued += 1;
+            "issued"
+        };
+        let bundle = match out_dir {
+            Some(dir) => {
+                let d = dir.join(id);
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .with_context(|| format!("making {} private", d.display()))?;
+                write_replacing(&d.join("ca.pem"), &ca, 0o644)?;
+                let c =
+                    std::fs::read(&cert).with_context(|| format!("reading {}", cert.display()))?;
+                write_replacing(&d.join("agent.pem"), &c, 0o644)?;
+                let k =
+                    std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+                write_replacing(&d.join("agent.key"), &k, 0o600)?;
+                Some(d)
+            }
+            None => None,
+        };
+        if !json {
+            println!(
+                "[{}/{}] {id}: {what}{}",
+                i + 1,
+                ids.len(),
+                bundle
+                    .as_ref()
+                    .map(|d| format!(" → {}/", d.display()))
+                    .unwrap_or_default()
+            );
+        }
+        rows.push(serde_json::json!({
+            "host_id": id, "result": what, "certificate": cert, "private_key": key, "bundle": bundle,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{} host(s): {issued} issued, {kept} kept (already issued; --force replaces them)",
+            ids.len()
+        );
     }
     Ok(())
 }
@@ -259,4 +415,80 @@ fn print_crl(written: &CrlWritten, revoked: Option<(Role, &str)>, json: bool) ->
          refuses every client."
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_list_is_checked_whole_before_anything_is_issued() {
+        let file = std::path::Path::new("hosts.txt");
+        let ok = host_ids("# web tier\nweb-1\n\n  web-2  # rack 4\nweb-3\n", file);
+        assert_eq!(
+            ok.ok(),
+            Some(vec!["web-1".into(), "web-2".into(), "web-3".into()])
+        );
+        let bad = host_ids("web-1\n-x\nweb-1\nweb 2\n", file).map_err(|e| format!("{e:#}"));
+        let err = bad.expect_err("refused");
+        for want in [
+            "line 2",
+            "line 3: `web-1` again (first on line 1)",
+            "line 4",
+            "nothing was issued",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert!(host_ids("# nothing\n\n", file).is_err());
+    }
+
+    #[test]
+    fn many_agents_are_enrolled_at_once_and_a_second_run_finishes_a_cut_off_one() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("fleet.example", 30).expect("a CA");
+        let hosts = dir.path().join("hosts.txt");
+        std::fs::write(&hosts, "web-1\nweb-2\nweb-3\n").expect("the host list");
+        let out = dir.path().join("enrol");
+        let opts = IssueOpts {
+            days: 30,
+            force: false,
+        };
+        issue_agents(&pki, &hosts, Some(&out), &opts, true).expect("issued");
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0)
+        };
+        for h in ["web-1", "web-2", "web-3"] {
+            let b = out.join(h);
+            assert_eq!(mode(&b), 0o700, "{h}");
+            assert_eq!(mode(&b.join("agent.key")), 0o600, "{h}");
+            assert_eq!(
+                std::fs::read(b.join("agent.pem")).ok(),
+                std::fs::read(pki.cert(Role::Agent, h)).ok(),
+                "{h}"
+            );
+            assert_eq!(
+                std::fs::read(b.join("ca.pem")).ok(),
+                std::fs::read(pki.ca_cert()).ok()
+            );
+        }
+        // A run cut off after web-2's key: web-2 is issued again, the others kept.
+        let web1 = std::fs::read(pki.cert(Role::Agent, "web-1")).expect("web-1");
+        let web2 = std::fs::read(pki.cert(Role::Agent, "web-2")).expect("web-2");
+        std::fs::remove_file(pki.cert(Role::Agent, "web-2")).expect("cut off");
+        issue_agents(&pki, &hosts, Some(&out), &opts, true).expect("finished");
+        assert_eq!(
+            std::fs::read(pki.cert(Role::Agent, "web-1")).ok(),
+            Some(web1)
+        );
+        let again = std::fs::read(pki.cert(Role::Agent, "web-2")).expect("web-2 again");
+        assert_ne!(again, web2, "web-2 issued anew");
+        assert_eq!(
+            std::fs::read(out.join("web-2").join("agent.pem")).ok(),
+            Some(again)
+        );
+    }
 }

@@ -696,6 +696,16 @@ fn every_example_of_the_help_runs_in_the_lab() -> Result<()> {
         "pki --dir pki issue coordinator coord-1 --san coordinator.example",
         "pki --dir pki issue agent web-1",
         "pki --dir pki issue operator alice",
+    ] {
+        ex.run(e)?;
+    }
+    std::fs::write(ex.cwd.path().join("hosts.txt"), "web-2\nweb-3\n")?;
+    ex.run("pki --dir pki issue agent --from-file hosts.txt --out-dir enrol")?;
+    ensure!(
+        ex.cwd.path().join("enrol/web-3/agent.key").is_file(),
+        "the enrolment bundle of web-3"
+    );
+    for e in [
         "agents --select role=web",
         "context list",
         "context show",
