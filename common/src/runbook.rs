@@ -90,6 +90,10 @@ pub struct Procedure {
     /// Request values the procedure requires (`revision`, `backup`).
     #[serde(default)]
     pub needs: Vec<String>,
+    /// The runbook's time estimate (e.g. "5-15 minutes"), shown in the report next to the time
+    /// the job took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<String>,
     pub phases: Vec<Phase>,
 }
 

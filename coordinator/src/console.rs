@@ -281,9 +281,17 @@ impl Console for ConsoleService {
             .jobs
             .get(&self.jobs.resolve(&request.get_ref().job_id).await?)
             .await?;
-        let output = self.jobs.step_output(&job.job_id).await?;
+        let (output, phases) = self.jobs.step_output(&job.job_id).await?;
+        let estimate = self
+            .jobs
+            .runbook()
+            .0
+            .procedures
+            .get(&job.procedure)
+            .and_then(|p| p.estimate.clone());
+        let timing = crate::jobs::report::Timing { phases, estimate };
         Ok(Response::new(GetReportResponse {
-            markdown: crate::jobs::report::render(&job, &output),
+            markdown: crate::jobs::report::render(&job, &output, &timing),
         }))
     }
 

@@ -239,6 +239,11 @@ fn the_fleet_is_rolled_back_from_the_browser_and_the_job_page_follows_it_live() 
     op.goto(&format!("{}#/report/{job_id}", ui.url))?;
     let report = op.wait_text("#report", "checklist", PAGE)?;
     ensure!(report.contains(&job_id[..8]), "{report}");
+    ensure!(
+        report.contains("Time per phase")
+            && report.contains("the runbook's estimate for database: 5-15 minutes"),
+        "the report times the phases against the runbook: {report}"
+    );
     op.wait_for("#report h1", PAGE)?;
     let injected = op.exec(
         "return document.querySelectorAll('#report img, #report script, #injected').length;",

@@ -532,6 +532,7 @@ impl Jobs {
                     ),
                     once_on: None,
                     needs: vec![],
+                    estimate: None,
                     phases,
                 },
             )]),

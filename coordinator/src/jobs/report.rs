@@ -128,7 +128,66 @@ fn ran_ok(host: &JobHost, action: &str) -> Option<bool> {
 /// Stored `step.output` lines of a job, by host, phase and action (the last run of each).
 pub type StepLines = std::collections::HashMap<(String, String, String), Vec<String>>;
 
-pub fn render(job: &Job, output: &StepLines) -> String {
+/// How long the job's phases took (ms, in the order they first started) and the runbook's
+/// time estimate for its procedure.
+#[derive(Debug, Default)]
+pub struct Timing {
+    pub phases: Vec<(String, i64)>,
+    pub estimate: Option<String>,
+}
+
+/// "4.2 s", "3 min 10 s".
+fn took(ms: i64) -> String {
+    let secs = ms as f64 / 1000.0;
+    if secs < 120.0 {
+        format!("{secs:.1} s")
+    } else {
+        let whole = ms / 1000;
+        format!("{} min {} s", whole / 60, whole % 60)
+    }
+}
+
+/// The phases with their durations, and the total next to the runbook's estimate.
+fn timing_section(
+    md: &mut String,
+    job: &Job,
+    plan: &rollback_common::proto::PlanResponse,
+    timing: &Timing,
+) {
+    if timing.phases.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Time per phase\n\n| Phase | Scope | Took |\n|---|---|---|"
+    );
+    for (name, ms) in &timing.phases {
+        let scope = plan
+            .phases
+            .iter()
+            .find(|p| p.name == *name)
+            .map_or("", |p| p.scope.as_str());
+        let _ = writeln!(md, "| {} | {scope} | {} |", cell(name), took(*ms));
+    }
+    let total = if job.finished_at_unix_ms > 0 {
+        took(job.finished_at_unix_ms - job.created_at_unix_ms)
+    } else {
+        "(running)".to_string()
+    };
+    let estimate = timing.estimate.as_deref().map_or_else(
+        || "the runbook gives no estimate for this procedure".to_string(),
+        |e| {
+            format!(
+                "the runbook's estimate for `{}`: {}",
+                job.procedure,
+                cell(e)
+            )
+        },
+    );
+    let _ = writeln!(md, "| **whole job** | | {total} ({estimate}) |");
+}
+
+pub fn render(job: &Job, output: &StepLines, timing: &Timing) -> String {
     let mut md = String::new();
     let plan = job.plan.clone().unwrap_or_default();
     let req = job.request.clone().unwrap_or_default();
@@ -185,6 +244,7 @@ pub fn render(job: &Job, output: &StepLines) -> String {
     if !job.halt_reason.is_empty() {
         let _ = writeln!(md, "\n> **Halted:** {}", job.halt_reason);
     }
+    timing_section(&mut md, job, &plan, timing);
     if !job.history.is_empty() {
         let _ = writeln!(md, "\n## Timeline\n");
         for line in &job.history {
@@ -404,5 +464,41 @@ mod tests {
         let never_ran = host("app-2", None);
         assert!(!critical_functionality(&[&a, &never_ran]).0);
         assert!(!critical_functionality(&[]).0);
+    }
+
+    #[test]
+    fn the_report_puts_each_phase_time_and_the_whole_job_next_to_the_runbook_estimate() {
+        use rollback_common::proto::{PlanPhase, PlanResponse};
+        let phase = |name: &str, scope: &str| PlanPhase {
+            name: name.into(),
+            scope: scope.into(),
+            ..Default::default()
+        };
+        let job = Job {
+            job_id: "j1".into(),
+            procedure: "database".into(),
+            state: "succeeded".into(),
+            created_at_unix_ms: 1_000,
+            finished_at_unix_ms: 1_000 + 190_000,
+            plan: Some(PlanResponse {
+                phases: vec![phase("stop", "each"), phase("downgrade", "once")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let timing = Timing {
+            phases: vec![("stop".into(), 1_500), ("downgrade".into(), 185_000)],
+            estimate: Some("5-15 minutes".into()),
+        };
+        let md = render(&job, &StepLines::new(), &timing);
+        assert!(md.contains("## Time per phase"), "{md}");
+        assert!(md.contains("| stop | each | 1.5 s |"), "{md}");
+        assert!(md.contains("| downgrade | once | 3 min 5 s |"), "{md}");
+        assert!(
+            md.contains("| **whole job** | | 3 min 10 s (the runbook's estimate for `database`: 5-15 minutes) |"),
+            "{md}"
+        );
+        let none = render(&job, &StepLines::new(), &Timing::default());
+        assert!(!none.contains("## Time per phase"), "{none}");
     }
 }

@@ -178,6 +178,7 @@ impl Jobs {
                     description: format!("record last-known-good state: {label}"),
                     once_on: Some(once_on.clone()),
                     needs: vec![],
+                    estimate: None,
                     phases,
                 },
             )]),
@@ -320,6 +321,7 @@ impl Jobs {
                     description: "read each host's state for diagnosis".into(),
                     once_on: None,
                     needs: vec![],
+                    estimate: None,
                     phases: vec![Phase {
                         name: "read".into(),
                         scope: Scope::Each,

@@ -139,10 +139,17 @@ impl Jobs {
         Ok(job)
     }
 
-    /// The stored output of each step of a job (head, cut marker and tail), for its report.
-    pub async fn step_output(&self, job_id: &str) -> Result<super::report::StepLines, Status> {
+    /// The stored output of each step of a job (head, cut marker and tail), and how long each
+    /// phase took (from its `phase.started` to its `phase.finished`, summed over a resumed
+    /// job's passes, in the order the phases first started), for its report.
+    pub async fn step_output(
+        &self,
+        job_id: &str,
+    ) -> Result<(super::report::StepLines, Vec<(String, i64)>), Status> {
         let mut lines = super::report::StepLines::new();
         let mut current: std::collections::HashMap<String, String> = Default::default();
+        let mut phases: Vec<(String, i64)> = Vec::new();
+        let mut phase_started: std::collections::HashMap<String, i64> = Default::default();
         for (_, bytes) in self.store.job_events(job_id, 0).await? {
             let Ok(ev) = JobEvent::decode(bytes.as_slice()) else {
                 continue;
@@ -170,10 +177,23 @@ impl Jobs {
                             .extend(ev.message.lines().map(str::to_string));
                     }
                 }
+                Ok(EventKind::PhaseStarted) => {
+                    if !phases.iter().any(|(p, _)| *p == ev.phase) {
+                        phases.push((ev.phase.clone(), 0));
+                    }
+                    phase_started.insert(ev.phase.clone(), ev.at_unix_ms);
+                }
+                Ok(EventKind::PhaseFinished) => {
+                    if let Some(start) = phase_started.remove(&ev.phase)
+                        && let Some((_, ms)) = phases.iter_mut().find(|(p, _)| *p == ev.phase)
+                    {
+                        *ms += (ev.at_unix_ms - start).max(0);
+                    }
+                }
                 _ => {}
             }
         }
-        Ok(lines)
+        Ok((lines, phases))
     }
 
     /// Jobs matching the request's filters (or the one job it names), newest first.
