@@ -738,6 +738,16 @@ fn every_example_of_the_help_runs_in_the_lab() -> Result<()> {
     ex.run(
         "rollback --procedure database --select role=web --once-on migrator=true --reason '...'",
     )?;
+    let reported_env = |host: &str| -> Result<String> {
+        let agents = fleet.agents()?;
+        agents
+            .iter()
+            .find(|a| a["host_id"] == host)
+            .and_then(|a| a["state"]["env_sha256"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("{host} in `agents`"))
+    };
+    let env_before = reported_env(&hosts[1])?;
     lab.bad_config(&refs[1..2])?;
     // As the runbook has it: find what changed first (this also refreshes the state the
     // plan preview reads; see the note on issue #14).
@@ -747,6 +757,13 @@ fn every_example_of_the_help_runs_in_the_lab() -> Result<()> {
         "diagnose: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The agents report their state after each run, a moment after the diagnose job ends;
+    // the plan preview reads that report (the note on issue #14), so wait for app2's.
+    fleet.eventually("app2 reports its changed .env", || {
+        let now = reported_env(&hosts[1])?;
+        ensure!(now != env_before, "still the old .env");
+        Ok(())
+    });
     ex.run("rollback --to-snapshot latest --select role=web --reason 'back to the pre-deploy snapshot'")?;
     for e in [
         "watch latest",
