@@ -1,12 +1,13 @@
 //! `cargo xtask`: the developer entry points — `test` (install what the suites need, run them
 //! all), `demo` (a real fleet rollback on a local lab), `lab up|status|down|exec`, `bench`
 //! (speed and footprint against the bash bound, Ansible and Salt), `man` (rollbackctl's man
-//! pages).
+//! pages), `package` (the Debian packages, and static binaries where the toolchain allows).
 
 mod bench;
 mod demo;
 mod lab;
 mod man;
+mod package;
 mod test_cmd;
 mod venv;
 
@@ -40,6 +41,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Man pages for rollbackctl and its subcommands (clap_mangen), into target/man.
     Man(man::ManArgs),
+    /// Debian packages of the agent, coordinator and rollbackctl (cargo-deb) into
+    /// target/debian/, and static (musl) binaries when that target is installed.
+    Package(package::PackageArgs),
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -55,5 +59,6 @@ fn main() -> Result<()> {
         Cmd::Lab(args) => lab::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Man(args) => man::run(args),
+        Cmd::Package(args) => package::run(args),
     }
 }

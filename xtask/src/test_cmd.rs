@@ -3,6 +3,8 @@
 //! SQLite first, then PostgreSQL against a throwaway cluster it starts (`rollback_tests::pg`)
 //! and stops afterwards. Without the PostgreSQL server binaries the second run is skipped with
 //! a message — except under CI (`CI=true` or `ROLLBACK_LAB_REQUIRED=1`), where that is an error.
+//! The Debian packages of the debug binaries (`cargo xtask package --dev`, cargo-deb installed
+//! when missing) are built before the suite, for `lab_package`.
 
 use std::process::Command;
 
@@ -34,7 +36,7 @@ fn required() -> bool {
 }
 
 /// Installs a Debian package that provides `program` when it is missing (idempotent).
-fn ensure_program(program: &str, package: &str, why: &str) -> Result<()> {
+pub(crate) fn ensure_program(program: &str, package: &str, why: &str) -> Result<()> {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()));
     if found {
@@ -87,6 +89,9 @@ pub fn run(args: TestArgs) -> Result<()> {
             .current_dir(&root)
             .args(["build", "--workspace", "--bins"]),
     )?;
+    // lab_package installs these in the lab: the debug binaries just built, packaged.
+    crate::package::ensure_tools()?;
+    crate::package::build_debs("dev", false, &rollback_tests::packages::dev_dir())?;
     let mut failed = Vec::new();
     if args.store != Stores::Postgres {
         eprintln!("xtask: the suite on the SQLite store");
