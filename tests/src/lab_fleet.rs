@@ -126,7 +126,7 @@ fn in_hosts(lab: &Lab, p: &std::path::Path) -> Result<String> {
 
 /// A host's labels: `role=db` on the database host, `role=web` on app hosts, and
 /// `migrator=true` on the first app host.
-fn host_labels(lab: &Lab, host: &str) -> Vec<(&'static str, &'static str)> {
+pub fn host_labels(lab: &Lab, host: &str) -> Vec<(&'static str, &'static str)> {
     if lab.db_host().is_ok_and(|h| h.id() == host) {
         return vec![("role", "db")];
     }
@@ -136,6 +136,94 @@ fn host_labels(lab: &Lab, host: &str) -> Vec<(&'static str, &'static str)> {
     } else {
         vec![("role", "web")]
     }
+}
+
+/// The `[inventory."HOST"]` tables of coordinator.toml for every host of the lab: the
+/// inventory (what targets each host) says what each host's agent reports too.
+pub fn inventory_toml(lab: &Lab) -> String {
+    lab.hosts()
+        .iter()
+        .map(|h| {
+            let labels: String = host_labels(lab, h.id())
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+                .collect();
+            format!("[inventory.\"{}\"]\n{labels}", h.id())
+        })
+        .collect()
+}
+
+/// The agent.toml of `host`: `coordinators` (one is written as `coordinator`), `tls` as
+/// [ca, cert, key] paths inside the host, `state_dir`, the host's labels and its profile (the
+/// database host's PostgreSQL, or an app host's app, alembic and smoke checks).
+pub fn agent_toml(
+    lab: &Lab,
+    host: &str,
+    coordinators: &[String],
+    tls: &[String; 3],
+    state_dir: &str,
+) -> Result<String> {
+    let db = lab
+        .db_host()
+        .map(|h| h.id().to_string())
+        .unwrap_or_default();
+    let labels: String = host_labels(lab, host)
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
+    let coordinators = match coordinators {
+        [one] => format!("coordinator = \"{one}\""),
+        all => format!(
+            "coordinators = [{}]",
+            all.iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let [ca, cert, key] = tls;
+    let mut toml = format!(
+        "host_id = \"{host}\"\n{coordinators}\nstate_dir = \"{state_dir}\"\n\
+         reconnect_initial_ms = 100\nreconnect_max_ms = 1000\n\
+         [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n[timeouts]\nkill_grace_secs = 2\n",
+    );
+    toml += &format!("[labels]\n{labels}");
+    if host == db {
+        toml += &format!(
+            "[service]\nunit = \"{PG_UNIT}\"\n\
+             [postgres]\npg_dump = \"{PG_BIN}/pg_dump\"\npg_restore = \"{PG_BIN}/pg_restore\"\nhost = \"127.0.0.1\"\n\
+             port = {PG_PORT}\nuser = \"postgres\"\ndatabase = \"{APP_DB}\"\nbackup_dir = \"{BACKUP_DIR}\"\n"
+        );
+    } else {
+        toml += &format!(
+            "[service]\nunit = \"{APP_UNIT}\"\n\
+             [app]\ndir = \"{APP_DIR}\"\nenv_file = \"{APP_DIR}/.env\"\nenv_backup = \"{APP_DIR}/.env.backup\"\n\
+             log_file = \"{APP_LOG}\"\nhealth_base_url = \"http://127.0.0.1:{APP_PORT}\"\n\
+             [alembic]\nbinary = \"{}\"\nworkdir = \"{MIGRATIONS_DIR}\"\n[alembic.env]\nDATABASE_URL = \"{}\"\n{SMOKE_CHECKS}",
+            lab.venv().join("bin/alembic").display(),
+            lab.database_url()?
+        );
+    }
+    Ok(toml)
+}
+
+/// On an app host of a lab with the app deployed, a fresh checkout of the newest release at
+/// [`MIGRATIONS_DIR`] for alembic to run from; nothing elsewhere.
+pub fn prepare_migrations(lab: &Lab, host: &str) -> Result<()> {
+    if lab.db_host().map(|h| h.id() != host).unwrap_or(true) && lab.app_deployed() {
+        lab.run(host, &["rm", "-rf", MIGRATIONS_DIR])?;
+        lab.run(
+            host,
+            &[
+                "git",
+                "clone",
+                "-q",
+                &format!("{SHARED_MOUNT}/origin"),
+                MIGRATIONS_DIR,
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 impl<'a> LabFleet<'a> {
@@ -157,6 +245,29 @@ impl<'a> LabFleet<'a> {
         Self::start_with(lab, n)
     }
 
+    /// A fleet whose coordinator this value does not run (e.g. the packaged unit on a lab
+    /// host, at `url`): `rollbackctl` and every helper talk to it with `pki`'s operator and
+    /// approver certificates; it has no coordinator of its own to start, stop or kill.
+    pub fn with_coordinator_at(
+        lab: &'a Lab,
+        dir: PathBuf,
+        pki: Pki,
+        operator: CertFiles,
+        approver: CertFiles,
+        url: String,
+    ) -> Self {
+        LabFleet {
+            lab,
+            dir,
+            pki,
+            operator,
+            approver,
+            coordinators: Vec::new(),
+            url,
+            store: None,
+        }
+    }
+
     fn start_with(lab: &'a Lab, n: usize) -> Result<Self> {
         let dir = lab.shared_dir().join("fleet");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -164,18 +275,7 @@ impl<'a> LabFleet<'a> {
         let addr = lab.coordinator_addr().to_string();
         let operator = pki.operator(OPERATOR)?;
         let approver = pki.operator(APPROVER)?;
-        // The inventory (what targets each host) says what each host's agent reports too.
-        let inventory: String = lab
-            .hosts()
-            .iter()
-            .map(|h| {
-                let labels: String = host_labels(lab, h.id())
-                    .iter()
-                    .map(|(k, v)| format!("{k} = \"{v}\"\n"))
-                    .collect();
-                format!("[inventory.\"{}\"]\n{labels}", h.id())
-            })
-            .collect();
+        let inventory = inventory_toml(lab);
         // Several coordinators share PostgreSQL; one does too when the suite runs on
         // PostgreSQL (`cargo xtask test`'s second pass), else it keeps a SQLite file.
         let store = if n > 1 || matches!(pg::backend(), pg::Backend::Postgres) {
@@ -434,50 +534,13 @@ impl<'a> LabFleet<'a> {
     /// The host profile each host's agent gets.
     fn agent_toml(&self, host: &str, certs: &CertFiles) -> Result<String> {
         let lab = self.lab;
-        let db = lab
-            .db_host()
-            .map(|h| h.id().to_string())
-            .unwrap_or_default();
-        let labels: String = host_labels(lab, host)
-            .iter()
-            .map(|(k, v)| format!("{k} = \"{v}\"\n"))
-            .collect();
-        let coordinators = match self.coordinators.as_slice() {
-            [one] => format!("coordinator = \"{}\"", one.url),
-            all => format!(
-                "coordinators = [{}]",
-                all.iter()
-                    .map(|c| format!("\"{}\"", c.url))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let mut toml = format!(
-            "host_id = \"{host}\"\n{coordinators}\nstate_dir = \"/var/lib/rollback-agent\"\n\
-             reconnect_initial_ms = 100\nreconnect_max_ms = 1000\n\
-             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[timeouts]\nkill_grace_secs = 2\n",
+        let urls: Vec<String> = self.coordinators.iter().map(|c| c.url.clone()).collect();
+        let tls = [
             in_hosts(lab, &self.pki.ca())?,
             in_hosts(lab, &certs.cert)?,
             in_hosts(lab, &certs.key)?,
-        );
-        toml += &format!("[labels]\n{labels}");
-        if host == db {
-            toml += &format!(
-                "[service]\nunit = \"{PG_UNIT}\"\n\
-                 [postgres]\npg_dump = \"{PG_BIN}/pg_dump\"\npg_restore = \"{PG_BIN}/pg_restore\"\nhost = \"127.0.0.1\"\n\
-                 port = {PG_PORT}\nuser = \"postgres\"\ndatabase = \"{APP_DB}\"\nbackup_dir = \"{BACKUP_DIR}\"\n"
-            );
-        } else {
-            toml += &format!(
-                "[service]\nunit = \"{APP_UNIT}\"\n\
-                 [app]\ndir = \"{APP_DIR}\"\nenv_file = \"{APP_DIR}/.env\"\nenv_backup = \"{APP_DIR}/.env.backup\"\n\
-                 log_file = \"{APP_LOG}\"\nhealth_base_url = \"http://127.0.0.1:{APP_PORT}\"\n\
-                 [alembic]\nbinary = \"{}\"\nworkdir = \"{MIGRATIONS_DIR}\"\n[alembic.env]\nDATABASE_URL = \"{}\"\n{SMOKE_CHECKS}",
-                lab.venv().join("bin/alembic").display(),
-                lab.database_url()?
-            );
-        }
-        Ok(toml)
+        ];
+        agent_toml(lab, host, &urls, &tls, "/var/lib/rollback-agent")
     }
 
     /// Writes the host's agent.toml and unit, prepares the migrations checkout on app hosts,
@@ -485,19 +548,7 @@ impl<'a> LabFleet<'a> {
     pub fn install_agent(&self, host: &str) -> Result<()> {
         let certs = self.pki.agent(host)?;
         let lab = self.lab;
-        if lab.db_host().map(|h| h.id() != host).unwrap_or(true) && lab.app_deployed() {
-            lab.run(host, &["rm", "-rf", MIGRATIONS_DIR])?;
-            lab.run(
-                host,
-                &[
-                    "git",
-                    "clone",
-                    "-q",
-                    &format!("{SHARED_MOUNT}/origin"),
-                    MIGRATIONS_DIR,
-                ],
-            )?;
-        }
+        prepare_migrations(lab, host)?;
         lab.write_file(
             host,
             AGENT_CONFIG,
