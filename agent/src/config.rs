@@ -44,6 +44,9 @@ pub struct Config {
     /// `[tls]`; a valid new pair is used from the next connection, without a restart.
     #[serde(default = "default_cert_check_secs")]
     pub cert_check_secs: u64,
+    /// Log lines as text (default) or one JSON object per line (`"json"`).
+    #[serde(default)]
+    pub log_format: rollback_common::daemon::LogFormat,
     pub service: Option<ServiceProfile>,
     pub app: Option<AppProfile>,
     pub alembic: Option<AlembicProfile>,

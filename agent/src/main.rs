@@ -44,8 +44,8 @@ fn main() -> Result<()> {
 #[tokio::main]
 async fn agent_main() -> Result<()> {
     let args = Args::parse();
-    rollback_common::daemon::init_logging();
     let config = rollback_agent::Config::load(&args.config)?;
+    rollback_common::daemon::init_logging(config.log_format);
     if let (Some(count), Some(pki)) = (args.simulate, args.simulate_pki) {
         let sim = rollback_agent::simulate::Simulation {
             count,

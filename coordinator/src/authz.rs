@@ -4,12 +4,13 @@
 //! the `Principal` in request extensions (and the peer address where tonic's
 //! `Request::remote_addr` looks).
 //!
-//! Invariant: a gRPC path without a rule in `rule_for` is denied for everyone.
+//! Invariant: a gRPC path without a rule in `rule_for` is denied for everyone. The operator
+//! table is swapped whole on reload (SIGHUP): a call is decided against one table, old or new.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use rollback_common::identity::{CertFacts, Identity, Role};
@@ -61,7 +62,12 @@ pub enum Rule {
     AgentSession,
     /// Only operators holding at least this role.
     Console(OperatorRole),
+    /// The gRPC health service: any agent, and any operator with a role.
+    Health,
 }
+
+/// The standard gRPC health service (`grpc.health.v1.Health`), served beside ours.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// The method table. A method not named here has no rule and is denied.
 pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
@@ -87,6 +93,7 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
         ("Console", "ListAudit") => Some(Rule::Console(OperatorRole::Approver)),
         ("Console", "VerifyAudit") => Some(Rule::Console(OperatorRole::Operator)),
         ("Console", "ListCoordinators") => Some(Rule::Console(OperatorRole::Viewer)),
+        (HEALTH_SERVICE, "Check" | "Watch") => Some(Rule::Health),
         _ => None,
     }
 }
@@ -95,15 +102,31 @@ pub fn rule_for(service: &str, method: &str) -> Option<Rule> {
 #[derive(Debug)]
 pub struct Policy {
     trust_domain: String,
-    operators: BTreeMap<String, OperatorRole>,
+    operators: RwLock<Arc<BTreeMap<String, OperatorRole>>>,
 }
 
 impl Policy {
     pub fn new(trust_domain: String, operators: BTreeMap<String, OperatorRole>) -> Self {
         Self {
             trust_domain,
-            operators,
+            operators: RwLock::new(Arc::new(operators)),
         }
+    }
+
+    /// The operator table in force.
+    fn operators(&self) -> Arc<BTreeMap<String, OperatorRole>> {
+        self.operators
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `operators` in force for every call decided from now on (SIGHUP reload).
+    pub fn replace_operators(&self, operators: BTreeMap<String, OperatorRole>) {
+        *self
+            .operators
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(operators);
     }
 
     /// Decides a call to `path` from a peer that presented `peer_cert_der`.
@@ -145,8 +168,27 @@ impl Policy {
                 cert_not_after_unix,
             }),
             (Rule::AgentSession, _) => deny("only agent certificates may open a session".into()),
+            (Rule::Health, Role::Agent) => Ok(Principal {
+                identity,
+                operator_role: None,
+                cert_not_after_unix,
+            }),
+            (Rule::Health, Role::Operator) => match self.operators().get(&identity.name).copied() {
+                Some(role) => Ok(Principal {
+                    identity,
+                    operator_role: Some(role),
+                    cert_not_after_unix,
+                }),
+                None => deny(format!(
+                    "operator `{}` has no role in the coordinator config ([operators] table)",
+                    identity.name
+                )),
+            },
+            (Rule::Health, _) => {
+                deny("only agent and operator certificates may check health".into())
+            }
             (Rule::Console(needed), Role::Operator) => {
-                match self.operators.get(&identity.name).copied() {
+                match self.operators().get(&identity.name).copied() {
                     Some(role) if role >= needed => Ok(Principal {
                         identity,
                         operator_role: Some(role),
@@ -166,10 +208,14 @@ impl Policy {
     }
 }
 
-/// `/fleet.rollback.v1.Console/ListAgents` → ("Console", "ListAgents").
+/// `/fleet.rollback.v1.Console/ListAgents` → ("Console", "ListAgents"); the health service
+/// keeps its full name (`/grpc.health.v1.Health/Check` → ("grpc.health.v1.Health", "Check")).
 fn split_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix('/')?;
     let (qualified, method) = rest.split_once('/')?;
+    if qualified == HEALTH_SERVICE {
+        return Some((qualified, method));
+    }
     let service = qualified.strip_prefix(PACKAGE)?.strip_prefix('.')?;
     Some((service, method))
 }
@@ -277,5 +323,19 @@ mod tests {
         );
         assert_eq!(split_path("/other.v1.Console/ListAgents"), None);
         assert_eq!(split_path("/fleet.rollback.v1Console/ListAgents"), None);
+        assert_eq!(
+            split_path("/grpc.health.v1.Health/Check"),
+            Some((HEALTH_SERVICE, "Check"))
+        );
+        assert_eq!(split_path("/grpc.health.v1.Healthz/Check"), None);
+    }
+
+    #[test]
+    fn health_is_for_agents_and_operators_with_a_role_only() {
+        assert_eq!(rule_for(HEALTH_SERVICE, "Check"), Some(Rule::Health));
+        assert_eq!(rule_for(HEALTH_SERVICE, "Watch"), Some(Rule::Health));
+        // Not a catch-all: another method of the health service has no rule.
+        assert_eq!(rule_for(HEALTH_SERVICE, "List"), None);
+        assert_eq!(rule_for("Health", "Check"), None);
     }
 }

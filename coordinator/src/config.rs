@@ -126,6 +126,19 @@ pub struct Config {
     /// is dead: another takes its jobs over and its agents count as offline.
     #[serde(default = "default_job_lease_secs")]
     pub job_lease_secs: u64,
+    /// Log lines as text (default) or one JSON object per line (`"json"`).
+    #[serde(default)]
+    pub log_format: rollback_common::daemon::LogFormat,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP; keep it on loopback). Unset: no
+    /// metrics listener.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// `[[webhooks]]`: who hears when a job starts, awaits approval, halts and finishes.
+    #[serde(default)]
+    pub webhooks: Vec<crate::notify::WebhookConfig>,
+    /// The file this was loaded from (set by `load`; SIGHUP reads it again).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[approval]`: two-person approval. A rollback that matches is stored `awaiting_approval`
@@ -247,6 +260,12 @@ pub enum ConfigError {
         "coordinator config {path}: `database_password_file` is set but `database` is a SQLite file, which has no password; remove it or give a postgres:// URL"
     )]
     PasswordWithoutPostgres { path: PathBuf },
+    #[error("coordinator config {path}: {source}")]
+    Webhook {
+        path: PathBuf,
+        #[source]
+        source: crate::notify::WebhookError,
+    },
     #[error("coordinator config {path}: `{key}` must be {bound}")]
     Limit {
         path: PathBuf,
@@ -357,6 +376,21 @@ impl Config {
         if let Some(rb) = config.runbook.as_mut().filter(|p| p.is_relative()) {
             *rb = base.join(&*rb);
         }
+        for hook in &mut config.webhooks {
+            for file in [&mut hook.secret_file, &mut hook.ca_file] {
+                if let Some(f) = file.as_mut().filter(|p| p.is_relative()) {
+                    *f = base.join(&*f);
+                }
+            }
+        }
+        // Checked here so a bad webhook stops the start, or the reload, with the file named.
+        crate::notify::Targets::from_config(&config.webhooks, read_secret_file).map_err(
+            |source| ConfigError::Webhook {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -383,15 +417,13 @@ impl Config {
                 source,
             })?;
         let password = match &self.database_password_file {
-            Some(file) => {
-                Some(
-                    read_password_file(file).map_err(|reason| ConfigError::PasswordFile {
-                        path: path.to_path_buf(),
-                        file: file.clone(),
-                        reason,
-                    })?,
-                )
-            }
+            Some(file) => Some(Password::new(&read_secret_file(file).map_err(
+                |reason| ConfigError::PasswordFile {
+                    path: path.to_path_buf(),
+                    file: file.clone(),
+                    reason,
+                },
+            )?)),
             None => std::env::var(PASSWORD_ENV).ok().map(|p| Password::new(&p)),
         };
         Ok(Database::Postgres { target, password })
@@ -402,9 +434,10 @@ impl Config {
     }
 }
 
-/// Reads a password file that only its owner (the coordinator's user, or root) can read.
-/// The reason for a refusal never quotes the file's contents.
-fn read_password_file(file: &Path) -> Result<Password, String> {
+/// Reads a secret (a password, a webhook key) from a file that only its owner (the
+/// coordinator's user, or root) can read, one trailing newline dropped. The reason for a
+/// refusal never quotes the file's contents.
+pub fn read_secret_file(file: &Path) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(file).map_err(|e| format!("{e}"))?;
     if !meta.file_type().is_file() {
@@ -426,9 +459,10 @@ fn read_password_file(file: &Path) -> Result<Password, String> {
         ));
     }
     let text = std::fs::read_to_string(file).map_err(|e| format!("{e}"))?;
-    let password = Password::new(&text);
-    if password == Password::new("") {
-        return Err("is empty; write the database user's password in it".into());
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err("is empty; write the secret in it".into());
     }
-    Ok(password)
+    Ok(text.to_string())
 }

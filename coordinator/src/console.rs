@@ -66,10 +66,10 @@ impl Console for ConsoleService {
         &self,
         _request: Request<GetRunbookRequest>,
     ) -> Result<Response<GetRunbookResponse>, Status> {
-        let (runbook, source) = self.jobs.runbook();
+        let settings = self.jobs.settings();
         Ok(Response::new(GetRunbookResponse {
-            toml: runbook.to_toml(),
-            source: source.to_string(),
+            toml: settings.runbook.to_toml(),
+            source: settings.runbook_source.clone(),
         }))
     }
 
@@ -284,12 +284,31 @@ impl Console for ConsoleService {
         let (output, phases) = self.jobs.step_output(&job.job_id).await?;
         let estimate = self
             .jobs
-            .runbook()
-            .0
+            .settings()
+            .runbook
             .procedures
             .get(&job.procedure)
             .and_then(|p| p.estimate.clone());
-        let timing = crate::jobs::report::Timing { phases, estimate };
+        // Webhook deliveries recorded for this job, oldest first.
+        let mut notified: Vec<(String, i64)> = self
+            .store
+            .list_audit(&crate::store::AuditFilter {
+                job_id: job.job_id.clone(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the audit trail: {e}")))?
+            .into_iter()
+            .filter(|r| r.event.action == "notify.sent")
+            .map(|r| (r.event.detail, r.event.at_ms))
+            .collect();
+        notified.reverse();
+        let timing = crate::jobs::report::Timing {
+            phases,
+            estimate,
+            notified,
+        };
         Ok(Response::new(GetReportResponse {
             markdown: crate::jobs::report::render(&job, &output, &timing),
         }))

@@ -67,6 +67,7 @@ pub async fn dispatch(
     d: Dispatch<'_>,
 ) -> Result<(), DispatchError> {
     let run_id = d.procedure.run_id.clone();
+    let started = std::time::Instant::now();
     if !cluster.online(d.host).await {
         return Err(DispatchError::Offline {
             host: d.host.to_string(),
@@ -83,6 +84,7 @@ pub async fn dispatch(
         hub.resolved(&run_id);
         return Err(e);
     }
+    crate::metrics::dispatch(started.elapsed());
     Ok(())
 }
 

@@ -371,6 +371,9 @@ async fn record_run_result(
         }
         Ok(taken) => {
             hub.resolved(&run_id);
+            if matches!(taken, ResultTaken::Recorded) {
+                crate::metrics::run_finished(&finished);
+            }
             match taken {
                 ResultTaken::UnknownRun => {
                     warn!(run = %run_id, "result for a run this coordinator has no record of; acknowledging so the agent stops re-sending")

@@ -1,7 +1,9 @@
 //! rollback-coordinator: agents dial in over mTLS and hold a session; operators use the
 //! Console service on the same port. `run` serves until `shutdown` resolves, then drains
 //! sessions within the configured grace period. TLS is our own acceptor (`acceptor`), so the
-//! CRL can be reloaded and revoked connections closed without a restart.
+//! CRL can be reloaded and revoked connections closed without a restart. Beside the two
+//! services: the gRPC health service (same port, same authz), Prometheus metrics on a
+//! listener of their own (`metrics`), webhooks (`notify`) and SIGHUP reload (`reload`).
 
 mod acceptor;
 mod audit;
@@ -15,9 +17,12 @@ mod gateway;
 mod inventory;
 pub mod jobs;
 mod live_conns;
+mod metrics;
+pub mod notify;
 mod peer_conn;
 mod refusal;
 pub mod registry;
+mod reload;
 mod revocation;
 mod runs;
 pub mod store;
@@ -53,8 +58,16 @@ pub enum CoordinatorError {
     WrongCertificateRole { path: String, found: String },
     #[error(transparent)]
     Revocation(#[from] revocation::RevocationError),
-    #[error("installing the SIGHUP handler (CRL reload): {0}")]
+    #[error("installing the SIGHUP handler (configuration and CRL reload): {0}")]
     Signal(#[source] std::io::Error),
+    #[error("binding metrics_listen {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Webhook(#[from] notify::WebhookError),
     #[error("runbook {path}: {reason}")]
     Runbook { path: String, reason: String },
     #[error(transparent)]
@@ -123,18 +136,7 @@ pub async fn run(
             "marked agents from the previous run disconnected until they reconnect"
         );
     }
-    let synced = store
-        .sync_config_inventory(
-            &config.inventory,
-            &store::AuditEvent {
-                at_ms: rollback_common::now_unix_ms(),
-                actor: "coordinator.toml".into(),
-                action: "inventory.config_loaded".into(),
-                target: format!("{} hosts", config.inventory.len()),
-                detail: inventory_summary(&config.inventory),
-            },
-        )
-        .await?;
+    let synced = sync_inventory(store.as_ref(), &config.inventory).await?;
     if synced {
         info!(
             hosts = config.inventory.len(),
@@ -149,16 +151,28 @@ pub async fn run(
     let (runbook, runbook_source) = load_runbook(&config)?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let notifier = Arc::new(notify::Notifier::new(
+        store.clone(),
+        name.clone(),
+        cancel.clone(),
+    ));
+    notifier.replace(notify::Targets::from_config(
+        &config.webhooks,
+        config::read_secret_file,
+    )?);
     let jobs = Arc::new(jobs::Jobs::new(
         store.clone(),
         cluster.clone(),
         hub.clone(),
-        runbook,
-        runbook_source,
+        jobs::Settings {
+            runbook: Arc::new(runbook),
+            runbook_source,
+            approval: config.approval.clone(),
+        },
+        notifier,
         Duration::from_secs(config.unreachable_after_secs),
         tasks.clone(),
         cancel.clone(),
-        config.approval.clone(),
     ));
     cluster.attach_jobs(&jobs);
     jobs.resume_after_restart()
@@ -193,7 +207,7 @@ pub async fn run(
         registry: registry.clone(),
         cluster: cluster.clone(),
         hub,
-        jobs,
+        jobs: jobs.clone(),
         lost_after: config.lost_after(),
         watchers: watchers::Watchers::new(config.max_watchers_per_operator),
     };
@@ -203,13 +217,49 @@ pub async fn run(
     ));
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(CoordinatorError::Signal)?;
+    let crl_reload = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(revocation::watch(
         tls.clone(),
         live.clone(),
         (config.crl_poll_secs > 0).then(|| Duration::from_secs(config.crl_poll_secs)),
-        hangup,
+        crl_reload.clone(),
         cancel.clone(),
     ));
+    if let Some(source) = config.source.clone() {
+        let reloader = reload::Reloader {
+            source,
+            policy: policy.clone(),
+            jobs: jobs.clone(),
+            store: store.clone(),
+            crl: crl_reload,
+            current: config.clone(),
+        };
+        tokio::spawn(reloader.run(hangup, cancel.clone()));
+    } else {
+        // Built in code, not read from a file: SIGHUP reloads only the CRL.
+        tokio::spawn(async move {
+            let mut hangup = hangup;
+            while hangup.recv().await.is_some() {
+                crl_reload.notify_one();
+            }
+        });
+    }
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|source| CoordinatorError::Metrics { addr, source })?;
+        info!(addr = ?listener.local_addr().ok(), "metrics listening (GET /metrics)");
+        tasks.spawn(metrics::serve(
+            listener,
+            metrics::Sources {
+                registry: registry.clone(),
+                live: live.clone(),
+                store: store.clone(),
+            },
+            tasks.clone(),
+            cancel.clone(),
+        ));
+    }
     let incoming = acceptor::Acceptor {
         tls,
         live,
@@ -222,9 +272,27 @@ pub async fn run(
     info!(addr = ?addr, identity = %own, "coordinator listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let cancel_on_signal = cancel.clone();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AgentGatewayServer<gateway::Gateway>>()
+        .await;
+    health
+        .set_serving::<ConsoleServer<console::ConsoleService>>()
+        .await;
     let signal = async move {
         shutdown.await;
-        info!("shutting down: closing agent sessions");
+        // Load balancers and probes hear it first; then their watches end so they do not
+        // hold the graceful shutdown for its whole grace period.
+        for service in health_names() {
+            health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        info!("shutting down: health set to NOT_SERVING; closing agent sessions");
+        tokio::task::yield_now().await;
+        for service in health_names() {
+            health.clear_service_status(service).await;
+        }
         cancel_on_signal.cancel();
     };
 
@@ -233,6 +301,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .layer(AuthzLayer::new(policy))
+        .add_service(health_service)
         .add_service(
             AgentGatewayServer::new(gateway)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -267,6 +336,36 @@ pub async fn run(
     served
 }
 
+/// The names the health service answers for: the whole server ("") and both services.
+fn health_names() -> [&'static str; 3] {
+    use tonic::server::NamedService;
+    [
+        "",
+        <AgentGatewayServer<gateway::Gateway> as NamedService>::NAME,
+        <ConsoleServer<console::ConsoleService> as NamedService>::NAME,
+    ]
+}
+
+/// Puts coordinator.toml's `[inventory]` in the store; true when it changed (recorded in the
+/// audit trail).
+pub(crate) async fn sync_inventory(
+    store: &dyn store::Store,
+    inventory: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+) -> Result<bool, StoreError> {
+    store
+        .sync_config_inventory(
+            inventory,
+            &store::AuditEvent {
+                at_ms: rollback_common::now_unix_ms(),
+                actor: "coordinator.toml".into(),
+                action: "inventory.config_loaded".into(),
+                target: format!("{} hosts", inventory.len()),
+                detail: inventory_summary(inventory),
+            },
+        )
+        .await
+}
+
 /// `app1: migrator=true,role=web; db1: role=db` for the audit record of a config inventory.
 fn inventory_summary(
     inventory: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
@@ -295,7 +394,7 @@ fn raise_open_files_limit() {
 }
 
 /// The runbook from `runbook = "..."` in the config, or the built-in seed runbook.
-fn load_runbook(
+pub(crate) fn load_runbook(
     config: &Config,
 ) -> Result<(rollback_common::runbook::Runbook, String), CoordinatorError> {
     use rollback_common::runbook::Runbook;

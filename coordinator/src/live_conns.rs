@@ -102,6 +102,11 @@ impl LiveConns {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Live connections now (agents and operators).
+    pub fn count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
     pub fn max_per_identity(&self) -> usize {
         self.max_per_identity
     }

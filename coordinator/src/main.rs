@@ -19,8 +19,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    rollback_common::daemon::init_logging();
     let config = rollback_coordinator::Config::load(&args.config)?;
+    rollback_common::daemon::init_logging(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding listen address {}", config.listen))?;

@@ -20,7 +20,6 @@ use rustls::ServerConfig;
 use rustls_pki_types::CertificateRevocationListDer;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -230,7 +229,7 @@ pub async fn watch(
     state: Arc<TlsState>,
     live: Arc<LiveConns>,
     poll: Option<Duration>,
-    mut hangup: Signal,
+    hangup: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(poll.unwrap_or(Duration::from_secs(1)));
@@ -248,7 +247,7 @@ pub async fn watch(
         }
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = hangup.recv() => {
+            () = hangup.notified() => {
                 info!("received SIGHUP: reloading the CRL");
                 state.reload(&live, "sighup", true, &mut last_error);
             }

@@ -211,7 +211,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub(crate) fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);

@@ -65,7 +65,7 @@ fn time_text(ms: i64) -> String {
 impl Jobs {
     /// Why `plan` needs a second person, under this coordinator's policy.
     pub(super) fn approval_rule(&self, plan: &Plan) -> Option<String> {
-        rule_for(&self.approval, plan)
+        rule_for(&self.settings().approval, plan)
     }
 
     /// Stores a planned job `awaiting_approval` (leasing its hosts, with its approval row and
@@ -91,8 +91,13 @@ impl Jobs {
             JobState::AwaitingApproval,
         );
         let leased: Vec<String> = hosts.iter().map(|h| h.host_id.clone()).collect();
-        let expire_ms =
-            i64::try_from(self.approval.expire_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let expire_ms = i64::try_from(
+            self.settings()
+                .approval
+                .expire_after_secs
+                .saturating_mul(1000),
+        )
+        .unwrap_or(i64::MAX);
         let approval = ApprovalRow {
             job_id: job_id.clone(),
             rule: rule.clone(),
@@ -355,7 +360,8 @@ impl Jobs {
             if now >= a.expires_at_ms {
                 let why = format!(
                     "nobody approved it within {}s ({})",
-                    self.approval.expire_after_secs, a.rule
+                    self.settings().approval.expire_after_secs,
+                    a.rule
                 );
                 if self
                     .end_unapproved(&a.job_id, "expired", COORDINATOR, &why)

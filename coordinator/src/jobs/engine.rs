@@ -872,6 +872,12 @@ impl Jobs {
             total,
         };
         pipeline.0 += 1;
+        match kind {
+            EventKind::JobStarted => crate::metrics::job_started(),
+            EventKind::JobFinished => crate::metrics::job_finished(&event.job_state),
+            _ => {}
+        }
+        self.notifier.notify(job_id, kind, &event);
         if pipeline.1.send(event).is_err() {
             warn!(job = %job_id, kind = kind.as_str(), "job event pipeline is gone; event dropped");
         }

@@ -562,7 +562,7 @@ impl Jobs {
             window_secs: window,
             baseline,
             auto: req.auto,
-            criteria: Some(criteria_proto(&self.runbook.guard)),
+            criteria: Some(criteria_proto(&self.settings().runbook.guard)),
             selector: req.selector.clone(),
             rounds: ROUNDS,
         });

@@ -73,8 +73,11 @@ pub struct Jobs {
     store: Arc<dyn Store>,
     cluster: Arc<Cluster>,
     hub: Arc<RunHub>,
-    runbook: Arc<Runbook>,
-    runbook_source: String,
+    /// Runbook and approval policy, swapped whole on reload: a job is planned and judged
+    /// against one set, old or new.
+    settings: std::sync::RwLock<Arc<Settings>>,
+    /// Webhooks for job started, awaiting approval, halted and finished; never blocks.
+    notifier: Arc<crate::notify::Notifier>,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
     /// A host that drops mid-run and is not back with a result by then is `unreachable`.
     unreachable_after: Duration,
@@ -82,11 +85,19 @@ pub struct Jobs {
     /// The coordinator is stopping: jobs stop driving and stay `running` in the store, to be
     /// resumed by the next process.
     shutdown: CancellationToken,
-    /// Which jobs need a second person's approval.
-    approval: crate::config::ApprovalPolicy,
     /// Jobs whose end this process could not store: left for the next start or a peer.
     /// Shared with store-following watches, which end when their job lands here.
     unsettled: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// What a reload may change in how jobs are planned and approved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub runbook: Arc<Runbook>,
+    /// Where the runbook came from (a path, or `built-in`).
+    pub runbook_source: String,
+    /// Which jobs need a second person's approval.
+    pub approval: crate::config::ApprovalPolicy,
 }
 
 impl Jobs {
@@ -95,24 +106,22 @@ impl Jobs {
         store: Arc<dyn Store>,
         cluster: Arc<Cluster>,
         hub: Arc<RunHub>,
-        runbook: Runbook,
-        runbook_source: String,
+        settings: Settings,
+        notifier: Arc<crate::notify::Notifier>,
         unreachable_after: Duration,
         tasks: TaskTracker,
         shutdown: CancellationToken,
-        approval: crate::config::ApprovalPolicy,
     ) -> Self {
         Self {
             store,
             cluster,
             hub,
-            runbook: Arc::new(runbook),
-            runbook_source,
+            settings: std::sync::RwLock::new(Arc::new(settings)),
+            notifier,
             live: Mutex::new(HashMap::new()),
             unreachable_after,
             tasks,
             shutdown,
-            approval,
             unsettled: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }
     }
@@ -127,7 +136,25 @@ impl Jobs {
         self.live_jobs().get(job_id).cloned()
     }
 
-    pub fn runbook(&self) -> (&Runbook, &str) {
-        (&self.runbook, &self.runbook_source)
+    /// The runbook and approval policy in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `settings` in force for every job planned from now on; running jobs keep the plan
+    /// they were started with (it is stored with them).
+    pub fn replace_settings(&self, settings: Settings) {
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(settings);
+    }
+
+    /// Where notifications go (replaced on reload).
+    pub fn notifier(&self) -> &crate::notify::Notifier {
+        &self.notifier
     }
 }

@@ -103,7 +103,7 @@ impl Jobs {
         if !req.to_snapshot.is_empty() {
             return self.to_snapshot_plan(principal, req, true).await;
         }
-        let runbook = self.runbook.clone();
+        let runbook = self.settings().runbook.clone();
         self.plan_in(req, &runbook, true).await
     }
 
@@ -118,7 +118,7 @@ impl Jobs {
         if !req.to_snapshot.is_empty() {
             return Ok(self.to_snapshot_plan(principal, req, false).await?.1);
         }
-        let runbook = self.runbook.clone();
+        let runbook = self.settings().runbook.clone();
         Ok(self.plan_in(req, &runbook, req.pin).await?.1)
     }
 

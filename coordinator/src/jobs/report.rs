@@ -129,11 +129,13 @@ fn ran_ok(host: &JobHost, action: &str) -> Option<bool> {
 pub type StepLines = std::collections::HashMap<(String, String, String), Vec<String>>;
 
 /// How long the job's phases took (ms, in the order they first started) and the runbook's
-/// time estimate for its procedure.
+/// time estimate for its procedure; and the webhook notifications sent about it (webhook and
+/// event, when; from the audit trail).
 #[derive(Debug, Default)]
 pub struct Timing {
     pub phases: Vec<(String, i64)>,
     pub estimate: Option<String>,
+    pub notified: Vec<(String, i64)>,
 }
 
 /// "4.2 s", "3 min 10 s".
@@ -389,7 +391,20 @@ pub fn render(job: &Job, output: &StepLines, timing: &Timing) -> String {
         "- [{}] Test critical functionality{critical_note}",
         tick(critical_ok)
     );
-    let _ = writeln!(md, "- [ ] Notify stakeholders of rollback");
+    match timing.notified.first() {
+        Some((first, at)) => {
+            let _ = writeln!(
+                md,
+                "- [x] Notify stakeholders of rollback — {} webhook notification(s), first {} at {}",
+                timing.notified.len(),
+                cell(first),
+                time(*at)
+            );
+        }
+        None => {
+            let _ = writeln!(md, "- [ ] Notify stakeholders of rollback");
+        }
+    }
     let _ = writeln!(
         md,
         "- [{}] Document rollback reason — \"{}\"",
@@ -489,6 +504,7 @@ mod tests {
         let timing = Timing {
             phases: vec![("stop".into(), 1_500), ("downgrade".into(), 185_000)],
             estimate: Some("5-15 minutes".into()),
+            notified: Vec::new(),
         };
         let md = render(&job, &StepLines::new(), &timing);
         assert!(md.contains("## Time per phase"), "{md}");
@@ -500,5 +516,29 @@ mod tests {
         );
         let none = render(&job, &StepLines::new(), &Timing::default());
         assert!(!none.contains("## Time per phase"), "{none}");
+        assert!(
+            none.contains("- [ ] Notify stakeholders of rollback\n"),
+            "{none}"
+        );
+    }
+
+    #[test]
+    fn a_sent_notification_ticks_notify_stakeholders_naming_it() {
+        let job = Job {
+            job_id: "j1".into(),
+            ..Default::default()
+        };
+        let timing = Timing {
+            notified: vec![
+                ("webhook=incident event=started".into(), 1_700_000_000_000),
+                ("webhook=incident event=finished".into(), 1_700_000_060_000),
+            ],
+            ..Default::default()
+        };
+        let md = render(&job, &StepLines::new(), &timing);
+        assert!(
+            md.contains("- [x] Notify stakeholders of rollback — 2 webhook notification(s), first webhook=incident event=started at 2023-11-14T22:13:20Z"),
+            "{md}"
+        );
     }
 }

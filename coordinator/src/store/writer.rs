@@ -62,7 +62,10 @@ async fn run(db: Arc<dyn Commit>, mut rx: mpsc::Receiver<(Write, Reply)>) {
             }
         }
         let (writes, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
-        match db.commit(&writes).await {
+        let started = std::time::Instant::now();
+        let committed = db.commit(&writes).await;
+        crate::metrics::store_commit(started.elapsed());
+        match committed {
             Ok(counts) => {
                 for (reply, n) in replies.into_iter().zip(counts) {
                     let _ = reply.send(Ok(n));
