@@ -22,11 +22,13 @@ use rollback_tests::lab_fleet::{
 use rollback_tests::packages::{
     self, AGENT_PACKAGE, CONFIG_DIR, COORDINATOR_PACKAGE, COORDINATOR_USER,
 };
-use rollback_tests::support::{Pki, bin};
+use rollback_tests::support::{Pki, bin, eventually};
 
 const AGENT_UNIT: &str = "fleet-rollback-agent.service";
 const COORDINATOR_UNIT: &str = "fleet-rollback-coordinator.service";
 /// `systemd-analyze security` overall exposure of the packaged units, at most (README).
+/// The packaged config's metrics listener, as seen on the coordinator's host.
+const METRICS_URL: &str = "http://127.0.0.1:9464/metrics";
 const AGENT_EXPOSURE_MAX: f64 = 3.2;
 const COORDINATOR_EXPOSURE_MAX: f64 = 1.1;
 
@@ -62,6 +64,39 @@ fn the_example_configs_load_and_the_units_keep_their_promises() -> Result<()> {
         coordinator.tls.key,
         Path::new("/etc/fleet-rollback/coordinator.key")
     );
+    assert_eq!(
+        coordinator.metrics_listen,
+        Some("127.0.0.1:9464".parse()?),
+        "metrics on, on loopback only"
+    );
+    // The commented webhook example loads as written once uncommented (its secret where the
+    // comment says).
+    let shipped = read(&root.join("coordinator/debian/coordinator.toml"))?;
+    let secret = dir.path().join("webhook.secret");
+    std::fs::write(&secret, "a secret\n")?;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+    let mut with_hook = String::new();
+    let mut in_example = false;
+    for line in shipped.lines() {
+        in_example = in_example && !line.is_empty() || line == "# [[webhooks]]";
+        let line = if in_example {
+            line.trim_start_matches("# ")
+        } else {
+            line
+        };
+        with_hook.push_str(&line.replace(
+            "/etc/fleet-rollback/webhook.secret",
+            &secret.display().to_string(),
+        ));
+        with_hook.push('\n');
+    }
+    ensure!(with_hook.contains("\n[[webhooks]]\nname = "), "{with_hook}");
+    let hooked = dir.path().join("coordinator.toml");
+    std::fs::write(&hooked, &with_hook)?;
+    let loaded = rollback_coordinator::Config::load(&hooked)
+        .map_err(|e| anyhow::anyhow!("the example webhook, uncommented: {e}"))?;
+    assert_eq!(loaded.webhooks.len(), 1);
+    assert_eq!(loaded.webhooks[0].events.len(), 4);
 
     let agent_unit = read(&root.join("agent/debian").join(AGENT_UNIT))?;
     for line in [
@@ -394,12 +429,59 @@ fn packaged_agents_and_coordinator_roll_a_bad_deployment_back() -> Result<()> {
             Ok(())
         });
     }
-    let (ok, text) = fleet.rollback_web(&[
-        "--to-snapshot",
-        "latest",
-        "--reason",
-        "bad deploy on the packaged fleet",
-    ])?;
+    // Prometheus's view while it runs: the packaged config's metrics listener (loopback on the
+    // coordinator's host) shows the job and its runs.
+    let scrape = || lab.run(&db, &["curl", "-sS", "--max-time", "10", METRICS_URL]);
+    let idle = scrape()?;
+    assert!(
+        idle.contains("fleet_rollback_agents_online 2"),
+        "both packaged agents counted:\n{idle}"
+    );
+    let (rolled, during) = std::thread::scope(|s| -> Result<_> {
+        let rollback = s.spawn(|| {
+            fleet.rollback_web(&[
+                "--to-snapshot",
+                "latest",
+                "--reason",
+                "bad deploy on the packaged fleet",
+            ])
+        });
+        // The rollback itself, not the diagnose run its `--to-snapshot` plan starts with.
+        let rollback_job = |page: &str| -> Option<String> {
+            let line = page.lines().find(|l| {
+                l.starts_with("fleet_rollback_job_hosts{job=\"")
+                    && !l.contains("procedure=\"diagnose\"")
+            })?;
+            let id = line.split('"').nth(1)?.to_string();
+            page.contains(&format!("fleet_rollback_job_runs{{job=\"{id}\""))
+                .then_some(id)
+        };
+        let mut seen = None;
+        while seen.is_none() && !rollback.is_finished() {
+            let page = scrape()?;
+            if let Some(id) = rollback_job(&page) {
+                seen = Some((id, page));
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        let rolled = rollback
+            .join()
+            .map_err(|_| anyhow::anyhow!("the rollback thread panicked"))??;
+        Ok((rolled, seen))
+    })?;
+    let (ok, text) = rolled;
+    let (shown, during) = during.with_context(|| {
+        format!("no scrape during the rollback showed its runs; the rollback said:\n{text}")
+    })?;
+    assert!(
+        during.contains("fleet_rollback_jobs{state=\"running\"} 1"),
+        "{during}"
+    );
+    assert!(
+        during.contains("fleet_rollback_job_hosts{job=\""),
+        "the running job's hosts: {during}"
+    );
     assert!(
         ok,
         "{text}\ncoordinator journal:\n{}",
@@ -407,6 +489,18 @@ fn packaged_agents_and_coordinator_roll_a_bad_deployment_back() -> Result<()> {
     );
     let record = fleet.latest_job()?;
     assert_eq!(record["state"], "succeeded", "{record}");
+    let job_id = record["job_id"].as_str().unwrap_or_default();
+    assert_eq!(shown, job_id, "the page showed this job: {during}");
+    let after = scrape()?;
+    assert!(
+        after.contains("fleet_rollback_jobs_finished_total{state=\"succeeded\"} ")
+            && after.contains("fleet_rollback_jobs{state=\"running\"} 0"),
+        "{after}"
+    );
+    assert!(
+        after.contains("fleet_rollback_step_duration_seconds_count{action=\"service.stop\"} "),
+        "{after}"
+    );
     assert_eq!(outcomes(&record).len(), apps.len(), "{record}");
     assert!(
         outcomes(&record).iter().all(|(_, o)| o == "succeeded"),
@@ -479,6 +573,15 @@ fn packaged_agents_and_coordinator_roll_a_bad_deployment_back() -> Result<()> {
         main_pid(&lab, &db, COORDINATOR_UNIT)?,
         pid,
         "reload is not a restart"
+    );
+    eventually(
+        "the reload is logged",
+        std::time::Duration::from_secs(30),
+        || {
+            let log = journal(&lab, &db, COORDINATOR_UNIT);
+            ensure!(log.contains("configuration reloaded"), "not yet:\n{log}");
+            Ok(())
+        },
     );
 
     // The agent unit as installed: steps delegated to cgroups of their own, killed with it.
