@@ -84,10 +84,13 @@ pub fn run(args: TestArgs) -> Result<()> {
         "chromium-driver",
         "the web console's browser tests (lab_ui) drive chromium through it",
     )?;
+    // Built as the suite builds them (`cargo test` unifies the dev-dependencies' features, so
+    // `cargo build --bins` would link a different rollback-agent, which the suite's own build
+    // would then replace, leaving the packages below older than the binaries they claim).
     cargo(
         Command::new("cargo")
             .current_dir(&root)
-            .args(["build", "--workspace", "--bins"]),
+            .args(["test", "--workspace", "--no-run"]),
     )?;
     // lab_package installs these in the lab: the debug binaries just built, packaged.
     crate::package::ensure_tools()?;
