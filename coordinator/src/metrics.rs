@@ -378,6 +378,9 @@ async fn job_gauges(store: &dyn Store) -> Result<String, crate::store::StoreErro
     Ok(out)
 }
 
+/// Scrapes served at once; a connection beyond them is closed at once (a scraper needs one).
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves `GET /metrics` on `listener` until `cancel`.
 pub async fn serve(
     listener: TcpListener,
@@ -385,6 +388,7 @@ pub async fn serve(
     tasks: TaskTracker,
     cancel: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -398,9 +402,14 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(peer = %peer, "metrics: {MAX_CONNECTIONS} connections already open; closed this one");
+            continue;
+        };
         let src = src.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let src = src.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&src, &req).await) }

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use rollback_common::jobs::EventKind;
 use rollback_common::proto::JobEvent;
@@ -508,9 +508,10 @@ where
         .send_request(req)
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
+    // Only the status counts: the body is never read (a receiver cannot make us hold an
+    // endless answer), and the connection is dropped with it.
     let status = answer.status();
-    // Read (and drop) the answer so the connection ends cleanly; its content is not used.
-    let _ = answer.into_body().collect().await;
+    drop(answer);
     driver.abort();
     Ok(status)
 }

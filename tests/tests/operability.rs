@@ -604,6 +604,22 @@ fn metrics_show_a_running_job_and_its_runs() -> Result<()> {
     assert!(status.contains("404"), "{status}");
     let (status, _) = http(&addr, "POST", "/metrics")?;
     assert!(status.contains("405"), "{status}");
+    // Idle connections cannot starve the listener of descriptors: beyond 16 open at once a
+    // connection is closed unanswered; once they go, scrapes are answered again.
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(&addr))
+        .collect::<std::io::Result<_>>()?;
+    eventually("a 17th connection is refused", DEADLINE, || {
+        let (status, _) = http(&addr, "GET", "/metrics").unwrap_or_default();
+        ensure!(status.is_empty(), "answered: {status}");
+        Ok(())
+    });
+    drop(idle);
+    eventually("scrapes answered again", DEADLINE, || {
+        let (status, _) = http(&addr, "GET", "/metrics")?;
+        ensure!(status.contains("200"), "{status:?}");
+        Ok(())
+    });
     coordinator.stop()?;
     Ok(())
 }
