@@ -7,11 +7,15 @@ use clap::Parser;
 
 /// The fleet-rollback coordinator. Agents dial in to it over mTLS; operators drive it with
 /// `rollbackctl`. Both use the one `listen` address; certificates tell them apart.
+///
+/// Signals: SIGTERM or SIGINT stop it (health turns NOT_SERVING, in-flight work gets
+/// `shutdown_grace_secs`); SIGHUP reloads operators, runbook, approval policy, webhooks and
+/// inventory from the config, refusing a file that does not load, then reloads the CRL.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about)]
 struct Args {
-    /// Coordinator config (TOML): listen, database, crl, limits, [tls] ca/cert/key,
-    /// [operators] name = role.
+    /// Coordinator config (TOML): listen, database, crl, limits, metrics_listen, log_format,
+    /// [tls] ca/cert/key, [operators] name = role, [approval], [inventory], [[webhooks]].
     #[arg(long, env = "ROLLBACK_COORDINATOR_CONFIG")]
     config: PathBuf,
 }
