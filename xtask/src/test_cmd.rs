@@ -84,9 +84,16 @@ pub fn run(args: TestArgs) -> Result<()> {
         "chromium-driver",
         "the web console's browser tests (lab_ui) drive chromium through it",
     )?;
-    // Built as the suite builds them (`cargo test` unifies the dev-dependencies' features, so
-    // `cargo build --bins` would link a different rollback-agent, which the suite's own build
-    // would then replace, leaving the packages below older than the binaries they claim).
+    // Every binary the suites start, then the suites' own build: `cargo test` unifies the
+    // dev-dependencies' features and relinks the binaries of packages with integration tests
+    // (rollback-agent), so packaging after `cargo build --bins` alone would leave the packages
+    // older than the binaries they claim; `cargo test --no-run` alone does not build the
+    // binaries of packages without integration tests (rollback-coordinator).
+    cargo(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--workspace", "--bins"]),
+    )?;
     cargo(
         Command::new("cargo")
             .current_dir(&root)
