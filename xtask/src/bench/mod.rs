@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// Measure and print, but leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
+    /// Profile the coordinator during each part (b) job with `perf record` into DIR (one
+    /// `.data` file per run). Profiling slows what it measures: implies --no-write.
+    #[arg(long, value_name = "DIR")]
+    perf: Option<std::path::PathBuf>,
     /// Measure nothing: re-render the results section from the measurements stored in it.
     #[arg(long)]
     render: bool,
@@ -188,8 +192,9 @@ fn measure(args: &BenchArgs) -> Result<()> {
         peers::version_of(&harness::bin("rollback-agent"))
     ));
 
+    let write = !args.no_write && args.perf.is_none();
     let save = |data: &Value| -> Result<()> {
-        if !args.no_write {
+        if write {
             report::write(&bench_md, data)?;
         }
         Ok(())
@@ -245,10 +250,11 @@ fn measure(args: &BenchArgs) -> Result<()> {
                     (ScaleStore::Cluster, Some(pg)) => scale::Setup::Cluster(&pg.server),
                     (_, None) => continue,
                 };
-                let fig = scale::measure(&root, &pki, k, runs, setup).unwrap_or_else(|e| {
-                    eprintln!("bench: {} K={k}: {e:#}", setup.key());
-                    json!({"error": format!("{e:#}")})
-                });
+                let fig = scale::measure(&root, &pki, k, runs, setup, args.perf.as_deref())
+                    .unwrap_or_else(|e| {
+                        eprintln!("bench: {} K={k}: {e:#}", setup.key());
+                        json!({"error": format!("{e:#}")})
+                    });
                 merge(&mut data, &[setup.key(), &k.to_string()], fig);
                 save(&data)?;
             }
@@ -274,7 +280,7 @@ fn measure(args: &BenchArgs) -> Result<()> {
     eprintln!(
         "bench: done in {:.0} s{}",
         started.elapsed().as_secs_f64(),
-        if args.no_write {
+        if !write {
             ""
         } else {
             "; BENCHMARKS.md updated"

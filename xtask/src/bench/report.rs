@@ -199,7 +199,7 @@ fn render(data: &Value) -> String {
          job start → the host's step result recorded (the headline \"dispatch latency\"), job \
          start → run sent, and run sent → result (round trip).\n\n",
     );
-    out.push_str("| K | connect all | job to all K | start→result p50 / p99 | start→sent p50 / p99 | sent→result p50 / p99 | coordinator RSS: 0 agents / K idle / peak | coordinator CPU: connect / job | simulator RSS |\n|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| K | connect all | job to all K | start→result p50 / p99 | start→sent p50 / p99 | sent→result p50 / p99 | coordinator RSS: 0 agents / K idle / peak | coordinator CPU: connect / job / job per 1,000 hosts | simulator: CPU in the job / RSS |\n|---|---|---|---|---|---|---|---|---|\n");
     let scale = data["scale"].as_object().cloned().unwrap_or_default();
     let mut ks: Vec<(u64, Value)> = scale
         .iter()
@@ -219,7 +219,7 @@ fn render(data: &Value) -> String {
         }
         let m = &v["median"];
         out.push_str(&format!(
-            "| {k} | {} | {} ({}) | {} / {} | {} / {} | {} / {} | {} / {} / {} | {:.1} s / {:.1} s | {} |\n",
+            "| {k} | {} | {} ({}) | {} / {} | {} / {} | {} / {} | {} / {} / {} | {:.1} s / {:.1} s / {} | {} / {} |\n",
             secs(&m["connect_s"]),
             secs(&m["job_wall_s"]),
             secs(&m["job_coord_s"]),
@@ -234,6 +234,8 @@ fn render(data: &Value) -> String {
             mib(&m["coord_peak_mib"]),
             f(&m["connect_cpu_s"]).unwrap_or(f64::NAN),
             f(&m["job_cpu_s"]).unwrap_or(f64::NAN),
+            f(&m["job_cpu_per_1000_s"]).map_or("—".into(), |x| format!("{x:.2} s")),
+            f(&m["sim_job_cpu_s"]).map_or("—".into(), |x| format!("{x:.1} s")),
             mib(&m["sim_rss_mib"]),
         ));
     }
@@ -277,6 +279,20 @@ fn render(data: &Value) -> String {
             ));
         }
         None => out.push_str("- 10,000 agents, job < 2 s, RSS < 1 GiB: not measured in this run (full `cargo xtask bench` only)\n"),
+    }
+    match ks
+        .iter()
+        .rev()
+        .find(|(_, v)| f(&v["median"]["job_cpu_per_1000_s"]).is_some())
+    {
+        Some((k, v)) => {
+            let x = f(&v["median"]["job_cpu_per_1000_s"]).unwrap_or(f64::NAN);
+            out.push_str(&format!(
+                "- coordinator CPU per 1,000 hosts per one-step job < 0.15 s (at K = {k}): {x:.2} s — {}\n",
+                verdict(x < 0.15)
+            ));
+        }
+        None => out.push_str("- coordinator CPU per 1,000 hosts: not measured yet\n"),
     }
     match k1 {
         Some(m) => out.push_str(&format!(

@@ -105,6 +105,7 @@ fn run_once(
     k: usize,
     run: usize,
     setup: Setup<'_>,
+    perf: Option<&Path>,
 ) -> Result<serde_json::Value> {
     let dir = root
         .join(format!("{}-{k}", setup.key()))
@@ -229,7 +230,16 @@ fn run_once(
     let sim_pid = sim.pid()?;
     let sim_rss_kib = sys::rss_kib(sim_pid)?;
 
+    let profile = match perf {
+        Some(dir) => Some(Profile::start(
+            dir,
+            &format!("{}-{k}-run{run}", setup.key()),
+            &cpids,
+        )?),
+        None => None,
+    };
     let ticks2 = ticks(&cpids)?;
+    let sim_ticks2 = sys::cpu_ticks(sim_pid)?;
     let (wall, job) = harness::rollback(
         coord,
         &[
@@ -251,6 +261,10 @@ fn run_once(
         Duration::from_secs(900),
     )?;
     let ticks3 = ticks(&cpids)?;
+    let sim_ticks3 = sys::cpu_ticks(sim_pid)?;
+    if let Some(p) = profile {
+        p.finish()?;
+    }
     let coord_peak_kib = rss_max(&cpids, &sys::peak_rss_kib)?;
     let hosts = job["hosts"].as_array().map_or(0, Vec::len);
     if hosts != k {
@@ -277,12 +291,53 @@ fn run_once(
         "job_wall_s": wall.as_secs_f64(),
         "job_coord_s": harness::job_seconds(&job),
         "job_cpu_s": (ticks3 - ticks2) as f64 / clk,
+        // The figure that does not depend on the simulator sharing the two vCPUs.
+        "job_cpu_per_1000_s": (ticks3 - ticks2) as f64 / clk * 1000.0 / k as f64,
+        "sim_job_cpu_s": (sim_ticks3 - sim_ticks2) as f64 / clk,
         "coord_idle0_mib": coord_idle0_kib as f64 / 1024.0,
         "coord_idle_k_mib": coord_idle_k_kib as f64 / 1024.0,
         "coord_peak_mib": coord_peak_kib as f64 / 1024.0,
         "sim_rss_mib": sim_rss_kib as f64 / 1024.0,
         "latency": lat,
     }))
+}
+
+/// `perf record` of the coordinators during the job (`cargo xtask bench --perf DIR`): call
+/// graphs by DWARF unwinding (release builds keep no frame pointers), 499 samples a second.
+struct Profile {
+    perf: Daemon,
+    data: PathBuf,
+}
+
+impl Profile {
+    fn start(dir: &Path, name: &str, pids: &[u32]) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let data = dir.join(format!("{name}.data"));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let mut cmd = Command::new("perf");
+        cmd.args(["record", "-F", "499", "--call-graph", "dwarf,32768", "-p"])
+            .arg(pids.join(","))
+            .arg("-o")
+            .arg(&data);
+        let mut perf = Daemon::spawn(cmd, &dir.join(format!("{name}.log")), "perf record")?;
+        // perf prints nothing when it has attached; give it time to, and fail if it could not.
+        std::thread::sleep(Duration::from_millis(500));
+        perf.check_alive().context(
+            "perf record (install linux-perf; it needs root or perf_event_paranoid <= 1)",
+        )?;
+        Ok(Self { perf, data })
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.perf.interrupt();
+        self.perf
+            .wait_until(Instant::now() + Duration::from_secs(120));
+        eprintln!(
+            "bench: profile in {} (flame graph: see BENCHMARKS.md, \"Profiles\")",
+            self.data.display()
+        );
+        Ok(())
+    }
 }
 
 /// Per-host latencies from the job's events (`rollbackctl --output json watch JOB`).
@@ -347,6 +402,7 @@ pub fn measure(
     k: usize,
     runs: usize,
     setup: Setup<'_>,
+    perf: Option<&Path>,
 ) -> Result<serde_json::Value> {
     if let Some(limit) = sys::open_files_limit()
         && limit < (k as u64) + 1024
@@ -361,7 +417,8 @@ pub fn measure(
     for run in 1..=runs {
         let what = format!("{} K={k}", setup.key());
         eprintln!("bench: {what}: run {run}/{runs}");
-        let r = run_once(root, pki, k, run, setup).with_context(|| format!("{what} run {run}"))?;
+        let r = run_once(root, pki, k, run, setup, perf)
+            .with_context(|| format!("{what} run {run}"))?;
         eprintln!("bench: {what}: run {run}: {r}");
         all.push(r);
     }
@@ -378,6 +435,8 @@ pub fn measure(
             "job_wall_s": med(&|r| r["job_wall_s"].as_f64()),
             "job_coord_s": med(&|r| r["job_coord_s"].as_f64()),
             "job_cpu_s": med(&|r| r["job_cpu_s"].as_f64()),
+            "job_cpu_per_1000_s": med(&|r| r["job_cpu_per_1000_s"].as_f64()),
+            "sim_job_cpu_s": med(&|r| r["sim_job_cpu_s"].as_f64()),
             "coord_idle0_mib": med(&|r| r["coord_idle0_mib"].as_f64()),
             "coord_idle_k_mib": med(&|r| r["coord_idle_k_mib"].as_f64()),
             "coord_peak_mib": med(&|r| r["coord_peak_mib"].as_f64()),

@@ -272,6 +272,11 @@ impl Daemon {
         }
     }
 
+    /// Sends SIGINT (to its group, if it leads one) without waiting.
+    pub fn interrupt(&self) {
+        self.signal("-INT");
+    }
+
     /// Sends SIGTERM (to its group, if it leads one) without waiting.
     pub fn terminate(&self) {
         self.signal("-TERM");
