@@ -578,3 +578,120 @@ async fn records_edited_or_removed_behind_the_stores_back_are_named() {
     let (seq, problem, _) = broken(store).await;
     assert_eq!((seq, problem), (2, Problem::Missing));
 }
+
+/// A group commit records a batch's runs and results many rows a statement: every result is
+/// still taken only once and only from its own host, in the order the callers sent them, and
+/// each has its audit record with the run's job, in one gapless chain.
+#[tokio::test]
+async fn results_recorded_together_are_each_taken_once_from_their_own_host_and_chained() {
+    use crate::store::ResultTaken;
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    const N: usize = 300;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let s = store.clone();
+        tasks.spawn(async move {
+            s.create_run(&run(&format!("r{i}"), "jb", &format!("h{i}")), "test")
+                .await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("create_run");
+    }
+    // Every run's result from its host, sent twice for the even ones; a result for the
+    // first ten from another host; and results for runs nobody created.
+    let mut sends = Vec::new();
+    for i in 0..N {
+        sends.push((format!("r{i}"), format!("h{i}"), 1));
+        if i % 2 == 0 {
+            sends.push((format!("r{i}"), format!("h{i}"), 2));
+        }
+    }
+    for i in 0..10 {
+        sends.push((format!("r{i}"), "intruder".to_string(), 3));
+        sends.push((format!("ghost{i}"), format!("h{i}"), 4));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (run_id, host_id, status) in sends.clone() {
+        let s = store.clone();
+        tasks.spawn(async move {
+            let taken = s
+                .finish_run(
+                    &run_id,
+                    &host_id,
+                    status,
+                    2,
+                    format!("result {status}").as_bytes(),
+                    &audit(
+                        &format!("agent/{host_id}"),
+                        "run.finished",
+                        &format!("run/{run_id}"),
+                    ),
+                )
+                .await;
+            (run_id, host_id, status, taken)
+        });
+    }
+    let mut recorded = std::collections::HashMap::new();
+    let mut repeated = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (run_id, host_id, status, taken) = done.expect("task");
+        match (taken.expect("finish_run"), status) {
+            (ResultTaken::Recorded, 1 | 2) => {
+                assert!(
+                    recorded.insert(run_id.clone(), status).is_none(),
+                    "{run_id} recorded twice"
+                );
+            }
+            (ResultTaken::AlreadyRecorded, 1 | 2) => repeated += 1,
+            (ResultTaken::OtherHost(owner), 3) => {
+                assert_eq!(format!("r{}", &owner[1..]), run_id, "{host_id}")
+            }
+            (ResultTaken::UnknownRun, 4) => {}
+            (other, status) => panic!("{run_id} from {host_id} ({status}): {other:?}"),
+        }
+    }
+    assert_eq!(recorded.len(), N, "every run recorded once");
+    assert_eq!(repeated, N / 2, "every second send found its run recorded");
+    for i in 0..N {
+        let r = store
+            .get_run(&format!("r{i}"))
+            .await
+            .expect("read")
+            .expect("run");
+        let status = recorded[&format!("r{i}")];
+        assert_eq!(
+            r.status, status,
+            "r{i}: the result that was taken is stored"
+        );
+        assert_eq!(r.result, Some(format!("result {status}").into_bytes()));
+    }
+    // One record per result sent, whatever became of it, all in one chain.
+    assert_eq!(intact(&*store).await, sends.len() as u64);
+    let all = store
+        .list_audit(&AuditFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let count = |action: &str| all.iter().filter(|r| r.event.action == action).count();
+    assert_eq!(count("run.finished"), N);
+    assert_eq!(count("run.result_repeated"), N / 2);
+    assert_eq!(count("run.result_refused"), 10);
+    assert_eq!(count("run.result_unknown_run"), 10);
+    let of_job = store
+        .list_audit(&AuditFilter {
+            job_id: "jb".into(),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        of_job.len(),
+        sends.len() - 10,
+        "every record about a stored run names its job"
+    );
+}

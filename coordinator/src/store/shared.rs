@@ -392,6 +392,17 @@ pub(super) fn audit_refused(event: &AuditEvent, reason: String) -> StoreError {
     }
 }
 
+/// A run's result as `Write::FinishRun` carries it, borrowed (the group commit records many
+/// in one statement).
+pub(super) struct Finish<'a> {
+    run_id: &'a str,
+    host_id: &'a str,
+    status: i32,
+    finished_at_ms: i64,
+    result: &'a [u8],
+    audit: &'a AuditEvent,
+}
+
 /// A chain link read from a head row.
 fn link(seq: i64, hash: String) -> Link {
     Link {
@@ -529,38 +540,66 @@ macro_rules! backend {
                 cx: &mut TxState,
                 job: Option<&str>,
             ) -> Result<Link, StoreError> {
-                check_attributed(event)?;
-                let refused = |e: sqlx::Error| audit_refused(event, e.to_string());
+                let records = [(event.clone(), job.map(str::to_string))];
+                append_all(conn, &records, seen, cx)
+                    .await?
+                    .ok_or_else(|| audit_refused(event, "nothing was appended".into()))
+            }
+
+            /// `append_in` for several records, chained in order and stored one statement
+            /// per `ROWS_PER_INSERT`; returns the last one's link (None for no record). Every
+            /// record is checked before anything is written.
+            async fn append_all(
+                conn: &mut Conn,
+                records: &[(AuditEvent, Option<String>)],
+                seen: &Seen,
+                cx: &mut TxState,
+            ) -> Result<Option<Link>, StoreError> {
+                let Some((first, _)) = records.first() else {
+                    return Ok(None);
+                };
+                for (event, _) in records {
+                    check_attributed(event)?;
+                }
                 let stored = match cx.head.take() {
                     Some(mine) => Some(mine),
-                    None => head(conn).await.map_err(refused)?,
+                    None => head(conn).await.map_err(|e| audit_refused(first, e.to_string()))?,
                 };
-                let prev = seen.chain_from(stored);
-                let seq = prev.seq + 1;
-                let job_id = match job {
-                    Some(job) => job.to_string(),
-                    None => job_of(conn, &event.target).await.map_err(refused)?,
-                };
-                let hash = chain::hash_of(seq, event, &job_id, &prev.hash);
-                sqlx::query(
-                    "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                )
-                .bind(event.at_ms)
-                .bind(&event.actor)
-                .bind(&event.action)
-                .bind(&event.target)
-                .bind(&event.detail)
-                .bind(db_seq(seq))
-                .bind(&prev.hash)
-                .bind(&hash)
-                .bind(&job_id)
-                .execute(&mut *conn)
-                .await
-                .map_err(refused)?;
-                let link = Link { seq, hash };
-                cx.head = Some(link.clone());
-                Ok(link)
+                let mut prev = seen.chain_from(stored);
+                let mut rows = Vec::with_capacity(records.len());
+                for (event, job) in records {
+                    let job_id = match job {
+                        Some(job) => job.clone(),
+                        None => job_of(conn, &event.target)
+                            .await
+                            .map_err(|e| audit_refused(event, e.to_string()))?,
+                    };
+                    let seq = prev.seq + 1;
+                    let hash = chain::hash_of(seq, event, &job_id, &prev.hash);
+                    let prev_hash = std::mem::replace(&mut prev, Link { seq, hash }).hash;
+                    rows.push((event, seq, prev_hash, prev.hash.clone(), job_id));
+                }
+                for chunk in rows.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id) ",
+                    );
+                    insert.push_values(chunk, |mut row, (event, seq, prev_hash, hash, job_id)| {
+                        row.push_bind(event.at_ms)
+                            .push_bind(&event.actor)
+                            .push_bind(&event.action)
+                            .push_bind(&event.target)
+                            .push_bind(&event.detail)
+                            .push_bind(db_seq(*seq))
+                            .push_bind(prev_hash)
+                            .push_bind(hash)
+                            .push_bind(job_id);
+                    });
+                    if let Err(e) = insert.build().execute(&mut *conn).await {
+                        return Err(audit_refused(chunk[0].0, e.to_string()));
+                    }
+                }
+                cx.head = Some(prev.clone());
+                Ok(Some(prev))
             }
 
             /// Chains the records written before the chain existed, in id order — once: only
@@ -709,22 +748,171 @@ macro_rules! backend {
                 }
             }
 
-            /// Applies a group commit's writes in order in the caller's transaction; returns
-            /// the rows each changed and the last audit record appended, if any.
+            /// Applies a group commit's writes in the caller's transaction; returns the rows
+            /// each changed (in the writes' order) and the last audit record appended, if any.
+            /// The writes of one batch come from callers running concurrently (each waits for
+            /// its own), so any order among them is one they could have had: the runs created
+            /// go first, many rows a statement, then the results with their audit records the
+            /// same way, then every other write in its order. A statement is a hand-off to
+            /// SQLite's worker thread or a round trip to PostgreSQL: a batch of 10,000 results
+            /// is a few dozen, not 30,000.
             pub(in crate::store) async fn apply_all(
                 conn: &mut Conn,
                 seen: &Seen,
                 writes: &[Write],
             ) -> Result<(Vec<u64>, Option<Link>), StoreError> {
-                let mut counts = Vec::with_capacity(writes.len());
+                let mut counts = vec![0; writes.len()];
+                let mut done = vec![false; writes.len()];
                 let mut appended: Option<Link> = None;
                 let mut cx = TxState::default();
-                for w in writes {
+                let (mut created, mut finished) = (Vec::new(), Vec::new());
+                for (i, w) in writes.iter().enumerate() {
+                    match w {
+                        Write::CreateRun { run, by } => created.push((i, (run, by.as_str()))),
+                        Write::FinishRun { run_id, host_id, status, finished_at_ms, result, audit } => {
+                            finished.push((i, Finish { run_id, host_id, status: *status, finished_at_ms: *finished_at_ms, result, audit }));
+                        }
+                        _ => {}
+                    }
+                }
+                let runs: Vec<(&RunRow, &str)> = created.iter().map(|(_, r)| *r).collect();
+                insert_runs(conn, &runs, &mut cx).await?;
+                for (i, _) in &created {
+                    counts[*i] = 1;
+                    done[*i] = true;
+                }
+                let results: Vec<&Finish<'_>> = finished.iter().map(|(_, f)| f).collect();
+                let (codes, link) = finish_runs(conn, seen, &results, &mut cx).await?;
+                appended = link.or(appended);
+                for ((i, _), code) in finished.iter().zip(codes) {
+                    counts[*i] = code;
+                    done[*i] = true;
+                }
+                for (i, w) in writes.iter().enumerate() {
+                    if done[i] {
+                        continue;
+                    }
                     let (n, link) = apply(conn, seen, w, &mut cx).await?;
                     appended = link.or(appended);
-                    counts.push(n);
+                    counts[i] = n;
                 }
                 Ok((counts, appended))
+            }
+
+            /// Inserts runs (each with the name of the process creating it, for `fence`), one
+            /// statement per `ROWS_PER_INSERT`.
+            async fn insert_runs(
+                conn: &mut Conn,
+                runs: &[(&RunRow, &str)],
+                cx: &mut TxState,
+            ) -> Result<u64, StoreError> {
+                for (r, by) in runs {
+                    fence(conn, &r.job_id, by, cx).await?;
+                }
+                let mut n = 0;
+                for chunk in runs.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase) ",
+                    );
+                    insert.push_values(chunk, |mut row, (r, _)| {
+                        row.push_bind(&r.run_id)
+                            .push_bind(&r.job_id)
+                            .push_bind(&r.host_id)
+                            .push_bind(&r.requested_by)
+                            .push_bind(&r.reason)
+                            .push_bind(&r.procedure)
+                            .push_bind(r.status)
+                            .push_bind(r.created_at_ms)
+                            .push_bind(&r.phase);
+                    });
+                    n += insert
+                        .build()
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(query_err("create_run"))?
+                        .rows_affected();
+                }
+                Ok(n)
+            }
+
+            /// Records results, each only for the host its run was sent to and only once: one
+            /// statement per `ROWS_PER_INSERT` results for those that are (the usual case), a
+            /// look at why for each that is not. Then each result's audit record, in order.
+            /// Returns a `TAKEN_*` code per result and the last record appended.
+            async fn finish_runs(
+                conn: &mut Conn,
+                seen: &Seen,
+                results: &[&Finish<'_>],
+                cx: &mut TxState,
+            ) -> Result<(Vec<u64>, Option<Link>), StoreError> {
+                if results.is_empty() {
+                    return Ok((Vec::new(), None));
+                }
+                // A run named twice (a result sent again) is updated by its first only; the
+                // second then finds it recorded, as it would one statement later.
+                let mut named = std::collections::HashSet::new();
+                let first: Vec<&Finish<'_>> =
+                    results.iter().copied().filter(|f| named.insert(f.run_id)).collect();
+                let mut recorded: HashMap<String, String> = HashMap::new();
+                for chunk in first.chunks(ROWS_PER_INSERT) {
+                    let mut update = sqlx::QueryBuilder::<$db>::new(
+                        "WITH v (v_run, v_host, v_status, v_at, v_result) AS (",
+                    );
+                    update.push_values(chunk, |mut row, f| {
+                        row.push_bind(f.run_id)
+                            .push_bind(f.host_id)
+                            .push_bind(f.status)
+                            .push_bind(f.finished_at_ms)
+                            .push_bind(f.result);
+                    });
+                    update.push(
+                        ") UPDATE runs SET status = v.v_status, finished_at_ms = v.v_at, result = v.v_result
+                         FROM v WHERE runs.run_id = v.v_run AND runs.host_id = v.v_host AND runs.result IS NULL
+                         RETURNING run_id, job_id",
+                    );
+                    let rows: Vec<(String, String)> = update
+                        .build_query_as()
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(query_err("finish_run"))?;
+                    recorded.extend(rows);
+                }
+                let mut codes = Vec::with_capacity(results.len());
+                let mut records = Vec::with_capacity(results.len());
+                for f in results {
+                    let job = recorded.remove(f.run_id);
+                    let (code, action) = match &job {
+                        Some(_) => (TAKEN_RECORDED, f.audit.action.as_str()),
+                        None => not_recorded(conn, f.run_id, f.host_id).await?,
+                    };
+                    let event = AuditEvent { action: action.to_string(), ..f.audit.clone() };
+                    // The record's job is the run's, known once the run was updated.
+                    let job = job.filter(|_| event.target == format!("run/{}", f.run_id));
+                    records.push((event, job));
+                    codes.push(code);
+                }
+                let link = append_all(conn, &records, seen, cx).await?;
+                Ok((codes, link))
+            }
+
+            /// Why a result was not recorded: its run is unknown, another host's, or has one.
+            async fn not_recorded(
+                conn: &mut Conn,
+                run_id: &str,
+                host_id: &str,
+            ) -> Result<(u64, &'static str), StoreError> {
+                let row: Option<(String, bool)> = sqlx::query_as(
+                    "SELECT host_id, result IS NOT NULL FROM runs WHERE run_id = $1",
+                )
+                .bind(run_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(query_err("finish_run"))?;
+                Ok(match row {
+                    None => (TAKEN_UNKNOWN, "run.result_unknown_run"),
+                    Some((owner, _)) if owner != host_id => (TAKEN_OTHER_HOST, "run.result_refused"),
+                    Some(_) => (TAKEN_ALREADY, "run.result_repeated"),
+                })
             }
 
             /// Applies one write in the caller's transaction; returns the rows it changed
@@ -739,65 +927,12 @@ macro_rules! backend {
                 let q = query_err;
                 let mut appended = None;
                 let n = match w {
-                    Write::CreateRun { run: r, by } => {
-                        fence(conn, &r.job_id, by, cx).await?;
-                        sqlx::query(
-                        "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    )
-                    .bind(&r.run_id)
-                    .bind(&r.job_id)
-                    .bind(&r.host_id)
-                    .bind(&r.requested_by)
-                    .bind(&r.reason)
-                    .bind(&r.procedure)
-                    .bind(r.status)
-                    .bind(r.created_at_ms)
-                    .bind(&r.phase)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(q("create_run"))?
-                    .rows_affected()
-                    }
+                    Write::CreateRun { run, by } => insert_runs(conn, &[(run, by.as_str())], cx).await?,
                     Write::FinishRun { run_id, host_id, status, finished_at_ms, result, audit } => {
-                        // Recorded only for the host it was sent to, and only once: one
-                        // statement when it is (the usual case), a look at why when not.
-                        let recorded: Option<String> = sqlx::query_scalar(
-                            "UPDATE runs SET status = $2, finished_at_ms = $3, result = $4
-                             WHERE run_id = $1 AND host_id = $5 AND result IS NULL RETURNING job_id",
-                        )
-                        .bind(run_id)
-                        .bind(status)
-                        .bind(finished_at_ms)
-                        .bind(result)
-                        .bind(host_id)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(q("finish_run"))?;
-                        let (code, action) = match &recorded {
-                            Some(_) => (TAKEN_RECORDED, audit.action.as_str()),
-                            None => {
-                                let row: Option<(String, bool)> = sqlx::query_as(
-                                    "SELECT host_id, result IS NOT NULL FROM runs WHERE run_id = $1",
-                                )
-                                .bind(run_id)
-                                .fetch_optional(&mut *conn)
-                                .await
-                                .map_err(q("finish_run"))?;
-                                match row {
-                                    None => (TAKEN_UNKNOWN, "run.result_unknown_run"),
-                                    Some((owner, _)) if owner != *host_id => {
-                                        (TAKEN_OTHER_HOST, "run.result_refused")
-                                    }
-                                    Some(_) => (TAKEN_ALREADY, "run.result_repeated"),
-                                }
-                            }
-                        };
-                        let event = AuditEvent { action: action.to_string(), ..audit.clone() };
-                        // The record's job is the run's, known once the run was updated.
-                        let job = recorded.as_deref().filter(|_| event.target == format!("run/{run_id}"));
-                        appended = Some(append_in(conn, &event, seen, cx, job).await?);
-                        code
+                        let f = Finish { run_id, host_id, status: *status, finished_at_ms: *finished_at_ms, result, audit };
+                        let (codes, link) = finish_runs(conn, seen, &[&f], cx).await?;
+                        appended = link;
+                        codes.first().copied().unwrap_or(TAKEN_UNKNOWN)
                     }
                     Write::Audit(e) => {
                         appended = Some(append_in(conn, e, seen, cx, None).await?);
