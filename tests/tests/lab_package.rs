@@ -372,6 +372,19 @@ fn packaged_agents_and_coordinator_roll_a_bad_deployment_back() -> Result<()> {
             "0600",
             "root",
         )?;
+        // The lab's alembic is the checkout's venv (its scripts name its python by that
+        // path); when the checkout is under /tmp, the unit's PrivateTmp hides it. A host
+        // with alembic installed needs nothing like this: the lab makes it visible again,
+        // and changes nothing else about the packaged unit.
+        put(
+            &lab,
+            host,
+            &format!("/etc/systemd/system/{AGENT_UNIT}.d/lab-venv.conf"),
+            format!("[Service]\nBindReadOnlyPaths={}\n", lab.venv().display()).as_bytes(),
+            "0644",
+            "root",
+        )?;
+        lab.run(host, &["systemctl", "daemon-reload"])?;
         lab.run(host, &["systemctl", "enable", "--now", AGENT_UNIT])?;
         wait_active(&lab, host, AGENT_UNIT)?;
     }
