@@ -126,6 +126,7 @@ fn fleet_rollback(
     }
     coord.wait_online("bench=fleet", n, Duration::from_secs(120))?;
     let mut job_secs = Vec::new();
+    let mut timeline = None;
     let walls = runs_of("fleet-rollback", runs, hosts, n, || {
         let (wall, job) = harness::rollback(
             &coord,
@@ -150,6 +151,9 @@ fn fleet_rollback(
         if let Some(s) = harness::job_seconds(&job) {
             job_secs.push(s);
         }
+        let job_id = job["job_id"].as_str().unwrap_or_default();
+        let events = harness::job_events(&coord, job_id, &dir.join("watch"))?;
+        timeline = Some(host_timeline(&events, wall)?);
         Ok(wall)
     })?;
     drop(agents);
@@ -159,6 +163,57 @@ fn fleet_rollback(
         "median_s": sys::median(&walls),
         "job_runs": job_secs,
         "job_median_s": sys::median(&job_secs),
+        "timeline": timeline,
+    }))
+}
+
+/// Where one run's time went, from its events: for the host whose run ended at the median,
+/// each milestone in milliseconds after `job.started` (dispatch, each step's start and end,
+/// the host's end), then the job's end; and the command's time before the job started and
+/// after it ended (planning, the start request, the final record).
+fn host_timeline(events: &[harness::Event], wall: Duration) -> Result<serde_json::Value> {
+    let at = |kind: &str| events.iter().find(|e| e.kind == kind).map(|e| e.at_ms);
+    let start = at("job.started").context("no job.started event")?;
+    let end = at("job.finished").context("no job.finished event")?;
+    let done_at = |host: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e.host == host && (e.kind == "host.phase_done" || e.kind == "host.finished")
+            })
+            .map(|e| e.at_ms)
+            .max()
+    };
+    let mut hosts: Vec<(i64, &str)> = events
+        .iter()
+        .filter(|e| e.kind == "host.dispatched")
+        .filter_map(|e| done_at(&e.host).map(|d| (d, e.host.as_str())))
+        .collect();
+    hosts.sort_unstable();
+    let (_, host) = *hosts.get(hosts.len() / 2).context("no host finished")?;
+    let milestones: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| e.host == host)
+        .filter_map(|e| {
+            // "HOST ACTION started" / "HOST ACTION succeeded (exit 0) in 0.0s".
+            let action = e.message.split_whitespace().nth(1).unwrap_or_default();
+            let what = match e.kind.as_str() {
+                "host.dispatched" => "dispatched".to_string(),
+                "step.started" => format!("{action} started"),
+                "step.finished" => format!("{action} finished"),
+                "host.phase_done" | "host.finished" => "host done".to_string(),
+                _ => return None,
+            };
+            Some(json!([what, e.at_ms - start]))
+        })
+        .collect();
+    let wall_ms = wall.as_secs_f64() * 1000.0;
+    Ok(json!({
+        "host": host,
+        "milestones": milestones,
+        "job_ms": end - start,
+        "wall_ms": wall_ms,
+        "outside_job_ms": wall_ms - (end - start) as f64,
     }))
 }
 

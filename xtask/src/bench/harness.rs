@@ -237,6 +237,37 @@ pub fn rollback(
     Ok((done.wall, job))
 }
 
+/// A job's events as `rollbackctl --output json watch JOB` prints them, each with its time
+/// (milliseconds since the epoch) and kind.
+pub struct Event {
+    pub at_ms: i64,
+    pub kind: String,
+    pub host: String,
+    pub message: String,
+}
+
+/// Every event of a finished job, in order.
+pub fn job_events(coord: &Coordinator, job_id: &str, scratch: &Path) -> Result<Vec<Event>> {
+    let done = sys::run_timed(
+        coord.ctl(&["--output", "json", "watch", job_id]),
+        scratch,
+        Duration::from_secs(300),
+    )?;
+    Ok(done
+        .stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|ev| {
+            Some(Event {
+                at_ms: ev["at"].as_str().and_then(sys::parse_rfc3339_ms)?,
+                kind: ev["kind"].as_str()?.to_string(),
+                host: ev["host_id"].as_str().unwrap_or_default().to_string(),
+                message: ev["message"].as_str().unwrap_or_default().to_string(),
+            })
+        })
+        .collect())
+}
+
 /// The coordinator's own start-to-end time of a job document, in seconds.
 pub fn job_seconds(job: &serde_json::Value) -> Option<f64> {
     let start = sys::parse_rfc3339_ms(job["created_at"].as_str()?)?;

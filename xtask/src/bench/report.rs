@@ -145,6 +145,24 @@ fn render(data: &Value) -> String {
             f(&v["salt"]["startup_s"]).map(|s| format!(" (master + {n} minions took {s:.0} s to answer, untimed)")).unwrap_or_default(),
         ));
     }
+    for (n, v) in &sizes {
+        let t = &v["fleet_rollback"]["timeline"];
+        let Some(steps) = t["milestones"].as_array() else {
+            continue;
+        };
+        let steps: Vec<String> = steps
+            .iter()
+            .filter_map(|m| Some(format!("{} {} ms", m[0].as_str()?, m[1].as_i64()?)))
+            .collect();
+        out.push_str(&format!(
+            "- N = {n}, one fleet-rollback run, where its {:.0} ms went: {:.0} ms outside the job (planning, the start request, reading the record at the end); in the job ({} ms), on the host whose run ended at the median ({}), after `job.started`: {}.\n",
+            f(&t["wall_ms"]).unwrap_or(f64::NAN),
+            f(&t["outside_job_ms"]).unwrap_or(f64::NAN),
+            t["job_ms"],
+            t["host"].as_str().unwrap_or("?"),
+            steps.join(", "),
+        ));
+    }
     if let Some((n, v)) = sizes.iter().rev().find(|(n, _)| *n == 100).or(sizes.last()) {
         let ours = f(&v["fleet_rollback"]["median_s"]);
         let bound = f(&v["bash_p16"]["median_s"]);

@@ -347,27 +347,17 @@ fn latencies(
     scratch: &Path,
     k: usize,
 ) -> Result<serde_json::Value> {
-    let done = sys::run_timed(
-        coord.ctl(&["--output", "json", "watch", job_id]),
-        scratch,
-        Duration::from_secs(300),
-    )?;
     let mut start = None;
     let mut dispatched = std::collections::HashMap::new();
     let mut finished = std::collections::HashMap::new();
-    for line in done.stdout.lines() {
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let at = ev["at"].as_str().and_then(sys::parse_rfc3339_ms);
-        let host = ev["host_id"].as_str().unwrap_or_default().to_string();
-        match (ev["kind"].as_str(), at) {
-            (Some("job.started"), Some(at)) => start = Some(at),
-            (Some("host.dispatched"), Some(at)) => {
-                dispatched.insert(host, at);
+    for ev in harness::job_events(coord, job_id, scratch)? {
+        match ev.kind.as_str() {
+            "job.started" => start = Some(ev.at_ms),
+            "host.dispatched" => {
+                dispatched.insert(ev.host, ev.at_ms);
             }
-            (Some("step.finished"), Some(at)) => {
-                finished.insert(host, at);
+            "step.finished" => {
+                finished.insert(ev.host, ev.at_ms);
             }
             _ => {}
         }
