@@ -120,6 +120,26 @@ fn command_line(args: &BenchArgs) -> String {
     if args.runs != 3 {
         c.push_str(&format!(" --runs {}", args.runs));
     }
+    let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    if !args.only.is_empty() {
+        let parts: Vec<&str> = args
+            .only
+            .iter()
+            .map(|p| match p {
+                Part::Fleet => "fleet",
+                Part::Scale => "scale",
+                Part::Footprint => "footprint",
+                Part::Guard => "guard",
+            })
+            .collect();
+        c.push_str(&format!(" --only {}", parts.join(",")));
+    }
+    if !args.hosts.is_empty() {
+        c.push_str(&format!(" --hosts {}", list(&args.hosts)));
+    }
+    if !args.agents.is_empty() {
+        c.push_str(&format!(" --agents {}", list(&args.agents)));
+    }
     if !args.stores.is_empty() {
         let names: Vec<&str> = args
             .stores
