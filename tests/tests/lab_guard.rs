@@ -226,7 +226,32 @@ fn a_healthy_deployment_ends_healthy_and_a_crash_loop_on_one_host_is_its_stabili
     let Some(lab) = lab::boot_or_skip(LabSpec::new("t-gcrash"))? else {
         return Ok(());
     };
-    let fleet = LabFleet::start(&lab)?;
+    let mut fleet = LabFleet::start(&lab)?;
+    // The lab's latency is not a production host's: the app answers /api/incidents after
+    // 20 ms, and on the two vCPUs this lab shares with the suite its samples read 35-54 ms
+    // through a whole window (CI, with nothing wrong), over the seed runbook's +20 ms floor.
+    // This test judges a healthy deployment, so its runbook puts the floor above that
+    // noise (+60 ms); the performance criterion at the seed's thresholds is the next test's
+    // (a release three times slower).
+    let seed = include_str!("../../common/runbook/seed.toml");
+    let runbook = seed.replace(
+        "latency_min_increase_ms = 20",
+        "latency_min_increase_ms = 60",
+    );
+    ensure!(
+        runbook != seed,
+        "the seed runbook's latency floor is no longer 20 ms"
+    );
+    let config = fleet
+        .coordinator_config(0)
+        .context("the lab's coordinator config")?;
+    let path = config.with_file_name("runbook.toml");
+    std::fs::write(&path, runbook).with_context(|| format!("writing {}", path.display()))?;
+    let toml = std::fs::read_to_string(&config)?;
+    // A top-level key: before the config's tables.
+    std::fs::write(&config, format!("runbook = \"{}\"\n{toml}", path.display()))?;
+    fleet.start_coordinator()?;
+    fleet.wait_online(&lab.app_host_ids())?;
     snapshot(&fleet, "before the deployments")?;
 
     // A healthy deployment (the same release restarted): no alarm for the whole window.
