@@ -601,16 +601,18 @@ async fn results_recorded_together_are_each_taken_once_from_their_own_host_and_c
     }
     // Every run's result from its host, sent twice for the even ones; a result for the
     // first ten from another host; and results for runs nobody created.
+    // The intruder's come first: a result from the wrong host, just before the right one in
+    // the same group, must neither block it nor be taken for it.
     let mut sends = Vec::new();
+    for i in 0..10 {
+        sends.push((format!("r{i}"), "intruder".to_string(), 3));
+        sends.push((format!("ghost{i}"), format!("h{i}"), 4));
+    }
     for i in 0..N {
         sends.push((format!("r{i}"), format!("h{i}"), 1));
         if i % 2 == 0 {
             sends.push((format!("r{i}"), format!("h{i}"), 2));
         }
-    }
-    for i in 0..10 {
-        sends.push((format!("r{i}"), "intruder".to_string(), 3));
-        sends.push((format!("ghost{i}"), format!("h{i}"), 4));
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (run_id, host_id, status) in sends.clone() {

@@ -848,12 +848,17 @@ macro_rules! backend {
                 if results.is_empty() {
                     return Ok((Vec::new(), None));
                 }
-                // A run named twice (a result sent again) is updated by its first only; the
-                // second then finds it recorded, as it would one statement later.
+                // A result sent twice by one host is in the statement once; the second then
+                // finds it recorded, as it would one statement later. Results for one run from
+                // different hosts are all in it: only its own host's can match, whichever
+                // came first.
                 let mut named = std::collections::HashSet::new();
-                let first: Vec<&Finish<'_>> =
-                    results.iter().copied().filter(|f| named.insert(f.run_id)).collect();
-                let mut recorded: HashMap<String, String> = HashMap::new();
+                let first: Vec<&Finish<'_>> = results
+                    .iter()
+                    .copied()
+                    .filter(|f| named.insert((f.run_id, f.host_id)))
+                    .collect();
+                let mut recorded: HashMap<(String, String), String> = HashMap::new();
                 for chunk in first.chunks(ROWS_PER_INSERT) {
                     let mut update = sqlx::QueryBuilder::<$db>::new(
                         "WITH v (v_run, v_host, v_status, v_at, v_result) AS (",
@@ -868,19 +873,19 @@ macro_rules! backend {
                     update.push(
                         ") UPDATE runs SET status = v.v_status, finished_at_ms = v.v_at, result = v.v_result
                          FROM v WHERE runs.run_id = v.v_run AND runs.host_id = v.v_host AND runs.result IS NULL
-                         RETURNING run_id, job_id",
+                         RETURNING run_id, host_id, job_id",
                     );
-                    let rows: Vec<(String, String)> = update
+                    let rows: Vec<(String, String, String)> = update
                         .build_query_as()
                         .fetch_all(&mut *conn)
                         .await
                         .map_err(query_err("finish_run"))?;
-                    recorded.extend(rows);
+                    recorded.extend(rows.into_iter().map(|(run, host, job)| ((run, host), job)));
                 }
                 let mut codes = Vec::with_capacity(results.len());
                 let mut records = Vec::with_capacity(results.len());
                 for f in results {
-                    let job = recorded.remove(f.run_id);
+                    let job = recorded.remove(&(f.run_id.to_string(), f.host_id.to_string()));
                     let (code, action) = match &job {
                         Some(_) => (TAKEN_RECORDED, f.audit.action.as_str()),
                         None => not_recorded(conn, f.run_id, f.host_id).await?,
