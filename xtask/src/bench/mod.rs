@@ -122,17 +122,7 @@ fn command_line(args: &BenchArgs) -> String {
     }
     let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
     if !args.only.is_empty() {
-        let parts: Vec<&str> = args
-            .only
-            .iter()
-            .map(|p| match p {
-                Part::Fleet => "fleet",
-                Part::Scale => "scale",
-                Part::Footprint => "footprint",
-                Part::Guard => "guard",
-            })
-            .collect();
-        c.push_str(&format!(" --only {}", parts.join(",")));
+        c.push_str(&format!(" --only {}", names(&args.only)));
     }
     if !args.hosts.is_empty() {
         c.push_str(&format!(" --hosts {}", list(&args.hosts)));
@@ -141,18 +131,18 @@ fn command_line(args: &BenchArgs) -> String {
         c.push_str(&format!(" --agents {}", list(&args.agents)));
     }
     if !args.stores.is_empty() {
-        let names: Vec<&str> = args
-            .stores
-            .iter()
-            .map(|s| match s {
-                ScaleStore::Sqlite => "sqlite",
-                ScaleStore::Postgres => "postgres",
-                ScaleStore::Cluster => "cluster",
-            })
-            .collect();
-        c.push_str(&format!(" --stores {}", names.join(",")));
+        c.push_str(&format!(" --stores {}", names(&args.stores)));
     }
     c
+}
+
+/// The values as they are spelled on the command line, comma-separated.
+fn names<T: clap::ValueEnum>(values: &[T]) -> String {
+    values
+        .iter()
+        .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn measure(args: &BenchArgs) -> Result<()> {
@@ -307,4 +297,48 @@ fn measure(args: &BenchArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).bench
+    }
+
+    #[test]
+    fn the_reproducing_command_names_every_option_that_changes_what_is_measured() {
+        let args = [
+            "--runs",
+            "1",
+            "--only",
+            "scale,fleet",
+            "--hosts",
+            "100",
+            "--agents",
+            "1000,10000",
+            "--stores",
+            "sqlite,cluster",
+        ];
+        let line = command_line(&parse(&args));
+        assert_eq!(
+            line,
+            "cargo xtask bench --runs 1 --only scale,fleet --hosts 100 --agents 1000,10000 --stores sqlite,cluster"
+        );
+        // What it prints parses back to the same measurement.
+        let again: Vec<&str> = line.split(' ').skip(3).collect();
+        assert_eq!(command_line(&parse(&again)), line);
+        assert_eq!(
+            command_line(&parse(&["--quick"])),
+            "cargo xtask bench --quick"
+        );
+    }
 }
