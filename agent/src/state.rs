@@ -1,5 +1,6 @@
 //! The host's observed state for Hello and heartbeats: git HEAD, alembic revision, env file
-//! hash, unit state, last health check. Gathered with the same actions the runbook uses.
+//! hash, unit state, last health check. Gathered with the same actions the runbook uses (HEAD
+//! with the one `git log -1` they read it with).
 
 use std::time::Duration;
 
@@ -21,16 +22,23 @@ async fn facts(config: &Config, action: &str) -> std::collections::BTreeMap<Stri
     };
     let cancel = CancellationToken::new();
     let mut sink = NoSink;
-    let ctx = StepCtx::new(config, &mut sink, &cancel, Duration::from_secs(15));
+    let ctx = StepCtx::new(config, &mut sink, &cancel, TIMEOUT);
     actions::execute(&validated, ctx).await.facts
 }
+
+/// Each probe's time limit.
+const TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn gather(config: &Config) -> HostState {
     let mut state = HostState::default();
     if config.app.is_some() {
-        let git = facts(config, "git.log").await;
-        state.git_head_sha = git.get("sha").cloned().unwrap_or_default();
-        state.git_head_subject = git.get("subject").cloned().unwrap_or_default();
+        let cancel = CancellationToken::new();
+        let mut sink = NoSink;
+        let ctx = StepCtx::new(config, &mut sink, &cancel, TIMEOUT);
+        if let Some((sha, subject)) = actions::git_head(ctx).await {
+            state.git_head_sha = sha;
+            state.git_head_subject = subject;
+        }
     }
     if config.alembic.is_some() {
         state.alembic_revision = facts(config, "alembic.current")

@@ -188,12 +188,18 @@ impl Host {
 /// cannot serve: the agent runs git with hooks off.) Written to a temporary file and renamed,
 /// so a git invocation never sees it half-written.
 fn slow_checkout(h: &Host, body: &str) {
+    wrap_git(
+        h,
+        &format!("case \" $* \" in *\" checkout \"*)\n{body}\n;;\nesac"),
+    );
+}
+
+/// Makes the host's git run `body` (bash) before every invocation, then the real git.
+fn wrap_git(h: &Host, body: &str) {
     let tmp = h.git.with_extension("new");
     std::fs::write(
         &tmp,
-        format!(
-            "#!/bin/bash\ncase \" $* \" in *\" checkout \"*)\n{body}\n;;\nesac\nexec /usr/bin/git \"$@\"\n"
-        ),
+        format!("#!/bin/bash\n{body}\nexec /usr/bin/git \"$@\"\n"),
     )
     .expect("write git wrapper");
     let mut perm = std::fs::metadata(&tmp).expect("wrapper").permissions();
@@ -713,6 +719,95 @@ fn steps_are_idempotent_and_git_resolve_only_reads() {
 }
 
 /// Pids whose command line (arguments joined by spaces) is exactly `cmdline`.
+#[test]
+fn a_checkout_runs_three_git_processes_and_resolves_only_a_commit() {
+    let h = host();
+    let head = h.head();
+    let previous = git(&h.repo, &["rev-parse", "HEAD~1"]);
+    let calls = h.tmp.path().join("git.calls");
+    wrap_git(&h, &format!("printf '%s\\n' \"$*\" >> {}", calls.display()));
+    // Every git the agent started since the last call: its subcommand and first argument.
+    let taken = || {
+        let text = std::fs::read_to_string(&calls).unwrap_or_default();
+        let _ = std::fs::remove_file(&calls);
+        text.lines()
+            .map(|l| {
+                l.split(' ')
+                    .skip_while(|w| *w == "-c" || w.contains('='))
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+    };
+    // The step's own processes, as its output announces each one.
+    let started = |doc: &Value| {
+        doc["output"]
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("$ "))
+            .count()
+    };
+    // Files named like what the agent hands to git are never read as paths.
+    std::fs::write(h.repo.join("HEAD~1^{commit}"), "not a revision\n").expect("write");
+    std::fs::write(h.repo.join("HEAD"), "not a revision\n").expect("write");
+
+    let (ok, doc, stderr) = h.exec("git.checkout", &["revision=HEAD~1"], &[]);
+    assert!(ok, "{doc} {stderr}");
+    assert_eq!(h.head(), previous);
+    assert_eq!(doc["facts"]["from_sha"], head.as_str(), "{doc}");
+    assert_eq!(doc["facts"]["changed"], "true", "{doc}");
+    assert_eq!(
+        started(&doc),
+        3,
+        "rev-parse, checkout, verifying log: {doc}"
+    );
+    // Once the host's new state has reached the coordinator, every git of this run and of
+    // reading that state has ended: one `log -1` read the state.
+    eventually("web-1 reports its new HEAD", DEADLINE, || {
+        let agents = agents_json(&h.coordinator.url(), &h.pki.ca(), &h.op, None)?;
+        agents
+            .iter()
+            .any(|a| a["host_id"] == "web-1" && a["state"]["git_head_sha"] == previous.as_str())
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("not yet"))
+    });
+    assert_eq!(
+        taken(),
+        [
+            "rev-parse --revs-only",
+            "checkout --quiet",
+            "log -1",
+            "log -1"
+        ],
+        "the step's three, then the state's one"
+    );
+
+    // Already there: the rev-parse and a log for the subject; no checkout.
+    let (ok, doc, _) = h.exec("git.checkout", &[&format!("revision={previous}")], &[]);
+    assert!(ok, "{doc}");
+    assert_eq!(doc["facts"]["changed"], "false", "{doc}");
+    assert_eq!(doc["facts"]["subject"], "release v2", "{doc}");
+    assert_eq!(started(&doc), 2, "{doc}");
+
+    // `HEAD^-` passes the revision grammar but names a range, not a commit: the one-process
+    // resolution declines it, the strict `--verify` refuses it, and nothing moves.
+    let (ok, doc, _) = h.exec("git.checkout", &["revision=HEAD^-"], &[]);
+    assert!(!ok, "{doc}");
+    assert!(
+        doc["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not a commit")),
+        "{doc}"
+    );
+    assert_eq!(h.head(), previous, "HEAD never moved");
+    assert!(
+        !taken().iter().any(|c| c.starts_with("checkout")),
+        "no checkout ran"
+    );
+}
+
 fn pids_running(cmdline: &str) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();

@@ -1,6 +1,8 @@
 //! `git.checkout {revision}`, `git.resolve {revision}` and `git.log` in the app's git working
-//! tree. A revision is resolved with `git rev-parse --verify --end-of-options REV^{commit}`
-//! and checked out by its full sha; a checkout of the commit HEAD already is runs nothing.
+//! tree. A revision is resolved to a full commit sha (`REV^{commit}`, revisions only, never a
+//! path or an option) and checked out by that sha; a checkout of the commit HEAD already is
+//! runs nothing. A checkout that moves HEAD runs three `git` processes: one `rev-parse` for
+//! the revision and HEAD together, the checkout, and a `log -1` that verifies HEAD after it.
 //! `git.resolve` is read-only: it pins a revision to its full sha at plan time.
 
 use rollback_common::jobs::fact;
@@ -139,17 +141,66 @@ async fn head_before(ctx: &mut StepCtx<'_>) -> Result<Option<(String, String)>, 
     }
 }
 
-pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+/// The two full shas of `rev-parse` printing HEAD and then the revision, and nothing else.
+/// Anything more (a range prints two lines for its one argument, an exclusion starts with
+/// `^`, git may warn) is `None`: the caller then resolves the revision strictly on its own.
+fn head_and_revision(output: &str) -> Option<(String, String)> {
+    let is_sha = |l: &str| matches!(l.len(), 40 | 64) && l.chars().all(|c| c.is_ascii_hexdigit());
+    let mut lines = output
+        .lines()
+        .filter(|l| !l.starts_with("$ "))
+        .map(str::trim)
+        .filter(|l| !l.is_empty());
+    match (lines.next(), lines.next(), lines.next()) {
+        (Some(head), Some(sha), None) if is_sha(head) && is_sha(sha) => {
+            Some((head.to_string(), sha.to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// The revision's sha and HEAD's before a checkout, in one `git` process when it can:
+/// `rev-parse --revs-only --end-of-options HEAD REV^{commit} --` (revisions only: nothing
+/// is read as a path or an option). When that fails or prints anything but two shas (an
+/// unborn HEAD, an unknown revision, a range), the revision is resolved strictly with
+/// `--verify` and HEAD read on its own, which also gives the exact error.
+async fn resolve_with_head(
+    revision: &str,
+    ctx: &mut StepCtx<'_>,
+) -> Result<(String, Option<String>), Failure> {
+    let (spec, _) = git(ctx)?;
+    let spec = spec
+        .args(["rev-parse", "--revs-only", "--end-of-options", "HEAD"])
+        .arg(format!("{revision}^{{commit}}"))
+        .arg("--");
+    let outcome = ctx.run(&spec).await?;
+    if outcome.success()
+        && let Some((head, sha)) = head_and_revision(&outcome.output_text())
+    {
+        ctx.say(&format!("{revision} is commit {sha}"));
+        return Ok((sha, Some(head)));
+    }
     let sha = resolve(revision, ctx).await?;
     ctx.say(&format!("{revision} is commit {sha}"));
     let before = head_before(ctx).await?;
-    ctx.fact(
-        "from_sha",
-        before.as_ref().map(|(s, _)| s.clone()).unwrap_or_default(),
-    );
-    if let Some((from, subject)) = before
-        && from == sha
-    {
+    Ok((sha, before.map(|(head, _)| head)))
+}
+
+pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
+    let (sha, before) = resolve_with_head(revision, ctx).await?;
+    ctx.fact(fact::FROM_SHA, before.clone().unwrap_or_default());
+    if before.as_deref() == Some(sha.as_str()) {
+        // Read again for its subject: the rare path, a checkout has none to pay for.
+        let (now, subject) = head(ctx).await?;
+        if now != sha {
+            let dir = git(ctx)?.1;
+            return Err(Failure::new(
+                -1,
+                format!(
+                    "HEAD of {dir} moved while the step read it (from {sha} to {now}); something else changes this working tree: stop it, then retry"
+                ),
+            ));
+        }
         ctx.say(&format!("already at {sha}; nothing to check out"));
         ctx.fact(fact::SHA, sha);
         ctx.fact(fact::SUBJECT, subject);
@@ -216,7 +267,31 @@ pub(super) async fn log(count: u32, ctx: &mut StepCtx<'_>) -> Result<(), Failure
 
 #[cfg(test)]
 mod tests {
-    use super::explain;
+    use super::{explain, head_and_revision};
+
+    #[test]
+    fn only_two_shas_and_nothing_else_resolve_in_one_process() {
+        let head = "791c0ce2ab60aa2e4467e24daa05b4b872a91442";
+        let rev = "299bd28879c0ad7890de0602ec7ca4883c90abe6";
+        let echo = "$ git rev-parse --revs-only --end-of-options HEAD v1^{commit} --";
+        assert_eq!(
+            head_and_revision(&format!("{echo}\n{head}\n{rev}\n")),
+            Some((head.to_string(), rev.to_string()))
+        );
+        // A range prints three lines, an exclusion a `^sha`; a failed one stops after HEAD;
+        // a warning is not a sha: every one of them goes the strict way instead.
+        for hostile in [
+            format!("{head}\n{head}\n^{rev}\n"),
+            format!("{head}\n^{rev}\n"),
+            format!("{head}\nfatal: bad revision 'x^{{commit}}'\n"),
+            format!("warning: refname 'v1' is ambiguous.\n{head}\n{rev}\n"),
+            format!("{head}\n{}\n", &rev[..39]),
+            format!("{head}\n{rev}z\n"),
+            String::new(),
+        ] {
+            assert_eq!(head_and_revision(&hostile), None, "{hostile}");
+        }
+    }
 
     #[test]
     fn explains_common_git_failures() {

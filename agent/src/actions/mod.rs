@@ -557,6 +557,12 @@ fn last_line(text: &str) -> Option<String> {
 }
 
 /// Runs a validated action.
+/// HEAD's sha and subject with one `git log -1` (the host's reported state; `git.log` would
+/// run a second process for the history it also prints). `None` when it cannot be read.
+pub async fn git_head(mut ctx: StepCtx<'_>) -> Option<(String, String)> {
+    git::head(&mut ctx).await.ok()
+}
+
 pub async fn execute(action: &Action, mut ctx: StepCtx<'_>) -> StepResult {
     let result = match action {
         Action::Service(verb) => service::run(*verb, &mut ctx).await,
