@@ -131,6 +131,8 @@ pub fn valid_run_id(id: &str) -> bool {
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
+    /// Records written since it was opened: each one is two fsyncs.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Journal {
@@ -140,7 +142,10 @@ impl Journal {
             path: dir.clone(),
             source,
         })?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            writes: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     fn path(&self, run_id: &str) -> PathBuf {
@@ -182,7 +187,14 @@ impl Journal {
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Records written durably since the journal was opened.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every run in the journal, oldest first.

@@ -473,6 +473,15 @@ impl Runner {
         }
     }
 
+    /// Sends a step's `Finished` once the journal holds it.
+    async fn announce(&self, run_id: &str, finished: Option<(usize, StepFinished)>) {
+        if let Some((i, finished)) = finished {
+            self.uplink
+                .send(step_event(run_id, i, step_event::Kind::Finished(finished)))
+                .await;
+        }
+    }
+
     async fn execute(
         &self,
         mut record: RunRecord,
@@ -487,6 +496,10 @@ impl Runner {
             .as_ref()
             .and_then(|a| a.log_file.as_ref())
             .map(|p| actions::log_size(p));
+        // A step's end is made durable by the next write: the next step's start, or the run's
+        // end. Nothing runs between the two, so merging them loses no state a crash could
+        // leave, and the step's `Finished` is sent only once that write is done.
+        let mut unannounced: Option<(usize, StepFinished)> = None;
         if !refused {
             for (i, action) in actions.iter().enumerate() {
                 if cancel.is_cancelled() {
@@ -505,7 +518,9 @@ impl Runner {
                     break;
                 }
                 record.steps[i].phase = Phase::Running;
-                if let Err(e) = self.journal.save(&record) {
+                let saved = self.journal.save(&record);
+                self.announce(&run.run_id, unannounced.take()).await;
+                if let Err(e) = saved {
                     error!(step = i, error = %e, "journal write failed; step not started");
                     let action = record.steps[i].action.clone();
                     record.steps[i].finish(
@@ -568,15 +583,7 @@ impl Runner {
                 };
                 step.finish(result.status, error);
                 info!(step = i, action = %step.action, status = ?result.status, exit_code = step.exit_code, duration_ms = step.duration_ms, "step finished");
-                let finished = step.to_proto();
-                self.save(&record);
-                self.uplink
-                    .send(step_event(
-                        &run.run_id,
-                        i,
-                        step_event::Kind::Finished(finished),
-                    ))
-                    .await;
+                unannounced = Some((i, step.to_proto()));
                 if result.status != StepStatus::Succeeded {
                     break;
                 }
@@ -596,6 +603,7 @@ impl Runner {
         record.finished = true;
         record.status = record.overall_status() as i32;
         self.save(&record);
+        self.announce(&run.run_id, unannounced).await;
         info!(status = ?record.overall_status(), "run finished");
         self.uplink
             .send(msg(agent_message::Kind::RunFinished(
@@ -742,6 +750,57 @@ mod tests {
             effective_timeout(own, Some(Duration::from_secs(900))),
             (own, false)
         );
+    }
+
+    #[tokio::test]
+    async fn a_step_is_announced_only_once_journaled_and_a_run_of_n_steps_is_n_plus_three_writes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, mut rx) = runner(tmp.path());
+        let steps = vec![step("state.read", &[]); 3];
+        runner.submit(run_of("three", steps, 0)).await;
+        let phase_of = |i: u32| {
+            let journaled = runner.journal.load("three").expect("journal").expect("run");
+            journaled.steps[i as usize].phase
+        };
+        let mut announced = Vec::new();
+        loop {
+            match rx.recv().await.and_then(|m| m.kind) {
+                Some(agent_message::Kind::StepEvent(e)) => match e.kind {
+                    Some(step_event::Kind::Started(_)) => {
+                        assert_ne!(phase_of(e.step_index), Phase::Pending, "{e:?}");
+                        announced.push(format!("started {}", e.step_index));
+                    }
+                    Some(step_event::Kind::Finished(_)) => {
+                        // What the coordinator is told has ended must survive a crash.
+                        assert_eq!(phase_of(e.step_index), Phase::Done, "{e:?}");
+                        announced.push(format!("finished {}", e.step_index));
+                    }
+                    _ => {}
+                },
+                Some(agent_message::Kind::RunFinished(r)) => {
+                    assert_eq!(r.status, StepStatus::Succeeded as i32, "{r:?}");
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("uplink closed before the run finished"),
+            }
+        }
+        assert_eq!(
+            announced,
+            [
+                "started 0",
+                "finished 0",
+                "started 1",
+                "finished 1",
+                "started 2",
+                "finished 2"
+            ]
+        );
+        // Accepted, then each step's start (the one before it ends in the same write), then
+        // the run's end (with its last step's): five; the acknowledgement is the sixth.
+        assert_eq!(runner.journal.writes(), 5);
+        runner.ack("three");
+        assert_eq!(runner.journal.writes(), 6);
     }
 
     #[tokio::test]
