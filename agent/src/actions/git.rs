@@ -1,8 +1,8 @@
 //! `git.checkout {revision}`, `git.resolve {revision}` and `git.log` in the app's git working
 //! tree. A revision is resolved to a full commit sha (`REV^{commit}`, revisions only, never a
 //! path or an option) and checked out by that sha; a checkout of the commit HEAD already is
-//! runs nothing. A checkout that moves HEAD runs three `git` processes: one `rev-parse` for
-//! the revision and HEAD together, the checkout, and a `log -1` that verifies HEAD after it.
+//! runs nothing. A checkout that moves HEAD runs two `git` processes: one `log --no-walk` for
+//! the revision and HEAD together, then the checkout; one already there runs only the first.
 //! `git.resolve` is read-only: it pins a revision to its full sha at plan time.
 
 use rollback_common::jobs::fact;
@@ -141,69 +141,100 @@ async fn head_before(ctx: &mut StepCtx<'_>) -> Result<Option<(String, String)>, 
     }
 }
 
-/// The two full shas of `rev-parse` printing HEAD and then the revision, and nothing else.
-/// Anything more (a range prints two lines for its one argument, an exclusion starts with
-/// `^`, git may warn) is `None`: the caller then resolves the revision strictly on its own.
-fn head_and_revision(output: &str) -> Option<(String, String)> {
-    let is_sha = |l: &str| matches!(l.len(), 40 | 64) && l.chars().all(|c| c.is_ascii_hexdigit());
-    let mut lines = output
+/// A line of `--format=%H %s`: a full sha, then the subject (possibly empty).
+fn sha_and_subject(line: &str) -> Option<(&str, &str)> {
+    let (sha, subject) = line.split_once(' ').unwrap_or((line, ""));
+    let full = matches!(sha.len(), 40 | 64) && sha.chars().all(|c| c.is_ascii_hexdigit());
+    full.then_some((sha, subject.trim()))
+}
+
+/// HEAD's sha, the revision's sha and the revision's subject, from `git log --no-walk=unsorted
+/// --format=%H %s HEAD REV^{commit}`: two lines, or one when HEAD is that commit, and nothing
+/// else. Anything more (git may warn; a repository may configure extra output) is `None`: the
+/// caller then resolves the revision strictly on its own.
+fn head_and_revision(output: &str) -> Option<(String, String, String)> {
+    let lines: Vec<&str> = output
         .lines()
         .filter(|l| !l.starts_with("$ "))
         .map(str::trim)
-        .filter(|l| !l.is_empty());
-    match (lines.next(), lines.next(), lines.next()) {
-        (Some(head), Some(sha), None) if is_sha(head) && is_sha(sha) => {
-            Some((head.to_string(), sha.to_string()))
-        }
-        _ => None,
-    }
+        .filter(|l| !l.is_empty())
+        .collect();
+    let (head, target) = match lines.as_slice() {
+        [only] => (sha_and_subject(only)?, sha_and_subject(only)?),
+        [head, target] => (sha_and_subject(head)?, sha_and_subject(target)?),
+        _ => return None,
+    };
+    Some((
+        head.0.to_string(),
+        target.0.to_string(),
+        target.1.to_string(),
+    ))
 }
 
-/// The revision's sha and HEAD's before a checkout, in one `git` process when it can:
-/// `rev-parse --revs-only --end-of-options HEAD REV^{commit} --` (revisions only: nothing
-/// is read as a path or an option). When that fails or prints anything but two shas (an
-/// unborn HEAD, an unknown revision, a range), the revision is resolved strictly with
-/// `--verify` and HEAD read on its own, which also gives the exact error.
-async fn resolve_with_head(
-    revision: &str,
-    ctx: &mut StepCtx<'_>,
-) -> Result<(String, Option<String>), Failure> {
+/// Where a checkout starts from: the revision's full sha, HEAD's (`None` when it cannot be
+/// read) and the revision's subject when it is known before the checkout.
+struct Resolved {
+    sha: String,
+    head: Option<String>,
+    subject: Option<String>,
+}
+
+/// The revision and HEAD before a checkout, in one `git` process when it can: `log
+/// --no-walk=unsorted --format=%H %s --end-of-options HEAD REV^{commit} --` (revisions only:
+/// nothing is read as a path or an option, nothing is walked). When that fails or prints
+/// anything else (an unborn HEAD, an unknown revision, `HEAD^-` which is a range), the
+/// revision is resolved strictly with `rev-parse --verify` and HEAD read on its own, which
+/// also gives the exact error.
+async fn resolve_with_head(revision: &str, ctx: &mut StepCtx<'_>) -> Result<Resolved, Failure> {
     let (spec, _) = git(ctx)?;
     let spec = spec
-        .args(["rev-parse", "--revs-only", "--end-of-options", "HEAD"])
+        .args([
+            "log",
+            "--no-walk=unsorted",
+            "--no-color",
+            "--format=%H %s",
+            "--end-of-options",
+            "HEAD",
+        ])
         .arg(format!("{revision}^{{commit}}"))
         .arg("--");
     let outcome = ctx.run(&spec).await?;
     if outcome.success()
-        && let Some((head, sha)) = head_and_revision(&outcome.output_text())
+        && let Some((head, sha, subject)) = head_and_revision(&outcome.output_text())
     {
         ctx.say(&format!("{revision} is commit {sha}"));
-        return Ok((sha, Some(head)));
+        return Ok(Resolved {
+            sha,
+            head: Some(head),
+            subject: Some(subject),
+        });
     }
     let sha = resolve(revision, ctx).await?;
     ctx.say(&format!("{revision} is commit {sha}"));
     let before = head_before(ctx).await?;
-    Ok((sha, before.map(|(head, _)| head)))
+    // HEAD's subject is the revision's only when HEAD is that commit.
+    let subject = before
+        .as_ref()
+        .filter(|(head, _)| *head == sha)
+        .map(|(_, subject)| subject.clone());
+    Ok(Resolved {
+        sha,
+        head: before.map(|(head, _)| head),
+        subject,
+    })
 }
 
 pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<(), Failure> {
-    let (sha, before) = resolve_with_head(revision, ctx).await?;
-    ctx.fact(fact::FROM_SHA, before.clone().unwrap_or_default());
-    if before.as_deref() == Some(sha.as_str()) {
-        // Read again for its subject: the rare path, a checkout has none to pay for.
-        let (now, subject) = head(ctx).await?;
-        if now != sha {
-            let dir = git(ctx)?.1;
-            return Err(Failure::new(
-                -1,
-                format!(
-                    "HEAD of {dir} moved while the step read it (from {sha} to {now}); something else changes this working tree: stop it, then retry"
-                ),
-            ));
-        }
+    let Resolved {
+        sha,
+        head: from,
+        subject,
+    } = resolve_with_head(revision, ctx).await?;
+    ctx.fact(fact::FROM_SHA, from.clone().unwrap_or_default());
+    if from.as_deref() == Some(sha.as_str()) {
         ctx.say(&format!("already at {sha}; nothing to check out"));
         ctx.fact(fact::SHA, sha);
-        ctx.fact(fact::SUBJECT, subject);
+        ctx.fact(fact::SUBJECT, subject.unwrap_or_default());
         ctx.fact(fact::CHANGED, "false");
         return Ok(());
     }
@@ -219,13 +250,21 @@ pub(super) async fn checkout(revision: &str, ctx: &mut StepCtx<'_>) -> Result<()
             explained,
         ));
     }
-    let (now, subject) = head(ctx).await?;
-    if now != sha {
-        return Err(Failure::new(
-            -1,
-            format!("after checkout HEAD is {now}, expected {sha}"),
-        ));
-    }
+    // A checkout of a full sha that exits 0 has moved HEAD there; read back only when the
+    // subject is still unknown (the strict path).
+    let subject = match subject {
+        Some(subject) => subject,
+        None => {
+            let (now, subject) = head(ctx).await?;
+            if now != sha {
+                return Err(Failure::new(
+                    -1,
+                    format!("after checkout HEAD is {now}, expected {sha}"),
+                ));
+            }
+            subject
+        }
+    };
     ctx.say(&format!("HEAD is now {sha} {subject}"));
     ctx.fact(fact::SHA, sha);
     ctx.fact(fact::SUBJECT, subject);
@@ -270,23 +309,35 @@ mod tests {
     use super::{explain, head_and_revision};
 
     #[test]
-    fn only_two_shas_and_nothing_else_resolve_in_one_process() {
+    fn only_head_and_the_revision_and_nothing_else_resolve_in_one_process() {
         let head = "791c0ce2ab60aa2e4467e24daa05b4b872a91442";
         let rev = "299bd28879c0ad7890de0602ec7ca4883c90abe6";
-        let echo = "$ git rev-parse --revs-only --end-of-options HEAD v1^{commit} --";
+        let echo = "$ git log --no-walk=unsorted --no-color --format=%H %s --end-of-options HEAD v1^{commit} --";
+        let parsed =
+            |h: &str, r: &str, s: &str| Some((h.to_string(), r.to_string(), s.to_string()));
         assert_eq!(
-            head_and_revision(&format!("{echo}\n{head}\n{rev}\n")),
-            Some((head.to_string(), rev.to_string()))
+            head_and_revision(&format!("{echo}\n{head} release two\n{rev} release one\n")),
+            parsed(head, rev, "release one")
         );
-        // A range prints three lines, an exclusion a `^sha`; a failed one stops after HEAD;
-        // a warning is not a sha: every one of them goes the strict way instead.
+        // HEAD is the revision: git prints the commit once.
+        assert_eq!(
+            head_and_revision(&format!("{head} release two\n")),
+            parsed(head, head, "release two")
+        );
+        // A commit without a subject.
+        assert_eq!(
+            head_and_revision(&format!("{head} x\n{rev} \n")),
+            parsed(head, rev, "")
+        );
+        // A warning, extra output a repository configured (a signature check), a third
+        // commit, a failed run that printed nothing: every one goes the strict way instead.
         for hostile in [
-            format!("{head}\n{head}\n^{rev}\n"),
-            format!("{head}\n^{rev}\n"),
-            format!("{head}\nfatal: bad revision 'x^{{commit}}'\n"),
-            format!("warning: refname 'v1' is ambiguous.\n{head}\n{rev}\n"),
-            format!("{head}\n{}\n", &rev[..39]),
-            format!("{head}\n{rev}z\n"),
+            format!("warning: refname 'v1' is ambiguous.\n{head} a\n{rev} b\n"),
+            format!("{head} a\ngpg: Signature made today\n{rev} b\n"),
+            format!("{head} a\n{rev} b\n{rev} c\n"),
+            format!("{head} a\n{} b\n", &rev[..39]),
+            format!("{head} a\n{rev}z b\n"),
+            "fatal: bad revision 'HEAD^-^{commit}'\n".to_string(),
             String::new(),
         ] {
             assert_eq!(head_and_revision(&hostile), None, "{hostile}");
