@@ -153,7 +153,9 @@ fn fleet_rollback(
         }
         let job_id = job["job_id"].as_str().unwrap_or_default();
         let events = harness::job_events(&coord, job_id, &dir.join("watch"))?;
-        timeline = Some(host_timeline(&events, wall)?);
+        let t = host_timeline(&events, wall)?;
+        eprintln!("bench: fleet N={n}: fleet-rollback timeline {t}");
+        timeline = Some(t);
         Ok(wall)
     })?;
     drop(agents);
@@ -167,50 +169,56 @@ fn fleet_rollback(
     }))
 }
 
-/// Where one run's time went, from its events: for the host whose run ended at the median,
-/// each milestone in milliseconds after `job.started` (dispatch, each step's start and end,
-/// the host's end), then the job's end; and the command's time before the job started and
-/// after it ended (planning, the start request, the final record).
+/// Where one run's time went, from its events: for the host whose last step ended at the
+/// median and for the one whose last step ended last (the job waits for it), each milestone in
+/// milliseconds after `job.started` (dispatch, each step's start and end, the host's end, which
+/// comes at its batch's end); the job's length; and the command's time before the job started
+/// and after it ended (planning, the start request, the final record).
 fn host_timeline(events: &[harness::Event], wall: Duration) -> Result<serde_json::Value> {
     let at = |kind: &str| events.iter().find(|e| e.kind == kind).map(|e| e.at_ms);
     let start = at("job.started").context("no job.started event")?;
     let end = at("job.finished").context("no job.finished event")?;
-    let done_at = |host: &str| {
+    // A host's own end: its last step's, since every host of a batch is done at the same time.
+    let ended_at = |host: &str| {
         events
             .iter()
-            .filter(|e| {
-                e.host == host && (e.kind == "host.phase_done" || e.kind == "host.finished")
-            })
+            .filter(|e| e.host == host && e.kind == "step.finished")
             .map(|e| e.at_ms)
             .max()
     };
     let mut hosts: Vec<(i64, &str)> = events
         .iter()
         .filter(|e| e.kind == "host.dispatched")
-        .filter_map(|e| done_at(&e.host).map(|d| (d, e.host.as_str())))
+        .filter_map(|e| ended_at(&e.host).map(|d| (d, e.host.as_str())))
         .collect();
     hosts.sort_unstable();
-    let (_, host) = *hosts.get(hosts.len() / 2).context("no host finished")?;
-    let milestones: Vec<serde_json::Value> = events
-        .iter()
-        .filter(|e| e.host == host)
-        .filter_map(|e| {
-            // "HOST ACTION started" / "HOST ACTION succeeded (exit 0) in 0.0s".
-            let action = e.message.split_whitespace().nth(1).unwrap_or_default();
-            let what = match e.kind.as_str() {
-                "host.dispatched" => "dispatched".to_string(),
-                "step.started" => format!("{action} started"),
-                "step.finished" => format!("{action} finished"),
-                "host.phase_done" | "host.finished" => "host done".to_string(),
-                _ => return None,
-            };
-            Some(json!([what, e.at_ms - start]))
-        })
-        .collect();
+    let (_, median) = *hosts
+        .get(hosts.len() / 2)
+        .context("no host finished a step")?;
+    let (_, last) = *hosts.last().context("no host finished a step")?;
+    let milestones = |host: &str| -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e.host == host)
+            .filter_map(|e| {
+                // "HOST ACTION started" / "HOST ACTION succeeded (exit 0) in 0.0s".
+                let action = e.message.split_whitespace().nth(1).unwrap_or_default();
+                let what = match e.kind.as_str() {
+                    "host.dispatched" => "dispatched".to_string(),
+                    "step.started" => format!("{action} started"),
+                    "step.finished" => format!("{action} finished"),
+                    "host.phase_done" | "host.finished" => "host done".to_string(),
+                    _ => return None,
+                };
+                Some(json!([what, e.at_ms - start]))
+            })
+            .collect()
+    };
     let wall_ms = wall.as_secs_f64() * 1000.0;
     Ok(json!({
-        "host": host,
-        "milestones": milestones,
+        "host": median,
+        "milestones": milestones(median),
+        "last": { "host": last, "milestones": milestones(last) },
         "job_ms": end - start,
         "wall_ms": wall_ms,
         "outside_job_ms": wall_ms - (end - start) as f64,
@@ -285,4 +293,51 @@ pub fn measure(
         "ansible_fn": ansible_n,
         "salt": salt,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(at_ms: i64, kind: &str, host: &str, message: &str) -> harness::Event {
+        harness::Event {
+            at_ms,
+            kind: kind.into(),
+            host: host.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_follows_the_median_and_the_last_host_by_their_own_last_step() {
+        // Three hosts, done together at the batch's end (900 ms), whose checkouts ended at
+        // 300 (h3), 500 (h1) and 800 ms (h2).
+        let mut events = vec![ev(1_000, "job.started", "", "")];
+        for (host, ended) in [("h1", 1_500), ("h2", 1_800), ("h3", 1_300)] {
+            events.push(ev(1_001, "host.dispatched", host, ""));
+            events.push(ev(
+                1_002,
+                "step.started",
+                host,
+                &format!("{host} git.checkout started"),
+            ));
+            events.push(ev(
+                ended,
+                "step.finished",
+                host,
+                &format!("{host} git.checkout succeeded"),
+            ));
+            events.push(ev(1_900, "host.phase_done", host, ""));
+        }
+        events.push(ev(1_950, "job.finished", "", ""));
+        let t = host_timeline(&events, Duration::from_millis(1_000)).expect("timeline");
+        assert_eq!(t["host"], "h1", "{t}");
+        assert_eq!(t["last"]["host"], "h2", "{t}");
+        assert_eq!(
+            t["last"]["milestones"][2],
+            json!(["git.checkout finished", 800]),
+            "{t}"
+        );
+        assert_eq!(t["job_ms"], 950);
+    }
 }

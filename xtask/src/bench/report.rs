@@ -150,17 +150,29 @@ fn render(data: &Value) -> String {
         let Some(steps) = t["milestones"].as_array() else {
             continue;
         };
-        let steps: Vec<String> = steps
-            .iter()
-            .filter_map(|m| Some(format!("{} {} ms", m[0].as_str()?, m[1].as_i64()?)))
-            .collect();
+        let text = |steps: &[serde_json::Value]| {
+            steps
+                .iter()
+                .filter_map(|m| Some(format!("{} {} ms", m[0].as_str()?, m[1].as_i64()?)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // Measurements from before the slowest host was recorded have only the median's.
+        let last = match t["last"]["milestones"].as_array() {
+            Some(last) => format!(
+                "; on the host whose last step ended last ({}): {}",
+                t["last"]["host"].as_str().unwrap_or("?"),
+                text(last)
+            ),
+            None => String::new(),
+        };
         out.push_str(&format!(
-            "- N = {n}, one fleet-rollback run, where its {:.0} ms went: {:.0} ms outside the job (planning, the start request, reading the record at the end); in the job ({} ms), on the host whose run ended at the median ({}), after `job.started`: {}.\n",
+            "- N = {n}, one fleet-rollback run, where its {:.0} ms went: {:.0} ms outside the job (planning, the start request, reading the record at the end); in the job ({} ms), after `job.started`, on the host whose run ended at the median ({}): {}{last}.\n",
             f(&t["wall_ms"]).unwrap_or(f64::NAN),
             f(&t["outside_job_ms"]).unwrap_or(f64::NAN),
             t["job_ms"],
             t["host"].as_str().unwrap_or("?"),
-            steps.join(", "),
+            text(steps),
         ));
     }
     if let Some((n, v)) = sizes.iter().rev().find(|(n, _)| *n == 100).or(sizes.last()) {
