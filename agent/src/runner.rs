@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rollback_common::jobs::fact;
 use rollback_common::proto::{
     AgentMessage, OutputChunk, RunFinished, RunProcedure, StepEvent, StepFinished, StepStarted,
     StepStatus, agent_message, step_event,
@@ -83,6 +84,9 @@ pub struct Runner {
     execution: StepExecution,
     /// Told when a run ends, so the session can report fresh host state.
     pub finished: tokio::sync::Notify,
+    /// HEAD as the last run's checkout left it (`head_after_run`), set before `finished` is
+    /// told and taken by the session's state report.
+    head_after: Mutex<Option<(String, String)>>,
     /// Deliveries handed to `spawn_submit` and not yet accepted or answered.
     accepting: std::sync::atomic::AtomicUsize,
 }
@@ -141,6 +145,7 @@ impl Runner {
             early_cancels: Mutex::new(std::collections::VecDeque::new()),
             execution,
             finished: tokio::sync::Notify::new(),
+            head_after: Mutex::new(None),
             accepting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -181,6 +186,15 @@ impl Runner {
 
     fn host(&self) -> &str {
         &self.config.host_id
+    }
+
+    /// HEAD's sha and subject as the run that ended last left them, when its checkout said so
+    /// (taken once: the next report reads HEAD unless another run says again).
+    pub fn take_head_after(&self) -> Option<(String, String)> {
+        self.head_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     fn lock_active(&self) -> std::sync::MutexGuard<'_, Option<Active>> {
@@ -442,7 +456,11 @@ impl Runner {
         let span = info_span!("run", host = %host, run = %run.run_id, job = %run.job_id);
         tokio::spawn(
             async move {
-                this.execute(record, actions, run, cancel).await;
+                let head = this.execute(record, actions, run, cancel).await;
+                *this
+                    .head_after
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = head;
                 *this.lock_active() = None;
                 this.finished.notify_waiters();
             }
@@ -493,7 +511,7 @@ impl Runner {
         actions: Vec<Action>,
         run: RunProcedure,
         cancel: CancellationToken,
-    ) {
+    ) -> Option<(String, String)> {
         let refused = actions.len() < record.steps.len();
         let log_offset = self
             .config
@@ -619,7 +637,25 @@ impl Runner {
                 record.to_proto(false),
             )))
             .await;
+        head_after_run(&record.steps)
     }
+}
+
+/// HEAD as a run's steps left it, when they say so: the last `git.checkout` that started
+/// succeeded and read the sha and subject it moved to (in the same `git` process that
+/// resolved it, or by reading HEAD back). `None` when the run had no checkout (HEAD is
+/// read), or its last one that started did not succeed (HEAD may be anywhere).
+fn head_after_run(steps: &[StepRecord]) -> Option<(String, String)> {
+    let last = steps
+        .iter()
+        .filter(|s| s.action == "git.checkout" && s.phase == Phase::Done)
+        .rfind(|s| s.status != StepStatus::Skipped as i32)?;
+    if last.status != StepStatus::Succeeded as i32 {
+        return None;
+    }
+    let sha = last.facts.get(fact::SHA).filter(|s| !s.is_empty())?;
+    let subject = last.facts.get(fact::SUBJECT)?;
+    Some((sha.clone(), subject.clone()))
 }
 
 fn new_record(run: &RunProcedure) -> RunRecord {
@@ -650,6 +686,60 @@ mod tests {
 
     fn runner(dir: &std::path::Path) -> (Arc<Runner>, tokio::sync::mpsc::Receiver<AgentMessage>) {
         runner_with(dir, "")
+    }
+
+    /// HEAD after a run comes from its last checkout only when that checkout succeeded and
+    /// read where it left HEAD; anything else makes the state report read HEAD itself.
+    #[test]
+    fn head_after_a_run_is_its_last_started_checkouts_only_when_it_succeeded() {
+        let step = |action: &str, status: Option<StepStatus>, sha: &str| {
+            let mut s = StepRecord::pending(action, BTreeMap::new());
+            if !sha.is_empty() {
+                s.facts.insert(fact::SHA.into(), sha.into());
+                s.facts
+                    .insert(fact::SUBJECT.into(), format!("release {sha}"));
+            }
+            if let Some(status) = status {
+                s.finish(status, "");
+            }
+            s
+        };
+        let ok = Some(StepStatus::Succeeded);
+        let known = |sha: &str| Some((sha.to_string(), format!("release {sha}")));
+        assert_eq!(
+            head_after_run(&[
+                step("service.stop", ok, ""),
+                step("git.checkout", ok, "aaa"),
+                step("service.start", ok, ""),
+            ]),
+            known("aaa")
+        );
+        // The last checkout that started counts; one skipped after a failure moved nothing.
+        assert_eq!(
+            head_after_run(&[
+                step("git.checkout", ok, "aaa"),
+                step("git.checkout", ok, "bbb"),
+                step("http.check", Some(StepStatus::Failed), ""),
+                step("git.checkout", Some(StepStatus::Skipped), ""),
+            ]),
+            known("bbb")
+        );
+        for unknown in [
+            // No checkout: nothing said where HEAD is.
+            vec![step("service.restart", ok, "")],
+            // A checkout that failed or timed out may have left HEAD anywhere.
+            vec![
+                step("git.checkout", ok, "aaa"),
+                step("git.checkout", Some(StepStatus::Failed), ""),
+            ],
+            vec![step("git.checkout", Some(StepStatus::TimedOut), "bbb")],
+            vec![step("git.checkout", Some(StepStatus::Cancelled), "")],
+            // Still pending (never finished) or succeeded without saying where.
+            vec![step("git.checkout", None, "aaa")],
+            vec![step("git.checkout", ok, "")],
+        ] {
+            assert_eq!(head_after_run(&unknown), None, "{unknown:?}");
+        }
     }
 
     /// A runner whose agent.toml ends with `extra` (e.g. an `[app]` section).

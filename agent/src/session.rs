@@ -104,7 +104,7 @@ pub async fn run_session(
             .iter()
             .map(|a| a.to_string())
             .collect(),
-        state: Some(crate::state::gather(config).await),
+        state: Some(crate::state::gather(config, None).await),
         // Bounded so Hello always fits a message; the rest follow as results are acknowledged.
         journaled_runs: runner
             .unacked_runs()
@@ -247,8 +247,9 @@ async fn serve(
                 }
             }
             () = runner.finished.notified() => {
-                // A run changed the host: report its state now rather than at the next Hello.
-                let hb = Heartbeat { sent_at_unix_ms: now_unix_ms(), state: Some(crate::state::gather(config).await) };
+                // A run changed the host: report its state now rather than at the next Hello
+                // (HEAD as its checkout read it, when it had one that succeeded).
+                let hb = Heartbeat { sent_at_unix_ms: now_unix_ms(), state: Some(crate::state::gather(config, runner.take_head_after()).await) };
                 if tx.send(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) }).await.is_err() {
                     return Ok(SessionEnd::ClosedByCoordinator);
                 }

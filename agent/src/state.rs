@@ -1,6 +1,7 @@
 //! The host's observed state for Hello and heartbeats: git HEAD, alembic revision, env file
 //! hash, unit state, last health check. Gathered with the same actions the runbook uses (HEAD
-//! with the one `git log -1` they read it with).
+//! with the one `git log -1` they read it with), except HEAD right after a run whose checkout
+//! already read where it left HEAD.
 
 use std::time::Duration;
 
@@ -29,9 +30,16 @@ async fn facts(config: &Config, action: &str) -> std::collections::BTreeMap<Stri
 /// Each probe's time limit.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-pub async fn gather(config: &Config) -> HostState {
+/// The host's state. `head`: HEAD's sha and subject when already known (a run's checkout
+/// just read them, `Runner::take_head_after`); otherwise HEAD is read with `git log -1`.
+pub async fn gather(config: &Config, head: Option<(String, String)>) -> HostState {
     let mut state = HostState::default();
-    if config.app.is_some() {
+    if config.app.is_some()
+        && let Some((sha, subject)) = head
+    {
+        state.git_head_sha = sha;
+        state.git_head_subject = subject;
+    } else if config.app.is_some() {
         let cancel = CancellationToken::new();
         let mut sink = NoSink;
         let ctx = StepCtx::new(config, &mut sink, &cancel, TIMEOUT);
