@@ -42,6 +42,14 @@ impl Peers {
         Self { ansible, salt }
     }
 
+    /// Neither peer, for the reason given.
+    pub fn skipped(why: &str) -> Self {
+        Self {
+            ansible: Err(why.to_string()),
+            salt: Err(why.to_string()),
+        }
+    }
+
     pub fn versions(&self) -> serde_json::Value {
         let v = |r: &Result<String, String>| match r {
             Ok(v) => json!(v),

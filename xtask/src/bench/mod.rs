@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// Measure and print, but leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
+    /// Part (a) without Ansible and Salt (about 15 of its 16 minutes at the default counts):
+    /// fleet-rollback against the bash bounds only, for an A/B of a change. Implies --no-write.
+    #[arg(long)]
+    without_peers: bool,
     /// Profile the coordinator during each part (b) job with `perf record` into DIR (one
     /// `.data` file per run). Profiling slows what it measures: implies --no-write.
     #[arg(long, value_name = "DIR")]
@@ -202,7 +206,7 @@ fn measure(args: &BenchArgs) -> Result<()> {
         peers::version_of(&harness::bin("rollback-agent"))
     ));
 
-    let write = !args.no_write && args.perf.is_none();
+    let write = !args.no_write && args.perf.is_none() && !args.without_peers;
     let save = |data: &Value| -> Result<()> {
         if write {
             report::write(&bench_md, data)?;
@@ -271,7 +275,11 @@ fn measure(args: &BenchArgs) -> Result<()> {
         }
     }
     if want(Part::Fleet) {
-        let mut peers = fleet::Peers::install(&root);
+        let mut peers = if args.without_peers {
+            fleet::Peers::skipped("not measured: --without-peers")
+        } else {
+            fleet::Peers::install(&root)
+        };
         let versions = peers.versions();
         if let Some(v) = versions.as_object() {
             for (k, x) in v {
