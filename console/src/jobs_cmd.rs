@@ -550,27 +550,28 @@ fn job_result(j: &Job) -> Result<()> {
 
 pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) -> Result<()> {
     let req = args.request();
-    let mut client = connect::console(flags).await?;
-    let plan = client
-        .plan(req.clone())
-        .await
-        .map_err(|s| status_error("planning the rollback", s))?
-        .into_inner();
-    if output == Output::Table {
-        print_plan(&plan);
-        println!();
-    }
     let target = connect::settings(flags)?.target();
-    let what = format!(
-        "roll back {} host(s) with `{}` on {target}",
-        plan.targets.len(),
-        plan.procedure
-    );
-    if args.yes {
+    let what = |plan: &PlanResponse| {
+        format!(
+            "roll back {} host(s) with `{}` on {target}",
+            plan.targets.len(),
+            plan.procedure
+        )
+    };
+    // Asked first: the plan is previewed, then confirmed. With --yes nothing is asked, and the
+    // plan shown is the one the start made (the coordinator plans once, not twice).
+    if !args.yes {
+        let mut client = connect::console(flags).await?;
+        let plan = client
+            .plan(req.clone())
+            .await
+            .map_err(|s| status_error("planning the rollback", s))?
+            .into_inner();
         if output == Output::Table {
-            eprintln!("{what} (--yes: not asking)");
+            print_plan(&plan);
+            println!();
         }
-    } else {
+        let what = what(&plan);
         if !std::io::stdin().is_terminal() {
             bail!("refusing to {what} without confirmation: pass --yes (stdin is not a terminal)");
         }
@@ -583,10 +584,24 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
             bail!("not started");
         }
     }
-    drop(client);
     let started = start_once(flags, req, output).await?;
-    let first = get_job(flags, &started.job_id).await?;
-    if let Some(a) = first.approval.as_ref().filter(|a| a.decision.is_empty()) {
+    if args.yes
+        && output == Output::Table
+        && let Some(plan) = &started.plan
+    {
+        print_plan(plan);
+        println!();
+        eprintln!("{} (--yes: not asking)", what(plan));
+    }
+    // Whether it waits for approval comes with the start; a coordinator that predates that
+    // is asked for the job.
+    let (approval, first) = if started.approval_reported {
+        (started.approval.clone(), None)
+    } else {
+        let job = get_job(flags, &started.job_id).await?;
+        (job.approval.clone(), Some(job))
+    };
+    if let Some(a) = approval.as_ref().filter(|a| a.decision.is_empty()) {
         let msg = format!(
             "job {} needs approval ({}): nothing runs until an approver other than you runs\n  rollbackctl approve {} --reason '...'\n(it expires {}; `rollbackctl deny {}` or `rollbackctl cancel {}` ends it)",
             started.job_id,
@@ -599,7 +614,13 @@ pub async fn rollback(args: RollbackArgs, flags: &ConnectFlags, output: Output) 
         if args.no_wait_approval {
             match output {
                 Output::Table => println!("{msg}"),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&first))?),
+                Output::Json => {
+                    let job = match first {
+                        Some(job) => job,
+                        None => get_job(flags, &started.job_id).await?,
+                    };
+                    println!("{}", serde_json::to_string_pretty(&job_json(&job))?);
+                }
             }
             return Ok(());
         }

@@ -5,7 +5,8 @@
 //!   (`running`, `awaiting_approval`), and for each running job its hosts by outcome and its
 //!   runs by status (bounded by the jobs running, so the job id is a safe label);
 //! - counters and histograms kept since start: jobs started and finished (by end state), runs
-//!   finished (by status), step durations by action, store commit latency, dispatch latency.
+//!   finished (by status), plans made (a preview, or for a start: at 10,000 hosts a plan is a
+//!   cost worth seeing), step durations by action, store commit latency, dispatch latency.
 //!
 //! Counters are per process. Label values come from fixed sets (the runbook's actions, step
 //! statuses, job states), never from what an agent sends, so a hostile agent cannot grow the
@@ -104,6 +105,8 @@ impl Histogram {
 /// What the process has counted since it started.
 struct Counters {
     jobs_started: AtomicU64,
+    /// Plans made: [previews, for a start].
+    plans: [AtomicU64; 2],
     jobs_finished: Mutex<BTreeMap<&'static str, u64>>,
     runs: Mutex<BTreeMap<&'static str, u64>>,
     steps: BTreeMap<&'static str, Histogram>,
@@ -113,6 +116,7 @@ struct Counters {
 
 static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
     jobs_started: AtomicU64::new(0),
+    plans: [AtomicU64::new(0), AtomicU64::new(0)],
     jobs_finished: Mutex::new(BTreeMap::new()),
     runs: Mutex::new(BTreeMap::new()),
     steps: rollback_common::runbook::ACTIONS
@@ -151,6 +155,12 @@ fn end_state(state: &str) -> &'static str {
 /// A job began running (approved or not needing approval).
 pub fn job_started() {
     COUNTERS.jobs_started.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A plan was made: a preview (`rollbackctl plan`, the confirmation before a start) or for a
+/// start.
+pub fn plan_made(preview: bool) {
+    COUNTERS.plans[usize::from(!preview)].fetch_add(1, Ordering::Relaxed);
 }
 
 /// A job ended in `state`.
@@ -249,6 +259,19 @@ pub async fn render(src: &Sources) -> String {
         "{PREFIX}_jobs_started_total {}",
         c.jobs_started.load(Ordering::Relaxed)
     );
+    help(
+        &mut out,
+        "plans_total",
+        "counter",
+        "Plans made, by purpose: a preview, or for a start.",
+    );
+    for (purpose, n) in ["preview", "start"].iter().zip(&c.plans) {
+        let _ = writeln!(
+            out,
+            "{PREFIX}_plans_total{{purpose=\"{purpose}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     help(
         &mut out,
         "jobs_finished_total",

@@ -568,6 +568,18 @@ fn metrics_show_a_running_job_and_its_runs() -> Result<()> {
         Some(1.0),
         "{after}"
     );
+    // `rollback --yes` asks nothing, so it previews nothing: the coordinator plans the job
+    // once, for the start, and rollbackctl shows that plan.
+    assert_eq!(
+        sample(&after, "fleet_rollback_plans_total{purpose=\"preview\"}"),
+        Some(0.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "fleet_rollback_plans_total{purpose=\"start\"}"),
+        Some(1.0),
+        "{after}"
+    );
     assert_eq!(
         sample(
             &after,

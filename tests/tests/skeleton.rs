@@ -646,6 +646,23 @@ fn offline_targets_are_shown_refused_unless_skipped_and_a_forgotten_host_is_gone
         serde_json::json!(["web-2"]),
         "{job}"
     );
+    // On a table, `--yes` shows the plan the start made (nothing was previewed) and says on
+    // stderr what it did not ask.
+    let (_, out, err) = ctl(
+        &ada,
+        &[&["rollback", "--yes", "--skip-offline"][..], &args].concat(),
+    );
+    assert!(
+        out.contains("procedure configuration:")
+            && out.contains("targets (1): web-1")
+            && out.contains("OFFLINE: web-2"),
+        "{out}"
+    );
+    assert!(
+        err.contains("roll back 1 host(s) with `configuration`")
+            && err.contains("(--yes: not asking)"),
+        "{err}"
+    );
 
     // Forgetting: admin only, never a connected host; then it is gone.
     let (code, _, err) = ctl(&ada, &["agents", "forget", "web-1"]);

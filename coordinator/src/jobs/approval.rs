@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rollback_common::jobs::{EventKind, JobState};
 use rollback_common::now_unix_ms;
-use rollback_common::proto::{PlanResponse, RollbackRequest, StartRollbackResponse};
+use rollback_common::proto::{Approval, PlanResponse, RollbackRequest, StartRollbackResponse};
 use rollback_common::runbook::Plan;
 use tonic::Status;
 use tracing::{info, warn};
@@ -23,6 +23,20 @@ use crate::store::{ApprovalRow, AuditEvent};
 
 /// The actor of decisions the coordinator takes itself (expiry).
 const COORDINATOR: &str = "coordinator";
+
+/// A job's approval as the API shows it.
+pub fn approval_proto(a: ApprovalRow) -> Approval {
+    Approval {
+        rule: a.rule,
+        requested_by: a.requested_by,
+        requested_at_unix_ms: a.requested_at_ms,
+        expires_at_unix_ms: a.expires_at_ms,
+        decision: a.decision,
+        decided_by: a.decided_by,
+        decided_at_unix_ms: a.decided_at_ms.unwrap_or(0),
+        reason: a.reason,
+    }
+}
 
 /// Why `plan` needs approval under `policy`, or `None`.
 pub fn rule_for(policy: &ApprovalPolicy, plan: &Plan) -> Option<String> {
@@ -139,6 +153,8 @@ impl Jobs {
         Ok(StartRollbackResponse {
             job_id,
             plan: Some(plan_proto),
+            approval: Some(approval_proto(approval)),
+            approval_reported: true,
         })
     }
 

@@ -296,14 +296,16 @@ impl Jobs {
         &self,
         req: &RollbackRequest,
     ) -> Result<Option<StartRollbackResponse>, Status> {
-        Ok(self
-            .store
-            .job_for_request(&req.request_id)
-            .await?
-            .map(|job| StartRollbackResponse {
-                job_id: job.job_id,
-                plan: PlanResponse::decode(job.plan.as_slice()).ok(),
-            }))
+        let Some(job) = self.store.job_for_request(&req.request_id).await? else {
+            return Ok(None);
+        };
+        let approval = self.store.job_approval(&job.job_id).await?;
+        Ok(Some(StartRollbackResponse {
+            plan: PlanResponse::decode(job.plan.as_slice()).ok(),
+            job_id: job.job_id,
+            approval: approval.map(super::approval::approval_proto),
+            approval_reported: true,
+        }))
     }
 
     async fn start_new(
@@ -439,6 +441,8 @@ impl Jobs {
         Ok(StartRollbackResponse {
             job_id,
             plan: Some(plan_proto),
+            approval: None,
+            approval_reported: true,
         })
     }
 

@@ -100,6 +100,7 @@ impl Jobs {
         principal: &Principal,
         req: &RollbackRequest,
     ) -> Result<(Plan, PlanResponse), Status> {
+        crate::metrics::plan_made(false);
         if !req.to_snapshot.is_empty() {
             return self.to_snapshot_plan(principal, req, true).await;
         }
@@ -115,6 +116,7 @@ impl Jobs {
         principal: &Principal,
         req: &RollbackRequest,
     ) -> Result<PlanResponse, Status> {
+        crate::metrics::plan_made(true);
         if !req.to_snapshot.is_empty() {
             return Ok(self.to_snapshot_plan(principal, req, false).await?.1);
         }

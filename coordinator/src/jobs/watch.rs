@@ -103,20 +103,11 @@ impl Jobs {
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         let mut job = job_proto(row, hosts);
-        job.approval =
-            self.store
-                .job_approval(job_id)
-                .await?
-                .map(|a| rollback_common::proto::Approval {
-                    rule: a.rule,
-                    requested_by: a.requested_by,
-                    requested_at_unix_ms: a.requested_at_ms,
-                    expires_at_unix_ms: a.expires_at_ms,
-                    decision: a.decision,
-                    decided_by: a.decided_by,
-                    decided_at_unix_ms: a.decided_at_ms.unwrap_or(0),
-                    reason: a.reason,
-                });
+        job.approval = self
+            .store
+            .job_approval(job_id)
+            .await?
+            .map(super::approval::approval_proto);
         job.history = self
             .store
             .job_events(job_id, 0)
