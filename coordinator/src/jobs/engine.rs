@@ -24,7 +24,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::batch::{PhaseWork, phase_work};
 use super::output::StepOutput;
-use super::settle::{HostSoFar, Stop, settle};
+use super::settle::{HostSoFar, Stop, own_phases, settle};
 use super::{Jobs, LiveJob, outcome};
 use crate::authz::Principal;
 use crate::dispatch::{self, Dispatch, DispatchError};
@@ -315,7 +315,8 @@ impl Jobs {
     ) -> Result<StartRollbackResponse, Status> {
         loop {
             // Leases first: never resolve targets on hosts another job is changing.
-            let selected = self.selected_hosts(&req.selector).await?;
+            let agents = self.store.list_agents().await?;
+            let selected = super::planning::selected_among(&req.selector, &agents)?;
             let holders = self.store.lease_holders(&selected).await?;
             if !holders.is_empty() {
                 if req.wait {
@@ -324,7 +325,7 @@ impl Jobs {
                 }
                 return Err(leased_status(&holders));
             }
-            let (plan, plan_proto) = self.plan(principal, req).await?;
+            let (plan, plan_proto) = self.plan(principal, req, agents).await?;
             if !plan_proto.offline.is_empty() && !req.skip_offline {
                 return Err(Status::failed_precondition(format!(
                     "refused, nothing was started: {} {} offline. Bring the agent back, pass --skip-offline to roll back the others, or remove a decommissioned host with `rollbackctl agents forget HOST`",
@@ -791,9 +792,9 @@ impl Jobs {
             return Ok(JobState::Cancelled.as_str().into());
         }
         let Some(live) = self.live_job(job_id).filter(|_| self.driving_here(job_id)) else {
-            let (job, _) = self
+            let job = self
                 .store
-                .get_job(job_id)
+                .job_row(job_id)
                 .await?
                 .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
             if job.state == JobState::Running.as_str() && self.cluster.shared() {
@@ -1094,19 +1095,14 @@ impl Jobs {
     async fn finish(&self, d: &mut Drive, live: &LiveJob, halt: Option<String>) {
         let job_id = d.job_id.clone();
         let all_phases: Vec<String> = d.plan.phases.iter().map(|p| p.name.clone()).collect();
+        let mut own = own_phases(&d.plan);
         let so_far: Vec<HostSoFar> = d
             .tracks
             .values()
             .map(|t| HostSoFar {
                 host_id: t.host_id.clone(),
                 outcome: parse_outcome(t),
-                own_phases: d
-                    .plan
-                    .phases
-                    .iter()
-                    .filter(|p| p.batches.iter().flatten().any(|h| *h == t.host_id))
-                    .map(|p| p.name.clone())
-                    .collect(),
+                own_phases: own.remove(t.host_id.as_str()).unwrap_or_default(),
                 done_phases: t.done_phases.clone(),
             })
             .collect();

@@ -758,8 +758,8 @@ impl Jobs {
             );
         }
         let summary = fleet_summary(&judged.breaches, judged.sampled);
-        let requester = match self.store.get_job(job_id).await {
-            Ok(Some((row, _))) => row.requested_by,
+        let requester = match self.store.job_row(job_id).await {
+            Ok(Some(row)) => row.requested_by,
             _ => String::new(),
         };
         let principal = crate::authz::Principal::acting_for(&requester);

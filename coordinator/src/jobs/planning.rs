@@ -12,6 +12,7 @@ use tonic::Status;
 
 use super::Jobs;
 use crate::authz::Principal;
+use crate::store::AgentRecord;
 
 pub(super) fn strategy(req: &RollbackRequest) -> Result<Strategy, Status> {
     let mut s = Strategy::default();
@@ -94,18 +95,20 @@ pub(super) fn parse_selector(text: &str) -> Result<Selector, Status> {
 }
 
 impl Jobs {
-    /// The plan for `req` against the fleet as it is now.
+    /// The plan for `req` against the fleet as it is now: `agents` as the store listed them
+    /// just before (the start read them for its lease check; one read of 10,000 rows, not two).
     pub async fn plan(
         self: &Arc<Self>,
         principal: &Principal,
         req: &RollbackRequest,
+        agents: Vec<AgentRecord>,
     ) -> Result<(Plan, PlanResponse), Status> {
         crate::metrics::plan_made(false);
         if !req.to_snapshot.is_empty() {
             return self.to_snapshot_plan(principal, req, true).await;
         }
         let runbook = self.settings().runbook.clone();
-        self.plan_in(req, &runbook, true).await
+        self.plan_among(req, &runbook, true, agents).await
     }
 
     /// The plan `rollbackctl plan` shows: like `plan`, but it never starts anything (a
@@ -133,6 +136,18 @@ impl Jobs {
         runbook: &Runbook,
         pin: bool,
     ) -> Result<(Plan, PlanResponse), Status> {
+        let agents = self.store.list_agents().await?;
+        self.plan_among(req, runbook, pin, agents).await
+    }
+
+    /// `plan_in` among `agents`, the known agents as the store just listed them.
+    async fn plan_among(
+        &self,
+        req: &RollbackRequest,
+        runbook: &Runbook,
+        pin: bool,
+        agents: Vec<AgentRecord>,
+    ) -> Result<(Plan, PlanResponse), Status> {
         let selector = parse_selector(&req.selector)?;
         let procedure = runbook
             .procedure(&req.procedure)
@@ -144,7 +159,6 @@ impl Jobs {
         };
         let once_selector = Selector::parse(&once_text)
             .map_err(|e| Status::invalid_argument(format!("--once-on: {e}")))?;
-        let agents = self.store.list_agents().await?;
         let online = self.cluster.online_hosts().await;
         let selected: Vec<String> = agents
             .iter()
@@ -159,9 +173,10 @@ impl Jobs {
         // Offline targets are shown in the plan; `rollback` refuses them unless told to leave
         // them out.
         let targets: Vec<String> = if req.skip_offline {
+            // The online set, not a search of the offline list per host.
             selected
                 .iter()
-                .filter(|h| !offline.contains(h))
+                .filter(|h| online.contains(*h))
                 .cloned()
                 .collect()
         } else {
@@ -208,14 +223,20 @@ impl Jobs {
 
     /// Host ids the selector matches among known agents (online or not).
     pub(super) async fn selected_hosts(&self, selector: &str) -> Result<Vec<String>, Status> {
-        let selector = parse_selector(selector)?;
-        Ok(self
-            .store
-            .list_agents()
-            .await?
-            .into_iter()
-            .filter(|a| selector.matches(&a.host_id, &a.labels))
-            .map(|a| a.host_id)
-            .collect())
+        let agents = self.store.list_agents().await?;
+        selected_among(selector, &agents)
     }
+}
+
+/// Host ids `selector` matches among `agents` (online or not).
+pub(super) fn selected_among(
+    selector: &str,
+    agents: &[AgentRecord],
+) -> Result<Vec<String>, Status> {
+    let selector = parse_selector(selector)?;
+    Ok(agents
+        .iter()
+        .filter(|a| selector.matches(&a.host_id, &a.labels))
+        .map(|a| a.host_id.clone())
+        .collect())
 }

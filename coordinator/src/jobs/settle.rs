@@ -1,7 +1,10 @@
 //! Settling a job that stopped dispatching: the outcome of every host still pending and the
 //! job's final state. A pure function of what is known, so it is tested without a fleet.
 
+use std::collections::HashMap;
+
 use rollback_common::jobs::{JobState, Outcome};
+use rollback_common::runbook::Plan;
 
 /// One host as the engine knows it when the job stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +29,23 @@ pub struct Settled {
 pub struct Stop {
     pub cancelled: bool,
     pub halt: Option<String>,
+}
+
+/// Each planned host's phases, in plan order (a host in no batch has none), from one pass over
+/// the plan. A search of every phase's batches per host was quadratic: 50 million comparisons
+/// at the end of a 10,000-host job.
+pub fn own_phases(plan: &Plan) -> HashMap<&str, Vec<String>> {
+    let mut own: HashMap<&str, Vec<String>> = HashMap::new();
+    for phase in &plan.phases {
+        for host in phase.batches.iter().flatten() {
+            let phases = own.entry(host.as_str()).or_default();
+            // A host listed twice in one phase still takes part in it once.
+            if phases.last() != Some(&phase.name) {
+                phases.push(phase.name.clone());
+            }
+        }
+    }
+    own
 }
 
 /// Settles every pending host and decides the job's state. A pending host that completed all
@@ -96,6 +116,39 @@ mod tests {
             own_phases: own.iter().map(|s| s.to_string()).collect(),
             done_phases: done.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    fn planned(name: &str, batches: &[&[&str]]) -> rollback_common::runbook::PlannedPhase {
+        rollback_common::runbook::PlannedPhase {
+            name: name.into(),
+            scope: rollback_common::runbook::Scope::Each,
+            steps: Vec::new(),
+            batches: batches
+                .iter()
+                .map(|b| b.iter().map(|h| h.to_string()).collect())
+                .collect(),
+            host_steps: Default::default(),
+        }
+    }
+
+    #[test]
+    fn own_phases_are_each_hosts_phases_in_plan_order() {
+        let plan = Plan {
+            procedure: "database".into(),
+            targets: ["app1", "app2", "db"].map(String::from).to_vec(),
+            once_host: Some("db".into()),
+            phases: vec![
+                planned("stop", &[&["app1"], &["app2"]]),
+                planned("downgrade", &[&["db"]]),
+                planned("start", &[&["app2", "app1"], &["app1"]]),
+            ],
+            max_failures: 1,
+        };
+        let own = own_phases(&plan);
+        assert_eq!(own["app1"], ["stop", "start"]);
+        assert_eq!(own["app2"], ["stop", "start"]);
+        assert_eq!(own["db"], ["downgrade"]);
+        assert!(!own.contains_key("app3"));
     }
 
     fn phases() -> Vec<String> {

@@ -229,12 +229,7 @@ impl Jobs {
                 .await?
         } else {
             let id = self.resolve(&req.job).await?;
-            self.store
-                .get_job(&id)
-                .await?
-                .map(|(row, _)| row)
-                .into_iter()
-                .collect()
+            self.store.job_row(&id).await?.into_iter().collect()
         };
         let mut jobs = Vec::new();
         for row in rows {
@@ -283,8 +278,9 @@ impl Jobs {
         after_seq: u64,
         slot: impl Send + 'static,
     ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, Status> {
+        // Its row only: the hosts of a 10,000-host job are not read to learn that it exists.
         self.store
-            .get_job(job_id)
+            .job_row(job_id)
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         if self.cluster.shared() {
@@ -409,8 +405,8 @@ impl Jobs {
             let mut local_closed = false;
             loop {
                 // The state first: when it is final, the events read after it include the end.
-                let state = match store.get_job(&job_id).await {
-                    Ok(Some((row, _))) => row.state,
+                let state = match store.job_row(&job_id).await {
+                    Ok(Some(row)) => row.state,
                     Ok(None) => return,
                     Err(e) => {
                         let _ = tx

@@ -257,6 +257,9 @@ async fn a_reopen_refused_by_a_lease_writes_nothing_and_one_allowed_writes_every
         .expect("reopened");
     let (row, rows) = store.get_job("old").await.expect("read").expect("old");
     assert_eq!((row.state.as_str(), row.finished_at_ms), ("running", None));
+    // The row alone is the same row, and an unknown job has none.
+    assert_eq!(store.job_row("old").await.expect("read row"), Some(row));
+    assert_eq!(store.job_row("nope").await.expect("read row"), None);
     assert_eq!(
         (rows[0].outcome.as_str(), rows[0].detail.as_str()),
         ("pending", "retried")

@@ -415,6 +415,8 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
         after_seq: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError>;
+    /// The job's own row, without its hosts (10,000 rows for a fleet-wide job).
+    async fn job_row(&self, job_id: &str) -> Result<Option<JobRow>, StoreError>;
     /// The job a StartRollback with this idempotency key created, if any.
     async fn job_for_request(&self, request_id: &str) -> Result<Option<JobRow>, StoreError>;
     /// Jobs matching `filter`, newest first.

@@ -1478,16 +1478,23 @@ macro_rules! backend {
                 Ok(row.as_ref().map(job_row))
             }
 
-            pub(in crate::store) async fn get_job(
+            pub(in crate::store) async fn get_job_row(
                 pool: &Pool,
                 job_id: &str,
-            ) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError> {
-                let Some(row) = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1"))
+            ) -> Result<Option<JobRow>, StoreError> {
+                Ok(sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1"))
                     .bind(job_id)
                     .fetch_optional(pool)
                     .await
                     .map_err(query_err("get_job"))?
-                else {
+                    .map(|row| job_row(&row)))
+            }
+
+            pub(in crate::store) async fn get_job(
+                pool: &Pool,
+                job_id: &str,
+            ) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError> {
+                let Some(row) = get_job_row(pool, job_id).await? else {
                     return Ok(None);
                 };
                 let hosts = sqlx::query("SELECT * FROM job_hosts WHERE job_id = $1 ORDER BY ord")
@@ -1495,7 +1502,7 @@ macro_rules! backend {
                     .fetch_all(pool)
                     .await
                     .map_err(query_err("get_job hosts"))?;
-                Ok(Some((job_row(&row), hosts.iter().map(job_host_row).collect())))
+                Ok(Some((row, hosts.iter().map(job_host_row).collect())))
             }
 
             pub(in crate::store) async fn list_jobs(pool: &Pool, f: &JobFilter) -> Result<Vec<JobRow>, StoreError> {
@@ -1859,6 +1866,10 @@ macro_rules! store_impl {
                     job_id: &str,
                 ) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError> {
                     $sql::get_job(&self.pool, job_id).await
+                }
+
+                async fn job_row(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+                    $sql::get_job_row(&self.pool, job_id).await
                 }
 
                 async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRow>, StoreError> {
