@@ -243,7 +243,7 @@ impl Session {
                         registry.touch(&cert_host, session_id, last_seen);
                         let run_id = event.run_id.clone();
                         cluster.step_event(&cert_host, &event).await;
-                        hub.publish(&cert_host, &run_id, &ExecEvent { kind: Some(exec_event::Kind::StepEvent(event)) });
+                        hub.publish(&cert_host, &run_id, ExecEvent { kind: Some(exec_event::Kind::StepEvent(event)) });
                     }
                     Ok(Some(AgentMessage { kind: Some(agent_message::Kind::RunFinished(finished)) })) => {
                         last_seen = now_unix_ms();

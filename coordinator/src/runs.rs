@@ -43,11 +43,17 @@ impl RunHub {
     }
 
     /// Delivers an event for `run_id` reported by `host_id` (events from another host are ignored).
-    pub fn publish(&self, host_id: &str, run_id: &str, event: &ExecEvent) {
+    /// The last watcher gets the event itself; only the others get copies.
+    pub fn publish(&self, host_id: &str, run_id: &str, event: ExecEvent) {
         let mut watches = self.lock();
         if let Some(list) = watches.get_mut(run_id) {
             list.retain(|w| w.host_id != host_id || !w.tx.is_closed());
-            for w in list.iter().filter(|w| w.host_id == host_id) {
+            let mut to = list.iter().filter(|w| w.host_id == host_id).peekable();
+            while let Some(w) = to.next() {
+                if to.peek().is_none() {
+                    let _ = w.tx.try_send(Ok(event));
+                    break;
+                }
                 let _ = w.tx.try_send(Ok(event.clone()));
             }
         }
@@ -65,7 +71,7 @@ impl RunHub {
         self.publish(
             host_id,
             run_id,
-            &ExecEvent {
+            ExecEvent {
                 kind: Some(exec_event::Kind::Finished(finished)),
             },
         );
@@ -126,5 +132,42 @@ impl RunHub {
             list.retain(|w| w.host_id != host_id);
         }
         watches.retain(|_, list| !list.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(run_id: &str) -> RunFinished {
+        RunFinished {
+            run_id: run_id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_watcher_of_the_reporting_host_gets_the_event_and_no_other() {
+        let hub = RunHub::default();
+        let (a, mut ra) = mpsc::channel(4);
+        let (b, mut rb) = mpsc::channel(4);
+        let (other, mut ro) = mpsc::channel(4);
+        hub.watch("r1", "h1", a);
+        hub.watch("r1", "h1", b);
+        hub.watch("r1", "h2", other);
+        hub.hand_over("h1", "r1", finished("r1"));
+        for rx in [&mut ra, &mut rb] {
+            match rx.try_recv() {
+                Ok(Ok(ExecEvent {
+                    kind: Some(exec_event::Kind::Finished(f)),
+                })) => assert_eq!(f.run_id, "r1"),
+                other => panic!("expected the result, got {other:?}"),
+            }
+        }
+        assert!(ro.try_recv().is_err(), "h2 did not report this run");
+        // The result ended the wait of h1's watchers only.
+        assert!(hub.has_watch("r1"));
+        hub.close("h2", "r1");
+        assert!(!hub.has_watch("r1"));
     }
 }

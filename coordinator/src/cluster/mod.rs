@@ -329,7 +329,7 @@ impl Cluster {
                     self.hub.publish(
                         &host,
                         &run_id,
-                        &ExecEvent {
+                        ExecEvent {
                             kind: Some(exec_event::Kind::StepEvent(ev)),
                         },
                     );

@@ -1405,6 +1405,11 @@ impl Jobs {
         let mut busy_since: Option<Instant> = None;
         // The output of the step running now, on its way into `step.output` events.
         let mut out: Option<StepOutput> = None;
+        // Waited on once per run, not once per event: every host's run waits on the same two
+        // tokens, and a wait registered anew for each event contends on them.
+        let cancelled = live.cancel.cancelled();
+        let stopped = live.stop.cancelled();
+        tokio::pin!(cancelled, stopped);
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
@@ -1481,11 +1486,11 @@ impl Jobs {
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => return self.await_result_after_drop(host, &run_id, live).await,
                 },
-                () = live.cancel.cancelled(), if !cancel_sent => {
+                () = &mut cancelled, if !cancel_sent => {
                     cancel_sent = true;
                     self.send_cancel(host, &run_id, "job cancelled").await;
                 }
-                () = live.stop.cancelled() => return Err(RunEnd::Stopping),
+                () = &mut stopped => return Err(RunEnd::Stopping),
             }
         }
     }

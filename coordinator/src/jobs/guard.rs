@@ -190,7 +190,7 @@ impl Sample {
 }
 
 /// The runbook's "When to Rollback" criteria the guard judges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Criterion {
     Critical,
     Stability,
@@ -407,11 +407,13 @@ fn figures(host: &str, baseline: &Baseline, samples: &[Sample]) -> String {
 
 /// Fleet-wide: how many hosts each criterion holds on.
 fn fleet_summary(breaches: &[Breach], hosts: usize) -> String {
+    // Each host once per criterion, in the order first seen; a set, not a search of the
+    // list per breach (10,000 breaching hosts were 50 million comparisons).
     let mut by: BTreeMap<Criterion, Vec<&str>> = BTreeMap::new();
+    let mut seen: std::collections::HashSet<(Criterion, &str)> = Default::default();
     for b in breaches {
-        let list = by.entry(b.criterion).or_default();
-        if !list.contains(&b.host.as_str()) {
-            list.push(&b.host);
+        if seen.insert((b.criterion, b.host.as_str())) {
+            by.entry(b.criterion).or_default().push(&b.host);
         }
     }
     by.iter()
@@ -885,6 +887,31 @@ struct Judged {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fleet_summary_names_each_host_once_per_criterion_in_the_order_seen() {
+        let b = |host: &str, criterion| Breach {
+            host: host.into(),
+            criterion,
+            evidence: String::new(),
+        };
+        let breaches = [
+            b("app2", Criterion::Errors),
+            b("app1", Criterion::Errors),
+            b("app2", Criterion::Errors),
+            b("app2", Criterion::Stability),
+            b("app1", Criterion::Errors),
+        ];
+        let text = fleet_summary(&breaches, 3);
+        let errors = format!(
+            "{} on 2 of 3 host(s) (app2, app1)",
+            Criterion::Errors.as_str()
+        );
+        let stability = format!("{} on 1 of 3 host(s) (app2)", Criterion::Stability.as_str());
+        assert!(text.contains(&errors), "{text}");
+        assert!(text.contains(&stability), "{text}");
+        assert_eq!(text.matches("; ").count(), 1, "{text}");
+    }
 
     fn criteria() -> GuardCriteria {
         criteria_proto(&runbook::GuardCriteria::default())

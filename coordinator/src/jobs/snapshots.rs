@@ -468,8 +468,14 @@ impl Jobs {
         let mut phases = Vec::new();
         let mut once_host = None;
         let mut host_steps = BTreeMap::new();
+        // By index, not by a search per target (quadratic over a fleet).
+        let mut diagnosed: std::collections::HashMap<&str, &rollback_common::proto::HostDiagnosis> =
+            std::collections::HashMap::new();
+        for d in &diag.hosts {
+            diagnosed.entry(d.host_id.as_str()).or_insert(d);
+        }
         for host in &targets {
-            let d = diag.hosts.iter().find(|d| &d.host_id == host);
+            let d = diagnosed.get(host.as_str()).copied();
             let has = |w: &str| d.is_some_and(|d| d.changes.iter().any(|c| c.what == w));
             let snap = &snapshots[host];
             let mut steps = Vec::new();
