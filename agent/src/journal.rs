@@ -1,6 +1,8 @@
 //! The agent's run journal: one JSON file per run in `<state_dir>/runs`, rewritten atomically
 //! and fsynced at every step boundary. A run id seen before returns its journaled result and
-//! runs nothing again; a step cut off by a crash becomes `interrupted` at the next start.
+//! runs nothing again; a step cut off by a crash becomes `interrupted` at the next start. The
+//! coordinator's acknowledgement of a result is an empty marker, `<run id>.acked`, beside the
+//! record, written without a sync: the record is not rewritten for it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// Runs kept in the journal; older finished and acknowledged runs are pruned.
 const KEPT_RUNS: usize = 500;
+/// The suffix of a run's acknowledgement marker.
+const ACKED: &str = ".acked";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -79,7 +83,8 @@ pub struct RunRecord {
     pub steps: Vec<StepRecord>,
     pub finished: bool,
     pub status: i32,
-    /// The coordinator confirmed it stored the result.
+    /// The coordinator confirmed it stored the result (the record's own flag, from journals
+    /// written before the marker, or the `<run id>.acked` marker beside it).
     pub acked: bool,
 }
 
@@ -152,16 +157,22 @@ impl Journal {
         self.dir.join(format!("{run_id}.json"))
     }
 
+    /// The marker of the coordinator's acknowledgement.
+    fn ack_path(&self, run_id: &str) -> PathBuf {
+        self.dir.join(format!("{run_id}{ACKED}"))
+    }
+
     pub fn load(&self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
         let path = self.path(run_id);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| JournalError::Corrupt {
+                let mut run: RunRecord =
+                    serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
                         path,
                         reason: e.to_string(),
-                    })
+                    })?;
+                run.acked = run.acked || self.ack_path(run_id).exists();
+                Ok(Some(run))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(JournalError::Io { path, source }),
@@ -234,22 +245,66 @@ impl Journal {
             run.finished = true;
             run.status = StepStatus::Interrupted as i32;
             run.acked = false;
+            // An unfinished run was never acknowledged; a marker left by anything else must
+            // not hide its interrupted result from the coordinator.
+            self.remove_marker(&run.run_id)?;
             self.save(&run)?;
             recovered.push(run);
         }
+        self.sweep_markers()?;
         self.prune()?;
         Ok(recovered)
     }
 
     /// Marks a run acknowledged (the coordinator stored its result), then prunes the journal.
+    /// The marker is created, not synced: a crash may lose it, and then the result is sent
+    /// again at the next session, which the coordinator answers from its store with another
+    /// acknowledgement (a result is recorded once). The record is not rewritten, so an
+    /// acknowledgement costs no fsync and can never damage the record. A run id with no
+    /// record gets no marker.
     pub fn ack(&self, run_id: &str) -> Result<(), JournalError> {
-        if let Some(mut run) = self.load(run_id)?
-            && !run.acked
-        {
-            run.acked = true;
-            self.save(&run)?;
+        if self.path(run_id).is_file() {
+            let marker = self.ack_path(run_id);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&marker)
+                .map_err(|source| JournalError::Io {
+                    path: marker,
+                    source,
+                })?;
         }
         self.prune()
+    }
+
+    fn remove_marker(&self, run_id: &str) -> Result<(), JournalError> {
+        let marker = self.ack_path(run_id);
+        match std::fs::remove_file(&marker) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(JournalError::Io {
+                path: marker,
+                source,
+            }),
+        }
+    }
+
+    /// Removes markers whose record is gone (a prune cut off between the two removals).
+    fn sweep_markers(&self) -> Result<(), JournalError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| JournalError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(ACKED).filter(|id| valid_run_id(id))
+                && !self.path(id).exists()
+            {
+                self.remove_marker(id)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes the oldest finished and acknowledged runs beyond `KEPT_RUNS`. Cheap when there
@@ -269,7 +324,9 @@ impl Journal {
         let runs = self.all()?;
         let excess = runs.len().saturating_sub(KEPT_RUNS);
         for run in runs.iter().filter(|r| r.finished && r.acked).take(excess) {
+            // The record first: a marker without its record is swept at the next start.
             let _ = std::fs::remove_file(self.path(&run.run_id));
+            let _ = std::fs::remove_file(self.ack_path(&run.run_id));
         }
         Ok(())
     }
@@ -357,6 +414,96 @@ mod tests {
             !left.iter().any(|r| r.run_id == "r0"),
             "the oldest go first"
         );
+        assert!(
+            !tmp.path().join("runs").join("r0.acked").exists(),
+            "a pruned run's marker goes with it"
+        );
+        let markers = std::fs::read_dir(tmp.path().join("runs"))
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(ACKED))
+            .count();
+        assert_eq!(markers, left.iter().filter(|r| r.acked).count());
+    }
+
+    fn finished_run(id: &str) -> RunRecord {
+        RunRecord {
+            run_id: id.into(),
+            job_id: "j".into(),
+            received_at_ms: 1,
+            steps: vec![],
+            finished: true,
+            status: StepStatus::Succeeded as i32,
+            acked: false,
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_is_a_marker_and_never_rewrites_the_record() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        j.save(&finished_run("r1")).expect("save");
+        let record = tmp.path().join("runs").join("r1.json");
+        let before = std::fs::read(&record).expect("record");
+        let writes = j.writes();
+        j.ack("r1").expect("ack");
+        assert_eq!(
+            std::fs::read(&record).expect("record"),
+            before,
+            "record untouched"
+        );
+        assert_eq!(
+            j.writes(),
+            writes,
+            "no durable write for an acknowledgement"
+        );
+        assert!(j.load("r1").expect("load").expect("present").acked);
+        j.ack("r1").expect("a second ack changes nothing");
+        assert!(j.load("r1").expect("load").expect("present").acked);
+
+        // A crash that lost the (unsynced) marker: the run is unacknowledged again, so its
+        // result is sent again and acknowledged again; nothing else changed.
+        std::fs::remove_file(tmp.path().join("runs").join("r1.acked")).expect("lose marker");
+        assert!(!j.load("r1").expect("load").expect("present").acked);
+
+        // No record, no marker.
+        j.ack("never-ran").expect("ack of an unknown run");
+        assert!(!tmp.path().join("runs").join("never-ran.acked").exists());
+    }
+
+    #[test]
+    fn a_record_acknowledged_by_an_older_agent_stays_acknowledged() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        j.save(&RunRecord {
+            acked: true,
+            ..finished_run("old")
+        })
+        .expect("save");
+        assert!(j.load("old").expect("load").expect("present").acked);
+    }
+
+    #[test]
+    fn recovery_drops_a_stray_marker_of_a_cut_off_run_and_markers_without_a_record() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        let runs = tmp.path().join("runs");
+        let mut cut = finished_run("cut");
+        cut.finished = false;
+        cut.steps = vec![StepRecord::pending("git.log", BTreeMap::new())];
+        cut.steps[0].phase = Phase::Running;
+        j.save(&cut).expect("save");
+        std::fs::write(runs.join("cut.acked"), b"").expect("stray marker");
+        std::fs::write(runs.join("gone.acked"), b"").expect("orphan marker");
+        let recovered = j.recover().expect("recover");
+        assert_eq!(recovered.len(), 1);
+        let r = j.load("cut").expect("load").expect("present");
+        assert!(
+            r.finished && !r.acked,
+            "its interrupted result goes to the coordinator"
+        );
+        assert!(!runs.join("cut.acked").exists());
+        assert!(!runs.join("gone.acked").exists());
     }
 
     #[test]

@@ -896,11 +896,13 @@ mod tests {
             ]
         );
         // Accepted with the first step's start, then each later step's start (the one before
-        // it ends in the same write), then the run's end (with its last step's): four; the
-        // acknowledgement is the fifth.
+        // it ends in the same write), then the run's end (with its last step's): four. The
+        // acknowledgement is a marker, not a fifth durable write.
         assert_eq!(runner.journal.writes(), 4);
+        assert!(runner.has_unacked_results());
         runner.ack("three");
-        assert_eq!(runner.journal.writes(), 5);
+        assert_eq!(runner.journal.writes(), 4);
+        assert!(!runner.has_unacked_results());
     }
 
     #[tokio::test]

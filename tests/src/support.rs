@@ -836,8 +836,8 @@ impl Simulator {
 }
 
 /// How many run records an agent's journal directory (`STATE_DIR/runs`) holds: `RUN.json`
-/// files. A record being rewritten (`.RUN.tmp`, e.g. while its acknowledgement is saved) is the
-/// same run and is not counted.
+/// files. A record being rewritten (`.RUN.tmp`) is the same run and is not counted, nor is an
+/// acknowledgement marker (`RUN.acked`).
 pub fn journal_records(runs_dir: &Path) -> usize {
     std::fs::read_dir(runs_dir).map_or(0, |dir| {
         dir.filter_map(Result::ok)
