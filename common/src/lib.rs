@@ -37,3 +37,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Largest gRPC message either side accepts or sends (output travels in small chunks).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest answer the coordinator sends a console and a console accepts. An answer grows with
+/// the fleet: a job's hosts, the agents, a plan's batches or a report at 20,000 hosts are
+/// past `MAX_MESSAGE_BYTES` (a finished 20,000-host job is about 4.5 MB), so a console reads
+/// up to this much; what a console sends, and everything on an agent's session, stays within
+/// `MAX_MESSAGE_BYTES`.
+pub const MAX_CONSOLE_ANSWER_BYTES: usize = 64 * 1024 * 1024;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use rollback_common::MAX_MESSAGE_BYTES;
 use rollback_common::proto::console_client::ConsoleClient;
 use rollback_common::tls::TlsFiles;
+use rollback_common::{MAX_CONSOLE_ANSWER_BYTES, MAX_MESSAGE_BYTES};
 use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint};
 
@@ -253,7 +253,7 @@ pub async fn console(flags: &ConnectFlags) -> Result<ConsoleClient<Channel>> {
         })
     })?;
     Ok(ConsoleClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_CONSOLE_ANSWER_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 

@@ -32,11 +32,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollback_common::MAX_MESSAGE_BYTES;
 use rollback_common::identity::Role;
 use rollback_common::proto::agent_gateway_server::AgentGatewayServer;
 use rollback_common::proto::console_server::ConsoleServer;
 use rollback_common::tls::TlsError;
+use rollback_common::{MAX_CONSOLE_ANSWER_BYTES, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -310,7 +310,7 @@ pub async fn run(
         .add_service(
             ConsoleServer::new(console)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(MAX_CONSOLE_ANSWER_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, signal);
 

@@ -2,7 +2,8 @@
 //! service behind the same authorization (SERVING, NOT_SERVING while shutting down), the
 //! Prometheus `/metrics` page during a job, webhooks told of a halting job (signed, checked
 //! here with an HMAC computed independently) while a receiver that never answers delays
-//! nothing, SIGHUP reloading operators and refusing a broken file, and JSON log lines.
+//! nothing, SIGHUP reloading operators and refusing a broken file, JSON log lines, and a
+//! 20,000-host job read whole although it is larger than one agent message.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -805,5 +806,46 @@ fn ensure_json_lines(log: &str) -> Result<()> {
         n += 1;
     }
     ensure!(n >= 2, "some lines: {log}");
+    Ok(())
+}
+
+/// A finished job on a 20,000-host fleet is past the 4 MiB an agent's session allows in one
+/// message (about 4.6 MB here): `job show` reads it whole rather than failing with "encoded
+/// message length too large". The job is written into the store behind the coordinator's
+/// back, as a 20,000-host job would leave it (no agents are needed to read a finished job).
+#[test]
+fn a_job_larger_than_an_agent_message_is_shown_whole() -> Result<()> {
+    const HOSTS: usize = 20_000;
+    let tmp = tempfile::tempdir()?;
+    let pki = Pki::init(&tmp.path().join("pki"), "big.test")?;
+    let op = pki.operator("vera")?;
+    let coordinator = Coordinator::start(tmp.path(), &pki, &[("vera", "viewer")])?;
+    let db = coordinator.database();
+    let job = "b16b16b16b16b16b16b16b16b16b16b1";
+    db.exec(&format!(
+        "INSERT INTO jobs (job_id, procedure, request, plan, state, reason, requested_by,
+                           created_at_ms, finished_at_ms)
+         VALUES ('{job}', 'noop', {empty}, {empty}, 'succeeded', 'a big fleet', 'vera', 1, 2);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {HOSTS})
+         INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, detail, duration_ms)
+         SELECT '{job}', 'host-' || i, i, 'succeeded', 'noop',
+                'host-' || i || ' succeeded: {filler}', 12
+         FROM n;",
+        empty = db.blob(""),
+        filler = "x".repeat(180),
+    ))?;
+    let (ok, out) = ctl(
+        &coordinator,
+        &pki,
+        &op,
+        &["--output", "json", "job", "show", job],
+    )?;
+    ensure!(ok, "job show failed:\n{}", &out[..out.len().min(2000)]);
+    let doc: Value = serde_json::from_str(&out).context("job show printed JSON")?;
+    let hosts = doc["hosts"].as_array().context("hosts")?;
+    assert_eq!(hosts.len(), HOSTS, "every host of the job");
+    assert_eq!(hosts[0]["host_id"], "host-1");
+    assert_eq!(hosts[HOSTS - 1]["host_id"], format!("host-{HOSTS}"));
+    assert_eq!(doc["state"], "succeeded");
     Ok(())
 }
