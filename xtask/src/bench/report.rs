@@ -324,6 +324,24 @@ fn render(data: &Value) -> String {
         }
         None => out.push_str("- coordinator CPU per 1,000 hosts: not measured yet\n"),
     }
+    match ks.iter().rev().find(|(k, _)| *k > 10_000) {
+        Some((k, v)) => {
+            let peak = f(&v["median"]["coord_peak_mib"]);
+            let what = if *k >= 20_000 {
+                "20,000".to_string()
+            } else {
+                format!("{k} (the most this machine's open-files limit allows; 20,000 need more descriptors than the hard limit)")
+            };
+            out.push_str(&format!(
+                "- 20,000 agents on one coordinator under 1.5 GiB RSS (peak, at K = {what}): {} — {}\n",
+                mib(&v["median"]["coord_peak_mib"]),
+                verdict(peak.is_some_and(|x| x < 1536.0))
+            ));
+        }
+        None => out.push_str(
+            "- 20,000 agents on one coordinator: not measured in this run (needs an open-files limit of at least 15,256)\n",
+        ),
+    }
     match k1 {
         Some(m) => out.push_str(&format!(
             "- p99 dispatch latency at 1,000 < 50 ms (job start → host's result): {} — {}\n",

@@ -385,6 +385,18 @@ fn latencies(
     }))
 }
 
+/// Descriptors each process needs beside one per agent (the coordinator used 22 at 19,700).
+const FD_HEADROOM: u64 = 256;
+
+/// The scale above 10,000 in a default run: 20,000 agents, or the most (in hundreds) that
+/// `limit` open files allow; none when that is under 15,000 (too close to 10,000 to add a
+/// figure).
+pub fn top_k(limit: Option<u64>) -> Option<usize> {
+    let fits = limit.map_or(20_000, |l| l.saturating_sub(FD_HEADROOM) / 100 * 100);
+    let k = usize::try_from(fits.min(20_000)).ok()?;
+    (k >= 15_000).then_some(k)
+}
+
 /// All runs at K; the figure with each run and the medians.
 pub fn measure(
     root: &Path,
@@ -394,13 +406,16 @@ pub fn measure(
     setup: Setup<'_>,
     perf: Option<&Path>,
 ) -> Result<serde_json::Value> {
+    // The coordinator holds one descriptor per agent, and so does the simulator (its journals
+    // open one file at a time); each needs a few dozen more of its own (listener, store,
+    // epoll, logs).
     if let Some(limit) = sys::open_files_limit()
-        && limit < (k as u64) + 1024
+        && limit < (k as u64) + FD_HEADROOM
     {
         bail!(
-            "the open-files limit is {limit}; {k} agents need at least {}: raise it (`ulimit -n {}`) and run again",
-            k + 1024,
-            2 * k + 1024
+            "the open-files limit is {limit} (the hard limit; raising it needs CAP_SYS_RESOURCE); {k} agents need at least {}: raise it (`ulimit -Hn {0}` as root) or measure at most {} agents",
+            k as u64 + FD_HEADROOM,
+            limit.saturating_sub(FD_HEADROOM)
         );
     }
     let mut all = Vec::new();
@@ -439,4 +454,22 @@ pub fn measure(
             "rtt_p99_ms": med(&|r| r["latency"]["rtt_p99_ms"].as_f64()),
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    #[test]
+    fn the_top_scale_is_twenty_thousand_or_what_the_open_files_limit_allows() {
+        assert_eq!(top_k(None), Some(20_000));
+        assert_eq!(top_k(Some(1_048_576)), Some(20_000));
+        assert_eq!(top_k(Some(20_256)), Some(20_000));
+        // This VM: a hard limit of 20,000 leaves 19,744 for agents.
+        assert_eq!(top_k(Some(20_000)), Some(19_700));
+        assert_eq!(top_k(Some(15_256)), Some(15_000));
+        assert_eq!(top_k(Some(15_255)), None);
+        assert_eq!(top_k(Some(10_356)), None);
+        assert_eq!(top_k(Some(1024)), None);
+    }
 }

@@ -60,6 +60,19 @@ pub fn clk_tck() -> u64 {
         .unwrap_or(100)
 }
 
+/// Raises this process's soft limit on open files to its hard limit (no privilege needed;
+/// every child inherits it) and returns the soft limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("bench: could not raise the open-files limit from {soft} to {hard}: {e}");
+    }
+    open_files_limit()
+}
+
 /// The soft limit on open files of this process (inherited by every child).
 pub fn open_files_limit() -> Option<u64> {
     std::fs::read_to_string("/proc/self/limits")
