@@ -327,13 +327,13 @@ fn render(data: &Value) -> String {
     match ks.iter().rev().find(|(k, _)| *k > 10_000) {
         Some((k, v)) => {
             let peak = f(&v["median"]["coord_peak_mib"]);
-            let what = if *k >= 20_000 {
-                "20,000".to_string()
+            let at = if *k >= 20_000 {
+                format!("K = {k}")
             } else {
-                format!("{k} (the most this machine's open-files limit allows; 20,000 need more descriptors than the hard limit)")
+                format!("K = {k}, the most this machine's open-files limit allows")
             };
             out.push_str(&format!(
-                "- 20,000 agents on one coordinator under 1.5 GiB RSS (peak, at K = {what}): {} — {}\n",
+                "- 20,000 agents on one coordinator under 1.5 GiB RSS: peak {} at {at} — {}\n",
                 mib(&v["median"]["coord_peak_mib"]),
                 verdict(peak.is_some_and(|x| x < 1536.0))
             ));
