@@ -59,7 +59,10 @@ fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
 
 #[tonic::async_trait]
 impl Console for ConsoleService {
-    type ExecStream = tokio_stream::wrappers::ReceiverStream<Result<ExecEvent, Status>>;
+    type ExecStream = tokio_stream::adapters::Map<
+        tokio_stream::wrappers::ReceiverStream<crate::runs::Watched>,
+        fn(crate::runs::Watched) -> Result<ExecEvent, Status>,
+    >;
     type WatchJobStream = tokio_stream::wrappers::ReceiverStream<Result<JobEvent, Status>>;
 
     async fn get_runbook(
@@ -327,8 +330,10 @@ impl Console for ConsoleService {
             request.into_inner(),
         )
         .await?;
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
+        let unbox: fn(crate::runs::Watched) -> Result<ExecEvent, Status> = |w| w.map(|ev| *ev);
+        Ok(Response::new(tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            unbox,
         )))
     }
 

@@ -30,7 +30,7 @@ pub async fn start(
     hub: &RunHub,
     principal: &Principal,
     req: ExecRequest,
-) -> Result<mpsc::Receiver<Result<ExecEvent, Status>>, Status> {
+) -> Result<mpsc::Receiver<crate::runs::Watched>, Status> {
     validate_name("host id", &req.host_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let step = req.step.ok_or_else(|| {
         Status::invalid_argument("exec needs a step (an action and its parameters)")
@@ -111,9 +111,9 @@ pub async fn start(
         .await?;
 
     let (tx, rx) = mpsc::channel(1024);
-    let _ = tx.try_send(Ok(ExecEvent {
+    let _ = tx.try_send(Ok(Box::new(ExecEvent {
         kind: Some(exec_event::Kind::RunId(run_id.clone())),
-    }));
+    })));
     let record = RunRow {
         run_id: run_id.clone(),
         job_id: String::new(),

@@ -1398,7 +1398,7 @@ impl Jobs {
         host: &str,
         live: &LiveJob,
         procedure: &RunProcedure,
-        mut rx: mpsc::Receiver<Result<ExecEvent, Status>>,
+        mut rx: mpsc::Receiver<crate::runs::Watched>,
     ) -> Result<RunFinished, RunEnd> {
         let run_id = procedure.run_id.clone();
         let mut cancel_sent = false;
@@ -1412,7 +1412,7 @@ impl Jobs {
         tokio::pin!(cancelled, stopped);
         loop {
             tokio::select! {
-                ev = rx.recv() => match ev {
+                ev = rx.recv() => match ev.map(|w| w.map(|ev| *ev)) {
                     Some(Ok(ExecEvent { kind: Some(exec_event::Kind::Finished(result)) })) => {
                         if result.status == StepStatus::Busy as i32 && !live.cancel.is_cancelled() {
                             let since = *busy_since.get_or_insert_with(Instant::now);

@@ -668,7 +668,7 @@ impl Jobs {
             while let Some(ev) = rx.recv().await {
                 if let Ok(ExecEvent {
                     kind: Some(exec_event::Kind::Finished(r)),
-                }) = ev
+                }) = ev.map(|ev| *ev)
                 {
                     return Some(r);
                 }
