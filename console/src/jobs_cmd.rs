@@ -313,6 +313,9 @@ async fn follow(flags: &ConnectFlags, job_id: &str, after_seq: u64, how: Follow)
                 .watch_job(WatchJobRequest {
                     job_id: job_id.to_string(),
                     after_seq: last,
+                    // Quietly: only the job's own events, for its end (a 10,000-host job's
+                    // 50,000 host events are not streamed to be ignored).
+                    job_only: how.output.is_none(),
                 })
                 .await
                 .map_err(|s| status_error(&format!("watching job {job_id}"), s))?

@@ -147,7 +147,10 @@ impl Console for ConsoleService {
         let slot = self.watchers.acquire(&principal.identity.to_string())?;
         let req = request.into_inner();
         let job_id = self.jobs.resolve(&req.job_id).await?;
-        let rx = self.jobs.watch(&job_id, req.after_seq, slot).await?;
+        let rx = self
+            .jobs
+            .watch(&job_id, req.after_seq, req.job_only, slot)
+            .await?;
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))

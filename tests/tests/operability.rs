@@ -2,8 +2,9 @@
 //! service behind the same authorization (SERVING, NOT_SERVING while shutting down), the
 //! Prometheus `/metrics` page during a job, webhooks told of a halting job (signed, checked
 //! here with an HMAC computed independently) while a receiver that never answers delays
-//! nothing, SIGHUP reloading operators and refusing a broken file, JSON log lines, and a
-//! 20,000-host job read whole although it is larger than one agent message.
+//! nothing, SIGHUP reloading operators and refusing a broken file, JSON log lines, a
+//! 20,000-host job read whole although it is larger than one agent message, and a watch for a
+//! job's end that is sent the job's own events only.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use hmac::{Hmac, Mac};
+use rollback_common::proto::console_client::ConsoleClient;
+use rollback_common::proto::{JobEvent, RollbackRequest, WatchJobRequest};
 use rollback_tests::support::{
     Agent, CertFiles, Coordinator, Pki, Proc, Simulator, agents_json, bin, eventually, rollbackctl,
     rollbackctl_command, write_private,
@@ -848,4 +851,100 @@ fn a_job_larger_than_an_agent_message_is_shown_whole() -> Result<()> {
     assert_eq!(hosts[HOSTS - 1]["host_id"], format!("host-{HOSTS}"));
     assert_eq!(doc["state"], "succeeded");
     Ok(())
+}
+
+/// The events of a watch of `job_id` from its start, `job_only` or all, until it ends.
+async fn watched(ch: Channel, job_id: &str, job_only: bool) -> Result<Vec<JobEvent>> {
+    let mut stream = ConsoleClient::new(ch)
+        .watch_job(WatchJobRequest {
+            job_id: job_id.to_string(),
+            after_seq: 0,
+            job_only,
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(ev) = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .context("the watch went quiet before the job's end")??
+    {
+        events.push(ev);
+    }
+    Ok(events)
+}
+
+/// A watch that only waits for a job's end (`job_only`, as `rollbackctl --output json
+/// rollback` asks) is sent the job's own events and none of its hosts', both live and
+/// replayed from the store, and still ends at `job.finished`; a full watch of the same job,
+/// at the same time, gets the hosts' events too, and the job's own events in the same order.
+#[test]
+fn a_watch_for_the_end_is_sent_the_jobs_own_events_only() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let pki = Pki::init(&tmp.path().join("pki"), "watch.test")?;
+    let op = pki.operator("olga")?;
+    let mut coordinator = Coordinator::start(tmp.path(), &pki, &[("olga", "operator")])?;
+    coordinator.use_runbook(RUNBOOK)?;
+    coordinator.label_simulated(3)?;
+    let sim_dir = tmp.path().join("sim");
+    std::fs::create_dir_all(&sim_dir)?;
+    // Slow steps: the watches below begin while the job runs, so they follow it live.
+    let _sim = Simulator::start_slow(&sim_dir, &[coordinator.url()], &pki, 3, 1500)?;
+    wait_online(&coordinator, &pki, &op, 3);
+
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let job_id = ConsoleClient::new(channel(&coordinator, &pki, &op).await?)
+            .start_rollback(RollbackRequest {
+                procedure: "ok".into(),
+                selector: "sim=yes".into(),
+                reason: "watch test".into(),
+                request_id: "watch-test-0001".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .job_id;
+        let (own, all) = tokio::join!(
+            watched(channel(&coordinator, &pki, &op).await?, &job_id, true),
+            watched(channel(&coordinator, &pki, &op).await?, &job_id, false),
+        );
+        let (own, all) = (own?, all?);
+        let kinds = |evs: &[JobEvent]| evs.iter().map(|e| e.kind.clone()).collect::<Vec<_>>();
+        ensure!(
+            own.iter().all(|e| e.host_id.is_empty()),
+            "a job-only watch was sent a host's event: {:?}",
+            own.iter().find(|e| !e.host_id.is_empty())
+        );
+        ensure!(
+            own.first().map(|e| e.kind.as_str()) == Some("job.started")
+                && own.last().map(|e| e.kind.as_str()) == Some("job.finished"),
+            "a job-only watch sees the start and ends at the end: {:?}",
+            kinds(&own)
+        );
+        let seqs = |evs: &[JobEvent]| evs.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let all_own: Vec<JobEvent> = all
+            .iter()
+            .filter(|e| e.host_id.is_empty())
+            .cloned()
+            .collect();
+        ensure!(
+            seqs(&own) == seqs(&all_own),
+            "the job's own events, job-only {:?} and in the full watch {:?}",
+            kinds(&own),
+            kinds(&all_own)
+        );
+        let host_events = all.iter().filter(|e| !e.host_id.is_empty()).count();
+        ensure!(
+            host_events >= 3 * 3,
+            "the full watch has each host's dispatch, step and end ({host_events} host events)"
+        );
+        // After the end: replayed from the store, the same events.
+        let replayed = watched(channel(&coordinator, &pki, &op).await?, &job_id, true).await?;
+        ensure!(
+            seqs(&replayed) == seqs(&own),
+            "replayed {:?}, live {:?}",
+            kinds(&replayed),
+            kinds(&own)
+        );
+        Ok(())
+    })
 }

@@ -253,6 +253,7 @@ async fn revoking_an_operator_cuts_a_running_watch() -> Result<()> {
         .watch_job(WatchJobRequest {
             job_id: job_id.clone(),
             after_seq: 0,
+            job_only: false,
         })
         .await?
         .into_inner();

@@ -310,6 +310,7 @@ async fn events(
         .watch_job(WatchJobRequest {
             job_id: job_id.clone(),
             after_seq,
+            job_only: false,
         })
         .await
         .map_err(status("watching the job"))?

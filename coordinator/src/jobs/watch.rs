@@ -47,6 +47,12 @@ fn is_final(ev: &JobEvent) -> bool {
     ev.kind == EventKind::JobFinished.as_str()
 }
 
+/// The job's own events (its start, phases, batches, guard rounds, end), not one host's:
+/// what a `job_only` watch sends.
+fn is_jobs_own(ev: &JobEvent) -> bool {
+    ev.host_id.is_empty()
+}
+
 /// Job-level events worth a line in the job's history (and the report's timeline).
 fn history_line(ev: &JobEvent) -> Option<String> {
     let kind: EventKind = ev.kind.parse().ok()?;
@@ -272,10 +278,13 @@ impl Jobs {
 
     /// Events after `after_seq`, then live ones until the job finishes or the watcher goes
     /// away; `slot` (the watcher's place under its operator's bound) is held until then.
+    /// `job_only`: only the job's own events (`is_jobs_own`), for a watcher that waits for
+    /// the end.
     pub async fn watch(
         &self,
         job_id: &str,
         after_seq: u64,
+        job_only: bool,
         slot: impl Send + 'static,
     ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, Status> {
         // Its row only: the hosts of a 10,000-host job are not read to learn that it exists.
@@ -284,7 +293,7 @@ impl Jobs {
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {job_id}")))?;
         if self.cluster.shared() {
-            return Ok(self.watch_store(job_id, after_seq, slot));
+            return Ok(self.watch_store(job_id, after_seq, job_only, slot));
         }
         // Subscribe before replaying so nothing falls between the two.
         let live = self.live_job(job_id).map(|l| l.events.subscribe());
@@ -306,13 +315,15 @@ impl Jobs {
                     })
                 }
             };
+            // An event not sent (`job_only`) still moves `last`: it was seen.
             macro_rules! forward {
                 ($ev:expr) => {{
                     let ev: JobEvent = $ev;
                     if ev.seq > last {
                         last = ev.seq;
                         let end = is_final(&ev);
-                        if tx.send(Ok(ev)).await.is_err() || end {
+                        if (!job_only || is_jobs_own(&ev)) && tx.send(Ok(ev)).await.is_err() || end
+                        {
                             return;
                         }
                     }
@@ -324,6 +335,10 @@ impl Jobs {
                     // was resumed), is not the end: only the live one or the last one is.
                     let n = evs.len();
                     for (i, ev) in evs.into_iter().enumerate() {
+                        if job_only && !is_jobs_own(&ev) {
+                            last = last.max(ev.seq);
+                            continue;
+                        }
                         if is_final(&ev) && (i + 1 < n || is_live) {
                             last = ev.seq;
                             if tx.send(Ok(ev)).await.is_err() {
@@ -377,6 +392,7 @@ impl Jobs {
         &self,
         job_id: &str,
         after_seq: u64,
+        job_only: bool,
         slot: impl Send + 'static,
     ) -> mpsc::Receiver<Result<JobEvent, Status>> {
         const STORE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -434,6 +450,9 @@ impl Jobs {
                 for ev in evs {
                     last = last.max(ev.seq);
                     last_was_final = is_final(&ev);
+                    if job_only && !is_jobs_own(&ev) {
+                        continue;
+                    }
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
