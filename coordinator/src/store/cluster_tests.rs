@@ -381,9 +381,19 @@ fn is_not_owner<T: std::fmt::Debug>(r: Result<T, super::StoreError>, what: &str)
     );
 }
 
+/// A job's own event (no host) as the pipeline stores it.
+fn event(seq: u64, at_ms: i64, body: Vec<u8>) -> super::EventRow {
+    super::EventRow {
+        seq,
+        at_ms,
+        host_id: String::new(),
+        event: body,
+    }
+}
+
 async fn seqs(store: &dyn Store, job_id: &str) -> Vec<u64> {
     store
-        .job_events(job_id, 0)
+        .job_events(job_id, 0, super::Events::All)
         .await
         .expect("store")
         .into_iter()
@@ -406,14 +416,14 @@ async fn a_coordinator_that_lost_a_job_writes_nothing_more_for_it() {
         .await
         .expect("store");
     // Written before the job is claimed, and by its owner once it is: taken.
-    a.append_job_events("j", "a1", vec![(1, now, b"e1".to_vec())])
+    a.append_job_events("j", "a1", vec![event(1, now, b"e1".to_vec())])
         .await
         .expect("nobody's job yet");
     assert!(matches!(
         a.claim_job("j", &a_me, now, LEASE).await.expect("store"),
         Claim::Claimed { .. }
     ));
-    a.append_job_events("j", "a1", vec![(2, now, b"e2".to_vec())])
+    a.append_job_events("j", "a1", vec![event(2, now, b"e2".to_vec())])
         .await
         .expect("the owner's event");
     a.update_job_hosts(&[host_row("j", "running")], "a1")
@@ -429,7 +439,7 @@ async fn a_coordinator_that_lost_a_job_writes_nothing_more_for_it() {
         Claim::Claimed { previous } if previous == "a"
     ));
     is_not_owner(
-        a.append_job_events("j", "a1", vec![(3, now, b"late".to_vec())])
+        a.append_job_events("j", "a1", vec![event(3, now, b"late".to_vec())])
             .await,
         "an event",
     );
@@ -454,7 +464,7 @@ async fn a_coordinator_that_lost_a_job_writes_nothing_more_for_it() {
         b.get_run("r2").await.expect("store").is_none(),
         "a's late run is not stored"
     );
-    b.append_job_events("j", "b1", vec![(3, now, b"b3".to_vec())])
+    b.append_job_events("j", "b1", vec![event(3, now, b"b3".to_vec())])
         .await
         .expect("the new owner's event");
     b.update_job_state("j", "b1", "succeeded", Some(now), "", &audit("job/j"))
@@ -477,7 +487,7 @@ async fn a_coordinator_that_lost_a_job_writes_nothing_more_for_it() {
             tokio::spawn(async move {
                 for seq in 1..10_000_u64 {
                     match a
-                        .append_job_events(&id, "a1", vec![(seq, now, vec![1])])
+                        .append_job_events(&id, "a1", vec![event(seq, now, vec![1])])
                         .await
                     {
                         Ok(()) => {}

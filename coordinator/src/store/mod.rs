@@ -64,6 +64,25 @@ impl Opened {
     }
 }
 
+/// A job event as stored: its seq, when, the host it is about (empty: the job's own event)
+/// and the encoded `JobEvent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub host_id: String,
+    pub event: Vec<u8>,
+}
+
+/// Which of a job's events a read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    All,
+    /// The job's own events (no host): its history, and a watch for its end. A 10,000-host
+    /// job stores about 50,000 events, all but a dozen of them about a host.
+    JobsOwn,
+}
+
 /// What the store keeps about an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
@@ -401,19 +420,24 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Stores host rows (inserted, or their progress updated), committed together.
     async fn update_job_hosts(&self, hosts: &[JobHostRow], by: &str) -> Result<(), StoreError>;
-    /// Several events of one job, committed together: (seq, at_ms, encoded event).
+    /// Several events of one job, committed together.
     async fn append_job_events(
         &self,
         job_id: &str,
         by: &str,
-        events: Vec<(u64, i64, Vec<u8>)>,
+        events: Vec<EventRow>,
     ) -> Result<(), StoreError>;
-    /// Encoded events of a job with seq > `after_seq`, in order.
+    /// Encoded events of a job with seq > `after_seq`, in order: all of them, or only the
+    /// job's own (`Events::JobsOwn`; a caller still checks the decoded event's host, as rows
+    /// stored before the host was (migration 0012, PostgreSQL 0004) have none).
     async fn job_events(
         &self,
         job_id: &str,
         after_seq: u64,
+        which: Events,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The highest seq a job's stored events have, if any.
+    async fn last_job_seq(&self, job_id: &str) -> Result<Option<u64>, StoreError>;
     async fn get_job(&self, job_id: &str) -> Result<Option<(JobRow, Vec<JobHostRow>)>, StoreError>;
     /// The job's own row, without its hosts (10,000 rows for a fleet-wide job).
     async fn job_row(&self, job_id: &str) -> Result<Option<JobRow>, StoreError>;

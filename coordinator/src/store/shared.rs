@@ -12,8 +12,8 @@ use sqlx::Row;
 
 use super::chain::Link;
 use super::{
-    AgentRecord, ApprovalRow, AuditEvent, AuditRecord, Inventory, JobHostRow, JobRow, ResultTaken,
-    RunRow, SnapshotRow, StoreError,
+    AgentRecord, ApprovalRow, AuditEvent, AuditRecord, EventRow, Events, Inventory, JobHostRow,
+    JobRow, ResultTaken, RunRow, SnapshotRow, StoreError,
 };
 
 /// A column read by name from a row of either database. A row the store wrote has the types
@@ -277,7 +277,7 @@ pub(super) enum Write {
     JobEvents {
         job_id: String,
         by: String,
-        events: Vec<(u64, i64, Vec<u8>)>,
+        events: Vec<EventRow>,
     },
     JobHosts {
         rows: Vec<JobHostRow>,
@@ -950,13 +950,14 @@ macro_rules! backend {
                         let mut n = 0;
                         for chunk in events.chunks(ROWS_PER_INSERT) {
                             let mut insert = sqlx::QueryBuilder::<$db>::new(
-                                "INSERT INTO job_events (job_id, seq, at_ms, event) ",
+                                "INSERT INTO job_events (job_id, seq, at_ms, host_id, event) ",
                             );
-                            insert.push_values(chunk, |mut row, (seq, at_ms, event)| {
+                            insert.push_values(chunk, |mut row, e| {
                                 row.push_bind(job_id)
-                                    .push_bind(db_seq(*seq))
-                                    .push_bind(*at_ms)
-                                    .push_bind(event);
+                                    .push_bind(db_seq(e.seq))
+                                    .push_bind(e.at_ms)
+                                    .push_bind(&e.host_id)
+                                    .push_bind(&e.event);
                             });
                             n += insert
                                 .build()
@@ -1451,10 +1452,15 @@ macro_rules! backend {
                 pool: &Pool,
                 job_id: &str,
                 after_seq: u64,
+                which: Events,
             ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT seq, event FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq",
-                )
+                // A row stored before events had a host column has none (NULL): it is read
+                // as possibly the job's own, and the caller checks the decoded event.
+                let sql = match which {
+                    Events::All => "SELECT seq, event FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+                    Events::JobsOwn => "SELECT seq, event FROM job_events WHERE job_id = $1 AND seq > $2 AND (host_id = '' OR host_id IS NULL) ORDER BY seq",
+                };
+                let rows = sqlx::query(sql)
                 .bind(job_id)
                 .bind(db_seq(after_seq))
                 .fetch_all(pool)
@@ -1464,6 +1470,15 @@ macro_rules! backend {
                     .iter()
                     .map(|r| (u64::try_from(r.int("seq")).unwrap_or(0), r.bytes("event")))
                     .collect())
+            }
+
+            pub(in crate::store) async fn last_job_seq(pool: &Pool, job_id: &str) -> Result<Option<u64>, StoreError> {
+                let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM job_events WHERE job_id = $1")
+                    .bind(job_id)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(query_err("last_job_seq"))?;
+                Ok(last.and_then(|s| u64::try_from(s).ok()))
             }
 
             pub(in crate::store) async fn job_for_request(pool: &Pool, request_id: &str) -> Result<Option<JobRow>, StoreError> {
@@ -1581,9 +1596,9 @@ macro_rules! store_impl {
 
             use $crate::store::shared::{self, $sql};
             use $crate::store::{
-                AgentRecord, ApprovalRow, AuditEvent, AuditFilter, AuditRecord, Inventory,
-                JobFilter, JobHostRow, JobRow, LeaseHolder, ResultTaken, RunRow, SnapshotRow,
-                Store, StoreError, Verdict,
+                AgentRecord, ApprovalRow, AuditEvent, AuditFilter, AuditRecord, EventRow, Events,
+                Inventory, JobFilter, JobHostRow, JobRow, LeaseHolder, ResultTaken, RunRow,
+                SnapshotRow, Store, StoreError, Verdict,
             };
 
             #[async_trait::async_trait]
@@ -1835,7 +1850,7 @@ macro_rules! store_impl {
                     &self,
                     job_id: &str,
                     by: &str,
-                    events: Vec<(u64, i64, Vec<u8>)>,
+                    events: Vec<EventRow>,
                 ) -> Result<(), StoreError> {
                     self.write(shared::Write::JobEvents {
                         job_id: job_id.to_string(),
@@ -1850,8 +1865,13 @@ macro_rules! store_impl {
                     &self,
                     job_id: &str,
                     after_seq: u64,
+                    which: Events,
                 ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-                    $sql::job_events(&self.pool, job_id, after_seq).await
+                    $sql::job_events(&self.pool, job_id, after_seq, which).await
+                }
+
+                async fn last_job_seq(&self, job_id: &str) -> Result<Option<u64>, StoreError> {
+                    $sql::last_job_seq(&self.pool, job_id).await
                 }
 
                 async fn job_for_request(
