@@ -28,6 +28,9 @@ pub struct SqliteStore {
     seen: Arc<Seen>,
 }
 
+/// Rows a query's worker thread may send ahead of the task reading them.
+const ROW_BUFFER: usize = 1024;
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -41,6 +44,10 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
+            // Rows come back from sqlx's worker thread one message each; with its default of
+            // 50 in flight, reading a 10,000-host job parks the thread and wakes the reader
+            // hundreds of times.
+            .row_buffer_size(ROW_BUFFER)
             .busy_timeout(std::time::Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
