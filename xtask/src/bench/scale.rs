@@ -263,6 +263,16 @@ fn run_once(
     let coord_idle_k_kib = rss_max(&cpids, &sys::rss_kib)?;
     let sim_pid = sim.pid()?;
     let sim_rss_kib = sys::rss_kib(sim_pid)?;
+    let clk = sys::clk_tck() as f64;
+    // What each side spends with nothing to do (10,000 sessions' heartbeats and keepalive
+    // pings; the simulator's certificate watchers, one read per agent every 5 s): the job's
+    // CPU less this rate over its wall time is what the job itself cost, a figure that does
+    // not grow when a slower VM makes the job longer.
+    let (idle_c0, idle_s0) = (ticks(&cpids)?, sys::cpu_ticks(sim_pid)?);
+    std::thread::sleep(IDLE_WINDOW);
+    let idle_rate = (ticks(&cpids)? - idle_c0) as f64 / clk / IDLE_WINDOW.as_secs_f64();
+    let sim_idle_rate =
+        (sys::cpu_ticks(sim_pid)? - idle_s0) as f64 / clk / IDLE_WINDOW.as_secs_f64();
 
     let profile = match perf {
         Some(dir) => Some(Profile::start(
@@ -315,7 +325,9 @@ fn run_once(
     if let Some((server, db)) = database {
         server.drop_database(&db)?;
     }
-    let clk = sys::clk_tck() as f64;
+    let job_cpu = (ticks3 - ticks2) as f64 / clk;
+    let sim_job_cpu = (sim_ticks3 - sim_ticks2) as f64 / clk;
+    let net = net_cpu(job_cpu, idle_rate, wall.as_secs_f64());
     Ok(json!({
         "coordinators": coords.len(),
         "held": held,
@@ -325,10 +337,15 @@ fn run_once(
         "connect_cpu_s": (ticks1 - ticks0) as f64 / clk,
         "job_wall_s": wall.as_secs_f64(),
         "job_coord_s": harness::job_seconds(&job),
-        "job_cpu_s": (ticks3 - ticks2) as f64 / clk,
+        "job_cpu_s": job_cpu,
         // The figure that does not depend on the simulator sharing the two vCPUs.
-        "job_cpu_per_1000_s": (ticks3 - ticks2) as f64 / clk * 1000.0 / k as f64,
-        "sim_job_cpu_s": (sim_ticks3 - sim_ticks2) as f64 / clk,
+        "job_cpu_per_1000_s": job_cpu * 1000.0 / k as f64,
+        "sim_job_cpu_s": sim_job_cpu,
+        "idle_cpu_per_s": idle_rate,
+        "sim_idle_cpu_per_s": sim_idle_rate,
+        "job_net_cpu_s": net,
+        "job_net_cpu_per_1000_s": net * 1000.0 / k as f64,
+        "sim_job_net_cpu_s": net_cpu(sim_job_cpu, sim_idle_rate, wall.as_secs_f64()),
         "coord_idle0_mib": coord_idle0_kib as f64 / 1024.0,
         "coord_idle_k_mib": coord_idle_k_kib as f64 / 1024.0,
         "coord_peak_mib": coord_peak_kib as f64 / 1024.0,
@@ -373,6 +390,14 @@ impl Profile {
         );
         Ok(())
     }
+}
+
+/// How long the idle rates of the coordinator and the simulator are measured, before the job.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+
+/// A job's CPU less what the process spends idle over the job's wall time (never below 0).
+fn net_cpu(job_s: f64, idle_per_s: f64, wall_s: f64) -> f64 {
+    (job_s - idle_per_s * wall_s).max(0.0)
 }
 
 /// Per-host latencies from the job's events (`rollbackctl --output json watch JOB`).
@@ -477,6 +502,9 @@ pub fn measure(
             "job_cpu_s": med(&|r| r["job_cpu_s"].as_f64()),
             "job_cpu_per_1000_s": med(&|r| r["job_cpu_per_1000_s"].as_f64()),
             "sim_job_cpu_s": med(&|r| r["sim_job_cpu_s"].as_f64()),
+            "job_net_cpu_s": med(&|r| r["job_net_cpu_s"].as_f64()),
+            "job_net_cpu_per_1000_s": med(&|r| r["job_net_cpu_per_1000_s"].as_f64()),
+            "sim_job_net_cpu_s": med(&|r| r["sim_job_net_cpu_s"].as_f64()),
             "coord_idle0_mib": med(&|r| r["coord_idle0_mib"].as_f64()),
             "coord_idle_k_mib": med(&|r| r["coord_idle_k_mib"].as_f64()),
             "coord_peak_mib": med(&|r| r["coord_peak_mib"].as_f64()),
@@ -493,7 +521,15 @@ pub fn measure(
 
 #[cfg(test)]
 mod tests {
-    use super::{LogCounter, top_k};
+    use super::{LogCounter, net_cpu, top_k};
+
+    /// The idle rate over the job's wall time comes off its CPU, and never below nothing.
+    #[test]
+    fn a_jobs_net_cpu_leaves_out_what_the_process_spends_idle() {
+        assert!((net_cpu(3.0, 0.25, 4.0) - 2.0).abs() < 1e-9);
+        assert!((net_cpu(3.0, 0.0, 4.0) - 3.0).abs() < 1e-9);
+        assert_eq!(net_cpu(0.5, 0.25, 4.0), 0.0);
+    }
 
     /// A host that came online twice is one host; a line still being written is not read.
     #[test]
