@@ -260,7 +260,7 @@ impl Jobs {
                 "{} on {} host(s): {}; requested by {}; approved by {who}",
                 drive.plan.procedure,
                 targets.len(),
-                targets.join(", "),
+                super::engine::named_hosts(&targets),
                 approval.requested_by
             ),
             0,

@@ -418,7 +418,7 @@ impl Jobs {
             &format!(
                 "{} on {targets} host(s): {}; reason: {}{}",
                 plan.procedure,
-                plan.targets.join(", "),
+                named_hosts(&plan.targets),
                 req.reason,
                 if pins.is_empty() {
                     String::new()
@@ -759,7 +759,7 @@ impl Jobs {
             &format!(
                 "resumed by {} (was {state}): retrying {} from where each stopped; reason: {reason}",
                 principal.identity,
-                retry.join(", ")
+                named_hosts(&retry)
             ),
             0,
             u32::try_from(retry.len()).unwrap_or(u32::MAX),
@@ -964,7 +964,7 @@ impl Jobs {
                     EventKind::BatchStarted,
                     "",
                     &phase.name,
-                    &format!("{label}: {}", runnable.join(", ")),
+                    &format!("{label}: {}", named_hosts(&runnable)),
                     done,
                     total,
                 );
@@ -1700,6 +1700,23 @@ async fn event_pipeline(
     }
 }
 
+/// Hosts an event's message names at most; the rest are counted.
+const NAMED_HOSTS: usize = 20;
+
+/// Hosts for an event's message: all of a small job's, the first `NAMED_HOSTS` and a count of
+/// the others for a large one. An event is stored, sent to every watcher and webhook and shown
+/// as one line: 10,000 names were a 110 KB line. `job show` lists every host.
+pub(super) fn named_hosts(hosts: &[String]) -> String {
+    if hosts.len() <= NAMED_HOSTS {
+        return hosts.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        hosts[..NAMED_HOSTS].join(", "),
+        hosts.len() - NAMED_HOSTS
+    )
+}
+
 fn host_steps_text(phase: &PlannedPhase, host: &str) -> String {
     phase
         .steps_for(host)
@@ -1738,6 +1755,17 @@ fn phase_summary(phase: &PlannedPhase) -> String {
 mod tests {
     use super::*;
     use rollback_common::proto::StepFinished;
+
+    #[test]
+    fn an_event_names_twenty_hosts_and_counts_the_rest() {
+        let hosts = |n: usize| (1..=n).map(|i| format!("h{i}")).collect::<Vec<_>>();
+        assert_eq!(named_hosts(&hosts(3)), "h1, h2, h3");
+        assert_eq!(named_hosts(&hosts(20)), hosts(20).join(", "));
+        let many = named_hosts(&hosts(10_000));
+        assert_eq!(many, format!("{} and 9980 more", hosts(20).join(", ")));
+        assert!(!many.contains("h21"), "{many}");
+        assert_eq!(named_hosts(&[]), "");
+    }
 
     fn step(status: StepStatus, error: &str, ms: u64) -> StepFinished {
         StepFinished {
