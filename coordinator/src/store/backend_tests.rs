@@ -410,3 +410,80 @@ async fn a_jobs_own_events_are_read_without_its_hosts_and_older_rows_are_kept() 
     assert_eq!(store.last_job_seq("j").await.expect("read"), Some(6));
     assert_eq!(store.last_job_seq("other").await.expect("read"), None);
 }
+
+/// Heartbeats written together are applied together (one statement per few hundred hosts):
+/// a host's time never goes back, a heartbeat without a state keeps the stored one, one for a
+/// host the store does not know adds nothing, and every host of a batch larger than one
+/// statement's is refreshed.
+#[tokio::test]
+async fn heartbeats_recorded_together_keep_each_hosts_latest_time_and_last_state() {
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    const N: i64 = 700;
+    for i in 0..N {
+        store
+            .agent_connected(&crate::store::AgentRecord {
+                host_id: format!("h{i}"),
+                labels: Default::default(),
+                reported_labels: Default::default(),
+                agent_version: "1".into(),
+                address: "127.0.0.1:1".into(),
+                online: true,
+                connected_at_ms: 1,
+                last_seen_ms: 1_000,
+                state: b"initial".to_vec(),
+                cert_not_after_ms: None,
+                coordinator: String::new(),
+            })
+            .await
+            .expect("agent");
+    }
+    // Every third host hears only an older heartbeat without a state; the others a newer one
+    // with a state and an older one without, in whatever order the tasks reach the writer.
+    let mut sends: Vec<(String, i64, Option<Vec<u8>>)> = Vec::new();
+    for i in 0..N {
+        if i % 3 == 0 {
+            sends.push((format!("h{i}"), 500, None));
+        } else {
+            sends.push((
+                format!("h{i}"),
+                2_000 + i,
+                Some(format!("s{i}").into_bytes()),
+            ));
+            sends.push((format!("h{i}"), 1_500, None));
+        }
+    }
+    sends.push(("ghost".into(), 9_000, Some(b"ghost".to_vec())));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (host, at, state) in sends {
+        let s = store.clone();
+        tasks.spawn(async move { s.agent_seen(&host, at, state.as_deref()).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("agent_seen");
+    }
+    let agents = store.list_agents().await.expect("agents");
+    assert_eq!(
+        agents.len(),
+        N as usize,
+        "no row for a host the store did not know"
+    );
+    for a in agents {
+        let i: i64 = a.host_id[1..].parse().expect("host number");
+        if i % 3 == 0 {
+            assert_eq!(
+                (a.last_seen_ms, a.state.as_slice()),
+                (1_000, b"initial".as_slice()),
+                "{}: an older heartbeat changes nothing",
+                a.host_id
+            );
+        } else {
+            assert_eq!(
+                (a.last_seen_ms, a.state),
+                (2_000 + i, format!("s{i}").into_bytes()),
+                "{}: the latest time and the state sent",
+                a.host_id
+            );
+        }
+    }
+}

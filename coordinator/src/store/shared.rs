@@ -403,6 +403,39 @@ pub(super) struct Finish<'a> {
     audit: &'a AuditEvent,
 }
 
+/// A heartbeat as `Write::AgentSeen` carries it, borrowed (the group commit refreshes many
+/// hosts in one statement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Heard<'a> {
+    host_id: &'a str,
+    last_seen_ms: i64,
+    state: Option<&'a [u8]>,
+}
+
+/// One heartbeat per host, as applying `heard` in order would leave the host's row: the
+/// latest time (a row's time never goes back) and the last state sent (a heartbeat without
+/// one keeps it). Hosts keep the order of their first heartbeat.
+fn merge_heard<'a>(heard: &[Heard<'a>]) -> Vec<Heard<'a>> {
+    let mut merged: Vec<Heard<'a>> = Vec::with_capacity(heard.len());
+    let mut at: HashMap<&str, usize> = HashMap::with_capacity(heard.len());
+    for h in heard {
+        match at.get(h.host_id) {
+            Some(&i) => {
+                let m = &mut merged[i];
+                m.last_seen_ms = m.last_seen_ms.max(h.last_seen_ms);
+                if h.state.is_some() {
+                    m.state = h.state;
+                }
+            }
+            None => {
+                at.insert(h.host_id, merged.len());
+                merged.push(*h);
+            }
+        }
+    }
+    merged
+}
+
 /// A chain link read from a head row.
 fn link(seq: i64, hash: String) -> Link {
     Link {
@@ -765,12 +798,15 @@ macro_rules! backend {
                 let mut done = vec![false; writes.len()];
                 let mut appended: Option<Link> = None;
                 let mut cx = TxState::default();
-                let (mut created, mut finished) = (Vec::new(), Vec::new());
+                let (mut created, mut finished, mut heard) = (Vec::new(), Vec::new(), Vec::new());
                 for (i, w) in writes.iter().enumerate() {
                     match w {
                         Write::CreateRun { run, by } => created.push((i, (run, by.as_str()))),
                         Write::FinishRun { run_id, host_id, status, finished_at_ms, result, audit } => {
                             finished.push((i, Finish { run_id, host_id, status: *status, finished_at_ms: *finished_at_ms, result, audit }));
+                        }
+                        Write::AgentSeen { host_id, last_seen_ms, state } => {
+                            heard.push((i, Heard { host_id, last_seen_ms: *last_seen_ms, state: state.as_deref() }));
                         }
                         _ => {}
                     }
@@ -786,6 +822,13 @@ macro_rules! backend {
                 appended = link.or(appended);
                 for ((i, _), code) in finished.iter().zip(codes) {
                     counts[*i] = code;
+                    done[*i] = true;
+                }
+                // Nothing else in a group commit writes these columns of `agents`, so the
+                // heartbeats are applied together, wherever they were in the batch.
+                let known = agents_seen(conn, &heard.iter().map(|(_, h)| *h).collect::<Vec<_>>()).await?;
+                for (i, h) in &heard {
+                    counts[*i] = u64::from(known.contains(h.host_id));
                     done[*i] = true;
                 }
                 for (i, w) in writes.iter().enumerate() {
@@ -900,6 +943,42 @@ macro_rules! backend {
                 Ok((codes, link))
             }
 
+            /// Refreshes agents' last-seen times and reported states: one statement per
+            /// `ROWS_PER_INSERT` hosts. Each run's result brings a heartbeat with the host's
+            /// state, so a 10,000-host job's results brought 10,000 statements, each a
+            /// hand-off to the database's thread (SQLite) or a round trip (PostgreSQL).
+            /// Several for one host are merged as applying them in order would (`merge_heard`).
+            /// Returns the hosts that are known (a heartbeat for another changes nothing).
+            async fn agents_seen(
+                conn: &mut Conn,
+                heard: &[Heard<'_>],
+            ) -> Result<std::collections::HashSet<String>, StoreError> {
+                let mut known = std::collections::HashSet::new();
+                for chunk in merge_heard(heard).chunks(ROWS_PER_INSERT) {
+                    let mut update = sqlx::QueryBuilder::<$db>::new(
+                        "WITH v (v_host, v_seen, v_state) AS (",
+                    );
+                    update.push_values(chunk, |mut row, h| {
+                        row.push_bind(h.host_id)
+                            .push_bind(h.last_seen_ms)
+                            .push_bind(h.state);
+                    });
+                    update.push(
+                        ") UPDATE agents SET last_seen_ms = CASE WHEN agents.last_seen_ms > v.v_seen THEN agents.last_seen_ms ELSE v.v_seen END,
+                         state = COALESCE(v.v_state, agents.state)
+                         FROM v WHERE agents.host_id = v.v_host
+                         RETURNING agents.host_id",
+                    );
+                    let rows: Vec<(String,)> = update
+                        .build_query_as()
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(query_err("agent_seen"))?;
+                    known.extend(rows.into_iter().map(|(host,)| host));
+                }
+                Ok(known)
+            }
+
             /// Why a result was not recorded: its run is unknown, another host's, or has one.
             async fn not_recorded(
                 conn: &mut Conn,
@@ -974,17 +1053,10 @@ macro_rules! backend {
                         }
                         upsert_job_hosts(conn, rows, "update_job_hosts").await?
                     }
-                    Write::AgentSeen { host_id, last_seen_ms, state } => sqlx::query(
-                        "UPDATE agents SET last_seen_ms = CASE WHEN last_seen_ms > $2 THEN last_seen_ms ELSE $2 END,
-                             state = COALESCE($3, state) WHERE host_id = $1",
-                    )
-                    .bind(host_id)
-                    .bind(last_seen_ms)
-                    .bind(state)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(q("agent_seen"))?
-                    .rows_affected(),
+                    Write::AgentSeen { host_id, last_seen_ms, state } => {
+                        let heard = Heard { host_id, last_seen_ms: *last_seen_ms, state: state.as_deref() };
+                        u64::from(agents_seen(conn, &[heard]).await?.contains(host_id.as_str()))
+                    }
                     Write::Labels { host_id, set, remove, at_ms, audit } => {
                         let mut n = 0;
                         for key in remove {
@@ -1919,3 +1991,37 @@ macro_rules! store_impl {
     };
 }
 pub(super) use store_impl;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several heartbeats of one host in a group commit become one, as applying them in order
+    /// would leave the row; hosts keep the order they were first heard in.
+    #[test]
+    fn heartbeats_of_one_host_merge_to_the_latest_time_and_the_last_state_sent() {
+        let h = |host_id, last_seen_ms, state: Option<&'static [u8]>| Heard {
+            host_id,
+            last_seen_ms,
+            state,
+        };
+        let merged = merge_heard(&[
+            h("a", 10, Some(b"a1")),
+            h("b", 5, None),
+            h("a", 30, None),
+            h("a", 20, Some(b"a2")),
+            h("b", 4, Some(b"b1")),
+            h("c", 1, None),
+            h("a", 25, None),
+        ]);
+        assert_eq!(
+            merged,
+            [
+                h("a", 30, Some(b"a2")),
+                h("b", 5, Some(b"b1")),
+                h("c", 1, None),
+            ]
+        );
+        assert!(merge_heard(&[]).is_empty());
+    }
+}
