@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::authz::Principal;
 use crate::registry::{AgentSender, Registry};
@@ -391,7 +391,15 @@ async fn record_run_result(
             if session.send(Ok(ack)).await.is_err() {
                 warn!(run = %run_id, "could not acknowledge the result; the agent will re-send it");
             }
-            info!(run = %run_id, status = finished.status, from_journal = finished.from_journal, "run result recorded");
+            // One line per host at debug: a 10,000-host job's results were 10,000 lines at
+            // info, past journald's default burst (10,000 in 30 s), so lines that matter were
+            // suppressed with them. The job's events record every result; a result sent again
+            // from the journal (after a session dropped) is still worth an operator's eye.
+            if finished.from_journal {
+                info!(run = %run_id, status = finished.status, "run result recorded (sent again from the agent's journal)");
+            } else {
+                debug!(run = %run_id, status = finished.status, "run result recorded");
+            }
         }
         // Not stored, so not taken: no ack, and nobody waiting is told (a job must not go on
         // from a result the store and the audit trail do not have). The session ends, so the
