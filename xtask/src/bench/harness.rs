@@ -129,7 +129,11 @@ impl Coordinator {
         )
         .context("writing coordinator config")?;
         let mut cmd = Command::new(bin("rollback-coordinator"));
-        cmd.arg("--config").arg(&config).env("ROLLBACK_LOG", "info");
+        // `BENCH_COORDINATOR_LOG` replaces the coordinators' log filter for a look inside a
+        // run, e.g. `info,sqlx::query=debug` logs every statement with its time (BENCHMARKS.md,
+        // round eight); the figures are measured at `info`.
+        let filter = std::env::var("BENCH_COORDINATOR_LOG").unwrap_or_else(|_| "info".into());
+        cmd.arg("--config").arg(&config).env("ROLLBACK_LOG", filter);
         let mut daemon = Daemon::spawn(cmd, &dir.join("coordinator.log"), "rollback-coordinator")?;
         let log = daemon.log.clone();
         let addr = sys::wait_for(
