@@ -412,38 +412,31 @@ async fn a_jobs_own_events_are_read_without_its_hosts_and_older_rows_are_kept() 
 }
 
 /// Heartbeats written together are applied together (one statement per few hundred hosts):
-/// a host's time never goes back, a heartbeat without a state keeps the stored one, one for a
-/// host the store does not know adds nothing, and every host of a batch larger than one
-/// statement's is refreshed.
+/// a host's time never goes back, a heartbeat without a state keeps the stored one, an older
+/// one's state is still taken (as when each was its own statement), one for a host the store
+/// does not know adds nothing, and every host of a batch larger than one statement's is
+/// refreshed.
 #[tokio::test]
 async fn heartbeats_recorded_together_keep_each_hosts_latest_time_and_last_state() {
     let fixture = Fixture::new().await;
     let store = fixture.open().await.shared();
     const N: i64 = 700;
     for i in 0..N {
-        store
-            .agent_connected(&crate::store::AgentRecord {
-                host_id: format!("h{i}"),
-                labels: Default::default(),
-                reported_labels: Default::default(),
-                agent_version: "1".into(),
-                address: "127.0.0.1:1".into(),
-                online: true,
-                connected_at_ms: 1,
-                last_seen_ms: 1_000,
-                state: b"initial".to_vec(),
-                cert_not_after_ms: None,
-                coordinator: String::new(),
-            })
-            .await
-            .expect("agent");
+        let mut agent = super::cluster_tests::agent(&format!("h{i}"), "");
+        agent.last_seen_ms = 1_000;
+        agent.state = b"initial".to_vec();
+        store.agent_connected(&agent).await.expect("agent");
     }
-    // Every third host hears only an older heartbeat without a state; the others a newer one
-    // with a state and an older one without, in whatever order the tasks reach the writer.
+    // Every third host hears only an older heartbeat, every other one of them with a state
+    // (which is kept: a state is taken whatever its time, as one statement a heartbeat did);
+    // the others a newer one with a state and an older one without, in whatever order the
+    // tasks reach the writer.
     let mut sends: Vec<(String, i64, Option<Vec<u8>>)> = Vec::new();
     for i in 0..N {
-        if i % 3 == 0 {
+        if i % 6 == 0 {
             sends.push((format!("h{i}"), 500, None));
+        } else if i % 3 == 0 {
+            sends.push((format!("h{i}"), 500, Some(b"late".to_vec())));
         } else {
             sends.push((
                 format!("h{i}"),
@@ -470,11 +463,18 @@ async fn heartbeats_recorded_together_keep_each_hosts_latest_time_and_last_state
     );
     for a in agents {
         let i: i64 = a.host_id[1..].parse().expect("host number");
-        if i % 3 == 0 {
+        if i % 6 == 0 {
             assert_eq!(
                 (a.last_seen_ms, a.state.as_slice()),
                 (1_000, b"initial".as_slice()),
-                "{}: an older heartbeat changes nothing",
+                "{}: an older heartbeat without a state changes nothing",
+                a.host_id
+            );
+        } else if i % 3 == 0 {
+            assert_eq!(
+                (a.last_seen_ms, a.state.as_slice()),
+                (1_000, b"late".as_slice()),
+                "{}: an older heartbeat keeps the time and brings its state",
                 a.host_id
             );
         } else {

@@ -50,7 +50,8 @@ fn job(id: &str, created_at_ms: i64) -> JobRow {
     }
 }
 
-fn agent(host: &str, coordinator: &str) -> AgentRecord {
+/// An online agent held by `coordinator`, connected and last seen at 1.
+pub(super) fn agent(host: &str, coordinator: &str) -> AgentRecord {
     AgentRecord {
         host_id: host.into(),
         labels: Default::default(),

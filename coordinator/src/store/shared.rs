@@ -786,7 +786,8 @@ macro_rules! backend {
             /// The writes of one batch come from callers running concurrently (each waits for
             /// its own), so any order among them is one they could have had: the runs created
             /// go first, many rows a statement, then the results with their audit records the
-            /// same way, then every other write in its order. A statement is a hand-off to
+            /// same way, then the agents' heartbeats (`agents_seen`), then every other write in
+            /// its order. A statement is a hand-off to
             /// SQLite's worker thread or a round trip to PostgreSQL: a batch of 10,000 results
             /// is a few dozen, not 30,000.
             pub(in crate::store) async fn apply_all(
