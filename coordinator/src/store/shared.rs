@@ -787,9 +787,8 @@ macro_rules! backend {
             /// its own), so any order among them is one they could have had: the runs created
             /// go first, many rows a statement, then the results with their audit records the
             /// same way, then the agents' heartbeats (`agents_seen`), then every other write in
-            /// its order. A statement is a hand-off to
-            /// SQLite's worker thread or a round trip to PostgreSQL: a batch of 10,000 results
-            /// is a few dozen, not 30,000.
+            /// its order. A statement is a hand-off to SQLite's worker thread or a round trip
+            /// to PostgreSQL: a batch of 10,000 results is a few dozen, not 30,000.
             pub(in crate::store) async fn apply_all(
                 conn: &mut Conn,
                 seen: &Seen,
