@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use rollback_common::jobs::{EventKind, JobState, Outcome};
 use rollback_common::proto::{
     CancelJobRequest, GetJobRequest, GetReportRequest, GetRunbookRequest, Job, ListJobsRequest,
-    PlanResponse, RollbackRequest, WatchJobRequest, step_status_name,
+    PlanResponse, RollbackRequest, WatchJobRequest,
 };
 use serde_json::json;
 
@@ -17,6 +17,7 @@ use crate::connect::{self, ConnectFlags};
 use crate::error::status_error;
 use crate::live;
 use crate::output::{Output, format_time, human_time, print_columns};
+pub(crate) use crate::record::{job_json, plan_json};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -144,29 +145,6 @@ Example:
     },
 }
 
-pub(crate) fn plan_json(p: &PlanResponse) -> serde_json::Value {
-    json!({
-        "procedure": p.procedure,
-        "description": p.description,
-        "targets": p.targets,
-        "once_host": p.once_host,
-        "max_failures": p.max_failures,
-        "strategy": p.strategy,
-        "pins": p.pins.iter().map(|pin| json!({
-            "param": pin.param, "requested": pin.requested, "to": pin.to,
-            "from_by_host": pin.from_by_host, "resolved_on": pin.resolved_on, "note": pin.note,
-        })).collect::<Vec<_>>(),
-        "offline": p.offline,
-        "phases": p.phases.iter().map(|ph| json!({
-            "name": ph.name,
-            "scope": ph.scope,
-            "steps": ph.steps.iter().map(|s| json!({"action": s.action, "params": s.params})).collect::<Vec<_>>(),
-            "batches": ph.batches.iter().map(|b| b.hosts.clone()).collect::<Vec<_>>(),
-            "host_steps": ph.host_steps.iter().map(|hs| (hs.host_id.clone(), hs.steps.iter().map(|s| json!({"action": s.action, "params": s.params})).collect::<Vec<_>>())).collect::<std::collections::BTreeMap<_, _>>(),
-        })).collect::<Vec<_>>(),
-    })
-}
-
 pub fn print_plan(p: &PlanResponse) {
     println!("procedure {}: {}", p.procedure, p.description);
     println!("targets ({}): {}", p.targets.len(), p.targets.join(", "));
@@ -211,57 +189,6 @@ pub fn print_plan(p: &PlanResponse) {
             println!("  {label}: {}", b.hosts.join(", "));
         }
     }
-}
-
-pub(crate) fn job_json(j: &Job) -> serde_json::Value {
-    json!({
-        "job_id": j.job_id,
-        "procedure": j.procedure,
-        "state": j.state,
-        "reason": j.reason,
-        "requested_by": j.requested_by,
-        "created_at": format_time(j.created_at_unix_ms),
-        "created_at_unix_ms": j.created_at_unix_ms,
-        "finished_at": format_time(j.finished_at_unix_ms),
-        "finished_at_unix_ms": j.finished_at_unix_ms,
-        "halt_reason": j.halt_reason,
-        "history": j.history,
-        "approval": j.approval.as_ref().map(|a| json!({
-            "rule": a.rule,
-            "requested_by": a.requested_by,
-            "expires_at": format_time(a.expires_at_unix_ms),
-            "decision": a.decision,
-            "decided_by": a.decided_by,
-            "decided_at": format_time(a.decided_at_unix_ms),
-            "reason": a.reason,
-        })),
-        "selector": j.request.as_ref().map(|r| r.selector.clone()).unwrap_or_default(),
-        "plan": j.plan.as_ref().map(plan_json),
-        "hosts": j.hosts.iter().map(|h| json!({
-            "host_id": h.host_id,
-            "outcome": h.outcome,
-            "phase": h.phase,
-            "failed_step": h.failed_step,
-            "exit_code": h.exit_code,
-            "detail": h.detail,
-            "duration_ms": h.duration_ms,
-            "once_only": h.once_only,
-            "runs": h.runs.iter().map(|r| json!({
-                "run_id": r.run_id,
-                "phase": r.phase,
-                "status": r.result.as_ref().map(|x| step_status_name(x.status)).unwrap_or("pending"),
-                "steps": r.result.as_ref().map(|x| x.steps.iter().map(|s| json!({
-                    "action": s.action,
-                    "status": step_status_name(s.status),
-                    "exit_code": s.exit_code,
-                    "duration_ms": s.duration_ms,
-                    "error": s.error,
-                    "facts": s.facts,
-                    "output_tail": String::from_utf8_lossy(&s.output_tail),
-                })).collect::<Vec<_>>()).unwrap_or_default(),
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 /// How long `follow` keeps trying to reach a coordinator that went away mid-job.

@@ -13,6 +13,7 @@ pub mod jobs_cmd;
 pub mod live;
 pub mod output;
 pub mod pki_cmd;
+mod record;
 pub mod snapshot_cmd;
 pub mod ui;
 

@@ -238,8 +238,10 @@ async fn jobs(State(st): St, Query(q): Query<JobsQuery>) -> ApiResult {
         .map_err(status("listing jobs"))?
         .into_inner()
         .jobs;
-    Ok(Json(Value::Array(
-        jobs.iter().map(crate::jobs_cmd::job_json).collect(),
+    Ok(Json(json!(
+        jobs.iter()
+            .map(crate::jobs_cmd::job_json)
+            .collect::<Vec<_>>()
     )))
 }
 
@@ -272,7 +274,7 @@ async fn job(State(st): St, Path(given): Path<String>) -> ApiResult {
         .await
         .map_err(status("reading the job"))?
         .into_inner();
-    Ok(Json(crate::jobs_cmd::job_json(&job)))
+    Ok(Json(json!(crate::jobs_cmd::job_json(&job))))
 }
 
 #[derive(Debug, Deserialize)]
