@@ -101,7 +101,7 @@ pub async fn run(
     let store = opened.shared();
     let pg_pool = opened.pg_pool();
     let bus: Arc<dyn cluster::bus::Bus> = match &pg_pool {
-        Some(pool) => Arc::new(cluster::pg_bus::PgBus::new(pool.clone())),
+        Some(pool) => Arc::new(cluster::pg_bus::PgBus::start(pool.clone())),
         None => Arc::new(cluster::bus::Alone),
     };
     let bound = listener.local_addr().unwrap_or(config.listen);

@@ -14,11 +14,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
 use crate::config::Database;
 use crate::store::{
-    AuditEvent, EventRow, Events, JobHostRow, JobRow, Opened, Password, PgTarget, Store, StoreError,
+    AuditEvent, EventRow, Events, JobHostRow, JobRow, Opened, Password, PgTarget, RunRow, Store,
+    StoreError,
 };
 
 /// A fresh store of the backend under test.
-pub(super) enum Fixture {
+pub(crate) enum Fixture {
     Sqlite {
         _dir: tempfile::TempDir,
         path: PathBuf,
@@ -37,7 +38,7 @@ pub(super) enum Raw {
 }
 
 impl Fixture {
-    pub(super) async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         if std::env::var("ROLLBACK_TEST_STORE").as_deref() != Ok("postgres") {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("s.sqlite");
@@ -70,7 +71,7 @@ impl Fixture {
         Self::Postgres { target, password }
     }
 
-    pub(super) fn is_postgres(&self) -> bool {
+    pub(crate) fn is_postgres(&self) -> bool {
         matches!(self, Self::Postgres { .. })
     }
 
@@ -85,7 +86,7 @@ impl Fixture {
     }
 
     /// Opens the store (as a coordinator does at start).
-    pub(super) async fn open(&self) -> Opened {
+    pub(crate) async fn open(&self) -> Opened {
         Opened::open(&self.database()).await.expect("store")
     }
 
@@ -485,5 +486,55 @@ async fn heartbeats_recorded_together_keep_each_hosts_latest_time_and_last_state
                 a.host_id
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn runs_read_together_are_those_stored_whatever_else_is_asked() {
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    // More than one statement's worth (500 a statement), each run's own procedure.
+    const N: usize = 1_100;
+    for i in 0..N {
+        let row = RunRow {
+            run_id: format!("r{i}"),
+            job_id: String::new(),
+            host_id: format!("h{}", i % 7),
+            requested_by: "alice".into(),
+            reason: "test".into(),
+            procedure: format!("p{i}").into_bytes(),
+            status: 0,
+            created_at_ms: 1,
+            finished_at_ms: None,
+            result: None,
+            phase: String::new(),
+        };
+        store.create_run(&row, "i1").await.expect("run");
+    }
+    assert!(
+        store.get_runs(&[]).await.expect("none asked").is_empty(),
+        "nothing asked, nothing read"
+    );
+    // Every other run, one of them twice, and runs the store does not have.
+    let mut asked: Vec<String> = (0..N).step_by(2).map(|i| format!("r{i}")).collect();
+    asked.push("r0".into());
+    asked.extend((0..30).map(|i| format!("missing-{i}")));
+    let mut read = store.get_runs(&asked).await.expect("runs");
+    read.sort_by_key(|r| r.run_id[1..].parse::<usize>().expect("run number"));
+    read.dedup_by(|a, b| a.run_id == b.run_id);
+    assert_eq!(
+        read.len(),
+        N.div_ceil(2),
+        "each stored run asked for, no other"
+    );
+    for (row, i) in read.iter().zip((0..N).step_by(2)) {
+        assert_eq!(row.run_id, format!("r{i}"));
+        assert_eq!(row.host_id, format!("h{}", i % 7));
+        assert_eq!(
+            row.procedure,
+            format!("p{i}").into_bytes(),
+            "{}'s own row",
+            row.run_id
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! PostgreSQL (`postgres`) implements the same trait with the same SQL (`shared`).
 
 #[cfg(test)]
-mod backend_tests;
+pub(crate) mod backend_tests;
 pub mod chain;
 #[cfg(test)]
 mod chain_tests;
@@ -374,6 +374,10 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<ResultTaken, StoreError>;
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError>;
+    /// The stored runs among `run_ids` (those the store does not have are left out; one
+    /// asked twice may come twice), in no particular order: a statement per 500 runs, for a
+    /// batch of peers' messages.
+    async fn get_runs(&self, run_ids: &[String]) -> Result<Vec<RunRow>, StoreError>;
     /// Runs dispatched to `host_id` whose result has not been recorded, oldest first.
     async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError>;
     /// Appends one record to the audit chain, on its own: for a change that is made after its

@@ -1486,6 +1486,27 @@ macro_rules! backend {
                 Ok(row.as_ref().map(run_row))
             }
 
+            pub(in crate::store) async fn get_runs(pool: &Pool, run_ids: &[String]) -> Result<Vec<RunRow>, StoreError> {
+                let mut out = Vec::with_capacity(run_ids.len());
+                for chunk in run_ids.chunks(ROWS_PER_INSERT) {
+                    let mut select = sqlx::QueryBuilder::<$db>::new(format!(
+                        "SELECT {RUN_COLUMNS} FROM runs WHERE run_id IN ("
+                    ));
+                    let mut list = select.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id);
+                    }
+                    select.push(")");
+                    let rows = select
+                        .build()
+                        .fetch_all(pool)
+                        .await
+                        .map_err(query_err("get_runs"))?;
+                    out.extend(rows.iter().map(run_row));
+                }
+                Ok(out)
+            }
+
             pub(in crate::store) async fn unfinished_runs(pool: &Pool, host_id: &str) -> Result<Vec<RunRow>, StoreError> {
                 let rows = sqlx::query(&format!(
                     "SELECT {RUN_COLUMNS} FROM runs WHERE host_id = $1 AND result IS NULL ORDER BY created_at_ms"
@@ -1743,6 +1764,10 @@ macro_rules! store_impl {
 
                 async fn get_run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError> {
                     $sql::get_run(&self.pool, run_id).await
+                }
+
+                async fn get_runs(&self, run_ids: &[String]) -> Result<Vec<RunRow>, StoreError> {
+                    $sql::get_runs(&self.pool, run_ids).await
                 }
 
                 async fn unfinished_runs(&self, host_id: &str) -> Result<Vec<RunRow>, StoreError> {
