@@ -56,6 +56,10 @@ pub struct Dispatch<'a> {
     pub record: Option<RunRow>,
     /// Where the run's events and result go.
     pub watcher: WatchSender,
+    /// The caller found the host's session a moment ago (a job's wait for it): it is not
+    /// looked up again before the run is stored. Where it is sent is still looked up after
+    /// the run is stored (on a shared store each lookup of a peer's host is a query).
+    pub seen_online: bool,
 }
 
 /// Records, registers and sends a run — to the host's session here, or through the
@@ -68,7 +72,7 @@ pub async fn dispatch(
 ) -> Result<(), DispatchError> {
     let run_id = d.procedure.run_id.clone();
     let started = std::time::Instant::now();
-    if !cluster.online(d.host).await {
+    if !d.seen_online && !cluster.online(d.host).await {
         return Err(DispatchError::Offline {
             host: d.host.to_string(),
         });

@@ -137,6 +137,7 @@ pub async fn start(
             procedure,
             record: Some(record),
             watcher: tx,
+            seen_online: false,
         },
     )
     .await

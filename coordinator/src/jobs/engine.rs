@@ -1298,6 +1298,7 @@ impl Jobs {
                 procedure: procedure.clone(),
                 record: Some(row),
                 watcher: tx,
+                seen_online: true,
             },
         )
         .await;

@@ -654,6 +654,7 @@ impl Jobs {
                 }),
                 procedure,
                 watcher: tx,
+                seen_online: false,
             },
         )
         .await
