@@ -330,6 +330,9 @@ pub async fn run(
             "grace period over before every session was recorded closed"
         );
     }
+    if tokio::time::timeout(grace, cluster.flush()).await.is_err() {
+        warn!("grace period over before every message to the other coordinators was sent");
+    }
     cluster::peers::leave(&cluster).await;
     opened.close().await;
     info!("coordinator stopped");

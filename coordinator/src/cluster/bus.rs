@@ -86,6 +86,9 @@ pub trait Bus: Send + Sync {
     /// Sends to every other coordinator; a failure is logged, never fatal (the store has
     /// what the message points at, and the receivers' safety polls find it).
     async fn publish(&self, envelope: Envelope);
+    /// Returns once every message published before it has been sent (or given up): before
+    /// the store's connections close at shutdown. Nothing to wait for by default.
+    async fn flush(&self) {}
 }
 
 /// The bus of a store nobody else shares: nothing to send.

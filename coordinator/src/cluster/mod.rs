@@ -108,6 +108,12 @@ impl Cluster {
         }
     }
 
+    /// Returns once the messages published so far have been sent: at shutdown, before the
+    /// store's connections close (a session ended by the shutdown is announced to the peers).
+    pub async fn flush(&self) {
+        self.bus.flush().await;
+    }
+
     /// Wakes watches following `job_id` from the store, here and on every peer.
     pub async fn events_stored(&self, job_id: &str) {
         let _ = self.stored.send(job_id.to_string());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -22,7 +22,15 @@ use super::bus::{Bus, Envelope};
 pub const CHANNEL: &str = "fleet_rollback";
 
 pub struct PgBus {
-    queue: mpsc::Sender<String>,
+    queue: mpsc::Sender<Queued>,
+}
+
+/// What waits in the sender's queue.
+enum Queued {
+    /// A notification's payload.
+    Message(String),
+    /// Answered once everything queued before it is sent.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Messages waiting to be sent before `publish` waits for room.
@@ -47,21 +55,39 @@ impl PgBus {
 /// committed before it, so a batch keeps the queue's order. Within one transaction it drops a
 /// payload identical to one already sent: every message is safe to receive once instead of
 /// twice (a delivery, a cancel, a wake-up; step events differ by step and output sequence).
-async fn send_queued(pool: PgPool, mut waiting: mpsc::Receiver<String>) {
+async fn send_queued(pool: PgPool, mut waiting: mpsc::Receiver<Queued>) {
+    let mut taken: Vec<Queued> = Vec::with_capacity(BATCH);
     let mut batch: Vec<String> = Vec::with_capacity(BATCH);
-    while waiting.recv_many(&mut batch, BATCH).await > 0 {
-        let sent = sqlx::query(
-            "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
-        )
-        .bind(CHANNEL)
-        .bind(&batch)
-        .execute(&pool)
-        .await;
-        if let Err(e) = sent {
-            warn!(messages = batch.len(), error = %e, "could not notify the other coordinators; they find it in the store");
+    while waiting.recv_many(&mut taken, BATCH).await > 0 {
+        for queued in taken.drain(..) {
+            match queued {
+                Queued::Message(payload) => batch.push(payload),
+                Queued::Flush(done) => {
+                    notify(&pool, &mut batch).await;
+                    let _ = done.send(());
+                }
+            }
         }
-        batch.clear();
+        notify(&pool, &mut batch).await;
     }
+}
+
+/// Sends `batch` in one statement and empties it.
+async fn notify(pool: &PgPool, batch: &mut Vec<String>) {
+    if batch.is_empty() {
+        return;
+    }
+    let sent = sqlx::query(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
+    )
+    .bind(CHANNEL)
+    .bind(&*batch)
+    .execute(pool)
+    .await;
+    if let Err(e) = sent {
+        warn!(messages = batch.len(), error = %e, "could not notify the other coordinators; they find it in the store");
+    }
+    batch.clear();
 }
 
 #[async_trait::async_trait]
@@ -74,10 +100,17 @@ impl Bus for PgBus {
         let Some(payload) = envelope.encode() else {
             return warn!(message = ?envelope.msg, "bus message too large for a notification; dropped (receivers find its subject in the store)");
         };
-        if self.queue.send(payload).await.is_err() {
+        if self.queue.send(Queued::Message(payload)).await.is_err() {
             warn!(
                 "the notification sender has stopped; the other coordinators find it in the store"
             );
+        }
+    }
+
+    async fn flush(&self) {
+        let (done, sent) = oneshot::channel();
+        if self.queue.send(Queued::Flush(done)).await.is_ok() {
+            let _ = sent.await;
         }
     }
 }
@@ -171,7 +204,8 @@ mod tests {
     }
 
     /// Queued messages are sent many to a statement: every one arrives, and those of one
-    /// sender in the order it queued them, whatever other senders queue meanwhile.
+    /// sender in the order it queued them, whatever other senders queue meanwhile; a flush
+    /// returns once they are all sent (the pool is closed right after it).
     #[tokio::test]
     async fn queued_messages_all_arrive_and_each_senders_in_order() {
         let fixture = Fixture::new().await;
@@ -179,11 +213,14 @@ mod tests {
             // The bus is the shared store's: one SQLite file has one coordinator.
             return;
         }
-        let opened = fixture.open().await;
-        let Some(pool) = opened.pg_pool() else {
+        // The listener's and the bus's connections from two pools, as two processes have.
+        let (theirs, ours) = (fixture.open().await, fixture.open().await);
+        let (Some(listening), Some(pool)) = (theirs.pg_pool(), ours.pg_pool()) else {
             panic!("a PostgreSQL store has a pool");
         };
-        let mut listener = PgListener::connect_with(&pool).await.expect("listener");
+        let mut listener = PgListener::connect_with(&listening)
+            .await
+            .expect("listener");
         listener.listen(CHANNEL).await.expect("listen");
         let bus = Arc::new(PgBus::start(pool.clone()));
         // Four senders, 1,200 messages each (more than the queue's batch), all at once.
@@ -200,6 +237,9 @@ mod tests {
         while let Some(done) = tasks.join_next().await {
             done.expect("sender");
         }
+        // Everything queued is sent once a flush returns: the bus's connections may close.
+        bus.flush().await;
+        pool.close().await;
         let mut next: HashMap<String, usize> = HashMap::new();
         for _ in 0..4 * EACH {
             let n = tokio::time::timeout(Duration::from_secs(30), listener.recv())
