@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rollback_common::proto::{Job, PlanResponse, Step, step_status_name};
+use rollback_common::proto::{
+    HostRun, Job, JobHost, PlanResponse, Step, StepFinished, step_status_name,
+};
 use serde::{Serialize, Serializer};
 
 use crate::output::format_time;
@@ -31,7 +33,7 @@ pub(crate) fn job_json(j: &Job) -> JobRecord<'_> {
         finished_at_unix_ms: j.finished_at_unix_ms,
         halt_reason: &j.halt_reason,
         history: &j.history,
-        hosts: Hosts(j),
+        hosts: Each(&j.hosts, host_record),
         job_id: &j.job_id,
         plan: j.plan.as_ref().map(plan_json),
         procedure: &j.procedure,
@@ -102,7 +104,7 @@ pub(crate) struct JobRecord<'a> {
     finished_at_unix_ms: i64,
     halt_reason: &'a str,
     history: &'a [String],
-    hosts: Hosts<'a>,
+    hosts: Each<'a, JobHost, HostRecord<'a>>,
     job_id: &'a str,
     plan: Option<PlanRecord<'a>>,
     procedure: &'a str,
@@ -123,22 +125,27 @@ struct ApprovalRecord<'a> {
     rule: &'a str,
 }
 
-/// A job's hosts, each written as it is reached (no list of them is built first).
-struct Hosts<'a>(&'a Job);
+/// A list written item by item as it is reached, each made by the function (no list of
+/// records is built first: a 10,000-host job has 10,000 hosts and their runs).
+struct Each<'a, T, R>(&'a [T], fn(&'a T) -> R);
 
-impl Serialize for Hosts<'_> {
+impl<'a, T, R: Serialize> Serialize for Each<'a, T, R> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        ser.collect_seq(self.0.hosts.iter().map(|h| HostRecord {
-            detail: &h.detail,
-            duration_ms: h.duration_ms,
-            exit_code: h.exit_code,
-            failed_step: &h.failed_step,
-            host_id: &h.host_id,
-            once_only: h.once_only,
-            outcome: &h.outcome,
-            phase: &h.phase,
-            runs: Runs(&h.runs),
-        }))
+        ser.collect_seq(self.0.iter().map(self.1))
+    }
+}
+
+fn host_record(h: &JobHost) -> HostRecord<'_> {
+    HostRecord {
+        detail: &h.detail,
+        duration_ms: h.duration_ms,
+        exit_code: h.exit_code,
+        failed_step: &h.failed_step,
+        host_id: &h.host_id,
+        once_only: h.once_only,
+        outcome: &h.outcome,
+        phase: &h.phase,
+        runs: Each(&h.runs, run_record),
     }
 }
 
@@ -152,24 +159,21 @@ struct HostRecord<'a> {
     once_only: bool,
     outcome: &'a str,
     phase: &'a str,
-    runs: Runs<'a>,
+    runs: Each<'a, HostRun, RunRecord<'a>>,
 }
 
-struct Runs<'a>(&'a [rollback_common::proto::HostRun]);
-
-impl Serialize for Runs<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        ser.collect_seq(self.0.iter().map(|r| {
-            RunRecord {
-                phase: &r.phase,
-                run_id: &r.run_id,
-                status: r
-                    .result
-                    .as_ref()
-                    .map_or("pending", |x| step_status_name(x.status)),
-                steps: RunSteps(r.result.as_ref().map_or(&[], |x| x.steps.as_slice())),
-            }
-        }))
+fn run_record(r: &HostRun) -> RunRecord<'_> {
+    RunRecord {
+        phase: &r.phase,
+        run_id: &r.run_id,
+        status: r
+            .result
+            .as_ref()
+            .map_or("pending", |x| step_status_name(x.status)),
+        steps: Each(
+            r.result.as_ref().map_or(&[], |x| x.steps.as_slice()),
+            step_result_record,
+        ),
     }
 }
 
@@ -178,22 +182,18 @@ struct RunRecord<'a> {
     phase: &'a str,
     run_id: &'a str,
     status: &'static str,
-    steps: RunSteps<'a>,
+    steps: Each<'a, StepFinished, StepResultRecord<'a>>,
 }
 
-struct RunSteps<'a>(&'a [rollback_common::proto::StepFinished]);
-
-impl Serialize for RunSteps<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        ser.collect_seq(self.0.iter().map(|s| StepResultRecord {
-            action: &s.action,
-            duration_ms: s.duration_ms,
-            error: &s.error,
-            exit_code: s.exit_code,
-            facts: Sorted(&s.facts),
-            output_tail: String::from_utf8_lossy(&s.output_tail),
-            status: step_status_name(s.status),
-        }))
+fn step_result_record(s: &StepFinished) -> StepResultRecord<'_> {
+    StepResultRecord {
+        action: &s.action,
+        duration_ms: s.duration_ms,
+        error: &s.error,
+        exit_code: s.exit_code,
+        facts: Sorted(&s.facts),
+        output_tail: String::from_utf8_lossy(&s.output_tail),
+        status: step_status_name(s.status),
     }
 }
 
@@ -260,8 +260,7 @@ impl Serialize for Sorted<'_> {
 #[cfg(test)]
 mod tests {
     use rollback_common::proto::{
-        Approval, Batch, HostRun, HostSteps, JobHost, Pin, PlanPhase, RollbackRequest, RunFinished,
-        StepFinished,
+        Approval, Batch, HostSteps, Pin, PlanPhase, RollbackRequest, RunFinished,
     };
     use serde_json::{Value, json};
 
