@@ -3,7 +3,8 @@
 //! it — stops here at once, without writing anything), marks the agents of dead peers
 //! offline, and takes over the running jobs whose owner stopped renewing. A takeover is the
 //! resume a restarted coordinator does: completed phases are not run again, runs in flight
-//! are re-attached through the agents' journals.
+//! are re-attached through the agents' journals. On a shared store it also sweeps for results
+//! a peer stored without its message arriving (`Cluster::sweep_overdue`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -88,16 +89,29 @@ pub async fn tick(cluster: &Cluster, jobs: &Arc<Jobs>) -> bool {
     ours
 }
 
-/// Runs `tick` every fifth of the lease until `stop`.
+/// How often, on a shared store, the results of runs waited for since the previous sweep are
+/// looked for in the store (`Cluster::sweep_overdue`), in case their message never came.
+pub const OVERDUE_SWEEP: Duration = Duration::from_secs(10);
+
+/// Runs `tick` every fifth of the lease until `stop`, and on a shared store sweeps for
+/// overdue results every `OVERDUE_SWEEP`.
 pub async fn run(cluster: Arc<Cluster>, jobs: Arc<Jobs>, stop: CancellationToken) {
     let every = (cluster.lease / 5).max(Duration::from_millis(200));
+    let sweep_every = u32::try_from(OVERDUE_SWEEP.as_millis() / every.as_millis())
+        .unwrap_or(u32::MAX)
+        .max(1);
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             () = stop.cancelled() => return,
         }
         tick(&cluster, &jobs).await;
+        ticks = ticks.wrapping_add(1);
+        if cluster.shared() && ticks.is_multiple_of(sweep_every) {
+            cluster.sweep_overdue().await;
+        }
     }
 }

@@ -58,6 +58,8 @@ pub struct Cluster {
     /// Job ids whose new events are stored (by this process or a peer).
     stored: broadcast::Sender<String>,
     jobs: OnceLock<Weak<Jobs>>,
+    /// The runs this process waited for at the last `sweep_overdue`.
+    waited: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Cluster {
@@ -81,6 +83,7 @@ impl Cluster {
             bus,
             stored,
             jobs: OnceLock::new(),
+            waited: std::sync::Mutex::default(),
         })
     }
 
@@ -402,21 +405,51 @@ impl Cluster {
     /// runs this process waits for are handed over, and every host held here is announced
     /// again, so peers send again what they dispatched to it.
     pub async fn resync(&self) {
-        let pending = self.hub.pending_runs();
-        match self.store.get_runs(&pending).await {
+        self.hand_over_stored(&self.hub.pending_runs(), "resynchronising")
+            .await;
+        for host in self.registry.hosts() {
+            self.agent_online(&host).await;
+        }
+    }
+
+    /// Results stored for runs this process has waited for since the previous sweep are
+    /// handed over. A peer that stored a result and died before its `Finished` went out, or
+    /// whose notification failed on its way, leaves no message; without this the job would
+    /// wait for that host until this process restarted. The cluster's clock calls it every
+    /// `leases::OVERDUE_SWEEP`; a run dispatched since the previous sweep is not read yet.
+    pub async fn sweep_overdue(&self) {
+        let pending: HashSet<String> = self.hub.pending_runs().into_iter().collect();
+        let overdue: Vec<String> = {
+            let mut waited = self
+                .waited
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let overdue = pending.intersection(&waited).cloned().collect();
+            *waited = pending;
+            overdue
+        };
+        self.hand_over_stored(&overdue, "sweeping").await;
+    }
+
+    /// Hands over the results stored for `runs` (those still waited for here).
+    async fn hand_over_stored(&self, runs: &[String], doing: &str) {
+        if runs.is_empty() {
+            return;
+        }
+        match self.store.get_runs(runs).await {
             Ok(rows) => {
                 for row in rows.into_iter().filter(|r| r.result.is_some()) {
                     let (host, run_id) = (row.host_id.clone(), row.run_id.clone());
+                    if self.hub.is_pending(&run_id) {
+                        info!(host = %host, run = %run_id, "a run's result is in the store but no message about it came; taking it from the store ({doing})");
+                    }
                     self.finished_elsewhere(&host, &run_id, None, Some(row))
                         .await;
                 }
             }
             Err(e) => {
-                warn!(runs = pending.len(), error = %e, "store failed reading the runs waited for while resynchronising")
+                warn!(runs = runs.len(), error = %e, "store failed reading the runs waited for while {doing}")
             }
-        }
-        for host in self.registry.hosts() {
-            self.agent_online(&host).await;
         }
     }
 
@@ -618,5 +651,102 @@ mod tests {
         registry.insert("web-1", tx, now);
         assert!(cluster.online_hosts().await.contains("web-1"));
         assert!(cluster.online("web-1").await);
+    }
+
+    /// A result a peer stored without its message ever coming (the peer died between the
+    /// two, or its notification failed on its way) is taken from the store by the sweep,
+    /// once the run has been waited for since the previous sweep. A run with no result, and
+    /// one dispatched since the previous sweep, keep waiting.
+    #[tokio::test]
+    async fn a_result_stored_without_its_message_is_taken_by_the_sweep() {
+        use crate::store::{AuditEvent, RunRow};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("store.db"))
+                .await
+                .expect("store"),
+        );
+        let hub = Arc::new(RunHub::default());
+        let cluster = Cluster::new(
+            Owner {
+                name: "a".into(),
+                instance: "a1".into(),
+            },
+            "a:7443".into(),
+            Duration::from_secs(60),
+            store.clone(),
+            Arc::new(Registry::default()),
+            hub.clone(),
+            Arc::new(SharedBusDouble),
+        );
+        // Runs for a host held by a peer (it has no session here), each waited for here.
+        let wait_for = |run_id: &str| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            hub.watch(run_id, "web-1", tx);
+            hub.dispatched(run_id, "job-1");
+            rx
+        };
+        for run_id in ["done", "running", "late"] {
+            let row = RunRow {
+                run_id: run_id.into(),
+                job_id: String::new(),
+                host_id: "web-1".into(),
+                requested_by: "alice".into(),
+                reason: "test".into(),
+                procedure: Vec::new(),
+                status: 0,
+                created_at_ms: 1,
+                finished_at_ms: None,
+                result: None,
+                phase: String::new(),
+            };
+            store.create_run(&row, "a1").await.expect("run");
+        }
+        let (mut done, mut running) = (wait_for("done"), wait_for("running"));
+        cluster.sweep_overdue().await;
+        let mut late = wait_for("late");
+        // The peer stores two results and dies before saying so.
+        for run_id in ["done", "late"] {
+            let result = RunFinished {
+                run_id: run_id.into(),
+                status: 1,
+                ..Default::default()
+            };
+            let audit = AuditEvent {
+                at_ms: 2,
+                actor: "agent/web-1".into(),
+                action: "run.finished".into(),
+                target: format!("run/{run_id}"),
+                detail: String::new(),
+            };
+            store
+                .finish_run(run_id, "web-1", 1, 2, &result.encode_to_vec(), &audit)
+                .await
+                .expect("result stored");
+        }
+        let finished = |got: Option<crate::runs::Watched>| match got.map(|w| w.map(|e| *e)) {
+            Some(Ok(ExecEvent {
+                kind: Some(exec_event::Kind::Finished(f)),
+            })) => f.run_id,
+            other => panic!("not a result: {other:?}"),
+        };
+
+        cluster.sweep_overdue().await;
+        assert_eq!(finished(done.try_recv().ok()), "done");
+        assert!(!hub.is_pending("done"), "resolved");
+        assert!(
+            running.try_recv().is_err(),
+            "no result stored: still waiting"
+        );
+        assert!(hub.is_pending("running"));
+        assert!(
+            late.try_recv().is_err(),
+            "dispatched since the last sweep: not read yet"
+        );
+
+        cluster.sweep_overdue().await;
+        assert_eq!(finished(late.try_recv().ok()), "late");
+        assert!(running.try_recv().is_err());
+        assert!(hub.is_pending("running"));
     }
 }
