@@ -4,7 +4,9 @@
 //! from the store (`Cluster::resync`): results stored meanwhile are handed over, and every
 //! host held here is announced again so runs waiting for it are sent again. Both ways go in
 //! batches, in order: many notifications to one statement, and what has been received
-//! handled together (`Cluster::receive_all`).
+//! handled together (`Cluster::receive_all`). A batch that surely was not sent is tried again
+//! (see `notify`); what is lost anyway, results above all, the cluster's clock finds in the
+//! store (`Cluster::sweep_overdue`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,22 +74,84 @@ async fn send_queued(pool: PgPool, mut waiting: mpsc::Receiver<Queued>) {
     }
 }
 
-/// Sends `batch` in one statement and empties it.
+/// The statement that sends a batch: one notification per payload, in the array's order.
+const NOTIFY: &str =
+    "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i";
+/// The first wait before a send that could not get a connection is tried again; it doubles
+/// up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Sends `batch` in one statement and empties it. A statement that surely did not run is
+/// tried again: while no connection can be had (a pool busy with a large job, a server
+/// restarting), the batch waits, and everything queued behind it. When the server refused the
+/// statement (its transaction notified nobody), a payload it cannot take may be the cause:
+/// each is then sent on its own, and only one the server refuses is dropped. A statement that
+/// failed on its way is not sent again, since it may have been delivered and a peer would
+/// see its step events twice; a result it announced is found in the store by the peers'
+/// sweep (`Cluster::sweep_overdue`).
 async fn notify(pool: &PgPool, batch: &mut Vec<String>) {
     if batch.is_empty() {
         return;
     }
-    let sent = sqlx::query(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
-    )
-    .bind(CHANNEL)
-    .bind(&*batch)
-    .execute(pool)
-    .await;
-    if let Err(e) = sent {
-        warn!(messages = batch.len(), error = %e, "could not notify the other coordinators; they find it in the store");
+    match send(pool, batch).await {
+        Ok(()) => {}
+        Err(Unsent::Refused(e)) if batch.len() > 1 => {
+            warn!(messages = batch.len(), error = %e, "the store refused a batch of notifications to the other coordinators; sending them one by one");
+            for payload in batch.iter() {
+                if let Err(e) = send(pool, std::slice::from_ref(payload)).await {
+                    let start: String = payload.chars().take(120).collect();
+                    warn!(error = %e, bytes = payload.len(), start = %start, "could not notify the other coordinators; this message is dropped (a result is found in the store by their next sweep)");
+                }
+            }
+        }
+        Err(e) => {
+            warn!(messages = batch.len(), error = %e, "could not notify the other coordinators; these messages are dropped (results are found in the store by their next sweep)");
+        }
     }
     batch.clear();
+}
+
+/// Why a batch was not sent.
+#[derive(Debug, thiserror::Error)]
+enum Unsent {
+    /// The server refused the statement: nothing of it was delivered.
+    #[error("refused: {0}")]
+    Refused(sqlx::Error),
+    /// The statement failed on its way (it may have been delivered), or the pool is closed.
+    #[error("{0}")]
+    Failed(sqlx::Error),
+}
+
+/// Sends `payloads` in one statement, waiting (and trying again) for as long as no connection
+/// can be had.
+async fn send(pool: &PgPool, payloads: &[String]) -> Result<(), Unsent> {
+    let mut wait = RETRY_FIRST;
+    let mut tries = 0u32;
+    loop {
+        let unreachable = match pool.acquire().await {
+            Ok(mut conn) => {
+                return match sqlx::query(NOTIFY)
+                    .bind(CHANNEL)
+                    .bind(payloads)
+                    .execute(&mut *conn)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e @ sqlx::Error::Database(_)) => Err(Unsent::Refused(e)),
+                    Err(e) => Err(Unsent::Failed(e)),
+                };
+            }
+            Err(e @ sqlx::Error::PoolClosed) => return Err(Unsent::Failed(e)),
+            Err(e) => e,
+        };
+        tries += 1;
+        if tries == 1 || tries.is_multiple_of(10) {
+            warn!(messages = payloads.len(), tries, error = %unreachable, "cannot reach the store to notify the other coordinators; trying again");
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
 }
 
 #[async_trait::async_trait]
@@ -192,6 +256,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::bus::Message;
+    use crate::store::Opened;
     use crate::store::backend_tests::Fixture;
 
     fn numbered(from: &str, i: usize) -> Envelope {
@@ -258,5 +323,102 @@ mod tests {
             *expected += 1;
         }
         assert!(next.values().all(|n| *n == EACH), "all of each: {next:?}");
+    }
+
+    /// The payloads that arrive on `listener`, up to `n`, each within 30 s.
+    async fn received(listener: &mut PgListener, n: usize) -> Vec<String> {
+        let mut got = Vec::with_capacity(n);
+        for _ in 0..n {
+            let note = tokio::time::timeout(Duration::from_secs(30), listener.recv())
+                .await
+                .unwrap_or_else(|_| panic!("a message within 30 s; so far {got:?}"))
+                .expect("notification");
+            got.push(note.payload().to_string());
+        }
+        got
+    }
+
+    /// A listener on its own pool, and a pool of one connection for the bus (a wait for it
+    /// gives up after `WAIT`): as two processes, one of them with a pool that is all in use.
+    async fn listener_and_small_pool(fixture: &Fixture) -> (PgListener, PgPool, Opened) {
+        let (theirs, ours) = (fixture.open().await, fixture.open().await);
+        let (Some(listening), Some(pool)) = (theirs.pg_pool(), ours.pg_pool()) else {
+            panic!("a PostgreSQL store has a pool");
+        };
+        let mut listener = PgListener::connect_with(&listening)
+            .await
+            .expect("listener");
+        listener.listen(CHANNEL).await.expect("listen");
+        let small = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(WAIT)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        (listener, small, theirs)
+    }
+
+    /// How long a wait for the small pool's connection lasts.
+    const WAIT: Duration = Duration::from_secs(1);
+
+    /// The small pool's one connection, however long connecting takes (each wait for it is
+    /// `WAIT`; a loaded machine may take longer to log in).
+    async fn the_connection(small: &PgPool) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+        for _ in 0..30 {
+            match small.acquire().await {
+                Ok(conn) => return conn,
+                Err(sqlx::Error::PoolTimedOut) => continue,
+                Err(e) => panic!("connecting: {e}"),
+            }
+        }
+        panic!("no connection in 30 tries")
+    }
+
+    /// While the pool has no connection to give, the queue waits and is sent once it has one:
+    /// nothing is dropped, nothing reordered.
+    #[tokio::test]
+    async fn messages_wait_for_a_connection_rather_than_being_dropped() {
+        let fixture = Fixture::new().await;
+        if !fixture.is_postgres() {
+            return;
+        }
+        let (mut listener, small, _theirs) = listener_and_small_pool(&fixture).await;
+        let bus = PgBus::start(small.clone());
+        let held = the_connection(&small).await;
+        for i in 0..3 {
+            bus.publish(numbered("a", i)).await;
+        }
+        // Meanwhile the sender's waits for the connection give up, at least twice.
+        tokio::time::sleep(WAIT * 3).await;
+        drop(held);
+        bus.publish(numbered("a", 3)).await;
+        bus.flush().await;
+        let expected: Vec<String> = (0..4)
+            .map(|i| numbered("a", i).encode().expect("small"))
+            .collect();
+        assert_eq!(received(&mut listener, 4).await, expected);
+    }
+
+    /// A payload the server refuses (a NUL byte is not text) costs only itself: the rest of
+    /// its batch is sent one by one, in order.
+    #[tokio::test]
+    async fn a_payload_the_server_refuses_costs_only_itself() {
+        let fixture = Fixture::new().await;
+        if !fixture.is_postgres() {
+            return;
+        }
+        let (mut listener, small, _theirs) = listener_and_small_pool(&fixture).await;
+        drop(the_connection(&small).await);
+        let bus = PgBus::start(small);
+        // Queued without a pause (this test's runtime has one thread): one batch.
+        for payload in ["first", "not\0text", "second", "third"] {
+            bus.queue
+                .send(Queued::Message(payload.to_string()))
+                .await
+                .expect("the sender runs");
+        }
+        bus.flush().await;
+        assert_eq!(
+            received(&mut listener, 3).await,
+            ["first", "second", "third"]
+        );
     }
 }
