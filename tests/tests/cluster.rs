@@ -6,7 +6,8 @@
 //! - A's agents are online on B or C within 10 s, and a rollback started right after on C
 //!   reaches every host, wherever its session is;
 //! - `rollbackctl coordinators` shows A dead and the others alive; `agents` names each
-//!   agent's coordinator.
+//!   agent's coordinator;
+//! - results whose messages never reach the job's owner are taken from the store by its sweep.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use rollback_tests::pg;
 use rollback_tests::support::{
-    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, rollbackctl,
+    CertFiles, Coordinator, Pki, Simulator, agents_json, eventually, output_within, rollbackctl,
     rollbackctl_command,
 };
 
@@ -352,6 +353,128 @@ fn a_job_whose_coordinator_is_killed_is_finished_by_another_exactly_once() -> Re
         assert_eq!(f.sim.journaled_runs(&format!("sim-{i:05}")), 4);
     }
     eprintln!("agents moved in {moved_in:?}");
+    Ok(())
+}
+
+/// The coordinator holding the host stores each result and its notification is refused (a
+/// `pg_notify` in the database's own schema, ahead of the built-in one on its search path,
+/// refuses B's `finished` messages and passes everything else): the job's owner, A, never
+/// hears of them, and takes each result from the store at its next sweep. Without the sweep
+/// the job waits for the host until A restarts.
+#[test]
+fn a_result_whose_message_is_lost_is_taken_from_the_store() -> Result<()> {
+    if pg::backend() != pg::Backend::Postgres {
+        eprintln!("cluster: runs on the PostgreSQL store only (ROLLBACK_TEST_STORE=postgres)");
+        return Ok(());
+    }
+    let server = pg::Server::from_env();
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let pki = Pki::init(&dir.join("pki"), "cluster.test")?;
+    let op = pki.operator("alice")?;
+    let database = server.create_database()?;
+    server.psql(
+        &database,
+        &format!(
+            "ALTER DATABASE \"{database}\" SET search_path = public, pg_catalog;
+             CREATE FUNCTION public.pg_notify(channel text, payload text) RETURNS void
+             LANGUAGE plpgsql AS $$
+             BEGIN
+               IF payload LIKE '{{\"from\":\"' ||
+                    coalesce((SELECT instance FROM coordinators WHERE name = 'b'), '-') ||
+                    '\",\"t\":\"finished\"%' THEN
+                 RAISE EXCEPTION 'results announced by b are refused (test)';
+               END IF;
+               PERFORM pg_catalog.pg_notify(channel, payload);
+             END $$;"
+        ),
+    )?;
+    let runbook = dir.join("slow.toml");
+    std::fs::write(&runbook, SLOW_RUNBOOK)?;
+    let mut coords = Vec::new();
+    for name in ["a", "b"] {
+        let cdir = dir.join(name);
+        std::fs::create_dir_all(&cdir)?;
+        let top = format!(
+            "name = \"{name}\"\nrunbook = \"{}\"\n[inventory.\"sim-00001\"]\nsim = \"yes\"\n",
+            runbook.display()
+        );
+        coords.push(Coordinator::start_sharing(
+            &cdir,
+            &pki,
+            &[("alice", "admin")],
+            &format!("coordinator-{name}"),
+            &top,
+            &server,
+            &database,
+        )?);
+    }
+    let _db = Db(server, database);
+    // The one host knows only B.
+    let sim = Simulator::start_slow(dir, &[coords[1].url()], &pki, 1, 100)?;
+    eventually("the host online at b", Duration::from_secs(60), || {
+        let agents = agents_json(&coords[0].url(), &pki.ca(), &op, Some("sim=yes"))?;
+        ensure!(
+            agents
+                .iter()
+                .any(|a| a["status"] == "online" && a["coordinator"] == "b"),
+            "{agents:?}"
+        );
+        Ok(())
+    });
+
+    // Started on A: A drives it, B holds the host.
+    let out = output_within(
+        rollbackctl_command(
+            &coords[0].url(),
+            &pki.ca(),
+            &op,
+            &[
+                "--output",
+                "json",
+                "rollback",
+                "--procedure",
+                "slow",
+                "--select",
+                "sim=yes",
+                "--reason",
+                "lost results",
+                "--yes",
+                "--canary",
+                "0",
+                "--batch-size",
+                "100%",
+            ],
+        ),
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        out.status.success(),
+        "rollback on A: {}\n--- a ---\n{}\n--- b ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        coords[0].logs(),
+        coords[1].logs()
+    );
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    // Each phase's result was announced, refused, and found in the store.
+    let (a, b) = (coords[0].logs(), coords[1].logs());
+    assert!(
+        b.contains("results announced by b are refused (test)"),
+        "b's notifications were refused:\n{b}"
+    );
+    let from_store: std::collections::HashSet<&str> = a
+        .lines()
+        .filter(|l| l.contains("no message about it came"))
+        .filter_map(|l| l.split(" run=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        from_store.len(),
+        2,
+        "a took both runs' results from the store:\n{a}"
+    );
+    // Exactly once: the host journaled one run per phase.
+    assert_eq!(sim.journaled_runs("sim-00001"), 2);
     Ok(())
 }
 
