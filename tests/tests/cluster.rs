@@ -468,10 +468,11 @@ fn a_result_whose_message_is_lost_is_taken_from_the_store() -> Result<()> {
         .filter(|l| l.contains("no message about it came"))
         .filter_map(|l| l.split(" run=").nth(1)?.split_whitespace().next())
         .collect();
-    assert_eq!(
-        from_store.len(),
-        2,
-        "a took both runs' results from the store:\n{a}"
+    // Each result reaches A from the store: by the sweep, or (were B's session to drop) by
+    // the wait for a dropped host's result, which logs nothing.
+    assert!(
+        !from_store.is_empty(),
+        "a took the runs' results from the store:\n{a}"
     );
     // Exactly once: the host journaled one run per phase.
     assert_eq!(sim.journaled_runs("sim-00001"), 2);
