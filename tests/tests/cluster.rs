@@ -94,26 +94,20 @@ impl Fleet {
     }
 }
 
-fn start_fleet() -> Result<Option<Fleet>> {
-    // Several coordinators share one store only on PostgreSQL: this suite runs in the
-    // PostgreSQL pass of `cargo xtask test` (the SQLite pass has no shared store to test).
-    if pg::backend() != pg::Backend::Postgres {
-        eprintln!("cluster: runs on the PostgreSQL store only (ROLLBACK_TEST_STORE=postgres)");
-        return Ok(None);
-    }
-    let server = pg::Server::from_env();
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let pki = Pki::init(&dir.join("pki"), "cluster.test")?;
-    let op = pki.operator("alice")?;
-    let database = server.create_database()?;
-    let inventory: String = (1..=K)
-        .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
-        .collect();
+/// Coordinators `names` sharing `database`, each with the slow runbook and `inventory`
+/// (coordinator.toml lines), in subdirectories of `dir` named after them.
+fn start_coordinators(
+    dir: &std::path::Path,
+    names: &[&str],
+    pki: &Pki,
+    inventory: &str,
+    server: &pg::Server,
+    database: &str,
+) -> Result<Vec<Coordinator>> {
     let runbook = dir.join("slow.toml");
     std::fs::write(&runbook, SLOW_RUNBOOK)?;
     let mut coords = Vec::new();
-    for name in ["a", "b", "c"] {
+    for name in names {
         let cdir = dir.join(name);
         std::fs::create_dir_all(&cdir)?;
         let top = format!(
@@ -122,14 +116,64 @@ fn start_fleet() -> Result<Option<Fleet>> {
         );
         coords.push(Coordinator::start_sharing(
             &cdir,
-            &pki,
+            pki,
             &[("alice", "admin")],
             &format!("coordinator-{name}"),
             &top,
-            &server,
-            &database,
+            server,
+            database,
         )?);
     }
+    Ok(coords)
+}
+
+/// What each test here starts from: the suite's PostgreSQL server and a fresh database in
+/// it, a directory, and a PKI with the operator alice.
+struct Setup {
+    server: pg::Server,
+    database: String,
+    tmp: tempfile::TempDir,
+    pki: Pki,
+    op: CertFiles,
+}
+
+/// None on the SQLite pass: several coordinators share one store only on PostgreSQL, so this
+/// suite runs in the PostgreSQL pass of `cargo xtask test`.
+fn setup() -> Result<Option<Setup>> {
+    if pg::backend() != pg::Backend::Postgres {
+        eprintln!("cluster: runs on the PostgreSQL store only (ROLLBACK_TEST_STORE=postgres)");
+        return Ok(None);
+    }
+    let server = pg::Server::from_env();
+    let tmp = tempfile::tempdir()?;
+    let pki = Pki::init(&tmp.path().join("pki"), "cluster.test")?;
+    let op = pki.operator("alice")?;
+    let database = server.create_database()?;
+    Ok(Some(Setup {
+        server,
+        database,
+        tmp,
+        pki,
+        op,
+    }))
+}
+
+fn start_fleet() -> Result<Option<Fleet>> {
+    let Some(Setup {
+        server,
+        database,
+        tmp,
+        pki,
+        op,
+    }) = setup()?
+    else {
+        return Ok(None);
+    };
+    let dir = tmp.path();
+    let inventory: String = (1..=K)
+        .map(|i| format!("[inventory.\"sim-{i:05}\"]\nsim = \"yes\"\n"))
+        .collect();
+    let coords = start_coordinators(dir, &["a", "b", "c"], &pki, &inventory, &server, &database)?;
     let urls: Vec<String> = coords.iter().map(Coordinator::url).collect();
     let sim = Simulator::start_slow(dir, &urls, &pki, K, STEP_MS)?;
     let fleet = Fleet {
@@ -160,6 +204,26 @@ fn start_fleet() -> Result<Option<Fleet>> {
         },
     );
     Ok(Some(fleet))
+}
+
+/// `rollback` of the slow procedure to every simulated host at once, in JSON.
+fn rollback_everywhere(reason: &str) -> [&str; 14] {
+    [
+        "--output",
+        "json",
+        "rollback",
+        "--procedure",
+        "slow",
+        "--select",
+        "sim=yes",
+        "--reason",
+        reason,
+        "--yes",
+        "--canary",
+        "0",
+        "--batch-size",
+        "100%",
+    ]
 }
 
 fn job_state(f: &Fleet, i: usize, job: &str) -> Result<String> {
@@ -325,25 +389,7 @@ fn a_job_whose_coordinator_is_killed_is_finished_by_another_exactly_once() -> Re
     assert_eq!(by("c")["alive"], true);
 
     // A rollback started right after, on C, reaches every host wherever it is held.
-    let out = f.ctl(
-        2,
-        &[
-            "--output",
-            "json",
-            "rollback",
-            "--procedure",
-            "slow",
-            "--select",
-            "sim=yes",
-            "--reason",
-            "after the failover",
-            "--yes",
-            "--canary",
-            "0",
-            "--batch-size",
-            "100%",
-        ],
-    )?;
+    let out = f.ctl(2, &rollback_everywhere("after the failover"))?;
     ensure!(
         out.status.success(),
         "rollback on C after the failover: {}",
@@ -363,16 +409,11 @@ fn a_job_whose_coordinator_is_killed_is_finished_by_another_exactly_once() -> Re
 /// the job waits for the host until A restarts.
 #[test]
 fn a_result_whose_message_is_lost_is_taken_from_the_store() -> Result<()> {
-    if pg::backend() != pg::Backend::Postgres {
-        eprintln!("cluster: runs on the PostgreSQL store only (ROLLBACK_TEST_STORE=postgres)");
+    let Some(setup) = setup()? else {
         return Ok(());
-    }
-    let server = pg::Server::from_env();
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let pki = Pki::init(&dir.join("pki"), "cluster.test")?;
-    let op = pki.operator("alice")?;
-    let database = server.create_database()?;
+    };
+    let (server, database, pki, op) = (setup.server, setup.database, setup.pki, setup.op);
+    let dir = setup.tmp.path();
     server.psql(
         &database,
         &format!(
@@ -389,26 +430,8 @@ fn a_result_whose_message_is_lost_is_taken_from_the_store() -> Result<()> {
              END $$;"
         ),
     )?;
-    let runbook = dir.join("slow.toml");
-    std::fs::write(&runbook, SLOW_RUNBOOK)?;
-    let mut coords = Vec::new();
-    for name in ["a", "b"] {
-        let cdir = dir.join(name);
-        std::fs::create_dir_all(&cdir)?;
-        let top = format!(
-            "name = \"{name}\"\nrunbook = \"{}\"\n[inventory.\"sim-00001\"]\nsim = \"yes\"\n",
-            runbook.display()
-        );
-        coords.push(Coordinator::start_sharing(
-            &cdir,
-            &pki,
-            &[("alice", "admin")],
-            &format!("coordinator-{name}"),
-            &top,
-            &server,
-            &database,
-        )?);
-    }
+    let inventory = "[inventory.\"sim-00001\"]\nsim = \"yes\"\n";
+    let coords = start_coordinators(dir, &["a", "b"], &pki, inventory, &server, &database)?;
     let _db = Db(server, database);
     // The one host knows only B.
     let sim = Simulator::start_slow(dir, &[coords[1].url()], &pki, 1, 100)?;
@@ -429,22 +452,7 @@ fn a_result_whose_message_is_lost_is_taken_from_the_store() -> Result<()> {
             &coords[0].url(),
             &pki.ca(),
             &op,
-            &[
-                "--output",
-                "json",
-                "rollback",
-                "--procedure",
-                "slow",
-                "--select",
-                "sim=yes",
-                "--reason",
-                "lost results",
-                "--yes",
-                "--canary",
-                "0",
-                "--batch-size",
-                "100%",
-            ],
+            &rollback_everywhere("lost results"),
         ),
         Duration::from_secs(120),
     )?;

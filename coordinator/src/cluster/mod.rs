@@ -659,7 +659,7 @@ mod tests {
     /// one dispatched since the previous sweep, keep waiting.
     #[tokio::test]
     async fn a_result_stored_without_its_message_is_taken_by_the_sweep() {
-        use crate::store::{AuditEvent, RunRow};
+        use crate::store::AuditEvent;
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&dir.path().join("store.db"))
@@ -687,19 +687,7 @@ mod tests {
             rx
         };
         for run_id in ["done", "running", "late"] {
-            let row = RunRow {
-                run_id: run_id.into(),
-                job_id: String::new(),
-                host_id: "web-1".into(),
-                requested_by: "alice".into(),
-                reason: "test".into(),
-                procedure: Vec::new(),
-                status: 0,
-                created_at_ms: 1,
-                finished_at_ms: None,
-                result: None,
-                phase: String::new(),
-            };
+            let row = crate::store::chain_tests::run(run_id, "", "web-1");
             store.create_run(&row, "a1").await.expect("run");
         }
         let (mut done, mut running) = (wait_for("done"), wait_for("running"));

@@ -278,15 +278,7 @@ mod tests {
             // The bus is the shared store's: one SQLite file has one coordinator.
             return;
         }
-        // The listener's and the bus's connections from two pools, as two processes have.
-        let (theirs, ours) = (fixture.open().await, fixture.open().await);
-        let (Some(listening), Some(pool)) = (theirs.pg_pool(), ours.pg_pool()) else {
-            panic!("a PostgreSQL store has a pool");
-        };
-        let mut listener = PgListener::connect_with(&listening)
-            .await
-            .expect("listener");
-        listener.listen(CHANNEL).await.expect("listen");
+        let (mut listener, pool, _stores) = listener_and_pool(&fixture).await;
         let bus = Arc::new(PgBus::start(pool.clone()));
         // Four senders, 1,200 messages each (more than the queue's batch), all at once.
         const EACH: usize = 1_200;
@@ -338,9 +330,9 @@ mod tests {
         got
     }
 
-    /// A listener on its own pool, and a pool of one connection for the bus (a wait for it
-    /// gives up after `WAIT`): as two processes, one of them with a pool that is all in use.
-    async fn listener_and_small_pool(fixture: &Fixture) -> (PgListener, PgPool, Opened) {
+    /// A listener and a pool for the bus, from two stores' pools, as two processes have
+    /// (the stores, returned, keep them open).
+    async fn listener_and_pool(fixture: &Fixture) -> (PgListener, PgPool, [Opened; 2]) {
         let (theirs, ours) = (fixture.open().await, fixture.open().await);
         let (Some(listening), Some(pool)) = (theirs.pg_pool(), ours.pg_pool()) else {
             panic!("a PostgreSQL store has a pool");
@@ -349,11 +341,18 @@ mod tests {
             .await
             .expect("listener");
         listener.listen(CHANNEL).await.expect("listen");
+        (listener, pool, [theirs, ours])
+    }
+
+    /// As `listener_and_pool`, with a pool of one connection for the bus (a wait for it gives
+    /// up after `WAIT`): a process whose pool is all in use.
+    async fn listener_and_small_pool(fixture: &Fixture) -> (PgListener, PgPool, [Opened; 2]) {
+        let (listener, pool, stores) = listener_and_pool(fixture).await;
         let small = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(WAIT)
             .connect_lazy_with((*pool.connect_options()).clone());
-        (listener, small, theirs)
+        (listener, small, stores)
     }
 
     /// How long a wait for the small pool's connection lasts.
@@ -380,7 +379,7 @@ mod tests {
         if !fixture.is_postgres() {
             return;
         }
-        let (mut listener, small, _theirs) = listener_and_small_pool(&fixture).await;
+        let (mut listener, small, _stores) = listener_and_small_pool(&fixture).await;
         let bus = PgBus::start(small.clone());
         let held = the_connection(&small).await;
         for i in 0..3 {
@@ -405,7 +404,7 @@ mod tests {
         if !fixture.is_postgres() {
             return;
         }
-        let (mut listener, small, _theirs) = listener_and_small_pool(&fixture).await;
+        let (mut listener, small, _stores) = listener_and_small_pool(&fixture).await;
         drop(the_connection(&small).await);
         let bus = PgBus::start(small);
         // Queued without a pause (this test's runtime has one thread): one batch.

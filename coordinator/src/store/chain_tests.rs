@@ -59,7 +59,8 @@ fn host(job: &str, host: &str) -> JobHostRow {
     }
 }
 
-fn run(run_id: &str, job_id: &str, host_id: &str) -> RunRow {
+/// A run of `job_id` for `host_id` that nothing has happened to yet.
+pub(crate) fn run(run_id: &str, job_id: &str, host_id: &str) -> RunRow {
     RunRow {
         run_id: run_id.into(),
         job_id: job_id.into(),

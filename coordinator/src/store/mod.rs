@@ -5,7 +5,7 @@
 pub(crate) mod backend_tests;
 pub mod chain;
 #[cfg(test)]
-mod chain_tests;
+pub(crate) mod chain_tests;
 pub mod cluster;
 mod cluster_sql;
 #[cfg(test)]
