@@ -130,7 +130,7 @@ impl Jobs {
             .enumerate()
             .map(|(i, h)| (h.host_id.clone(), i))
             .collect();
-        for run in self.store.job_runs(job_id).await? {
+        for run in self.store.job_run_results(job_id).await? {
             if let Some(host) = at.get(&run.host_id).and_then(|&i| job.hosts.get_mut(i)) {
                 host.runs.push(HostRun {
                     run_id: run.run_id,

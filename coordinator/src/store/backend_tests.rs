@@ -538,3 +538,84 @@ async fn runs_read_together_are_those_stored_whatever_else_is_asked() {
         );
     }
 }
+
+/// The narrow read `GetJob` makes of a job's runs is the full read's run, host, phase and
+/// result, in the same order: the order runs were made, those made in the same millisecond in
+/// the order they were stored. Another job's runs and exec runs are not read.
+#[tokio::test]
+async fn a_jobs_run_results_are_its_runs_in_order_with_their_results() {
+    let fixture = Fixture::new().await;
+    let store = fixture.open().await.shared();
+    for id in ["j", "other"] {
+        store
+            .create_job(
+                &job(id, "running"),
+                &[host(id, "pending")],
+                &[],
+                &audit("rollback.started", &format!("job/{id}")),
+            )
+            .await
+            .expect("job");
+    }
+    let run = |run_id: &str, job_id: &str, at: i64, phase: &str| RunRow {
+        run_id: run_id.into(),
+        job_id: job_id.into(),
+        host_id: "h1".into(),
+        requested_by: "alice".into(),
+        reason: "test".into(),
+        procedure: format!("procedure of {run_id}").into_bytes(),
+        status: 0,
+        created_at_ms: at,
+        finished_at_ms: None,
+        result: None,
+        phase: phase.into(),
+    };
+    // Stored out of time order, and three in one millisecond (stored z, a, m).
+    for r in [
+        run("z", "j", 20, "app"),
+        run("a", "j", 20, "app"),
+        run("first", "j", 10, "database"),
+        run("m", "j", 20, "verify"),
+        run("theirs", "other", 15, "app"),
+        run("exec", "", 15, ""),
+    ] {
+        store.create_run(&r, "i1").await.expect("run");
+    }
+    for id in ["a", "first"] {
+        store
+            .finish_run(
+                id,
+                "h1",
+                1,
+                30,
+                format!("result of {id}").as_bytes(),
+                &audit("run.finished", &format!("run/{id}")),
+            )
+            .await
+            .expect("result");
+    }
+
+    let narrow = store.job_run_results("j").await.expect("read");
+    let ids: Vec<&str> = narrow.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, ["first", "z", "a", "m"]);
+    let full = store.job_runs("j").await.expect("read");
+    assert_eq!(narrow.len(), full.len());
+    for (n, f) in narrow.iter().zip(&full) {
+        assert_eq!(
+            (&n.run_id, &n.host_id, &n.phase, &n.result),
+            (&f.run_id, &f.host_id, &f.phase, &f.result),
+            "the full read's fields"
+        );
+    }
+    assert_eq!(narrow[0].result.as_deref(), Some(&b"result of first"[..]));
+    assert_eq!(narrow[1].result, None);
+    assert_eq!(narrow[2].result.as_deref(), Some(&b"result of a"[..]));
+    assert!(
+        store
+            .job_run_results("none")
+            .await
+            .expect("read")
+            .is_empty(),
+        "a job without runs (or unknown) has none"
+    );
+}

@@ -190,6 +190,19 @@ pub struct RunRow {
     pub phase: String,
 }
 
+/// What a job's record shows of one run: its host, phase and result. Read for every run of a
+/// job by `GetJob`, where the other columns of a run (its procedure, requester, reason) were
+/// 7 of 11 values per row copied out of the store and dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunResultRow {
+    pub run_id: String,
+    pub host_id: String,
+    /// The job phase this run belongs to ("" for exec).
+    pub phase: String,
+    /// Encoded `RunFinished`, once reported.
+    pub result: Option<Vec<u8>>,
+}
+
 /// Which jobs `Store::list_jobs` returns; an empty field matches every job.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobFilter {
@@ -450,6 +463,8 @@ pub trait Store: cluster::ClusterStore + Send + Sync + 'static {
     /// Jobs matching `filter`, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRow>, StoreError>;
     async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError>;
+    /// The results of a job's runs, in the order the runs were made (as `job_runs`).
+    async fn job_run_results(&self, job_id: &str) -> Result<Vec<RunResultRow>, StoreError>;
     /// Records one host's snapshot with its audit record, in one transaction.
     async fn insert_snapshot(
         &self,

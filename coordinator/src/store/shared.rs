@@ -13,7 +13,7 @@ use sqlx::Row;
 use super::chain::Link;
 use super::{
     AgentRecord, ApprovalRow, AuditEvent, AuditRecord, EventRow, Events, Inventory, JobHostRow,
-    JobRow, ResultTaken, RunRow, SnapshotRow, StoreError,
+    JobRow, ResultTaken, RunResultRow, RunRow, SnapshotRow, StoreError,
 };
 
 /// A column read by name from a row of either database. A row the store wrote has the types
@@ -1529,6 +1529,25 @@ macro_rules! backend {
                 Ok(rows.iter().map(run_row).collect())
             }
 
+            pub(in crate::store) async fn job_run_results(pool: &Pool, job_id: &str) -> Result<Vec<RunResultRow>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT run_id, host_id, phase, result FROM runs WHERE job_id = $1 ORDER BY created_at_ms, rowid",
+                )
+                .bind(job_id)
+                .fetch_all(pool)
+                .await
+                .map_err(query_err("job_run_results"))?;
+                Ok(rows
+                    .iter()
+                    .map(|r| RunResultRow {
+                        run_id: r.text("run_id"),
+                        host_id: r.text("host_id"),
+                        phase: r.text("phase"),
+                        result: r.opt_bytes("result"),
+                    })
+                    .collect())
+            }
+
             pub(in crate::store) async fn lease_holders(pool: &Pool, hosts: &[String]) -> Result<Vec<LeaseHolder>, StoreError> {
                 let mut conn = pool.acquire().await.map_err(query_err("lease_holders"))?;
                 holders_in(&mut conn, hosts, "").await
@@ -1995,6 +2014,13 @@ macro_rules! store_impl {
 
                 async fn job_runs(&self, job_id: &str) -> Result<Vec<RunRow>, StoreError> {
                     $sql::job_runs(&self.pool, job_id).await
+                }
+
+                async fn job_run_results(
+                    &self,
+                    job_id: &str,
+                ) -> Result<Vec<$crate::store::RunResultRow>, StoreError> {
+                    $sql::job_run_results(&self.pool, job_id).await
                 }
 
                 async fn insert_snapshot(
