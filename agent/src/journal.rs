@@ -2,11 +2,20 @@
 //! and fsynced at every step boundary. A run id seen before returns its journaled result and
 //! runs nothing again; a step cut off by a crash becomes `interrupted` at the next start. The
 //! coordinator's acknowledgement of a result is an empty marker, `<run id>.acked`, beside the
-//! record, written without a sync: the record is not rewritten for it.
+//! record, written without a sync: the record is not rewritten for it. Nothing in the journal
+//! is followed if it is a symlink: files are created, renamed and removed relative to the
+//! directory, itself opened without following a link.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+use nix::sys::stat::{Mode, SFlag, fstatat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use rollback_common::proto::{RunFinished, StepFinished, StepStatus};
 use serde::{Deserialize, Serialize};
@@ -15,6 +24,9 @@ use serde::{Deserialize, Serialize};
 const KEPT_RUNS: usize = 500;
 /// The suffix of a run's acknowledgement marker.
 const ACKED: &str = ".acked";
+/// Acknowledgements between two prunes: the journal may hold up to this many acknowledged
+/// runs beyond `KEPT_RUNS`, and an acknowledgement rarely reads the directory.
+const PRUNE_EVERY: u64 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -133,11 +145,18 @@ pub fn valid_run_id(id: &str) -> bool {
     rollback_common::valid_id(id)
 }
 
+/// Every write opens the directory once, without following a symlink, and creates, renames
+/// and removes its files relative to that handle: nothing is written through a link, and a
+/// write walks the directory's path once, not once per file operation. The handle is not kept:
+/// the simulator runs thousands of agents in one process, each with its own journal, under one
+/// open-files limit.
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
     /// Records written since it was opened: each one is two fsyncs.
-    writes: std::sync::atomic::AtomicU64,
+    writes: AtomicU64,
+    /// Acknowledgements since it was opened: the journal is pruned every `PRUNE_EVERY`.
+    acks: AtomicU64,
 }
 
 impl Journal {
@@ -147,84 +166,169 @@ impl Journal {
             path: dir.clone(),
             source,
         })?;
-        Ok(Self {
+        let journal = Self {
             dir,
-            writes: std::sync::atomic::AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+        };
+        journal.open_dir()?;
+        Ok(journal)
+    }
+
+    /// The journal directory, opened for operations relative to it.
+    fn open_dir(&self) -> Result<OwnedFd, JournalError> {
+        nix::fcntl::open(
+            &self.dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| JournalError::Io {
+            path: self.dir.clone(),
+            source: match e {
+                Errno::ELOOP | Errno::ENOTDIR => std::io::Error::other(
+                    "not a directory (a symlink is not followed): make it a directory owned by root",
+                ),
+                Errno::ENOENT => std::io::Error::other(
+                    "the journal directory was removed while the agent ran; restart the agent to recreate it",
+                ),
+                e => e.into(),
+            },
         })
     }
 
-    fn path(&self, run_id: &str) -> PathBuf {
-        self.dir.join(format!("{run_id}.json"))
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
-    /// The marker of the coordinator's acknowledgement.
-    fn ack_path(&self, run_id: &str) -> PathBuf {
-        self.dir.join(format!("{run_id}{ACKED}"))
-    }
-
-    pub fn load(&self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
-        let path = self.path(run_id);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let mut run: RunRecord =
-                    serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
-                        path,
-                        reason: e.to_string(),
-                    })?;
-                run.acked = run.acked || self.ack_path(run_id).exists();
-                Ok(Some(run))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(JournalError::Io { path, source }),
+    fn io(&self, name: &str) -> impl Fn(Errno) -> JournalError {
+        let path = self.path(name);
+        move |e| JournalError::Io {
+            path: path.clone(),
+            source: e.into(),
         }
     }
 
-    /// Writes the record durably: temp file, fsync, rename, fsync the directory.
-    pub fn save(&self, record: &RunRecord) -> Result<(), JournalError> {
-        let path = self.path(&record.run_id);
-        let tmp = self.dir.join(format!(".{}.tmp", record.run_id));
-        let io = |source| JournalError::Io {
-            path: path.clone(),
-            source,
+    /// Removes `name` from the journal `dir`; one that is not there is not an error.
+    fn remove(&self, dir: &OwnedFd, name: &str) -> Result<(), JournalError> {
+        match unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(self.io(name)(e)),
+        }
+    }
+
+    /// A run's record; a record that is a symlink is an error, never followed.
+    pub fn load(&self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+        let name = record_name(run_id);
+        // One path walk where the run is new (the common case): no directory handle first.
+        let fd = match nix::fcntl::open(
+            &self.path(&name),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(self.io(&name)(e)),
         };
+        let mut bytes = Vec::new();
+        std::fs::File::from(fd)
+            .read_to_end(&mut bytes)
+            .map_err(|source| JournalError::Io {
+                path: self.path(&name),
+                source,
+            })?;
+        let mut run: RunRecord =
+            serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
+                path: self.path(&name),
+                reason: e.to_string(),
+            })?;
+        run.acked =
+            run.acked || nix::sys::stat::lstat(&self.path(&ack_name(run_id))).is_ok_and(is_regular);
+        Ok(Some(run))
+    }
+
+    /// Writes the record durably: temp file, fsync, rename, fsync the directory. A journal
+    /// directory removed while the agent runs is an error, not a write nobody will read.
+    pub fn save(&self, record: &RunRecord) -> Result<(), JournalError> {
+        let name = record_name(&record.run_id);
+        let io = self.io(&name);
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| JournalError::Corrupt {
-            path: path.clone(),
+            path: self.path(&name),
             reason: e.to_string(),
         })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        self.writes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.open_dir()?;
+        let tmp = format!(".{}.tmp", record.run_id);
+        // Truncated if a crash left it; a planted symlink is refused, not followed.
+        let create = |extra: OFlag| {
+            openat(
+                dir.as_fd(),
+                tmp.as_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_TRUNC
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC
+                    | extra,
+                Mode::from_bits_truncate(0o600),
+            )
+        };
+        let fd = match create(OFlag::empty()) {
+            // Something planted under the temporary name: removed, never written through.
+            Err(Errno::ELOOP) => {
+                self.remove(&dir, &tmp)?;
+                create(OFlag::O_EXCL)
+            }
+            other => other,
+        }
+        .map_err(&io)?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|source| JournalError::Io {
+                path: self.path(&name),
+                source,
+            })?;
+        renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str()).map_err(&io)?;
+        nix::unistd::fsync(dir.as_fd()).map_err(&io)?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Records written durably since the journal was opened.
     pub fn writes(&self) -> u64 {
-        self.writes.load(std::sync::atomic::Ordering::Relaxed)
+        self.writes.load(Ordering::Relaxed)
     }
 
-    /// Every run in the journal, oldest first.
+    /// Every readable run in the journal, oldest first. A record that cannot be read (corrupt,
+    /// or a symlink) is logged and left out, so it does not hide the others from recovery and
+    /// from the coordinator; its run id still answers `load` with the error, so it never runs.
     pub fn all(&self) -> Result<Vec<RunRecord>, JournalError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|source| JournalError::Io {
-            path: self.dir.clone(),
-            source,
-        })?;
         let mut runs = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json").filter(|id| valid_run_id(id))
-                && let Some(r) = self.load(id)?
-            {
-                runs.push(r);
+        for name in self.names()? {
+            let Some(id) = name.strip_suffix(".json").filter(|id| valid_run_id(id)) else {
+                continue;
+            };
+            match self.load(id) {
+                Ok(Some(r)) => runs.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(run = %id, error = %e, "journal record unreadable; left out of recovery and of the results sent again (its run id is refused): move it away and check the host");
+                }
             }
         }
         runs.sort_by_key(|r| r.received_at_ms);
         Ok(runs)
+    }
+
+    /// The names in the journal directory.
+    fn names(&self) -> Result<Vec<String>, JournalError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| JournalError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        Ok(entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
     }
 
     /// At start-up: a run that was in progress when the agent died is finished as
@@ -247,7 +351,7 @@ impl Journal {
             run.acked = false;
             // An unfinished run was never acknowledged; a marker left by anything else must
             // not hide its interrupted result from the coordinator.
-            self.remove_marker(&run.run_id)?;
+            self.remove(&self.open_dir()?, &ack_name(&run.run_id))?;
             self.save(&run)?;
             recovered.push(run);
         }
@@ -256,52 +360,50 @@ impl Journal {
         Ok(recovered)
     }
 
-    /// Marks a run acknowledged (the coordinator stored its result), then prunes the journal.
+    /// Marks a run acknowledged (the coordinator stored its result); every `PRUNE_EVERY`
+    /// acknowledgements, prunes the journal.
     /// The marker is created, not synced: a crash may lose it, and then the result is sent
     /// again at the next session, which the coordinator answers from its store with another
     /// acknowledgement (a result is recorded once). The record is not rewritten, so an
     /// acknowledgement costs no fsync and can never damage the record. A run id with no
     /// record gets no marker.
     pub fn ack(&self, run_id: &str) -> Result<(), JournalError> {
-        if self.path(run_id).is_file() {
-            let marker = self.ack_path(run_id);
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&marker)
-                .map_err(|source| JournalError::Io {
-                    path: marker,
-                    source,
-                })?;
+        let dir = self.open_dir()?;
+        if fstatat(
+            dir.as_fd(),
+            record_name(run_id).as_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok_and(is_regular)
+        {
+            let marker = ack_name(run_id);
+            openat(
+                dir.as_fd(),
+                marker.as_str(),
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(self.io(&marker))?;
         }
-        self.prune()
-    }
-
-    fn remove_marker(&self, run_id: &str) -> Result<(), JournalError> {
-        let marker = self.ack_path(run_id);
-        match std::fs::remove_file(&marker) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(JournalError::Io {
-                path: marker,
-                source,
-            }),
+        if self.acks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            self.prune()?;
         }
+        Ok(())
     }
 
     /// Removes markers whose record is gone (a prune cut off between the two removals).
     fn sweep_markers(&self) -> Result<(), JournalError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|source| JournalError::Io {
-            path: self.dir.clone(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = self.open_dir()?;
+        for name in self.names()? {
             if let Some(id) = name.strip_suffix(ACKED).filter(|id| valid_run_id(id))
-                && !self.path(id).exists()
+                && !fstatat(
+                    dir.as_fd(),
+                    record_name(id).as_str(),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .is_ok_and(is_regular)
             {
-                self.remove_marker(id)?;
+                self.remove(&dir, &name)?;
             }
         }
         Ok(())
@@ -310,26 +412,39 @@ impl Journal {
     /// Removes the oldest finished and acknowledged runs beyond `KEPT_RUNS`. Cheap when there
     /// is nothing to prune (counts names only).
     fn prune(&self) -> Result<(), JournalError> {
-        let count = std::fs::read_dir(&self.dir)
-            .map_err(|source| JournalError::Io {
-                path: self.dir.clone(),
-                source,
-            })?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        let count = self
+            .names()?
+            .iter()
+            .filter(|n| n.ends_with(".json"))
             .count();
         if count <= KEPT_RUNS {
             return Ok(());
         }
         let runs = self.all()?;
         let excess = runs.len().saturating_sub(KEPT_RUNS);
+        let dir = self.open_dir()?;
         for run in runs.iter().filter(|r| r.finished && r.acked).take(excess) {
             // The record first: a marker without its record is swept at the next start.
-            let _ = std::fs::remove_file(self.path(&run.run_id));
-            let _ = std::fs::remove_file(self.ack_path(&run.run_id));
+            let _ = self.remove(&dir, &record_name(&run.run_id));
+            let _ = self.remove(&dir, &ack_name(&run.run_id));
         }
         Ok(())
     }
+}
+
+/// Whether a status (of something not followed if a symlink) is a regular file's.
+fn is_regular(st: nix::sys::stat::FileStat) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits()
+}
+
+/// A run's record in the journal directory.
+fn record_name(run_id: &str) -> String {
+    format!("{run_id}.json")
+}
+
+/// The marker of the coordinator's acknowledgement of a run.
+fn ack_name(run_id: &str) -> String {
+    format!("{run_id}{ACKED}")
 }
 
 #[cfg(test)]
@@ -400,7 +515,11 @@ mod tests {
             j.ack(&run.run_id).expect("ack");
         }
         let left = j.all().expect("all");
-        assert!(left.len() <= KEPT_RUNS, "{} runs kept", left.len());
+        assert!(
+            left.len() <= KEPT_RUNS + PRUNE_EVERY as usize,
+            "{} runs kept",
+            left.len()
+        );
         assert!(
             left.iter().any(|r| r.run_id == "keep-me"),
             "an unacknowledged result is never pruned"
@@ -504,6 +623,94 @@ mod tests {
         );
         assert!(!runs.join("cut.acked").exists());
         assert!(!runs.join("gone.acked").exists());
+    }
+
+    #[test]
+    fn a_symlink_in_the_journal_is_never_followed() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        let runs = tmp.path().join("runs");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+
+        // A temporary file's name planted as a link: the link goes, the victim stays.
+        symlink(&victim, runs.join(".r1.tmp")).expect("link");
+        j.save(&finished_run("r1")).expect("save");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+        assert!(j.load("r1").expect("load").is_some());
+
+        // A record that is a link is an error, not the victim read as a record.
+        symlink(&victim, runs.join("r2.json")).expect("link");
+        let err = j.load("r2").expect_err("a linked record");
+        assert!(err.to_string().contains("r2.json"), "{err}");
+        // Rewriting it replaces the link itself.
+        j.save(&finished_run("r2")).expect("save over a link");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+        assert!(j.load("r2").expect("load").is_some());
+
+        // A linked marker acknowledges nothing and writes nothing through.
+        symlink(&victim, runs.join("r1.acked")).expect("link");
+        assert!(!j.load("r1").expect("load").expect("present").acked);
+        assert!(j.ack("r1").is_err(), "no marker is written through a link");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+    }
+
+    #[test]
+    fn an_unreadable_record_does_not_hide_the_others_from_recovery() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        let runs = tmp.path().join("runs");
+        let mut cut = finished_run("cut");
+        cut.finished = false;
+        cut.steps = vec![StepRecord::pending("git.log", BTreeMap::new())];
+        cut.steps[0].phase = Phase::Running;
+        j.save(&cut).expect("save");
+        std::fs::write(runs.join("garbage.json"), b"{not json").expect("corrupt");
+        std::fs::write(tmp.path().join("elsewhere.json"), b"{}").expect("target");
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere.json"), runs.join("linked.json"))
+            .expect("link");
+        let recovered = j.recover().expect("recover");
+        assert_eq!(
+            recovered
+                .iter()
+                .map(|r| r.run_id.as_str())
+                .collect::<Vec<_>>(),
+            ["cut"]
+        );
+        assert!(j.load("cut").expect("load").expect("present").finished);
+        // The unreadable ones still refuse their run ids: an error, never "not run yet".
+        assert!(j.load("garbage").is_err());
+        assert!(j.load("linked").is_err());
+    }
+
+    #[test]
+    fn a_journal_directory_that_is_a_symlink_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).expect("dir");
+        let state = tmp.path().join("state");
+        std::fs::create_dir(&state).expect("state");
+        std::os::unix::fs::symlink(&elsewhere, state.join("runs")).expect("link");
+        let err = Journal::open(&state).expect_err("a linked journal directory");
+        assert!(
+            err.to_string().contains("a symlink is not followed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_journal_directory_removed_under_the_agent_is_an_error_not_a_lost_write() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        j.save(&finished_run("before")).expect("save");
+        std::fs::remove_dir_all(tmp.path().join("runs")).expect("remove");
+        let err = j.save(&finished_run("after")).expect_err("no directory");
+        assert!(err.to_string().contains("restart the agent"), "{err}");
+        // Reopened, as a restart does: a fresh directory, written again.
+        let j = Journal::open(tmp.path()).expect("reopen");
+        j.save(&finished_run("after")).expect("save");
+        assert!(j.load("after").expect("load").is_some());
     }
 
     #[test]
