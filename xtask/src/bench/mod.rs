@@ -72,7 +72,8 @@ pub struct BenchArgs {
     #[arg(long)]
     without_peers: bool,
     /// Profile the coordinator during each part (b) job with `perf record` into DIR (one
-    /// `.data` file per run). Profiling slows what it measures: implies --no-write.
+    /// `.data` file per run, and the simulator's in `…-simulator.data`). Profiling slows what
+    /// it measures: implies --no-write.
     #[arg(long, value_name = "DIR")]
     perf: Option<std::path::PathBuf>,
     /// Measure nothing: re-render the results section from the measurements stored in it.

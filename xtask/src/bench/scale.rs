@@ -274,13 +274,16 @@ fn run_once(
     let sim_idle_rate =
         (sys::cpu_ticks(sim_pid)? - idle_s0) as f64 / clk / IDLE_WINDOW.as_secs_f64();
 
-    let profile = match perf {
-        Some(dir) => Some(Profile::start(
-            dir,
-            &format!("{}-{k}-run{run}", setup.key()),
-            &cpids,
-        )?),
-        None => None,
+    // The coordinators' profile, and the simulator's beside it (`…-simulator.data`).
+    let profiles = match perf {
+        Some(dir) => {
+            let name = format!("{}-{k}-run{run}", setup.key());
+            vec![
+                Profile::start(dir, &name, &cpids)?,
+                Profile::start(dir, &format!("{name}-simulator"), &[sim_pid])?,
+            ]
+        }
+        None => Vec::new(),
     };
     let ticks2 = ticks(&cpids)?;
     let sim_ticks2 = sys::cpu_ticks(sim_pid)?;
@@ -306,7 +309,7 @@ fn run_once(
     )?;
     let ticks3 = ticks(&cpids)?;
     let sim_ticks3 = sys::cpu_ticks(sim_pid)?;
-    if let Some(p) = profile {
+    for p in profiles {
         p.finish()?;
     }
     let coord_peak_kib = rss_max(&cpids, &sys::peak_rss_kib)?;
@@ -354,8 +357,9 @@ fn run_once(
     }))
 }
 
-/// `perf record` of the coordinators during the job (`cargo xtask bench --perf DIR`): call
-/// graphs by DWARF unwinding (release builds keep no frame pointers), 499 samples a second.
+/// `perf record` of the coordinators, or of the simulator, during the job (`cargo xtask bench
+/// --perf DIR`): call graphs by DWARF unwinding (release builds keep no frame pointers), 499
+/// samples a second.
 struct Profile {
     perf: Daemon,
     data: PathBuf,
