@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollback_common::proto::agent_gateway_client::AgentGatewayClient;
-use rollback_common::proto::{AgentMessage, Heartbeat, Hello, agent_message, coordinator_message};
+use rollback_common::proto::{
+    AgentMessage, Heartbeat, Hello, HostState, agent_message, coordinator_message,
+};
 use rollback_common::{MAX_MESSAGE_BYTES, now_unix_ms};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -113,6 +115,9 @@ pub async fn run_session(
             .map(|r| r.run_id)
             .collect(),
     };
+    // The host's state as this session last reported it: a run that changed nothing sends
+    // nothing (the coordinator would store the same state again).
+    let reported = hello.state.clone();
     // Queued before the call so it is the first message on the stream; the channel is fresh.
     let _ = tx.try_send(AgentMessage {
         kind: Some(agent_message::Kind::Hello(hello)),
@@ -138,6 +143,7 @@ pub async fn run_session(
         uplink,
         &tx,
         &mut inbound,
+        reported,
         on_established,
     )
     .await;
@@ -214,6 +220,7 @@ async fn serve(
     uplink: &Uplink,
     tx: &mpsc::Sender<AgentMessage>,
     inbound: &mut tonic::Streaming<rollback_common::proto::CoordinatorMessage>,
+    mut reported: Option<HostState>,
     on_established: impl FnOnce(),
 ) -> Result<SessionEnd, SessionError> {
     let mut heartbeat_every = Duration::from_secs(10);
@@ -247,9 +254,17 @@ async fn serve(
                 }
             }
             () = runner.finished.notified() => {
-                // A run changed the host: report its state now rather than at the next Hello
-                // (HEAD as its checkout read it, when it had one that succeeded).
-                let hb = Heartbeat { sent_at_unix_ms: now_unix_ms(), state: Some(crate::state::gather(config, runner.take_head_after()).await) };
+                // A run may have changed the host: report its state now rather than at the next
+                // Hello (HEAD as its checkout read it, when it had one that succeeded), unless
+                // it is what this session reported last.
+                let state = crate::state::gather(config, runner.take_head_after()).await;
+                let changed = reported.as_ref() != Some(&state);
+                info!(changed, git_head = %state.git_head_sha, "host state after the run (sent to the coordinator if changed)");
+                if !changed {
+                    continue;
+                }
+                reported = Some(state.clone());
+                let hb = Heartbeat { sent_at_unix_ms: now_unix_ms(), state: Some(state) };
                 if tx.send(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) }).await.is_err() {
                     return Ok(SessionEnd::ClosedByCoordinator);
                 }

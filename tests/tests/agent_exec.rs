@@ -788,10 +788,27 @@ fn a_checkout_runs_two_git_processes_and_resolves_only_a_commit() {
         ["log --no-walk=unsorted", "checkout --quiet"],
         "the step's two, and none for the state"
     );
+    // The host's state after each run, as the agent logged it: whether it was sent.
+    let states_after = |h: &Host| -> Vec<bool> {
+        h.agent_log()
+            .lines()
+            .filter(|l| l.contains("host state after the run"))
+            .map(|l| l.contains("changed=true"))
+            .collect()
+    };
+    assert_eq!(states_after(&h), [true], "{}", h.agent_log());
 
     // Already there: that one log only; no checkout.
     let (ok, doc, _) = h.exec("git.checkout", &[&format!("revision={previous}")], &[]);
     assert!(ok, "{doc}");
+    // The run changed nothing: its state is not sent again (the coordinator would store the
+    // same state a second time).
+    eventually("the second run's state is looked at", DEADLINE, || {
+        (states_after(&h).len() == 2)
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("not yet"))
+    });
+    assert_eq!(states_after(&h), [true, false], "{}", h.agent_log());
     assert_eq!(doc["facts"]["changed"], "false", "{doc}");
     assert_eq!(doc["facts"]["subject"], "release v2", "{doc}");
     assert_eq!(started(&doc), 1, "{doc}");
