@@ -557,6 +557,23 @@ mod tests {
         }
     }
 
+    /// A journal holding `cut_off_run(id)`, in a directory removed when it is dropped.
+    fn with_cut_off_run(id: &str) -> (tempfile::TempDir, Journal) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        j.save(&cut_off_run(id)).expect("save");
+        (tmp, j)
+    }
+
+    /// A run whose only step was running when the agent stopped.
+    fn cut_off_run(id: &str) -> RunRecord {
+        let mut run = finished_run(id);
+        run.finished = false;
+        run.steps = vec![StepRecord::pending("git.log", BTreeMap::new())];
+        run.steps[0].phase = Phase::Running;
+        run
+    }
+
     #[test]
     fn an_acknowledgement_is_a_marker_and_never_rewrites_the_record() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -604,14 +621,8 @@ mod tests {
 
     #[test]
     fn recovery_drops_a_stray_marker_of_a_cut_off_run_and_markers_without_a_record() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let j = Journal::open(tmp.path()).expect("open");
+        let (tmp, j) = with_cut_off_run("cut");
         let runs = tmp.path().join("runs");
-        let mut cut = finished_run("cut");
-        cut.finished = false;
-        cut.steps = vec![StepRecord::pending("git.log", BTreeMap::new())];
-        cut.steps[0].phase = Phase::Running;
-        j.save(&cut).expect("save");
         std::fs::write(runs.join("cut.acked"), b"").expect("stray marker");
         std::fs::write(runs.join("gone.acked"), b"").expect("orphan marker");
         let recovered = j.recover().expect("recover");
@@ -658,14 +669,8 @@ mod tests {
 
     #[test]
     fn an_unreadable_record_does_not_hide_the_others_from_recovery() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let j = Journal::open(tmp.path()).expect("open");
+        let (tmp, j) = with_cut_off_run("cut");
         let runs = tmp.path().join("runs");
-        let mut cut = finished_run("cut");
-        cut.finished = false;
-        cut.steps = vec![StepRecord::pending("git.log", BTreeMap::new())];
-        cut.steps[0].phase = Phase::Running;
-        j.save(&cut).expect("save");
         std::fs::write(runs.join("garbage.json"), b"{not json").expect("corrupt");
         std::fs::write(tmp.path().join("elsewhere.json"), b"{}").expect("target");
         std::os::unix::fs::symlink(tmp.path().join("elsewhere.json"), runs.join("linked.json"))
