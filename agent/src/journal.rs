@@ -222,7 +222,8 @@ impl Journal {
         // One path walk where the run is new (the common case): no directory handle first.
         let fd = match nix::fcntl::open(
             &self.path(&name),
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            // Non-blocking: a FIFO planted under the name cannot hold the agent in `open`.
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
@@ -257,28 +258,15 @@ impl Journal {
         })?;
         let dir = self.open_dir()?;
         let tmp = format!(".{}.tmp", record.run_id);
-        // Truncated if a crash left it; a planted symlink is refused, not followed.
-        let create = |extra: OFlag| {
-            openat(
-                dir.as_fd(),
-                tmp.as_str(),
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_TRUNC
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC
-                    | extra,
-                Mode::from_bits_truncate(0o600),
-            )
-        };
-        let fd = match create(OFlag::empty()) {
-            // Something planted under the temporary name: removed, never written through.
-            Err(Errno::ELOOP) => {
-                self.remove(&dir, &tmp)?;
-                create(OFlag::O_EXCL)
-            }
-            other => other,
-        }
+        // Whatever has the name (a crash's leftover, or a planted link or FIFO) is removed,
+        // then the file is created afresh: nothing is ever opened through it.
+        self.remove(&dir, &tmp)?;
+        let fd = openat(
+            dir.as_fd(),
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
         .map_err(&io)?;
         let mut f = std::fs::File::from(fd);
         f.write_all(&bytes)
@@ -380,7 +368,11 @@ impl Journal {
             openat(
                 dir.as_fd(),
                 marker.as_str(),
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_NONBLOCK
+                    | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o600),
             )
             .map_err(self.io(&marker))?;
@@ -687,6 +679,36 @@ mod tests {
         // The unreadable ones still refuse their run ids: an error, never "not run yet".
         assert!(j.load("garbage").is_err());
         assert!(j.load("linked").is_err());
+    }
+
+    #[test]
+    fn a_fifo_in_the_journal_never_blocks_the_agent() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(tmp.path()).expect("open");
+        let runs = tmp.path().join("runs");
+        j.save(&finished_run("r1")).expect("save");
+        let fifo = |name: &str| {
+            nix::unistd::mkfifo(&runs.join(name), Mode::from_bits_truncate(0o600)).expect("fifo");
+        };
+        fifo(".r2.tmp");
+        fifo("r3.json");
+        fifo("r1.acked");
+        // Each call in a thread of its own: one that blocks fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let saved = j.save(&finished_run("r2")).is_ok();
+            let r3 = j.load("r3").is_err();
+            let acked = j.ack("r1").is_err();
+            let listed = j.all().map(|all| all.len()).unwrap_or(0);
+            let _ = tx.send((saved, r3, acked, listed));
+        });
+        let (saved, r3, acked, listed) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a FIFO in the journal blocked the agent");
+        assert!(saved, "a FIFO under the temporary name is removed");
+        assert!(r3, "a FIFO record is an error");
+        assert!(acked, "no marker is written into a FIFO");
+        assert_eq!(listed, 2, "r1 and r2; the FIFO record left out");
     }
 
     #[test]
