@@ -200,10 +200,10 @@ impl Journal {
         self.dir.join(name)
     }
 
-    fn io(&self, name: &str) -> impl Fn(Errno) -> JournalError {
-        let path = self.path(name);
-        move |e| JournalError::Io {
-            path: path.clone(),
+    /// An I/O error on `name` in the journal (from std or from a system call).
+    fn io(&self, name: &str, e: impl Into<std::io::Error>) -> JournalError {
+        JournalError::Io {
+            path: self.path(name),
             source: e.into(),
         }
     }
@@ -212,7 +212,7 @@ impl Journal {
     fn remove(&self, dir: &OwnedFd, name: &str) -> Result<(), JournalError> {
         match unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
-            Err(e) => Err(self.io(name)(e)),
+            Err(e) => Err(self.io(name, e)),
         }
     }
 
@@ -228,15 +228,12 @@ impl Journal {
         ) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(None),
-            Err(e) => return Err(self.io(&name)(e)),
+            Err(e) => return Err(self.io(&name, e)),
         };
         let mut bytes = Vec::new();
         std::fs::File::from(fd)
             .read_to_end(&mut bytes)
-            .map_err(|source| JournalError::Io {
-                path: self.path(&name),
-                source,
-            })?;
+            .map_err(|e| self.io(&name, e))?;
         let mut run: RunRecord =
             serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
                 path: self.path(&name),
@@ -251,7 +248,6 @@ impl Journal {
     /// directory removed while the agent runs is an error, not a write nobody will read.
     pub fn save(&self, record: &RunRecord) -> Result<(), JournalError> {
         let name = record_name(&record.run_id);
-        let io = self.io(&name);
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| JournalError::Corrupt {
             path: self.path(&name),
             reason: e.to_string(),
@@ -267,16 +263,14 @@ impl Journal {
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )
-        .map_err(&io)?;
+        .map_err(|e| self.io(&name, e))?;
         let mut f = std::fs::File::from(fd);
         f.write_all(&bytes)
             .and_then(|()| f.sync_all())
-            .map_err(|source| JournalError::Io {
-                path: self.path(&name),
-                source,
-            })?;
-        renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str()).map_err(&io)?;
-        nix::unistd::fsync(dir.as_fd()).map_err(&io)?;
+            .map_err(|e| self.io(&name, e))?;
+        renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str())
+            .and_then(|()| nix::unistd::fsync(dir.as_fd()))
+            .map_err(|e| self.io(&name, e))?;
         self.writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -375,7 +369,7 @@ impl Journal {
                     | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o600),
             )
-            .map_err(self.io(&marker))?;
+            .map_err(|e| self.io(&marker, e))?;
         }
         if self.acks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.prune()?;
