@@ -82,6 +82,26 @@ pub(super) struct TxState {
 /// parameters a row, well under SQLite's and PostgreSQL's limits on one statement's.
 const ROWS_PER_INSERT: usize = 500;
 
+/// `rows` cut into statements of a few fixed sizes: `ROWS_PER_INSERT` while that many are
+/// left, then powers of two, largest first (37 rows: 32, 4, 1). A multi-row statement's text
+/// depends on its row count, and a connection reuses a prepared statement only for the same
+/// text; batches of every size from 1 to 500 would each be prepared (parsed and compiled)
+/// again, at a cost that grows with the rows. With these sizes a statement kind has at most ten
+/// texts, which stay in the connection's statement cache.
+pub(super) fn fixed_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        let n = match rest.len() {
+            0 => return None,
+            n if n >= ROWS_PER_INSERT => ROWS_PER_INSERT,
+            n => 1 << n.ilog2(),
+        };
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 pub(super) fn run_row(row: &impl Cols) -> RunRow {
     RunRow {
         run_id: row.text("run_id"),
@@ -465,7 +485,7 @@ macro_rules! backend {
             type Conn = <$db as sqlx::Database>::Connection;
             type Pool = sqlx::Pool<$db>;
 
-            /// Inserts or updates host rows, one statement per `ROWS_PER_INSERT` (on
+            /// Inserts or updates host rows, a few statements (`fixed_chunks`; on
             /// PostgreSQL every statement is a round trip, and a large job has thousands);
             /// a host named twice keeps its last row. Returns the rows changed.
             pub(in crate::store) async fn upsert_job_hosts(
@@ -482,7 +502,7 @@ macro_rules! backend {
                 }
                 let unique: Vec<&JobHostRow> = order.iter().filter_map(|k| last.get(k).copied()).collect();
                 let mut n = 0;
-                for chunk in unique.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&unique) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO job_hosts (job_id, host_id, ord, outcome, phase, failed_step, exit_code, detail, duration_ms, once_only, done_phases) ",
                     );
@@ -579,8 +599,8 @@ macro_rules! backend {
                     .ok_or_else(|| audit_refused(event, "nothing was appended".into()))
             }
 
-            /// `append_in` for several records, chained in order and stored one statement
-            /// per `ROWS_PER_INSERT`; returns the last one's link (None for no record). Every
+            /// `append_in` for several records, chained in order and stored by a few
+            /// statements (`fixed_chunks`); returns the last one's link (None for no record). Every
             /// record is checked before anything is written.
             async fn append_all(
                 conn: &mut Conn,
@@ -612,7 +632,7 @@ macro_rules! backend {
                     let prev_hash = std::mem::replace(&mut prev, Link { seq, hash }).hash;
                     rows.push((event, seq, prev_hash, prev.hash.clone(), job_id));
                 }
-                for chunk in rows.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&rows) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO audit_events (at_ms, actor, action, target, detail, seq, prev_hash, hash, job_id) ",
                     );
@@ -842,8 +862,8 @@ macro_rules! backend {
                 Ok((counts, appended))
             }
 
-            /// Inserts runs (each with the name of the process creating it, for `fence`), one
-            /// statement per `ROWS_PER_INSERT`.
+            /// Inserts runs (each with the name of the process creating it, for `fence`), a
+            /// few statements (`fixed_chunks`).
             async fn insert_runs(
                 conn: &mut Conn,
                 runs: &[(&RunRow, &str)],
@@ -853,7 +873,7 @@ macro_rules! backend {
                     fence(conn, &r.job_id, by, cx).await?;
                 }
                 let mut n = 0;
-                for chunk in runs.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&runs) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO runs (run_id, job_id, host_id, requested_by, reason, procedure, status, created_at_ms, phase) ",
                     );
@@ -878,8 +898,8 @@ macro_rules! backend {
                 Ok(n)
             }
 
-            /// Records results, each only for the host its run was sent to and only once: one
-            /// statement per `ROWS_PER_INSERT` results for those that are (the usual case), a
+            /// Records results, each only for the host its run was sent to and only once: a few
+            /// statements (`fixed_chunks`) for those that are (the usual case), a
             /// look at why for each that is not. Then each result's audit record, in order.
             /// Returns a `TAKEN_*` code per result and the last record appended.
             async fn finish_runs(
@@ -902,7 +922,7 @@ macro_rules! backend {
                     .filter(|f| named.insert((f.run_id, f.host_id)))
                     .collect();
                 let mut recorded: HashMap<(String, String), String> = HashMap::new();
-                for chunk in first.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&first) {
                     let mut update = sqlx::QueryBuilder::<$db>::new(
                         "WITH v (v_run, v_host, v_status, v_at, v_result) AS (",
                     );
@@ -943,8 +963,8 @@ macro_rules! backend {
                 Ok((codes, link))
             }
 
-            /// Refreshes agents' last-seen times and reported states: one statement per
-            /// `ROWS_PER_INSERT` hosts. Each run's result brings a heartbeat with the host's
+            /// Refreshes agents' last-seen times and reported states: a few statements
+            /// (`fixed_chunks`). Each run's result brings a heartbeat with the host's
             /// state, so a 10,000-host job's results brought 10,000 statements, each a
             /// hand-off to the database's thread (SQLite) or a round trip (PostgreSQL).
             /// Several for one host are merged as applying them in order would (`merge_heard`).
@@ -954,7 +974,7 @@ macro_rules! backend {
                 heard: &[Heard<'_>],
             ) -> Result<std::collections::HashSet<String>, StoreError> {
                 let mut known = std::collections::HashSet::new();
-                for chunk in merge_heard(heard).chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&merge_heard(heard)) {
                     let mut update = sqlx::QueryBuilder::<$db>::new(
                         "WITH v (v_host, v_seen, v_state) AS (",
                     );
@@ -1027,7 +1047,7 @@ macro_rules! backend {
                         // One statement per chunk, not one per event: on PostgreSQL each
                         // statement is a round trip, and a large job stores thousands.
                         let mut n = 0;
-                        for chunk in events.chunks(ROWS_PER_INSERT) {
+                        for chunk in fixed_chunks(&events) {
                             let mut insert = sqlx::QueryBuilder::<$db>::new(
                                 "INSERT INTO job_events (job_id, seq, at_ms, host_id, event) ",
                             );
@@ -1132,7 +1152,7 @@ macro_rules! backend {
                 job_id: &str,
             ) -> Result<Vec<LeaseHolder>, StoreError> {
                 let mut held: HashMap<String, String> = HashMap::new();
-                for chunk in hosts.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&hosts) {
                     let mut select = sqlx::QueryBuilder::<$db>::new(
                         "SELECT host_id, job_id FROM host_leases WHERE host_id IN (",
                     );
@@ -1168,7 +1188,7 @@ macro_rules! backend {
                     return Err(StoreError::Leased { holders });
                 }
                 let now = rollback_common::now_unix_ms();
-                for chunk in hosts.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&hosts) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO host_leases (host_id, job_id, acquired_at_ms) ",
                     );
@@ -1488,7 +1508,7 @@ macro_rules! backend {
 
             pub(in crate::store) async fn get_runs(pool: &Pool, run_ids: &[String]) -> Result<Vec<RunRow>, StoreError> {
                 let mut out = Vec::with_capacity(run_ids.len());
-                for chunk in run_ids.chunks(ROWS_PER_INSERT) {
+                for chunk in fixed_chunks(&run_ids) {
                     let mut select = sqlx::QueryBuilder::<$db>::new(format!(
                         "SELECT {RUN_COLUMNS} FROM runs WHERE run_id IN ("
                     ));
@@ -2074,5 +2094,29 @@ mod tests {
             ]
         );
         assert!(merge_heard(&[]).is_empty());
+    }
+
+    /// Every batch size is written by statements of at most ten sizes, every row once and in
+    /// order, with as few statements as powers of two allow.
+    #[test]
+    fn rows_are_cut_into_statements_of_ten_sizes_in_order() {
+        let mut sizes = std::collections::BTreeSet::new();
+        for n in 0..=2 * ROWS_PER_INSERT + 37 {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = fixed_chunks(&rows).collect();
+            assert_eq!(chunks.concat(), rows, "{n} rows");
+            let full = n / ROWS_PER_INSERT;
+            let rest = n % ROWS_PER_INSERT;
+            assert_eq!(chunks.len(), full + rest.count_ones() as usize, "{n} rows");
+            assert!(
+                chunks.windows(2).all(|w| w[0].len() >= w[1].len()),
+                "{n} rows"
+            );
+            sizes.extend(chunks.iter().map(|c| c.len()));
+        }
+        assert_eq!(
+            sizes.into_iter().collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32, 64, 128, 256, ROWS_PER_INSERT]
+        );
     }
 }
